@@ -1,0 +1,203 @@
+"""Attach the sparse branch to a decoder's MLPs and read feature activations.
+
+The branch modules are added to each layer's ``mlp`` as ``transcoder_enc`` and
+``transcoder_dec``, so the model's state dict carries exactly the paper's tensor names.
+One forward hook per MLP computes the features once, records them when asked, and adds
+the decoded branch to the MLP's output while the branch is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.checkpoint import (
+    ARCHITECTURE,
+    LayerWeights,
+    TranscoderConfig,
+    load_layer_weights,
+    read_config,
+    resolve_checkpoint,
+)
+from adapters.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (``model.model.layers`` for Qwen2 and Llama)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else getattr(model, "model", model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "mlp") for la in layers):
+        raise CheckpointError(
+            f"{type(model).__name__}: cannot find decoder layers with an 'mlp' to attach to"
+        )
+    return layers
+
+
+@dataclass
+class _BranchState:
+    enabled: bool = True
+    recording: frozenset[int] = frozenset()
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterModel:
+    """A causal LM with a transcoder adapter on every MLP."""
+
+    model: nn.Module
+    config: TranscoderConfig
+    state: _BranchState = field(default_factory=_BranchState)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def enc_dec(self, layer: int) -> tuple[nn.Linear, nn.Linear]:
+        mlp = decoder_layers(self.model)[layer].mlp
+        return mlp.transcoder_enc, mlp.transcoder_dec
+
+    def unembedding(self) -> torch.Tensor:
+        """The unembedding matrix [vocab, d_model]."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise CheckpointError("the model has no output embeddings for the logit lens")
+        weight: torch.Tensor = head.weight
+        return weight
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Branch on (the adapter model) or off (the hybrid model)."""
+        self.state.enabled = enabled
+
+    @contextlib.contextmanager
+    def recording(self, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Within the block, each forward stores ``{layer: features [batch, seq, n_features]}``
+        in the yielded dict (overwritten by the next forward)."""
+        self.state.recording = frozenset(layers)
+        self.state.captured = {}
+        try:
+            yield self.state.captured
+        finally:
+            self.state.recording = frozenset()
+            self.state.captured = {}
+
+
+def _make_hook(layer: int, state: _BranchState) -> Any:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
+        record = layer in state.recording
+        if not (record or state.enabled):
+            return None
+        features = torch.relu(module.transcoder_enc(args[0]))
+        if record:
+            state.captured[layer] = features
+        if state.enabled:
+            return output + module.transcoder_dec(features)
+        return None
+
+    return hook
+
+
+def attach_branch(
+    model: nn.Module, config: TranscoderConfig, weights: dict[int, LayerWeights] | None = None
+) -> AdapterModel:
+    """Add the branch modules to every MLP (zero-initialised unless ``weights`` are given)
+    and register the hooks."""
+    layers = decoder_layers(model)
+    if len(layers) != config.n_layers:
+        raise CheckpointError(
+            f"the model has {len(layers)} layers, the adapter config says {config.n_layers}"
+        )
+    reference = next(model.parameters())
+    state = _BranchState()
+    for i, layer in enumerate(layers):
+        enc = nn.Linear(config.d_model, config.n_features, bias=True)
+        dec = nn.Linear(config.n_features, config.d_model, bias=config.dec_bias)
+        with torch.no_grad():
+            if weights is None:
+                for param in (*enc.parameters(), *dec.parameters()):
+                    param.zero_()
+            else:
+                w = weights[i]
+                enc.weight.copy_(w.enc_weight)
+                enc.bias.copy_(w.enc_bias)
+                dec.weight.copy_(w.dec_weight)
+                if w.dec_bias is not None:
+                    dec.bias.copy_(w.dec_bias)
+        layer.mlp.transcoder_enc = enc.to(device=reference.device, dtype=reference.dtype)
+        layer.mlp.transcoder_dec = dec.to(device=reference.device, dtype=reference.dtype)
+        layer.mlp.register_forward_hook(_make_hook(i, state))
+    return AdapterModel(model=model, config=config, state=state)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise CheckpointError(f"unknown dtype {name!r}; choose auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_adapter(
+    path_or_id: str, device: str = "auto", dtype: str = "auto"
+) -> tuple[AdapterModel, Any, Path]:
+    """Load a checkpoint in the paper's format: (adapter model, tokenizer, local folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = resolve_checkpoint(path_or_id)
+    config, raw = read_config(folder)
+    weights = load_layer_weights(folder, config)
+    if ARCHITECTURE not in raw.get("architectures", [ARCHITECTURE]):
+        log.info("%s: architectures is %s", folder, raw.get("architectures"))
+    torch_device = resolve_device(device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, torch_device))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: the model could not be loaded: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.to(torch_device)
+    model.eval()
+    return attach_branch(model, config, weights), tokenizer, folder
+
+
+def save_adapter(adapter: AdapterModel, tokenizer: Any, folder: Path) -> None:
+    """Write a checkpoint folder in the paper's format (config keys and tensor names)."""
+    cfg = adapter.model.config
+    cfg.transcoder_n_features = adapter.config.n_features
+    cfg.transcoder_dec_bias = adapter.config.dec_bias
+    cfg.architectures = [ARCHITECTURE]
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # save_pretrained writes the class name of the base model; restore the paper's.
+    config_path = folder / "config.json"
+    raw = json.loads(config_path.read_text(encoding="utf-8"))
+    raw["architectures"] = [ARCHITECTURE]
+    config_path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

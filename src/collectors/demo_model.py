@@ -1,0 +1,322 @@
+"""The planted demo: a synthetic corpus, a locally trained tokenizer, and a tiny Qwen2
+decoder with a transcoder adapter whose features have a known meaning.
+
+Everything is deterministic from the seed and takes seconds on a CPU. The random-weight
+decoder is built with large token embeddings, so the residual stream at every layer is
+dominated by the current token: features planted on token sets fire exactly there. A
+random-weight model carries little context, so the demo's ``input_abstract`` reasoning
+features fire on many different tokens that share one reasoning function (hedges,
+checking words) rather than on a context.
+
+Per layer of 256 features: 20 reasoning (about 8% of the alive ones), 70 domain,
+70 language, 80 uninterpretable (random token sets and random directions), 16 dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters.branch import AdapterModel, attach_branch, decoder_layers, save_adapter
+from adapters.checkpoint import TranscoderConfig
+from adapters.planted import (
+    PlantedEncoder,
+    dead_encoder,
+    output_decoder,
+    random_decoder,
+    random_direction_encoder,
+    token_centroids,
+    token_set_encoder,
+)
+from adapters.tiny_tokenizer import train_bpe_tokenizer
+from collectors.corpus import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    TokenizedCorpus,
+    read_traces,
+    segments,
+    tokenize_traces,
+)
+from collectors.collect import make_batch, plan_batches
+from collectors.run_format import feature_id
+from collectors.synthetic_corpus import write_corpus
+from prompts import load_taxonomy, normalize_token
+
+log = logging.getLogger(__name__)
+
+GROUND_TRUTH = "ground_truth.json"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a planted feature is meant to be."""
+
+    category: str
+    subcategory: str | None = None
+    mechanism: str | None = None
+    domain_type: str | None = None
+    triggers: tuple[str, ...] = ()
+    promotes: tuple[str, ...] = ()
+    kind: str = "token_set"  # token_set | random_tokens | random_direction | dead
+
+
+def _r(sub: str, mech: str, triggers: tuple[str, ...], promotes: tuple[str, ...] = ()) -> Spec:
+    return Spec("reasoning", sub, mech, None, triggers, promotes)
+
+
+REASONING = [
+    _r("hesitation", "input_simple", ("wait",)),
+    _r("hesitation", "input_simple", ("hmm",)),
+    _r("hesitation", "input_simple", ("wait", "hmm")),
+    _r("self_correction", "input_simple", ("actually",)),
+    _r("self_correction", "input_simple", ("mistake", "wrong")),
+    _r("verification", "input_simple", ("check",)),
+    _r("verification", "input_simple", ("verify", "confirm")),
+    _r("planning", "input_simple", ("first",)),
+    _r("planning", "input_simple", ("approach", "strategy")),
+    _r("planning", "input_simple", ("alternatively",)),
+    _r("answer_template", "input_simple", ("boxed",)),
+    _r("answer_template", "input_simple", ("final",)),
+    _r("hesitation", "input_abstract", ("maybe", "perhaps", "probably", "possibly", "seems")),
+    _r("verification", "input_abstract", ("check", "verify", "confirm", "double", "sanity")),
+    _r("self_correction", "input_abstract", ("actually", "mistake", "wrong", "oops", "instead")),
+    _r("hesitation", "output", (".",), ("wait", "hmm")),
+    _r("verification", "output", (":",), ("check", "verify")),
+    _r("self_correction", "output", (",",), ("actually", "mistake")),
+]
+DOMAIN = [
+    Spec("domain", domain_type="math", triggers=t)
+    for t in [("=",), ("+",), ("x",), ("integer",), ("sum",), ("triangle", "area"), ("/",), ("*",)]
+] + [
+    Spec("domain", domain_type="code", triggers=t)
+    for t in [("def",), ("return",), ("print",), ("range", "len"), ("append",), ("xs",)]
+] + [
+    Spec("domain", domain_type="science", triggers=t)
+    for t in [("energy",), ("mass", "kg"), ("force",), ("velocity", "acceleration"), ("joules",)]
+]
+LANGUAGE = [
+    Spec("language", triggers=t)
+    for t in [
+        ("the",), ("of",), ("and",), (",",), (".",), ("so",), ("therefore", "thus"), ("is",),
+        ("we",), ("to",), ("a",), ("this", "that"), ("it",), ("because",), ("then",), ("in",),
+        ("for",), ("?",),
+    ]
+]  # fmt: skip
+PER_LAYER = {"reasoning": 20, "domain": 70, "language": 70, "uninterpretable": 80, "dead": 16}
+RANDOM_DIRECTIONS_PER_LAYER = 10
+
+
+@dataclass(frozen=True)
+class DemoShape:
+    n_traces: int = 300
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    intermediate: int = 256
+    vocab_size: int = 1200
+    max_length: int = 1024
+
+    @property
+    def n_features(self) -> int:
+        return sum(PER_LAYER.values())
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    corpus: Path
+    checkpoint: Path
+    ground_truth: Path
+
+
+def _word_ids(tokenizer: Any) -> dict[str, list[int]]:
+    """Normalized token text -> the ids that decode to it (e.g. 'wait': ['Wait', ' Wait'])."""
+    words: dict[str, list[int]] = {}
+    special = set(tokenizer.all_special_ids)
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id])
+        key = normalize_token(text) or text  # pure whitespace keeps its raw text ("\n\n")
+        words.setdefault(key, []).append(token_id)
+    return words
+
+
+def _tiny_qwen2(shape: DemoShape, vocab_size: int, seed: int) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=shape.d_model,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads,
+        max_position_embeddings=2 * shape.max_length,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # token-dominated residual stream: see the module docstring
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    model.eval()
+    return model
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+def _mlp_inputs(adapter: AdapterModel, corpus: TokenizedCorpus, layer: int) -> np.ndarray:
+    """The input of layer ``layer``'s MLP at every corpus token [n_tokens, d_model], with
+    the branch on for the layers already planted."""
+    out = torch.zeros((corpus.n_tokens, adapter.config.d_model), dtype=torch.float64)
+    grabbed: list[torch.Tensor] = []
+
+    def grab(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        grabbed.append(args[0].detach())
+        raise _StopForward  # later layers are not needed
+
+    handle = decoder_layers(adapter.model)[layer].mlp.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for sequences in plan_batches(corpus.lengths(), 16384):
+                batch = make_batch(corpus, sequences, adapter.device)
+                grabbed.clear()
+                with contextlib.suppress(_StopForward):
+                    adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                x = grabbed[0].reshape(-1, grabbed[0].shape[-1])
+                real = batch.positions >= 0
+                out[batch.positions[real]] = x[real].double()
+    finally:
+        handle.remove()
+    return out.numpy()
+
+
+def plan_layer(rng: random.Random) -> list[Spec]:
+    """The shuffled list of specs for one layer."""
+    specs: list[Spec] = []
+    start = rng.randrange(len(REASONING))
+    specs += [REASONING[(start + i) % len(REASONING)] for i in range(PER_LAYER["reasoning"])]
+    specs += [DOMAIN[i % len(DOMAIN)] for i in range(PER_LAYER["domain"])]
+    specs += [LANGUAGE[i % len(LANGUAGE)] for i in range(PER_LAYER["language"])]
+    n_random_tokens = PER_LAYER["uninterpretable"] - RANDOM_DIRECTIONS_PER_LAYER
+    specs += [Spec("uninterpretable", kind="random_tokens")] * n_random_tokens
+    specs += [Spec("uninterpretable", kind="random_direction")] * RANDOM_DIRECTIONS_PER_LAYER
+    specs += [Spec("dead", kind="dead")] * PER_LAYER["dead"]
+    rng.shuffle(specs)
+    return specs
+
+
+def _random_token_pool(words: dict[str, list[int]], corpus: TokenizedCorpus) -> list[str]:
+    """Corpus words with no meaning in the taxonomy (neither planted triggers nor any
+    category's cue words), no numbers and no punctuation: the material of uninterpretable
+    random-token features."""
+    planted = {w for spec in REASONING + DOMAIN + LANGUAGE for w in spec.triggers + spec.promotes}
+    planted |= set(load_taxonomy().cue_index())
+    counts = np.bincount(corpus.token_ids, minlength=max(max(v) for v in words.values()) + 1)
+    pool = [
+        word
+        for word, ids in words.items()
+        if word not in planted
+        and word.isalpha()
+        and len(word) > 2
+        and counts[ids].sum() >= 5
+    ]
+    return sorted(pool)
+
+
+def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> DemoPaths:
+    """Write ``corpus.jsonl``, ``model/`` (a checkpoint in the paper's format) and
+    ``ground_truth.json`` under ``out``."""
+    shape = shape or DemoShape()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = DemoPaths(out / "corpus.jsonl", out / "model", out / GROUND_TRUTH)
+    write_corpus(paths.corpus, shape.n_traces, seed)
+    traces = list(read_traces(paths.corpus))
+    texts = [text for trace in traces for text, _ in segments(trace)[0]]
+    tokenizer = train_bpe_tokenizer(texts, SPECIAL_TOKENS, shape.vocab_size, BOS, EOS, PAD)
+    corpus = tokenize_traces(traces, tokenizer, shape.max_length)
+    model = _tiny_qwen2(shape, len(tokenizer), seed)
+    config = TranscoderConfig(shape.n_features, True, shape.n_layers, shape.d_model)
+    adapter = attach_branch(model, config)
+    words = _word_ids(tokenizer)
+    pool = _random_token_pool(words, corpus)
+    unembedding = adapter.unembedding()
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    truth: list[dict[str, Any]] = []
+    for layer in range(shape.n_layers):
+        x = _mlp_inputs(adapter, corpus, layer)
+        centroids = token_centroids(x, corpus.token_ids, len(tokenizer))
+        specs = plan_layer(rng)
+        enc_w = np.zeros((shape.n_features, shape.d_model))
+        enc_b = np.zeros(shape.n_features)
+        dec_w = np.zeros((shape.d_model, shape.n_features))
+        for index, spec in enumerate(specs):
+            triggers = spec.triggers
+            if spec.kind == "random_tokens":
+                triggers = tuple(rng.sample(pool, 8))
+            enc = _plant_encoder(spec, triggers, words, x, corpus.token_ids, centroids, np_rng)
+            enc_w[index], enc_b[index] = enc.weight, enc.bias
+            if spec.promotes:
+                promoted = [i for w in spec.promotes for i in words[w]]
+                dec_w[:, index] = output_decoder(unembedding, promoted, np_rng, norm=0.5)
+            else:
+                dec_w[:, index] = random_decoder(shape.d_model, np_rng, norm=0.05)
+            truth.append(
+                asdict(spec)
+                | {
+                    "feature_id": feature_id(layer, index),
+                    "layer": layer,
+                    "index": index,
+                    "triggers": list(triggers),
+                    "promotes": list(spec.promotes),
+                    "precision": round(enc.precision, 4),
+                    "recall": round(enc.recall, 4),
+                    "fire_rate": round(enc.fire_rate, 6),
+                }
+            )
+        enc_mod, dec_mod = adapter.enc_dec(layer)
+        with torch.no_grad():
+            enc_mod.weight.copy_(torch.from_numpy(enc_w))
+            enc_mod.bias.copy_(torch.from_numpy(enc_b))
+            dec_mod.weight.copy_(torch.from_numpy(dec_w))
+            dec_mod.bias.copy_(torch.from_numpy(0.001 * np_rng.standard_normal(shape.d_model)))
+    save_adapter(adapter, tokenizer, paths.checkpoint)
+    paths.ground_truth.write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
+    return paths
+
+
+def _plant_encoder(
+    spec: Spec,
+    triggers: tuple[str, ...],
+    words: dict[str, list[int]],
+    x: np.ndarray,
+    tokens: np.ndarray,
+    centroids: np.ndarray,
+    rng: np.random.Generator,
+) -> PlantedEncoder:
+    amplitude = float(rng.uniform(1.0, 5.0))
+    planters: dict[str, Callable[[], PlantedEncoder]] = {
+        "dead": lambda: dead_encoder(x, rng),
+        "random_direction": lambda: random_direction_encoder(x, rng, 0.03, amplitude),
+    }
+    if spec.kind in planters:
+        return planters[spec.kind]()
+    missing = [w for w in triggers if w not in words]
+    if missing:
+        raise ValueError(f"planted trigger words are not single tokens: {missing}")
+    ids = np.asarray([i for w in triggers for i in words[w]])
+    return token_set_encoder(x, tokens, centroids, ids, amplitude)

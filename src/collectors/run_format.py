@@ -1,0 +1,139 @@
+"""The run folder: file names, schema version and the vocabularies stored in it.
+
+Pure Python (no torch): the labeler reads run folders through this module.
+
+```
+RUN/
+  run.json            provenance and collection parameters (RunInfo)
+  features.parquet    one row per feature, alive or dead
+  examples.parquet    one row per kept example (top and random sample)
+  negatives.parquet   random corpus windows with the features active in each
+  labels.sqlite       the label store (written by `labeler label`)
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from collectors.errors import RunFolderError
+
+RUN_SCHEMA_VERSION = 1
+RUN_JSON = "run.json"
+FEATURES = "features.parquet"
+EXAMPLES = "examples.parquet"
+NEGATIVES = "negatives.parquet"
+LABELS = "labels.sqlite"
+REQUIRED_FILES = (RUN_JSON, FEATURES, EXAMPLES, NEGATIVES)
+
+REGIONS = (
+    "bos",
+    "user_marker",
+    "question",
+    "assistant_marker",
+    "think_start",
+    "thinking",
+    "think_end",
+    "answer",
+)
+MARKER_REGIONS = frozenset({"bos", "user_marker", "assistant_marker", "think_start", "think_end"})
+
+
+def feature_id(layer: int, index: int) -> str:
+    """The name a person reads: ``L{layer}F{index}``."""
+    return f"L{layer}F{index}"
+
+
+def parse_feature_id(name: str) -> tuple[int, int]:
+    try:
+        layer, index = name[1:].split("F")
+        if not name.startswith("L"):
+            raise ValueError(name)
+        return int(layer), int(index)
+    except ValueError as exc:
+        raise ValueError(f"not a feature id of the form L{{layer}}F{{index}}: {name!r}") from exc
+
+
+def cantor_id(layer: int, index: int) -> int:
+    """The circuit-tracer name of a feature: the Cantor pairing of (layer, index)."""
+    return (layer + index) * (layer + index + 1) // 2 + index
+
+
+class CollectParams(BaseModel):
+    """How a run was collected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(20, description="top activating examples kept per feature")
+    n_random: int = Field(10, description="uniformly sampled activating examples per feature")
+    context_before: int = Field(50, description="tokens of context before the activating token")
+    context_after: int = Field(20, description="tokens of context after the activating token")
+    max_length: int = Field(1024, description="sequences are truncated to this many tokens")
+    batch_tokens: int = Field(8192, description="token budget of one forward batch")
+    n_negatives: int = Field(256, description="random corpus windows kept as detection negatives")
+    negative_window: int = Field(32, description="tokens per negative window")
+    logit_lens_k: int = Field(10, description="promoted and demoted tokens kept per feature")
+    seed: int = Field(0, description="seed for the random sample and the negative windows")
+    layers: list[int] | None = Field(None, description="layers collected; None means all")
+
+
+class RunInfo(BaseModel):
+    """``run.json``: what was collected, from what, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    created_at: str
+    adapter_path: str
+    adapter_hash: str
+    corpus_path: str
+    corpus_hash: str
+    params: CollectParams
+    layers: list[int]
+    n_features_per_layer: int
+    n_alive: dict[str, int] = Field(description="alive features per layer (keys are layers)")
+    n_sequences: int
+    n_tokens: int
+    n_truncated: int
+    n_unterminated_think: int
+    domains: dict[str, int] = Field(description="sequences per domain")
+    tokens_by_domain: dict[str, int]
+    tokens_by_region: dict[str, int]
+    versions: dict[str, str]
+
+
+def write_run_info(folder: Path, info: RunInfo) -> None:
+    (folder / RUN_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def read_run_info(folder: Path) -> RunInfo:
+    """Read and validate ``run.json``; refuse incomplete folders and other schema versions."""
+    if not folder.is_dir():
+        raise RunFolderError(f"{folder}: run folder not found")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RunFolderError(
+            f"{folder}: not a complete run folder (missing {', '.join(missing)}); "
+            "was the collection interrupted?"
+        )
+    path = folder / RUN_JSON
+    try:
+        raw: Any = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc.msg})") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != RUN_SCHEMA_VERSION:
+        raise RunFolderError(
+            f"{path}: field 'schema_version' is {version!r}, this labeler reads version "
+            f"{RUN_SCHEMA_VERSION}; collect the run again with this version"
+        )
+    try:
+        return RunInfo.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise RunFolderError(f"{path}: field '{field}': {first['msg']}") from exc

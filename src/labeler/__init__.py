@@ -1,0 +1,1 @@
+"""The labeling core and the ``labeler`` CLI: judges, the label store, summaries, export."""

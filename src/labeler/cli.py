@@ -1,0 +1,297 @@
+"""The ``labeler`` command line. Heavy modules (torch, transformers) load only in the
+commands that need them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from adapters.errors import UserError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+DEMO_MARKER = ".labeler-demo"
+
+
+def _layers(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: expected comma-separated layer numbers") from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
+def cli(verbose: bool) -> None:
+    """Label the features of transcoder adapters.
+
+    \b
+    Pipeline:  collect -> label -> summarize -> export
+      labeler collect --adapter CKPT --corpus traces.jsonl --out RUN
+      labeler label RUN --judge heuristic [--sample-per-layer 250]
+      labeler summarize RUN [--json]
+      labeler export RUN --format jsonl [--with-examples]
+    Or all of it on a planted tiny model, offline:  labeler demo
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+
+
+def _collect(
+    adapter_path: str,
+    corpus_path: Path,
+    out: Path,
+    params: Any,
+    device: str,
+    dtype: str,
+    overwrite: bool,
+) -> Any:
+    from adapters.branch import load_adapter
+    from collectors.collect import collect_run
+    from collectors.corpus import read_traces, tokenize_traces
+
+    from labeler.render import progress_bar
+
+    with console.status("loading the adapter model"):
+        adapter, tokenizer, folder = load_adapter(adapter_path, device=device, dtype=dtype)
+    traces = list(read_traces(corpus_path))
+    corpus = tokenize_traces(traces, tokenizer, params.max_length)
+    console.print(
+        f"corpus {corpus_path}: {corpus.n_sequences} traces, {corpus.n_tokens:,} tokens "
+        f"({corpus.n_truncated} truncated to {params.max_length}, "
+        f"{corpus.n_unterminated_think} without </think>, kept)"
+    )
+    with progress_bar(console, "collecting", "tokens") as progress:
+        task = progress.add_task("collecting", total=corpus.n_tokens)
+        info = collect_run(
+            adapter, tokenizer, corpus, params, out, folder, corpus_path, overwrite,
+            progress=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    alive = sum(info.n_alive.values())
+    total = info.n_features_per_layer * len(info.layers)
+    console.print(f"wrote {out}: {alive:,} of {total:,} features alive")
+    return info
+
+
+@cli.command()
+@click.option("--adapter", "adapter_path", required=True,
+              help="Checkpoint folder in the paper's format, or a hub id.")  # fmt: skip
+@click.option("--corpus", "corpus_path", required=True, type=click.Path(path_type=Path),
+              help="JSONL of traces in the `conversations` format.")  # fmt: skip
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
+@click.option("--max-length", default=1024, show_default=True, help="Truncate longer traces.")
+@click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per forward batch.")
+@click.option("--top-k", default=20, show_default=True, help="Top examples kept per feature.")
+@click.option("--n-random", default=10, show_default=True, help="Random examples per feature.")
+@click.option("--layers", default=None, help="Comma-separated layers to collect (default all).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              show_default=True)  # fmt: skip
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16"]),
+              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+def collect(
+    adapter_path: str,
+    corpus_path: Path,
+    out: Path,
+    max_length: int,
+    batch_tokens: int,
+    top_k: int,
+    n_random: int,
+    layers: str | None,
+    device: str,
+    dtype: str,
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Run the adapter model over a corpus and write a run folder of feature examples."""
+    from collectors.run_format import CollectParams
+
+    params = CollectParams(
+        max_length=max_length, batch_tokens=batch_tokens, top_k=top_k, n_random=n_random,
+        layers=_layers(layers), seed=seed,
+    )  # fmt: skip
+    _collect(adapter_path, corpus_path, out, params, device, dtype, overwrite)
+
+
+def _label(run_path: Path, judges: tuple[str, ...], sample: int | None, concurrency: int,
+           seed: int) -> None:  # fmt: skip
+    from labeler.judges import make_judge
+    from labeler.labeling import label_run
+    from labeler.render import progress_bar
+    from labeler.run_data import RunData
+    from labeler.store import LabelStore
+
+    run = RunData.open(run_path)
+    built = [make_judge(name) for name in judges]  # unknown names fail before any work
+    store = LabelStore(run_path / "labels.sqlite")
+    try:
+        for judge in built:
+            with progress_bar(console, f"labeling ({judge.name})", "features") as progress:
+                task = progress.add_task(f"labeling ({judge.name})", total=None)
+                report = label_run(
+                    run, store, judge, sample_per_layer=sample, concurrency=concurrency,
+                    seed=seed,
+                    on_start=lambda n, t=task: progress.update(t, total=n),  # type: ignore[misc]
+                    on_result=lambda _ok, t=task: progress.advance(t),  # type: ignore[misc]
+                )  # fmt: skip
+            console.print(
+                f"{judge.name}: {report.planned} planned, {report.skipped} already labeled, "
+                f"{report.labeled} labeled now, {report.failed} failed"
+            )
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--judge", "judges", multiple=True, default=("heuristic",), show_default=True,
+              help="Judge name (repeat for an ensemble).")  # fmt: skip
+@click.option("--sample-per-layer", type=int, default=None,
+              help="Label N random alive features per layer (default: all alive).")  # fmt: skip
+@click.option("--concurrency", default=8, show_default=True, help="Features judged at once.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
+def label(run_path: Path, judges: tuple[str, ...], sample_per_layer: int | None,
+          concurrency: int, seed: int) -> None:  # fmt: skip
+    """Label the features of a run; a re-run labels only what is missing or failed."""
+    _label(run_path, judges, sample_per_layer, concurrency, seed)
+
+
+def _summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> Any:
+    from collectors.run_format import read_run_info
+
+    from labeler.plots import plot_layers
+    from labeler.render import summary_tables
+    from labeler.store import LabelStore
+    from labeler.summarize import summarize as make_summary
+
+    read_run_info(run_path)
+    store_path = run_path / "labels.sqlite"
+    if not store_path.exists():
+        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
+    store = LabelStore(store_path)
+    try:
+        summary = make_summary(store, str(run_path), judge)
+    finally:
+        store.close()
+    (run_path / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    plot_path = plot or run_path / "summary.png"
+    plot_layers(summary, plot_path)
+    if as_json:
+        click.echo(summary.model_dump_json(indent=2))
+    else:
+        for part in summary_tables(summary):
+            console.print(part)
+        console.print(f"plot: {plot_path}; JSON: {run_path / 'summary.json'}")
+    return summary
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--judge", default=None, help="Whose labels (needed when there are several).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Where to write the PNG plot (default RUN/summary.png).")  # fmt: skip
+def summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> None:
+    """The share of reasoning features with its 95% CI, and the category breakdown."""
+    _summarize(run_path, judge, as_json, plot)
+
+
+def _export(run_path: Path, out: Path | None, judge: str | None, with_examples: bool) -> Path:
+    from labeler.export import export_catalog
+    from labeler.run_data import RunData
+    from labeler.store import LabelStore
+
+    run = RunData.open(run_path)
+    store_path = run_path / "labels.sqlite"
+    if not store_path.exists():
+        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
+    target = out or run_path / "catalog.jsonl"
+    store = LabelStore(store_path)
+    try:
+        n = export_catalog(run, store, target, judge, with_examples)
+    finally:
+        store.close()
+    console.print(f"wrote {n:,} features to {target}")
+    return target
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file, .jsonl or .jsonl.gz (default RUN/catalog.jsonl).")  # fmt: skip
+@click.option("--judge", default=None, help="Whose labels (needed when there are several).")
+@click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
+def export(run_path: Path, fmt: str, out: Path | None, judge: str | None,
+           with_examples: bool) -> None:  # fmt: skip
+    """Write the labeled feature catalog (schema: docs/catalog-schema.md)."""
+    _export(run_path, out, judge, with_examples)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-run"),
+              show_default=True, help="Folder for everything the demo makes.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True)
+def demo(out: Path, seed: int) -> None:
+    """Build a planted tiny model and corpus, then collect, label, summarize and export,
+    and compare the labels with the planted ground truth. Offline, CPU, about a minute."""
+    from collectors.demo_model import build_demo
+    from collectors.run_format import CollectParams
+
+    from labeler.ground_truth import compare_with_ground_truth
+    from labeler.render import ground_truth_table
+    from labeler.store import LabelStore
+
+    started = time.monotonic()
+    if out.exists():
+        if not (out / DEMO_MARKER).exists():
+            raise UserError(f"{out}: exists and is not a demo folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("made by `labeler demo`; replaced on the next run\n")
+    with console.status("building the planted model, tokenizer and corpus"):
+        paths = build_demo(out / "inputs", seed=seed)
+    console.print(f"built {paths.checkpoint} and {paths.corpus}")
+    run_path = out / "run"
+    _collect(str(paths.checkpoint), paths.corpus, run_path, CollectParams(seed=seed), "cpu",
+             "float32", False)  # fmt: skip
+    _label(run_path, ("heuristic",), None, 8, seed)
+    _summarize(run_path, None, False, None)
+    _export(run_path, None, None, True)
+    store = LabelStore(run_path / "labels.sqlite")
+    try:
+        report = compare_with_ground_truth(paths.ground_truth, store, "heuristic")
+    finally:
+        store.close()
+    (out / "ground_truth_report.json").write_text(report.model_dump_json(indent=2) + "\n")
+    for part in ground_truth_table(report):
+        console.print(part)
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is in {out}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+    except json.JSONDecodeError as exc:  # pragma: no cover - guarded where files are read
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(2)

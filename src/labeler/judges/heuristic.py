@@ -1,0 +1,226 @@
+"""The heuristic judge: offline, free, deterministic.
+
+Method (documented in docs/heuristic-judge.md):
+
+1. **Activating tokens.** Each top and random example contributes one vote for its
+   activating token, normalized (``prompts.normalize_token``).
+2. **Explanation.** The tokens covering 80% of the votes (at most six) form the
+   feature's *pattern*; the explanation names them, the region where the feature fires
+   most, and the logit-lens tokens it promotes.
+3. **Detection.** A snippet is predicted activating when it contains a pattern token.
+   Scored as in the paper on 5 top and 5 random positives, each set with 5 corpus
+   windows checked to be non-activating; positives are cut to the negatives' width
+   around the activating token so length gives nothing away.
+4. **Classification** by the taxonomy's cue words (numbers count as math):
+   - *output*: two or more of the three most promoted tokens are reasoning cue words;
+   - otherwise the category holding at least 60% of the votes wins; a reasoning
+     feature is ``input_simple`` with at most three distinct activating tokens and
+     ``input_abstract`` with more;
+   - otherwise a feature firing (by count) at least 90% inside one corpus domain and
+     over-represented there (1.2x its share of corpus tokens) is a domain feature of that type;
+   - otherwise uninterpretable.
+   Confidence: high at 85% or more of the votes (or three promoted cue words), medium at
+   70%, low below.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from labeler.schemas import (
+    Classification,
+    DetectionScore,
+    Example,
+    FeatureRecord,
+    Judgment,
+    Snippet,
+)
+from prompts import Taxonomy, load_taxonomy, normalize_token, taxonomy_hash
+
+PATTERN_COVERAGE = 0.8
+PATTERN_MAX = 6
+CATEGORY_SHARE = 0.6
+DOMAIN_SHARE = 0.9
+DOMAIN_ENRICHMENT = 1.2
+N_POSITIVES = 5
+SNIPPET_BEFORE = 20
+SNIPPET_AFTER = 11
+
+
+@dataclass(frozen=True)
+class Votes:
+    by_token: Counter[str]
+    total: int
+
+
+def activating_votes(feature: FeatureRecord) -> Votes:
+    votes: Counter[str] = Counter()
+    for example in feature.examples:
+        token = example.tokens[example.highlight]
+        votes[normalize_token(token) or token] += 1
+    return Votes(votes, sum(votes.values()))
+
+
+def pattern_of(votes: Votes) -> list[str]:
+    pattern: list[str] = []
+    covered = 0
+    for token, n in votes.by_token.most_common(PATTERN_MAX):
+        pattern.append(token)
+        covered += n
+        if covered >= PATTERN_COVERAGE * votes.total:
+            break
+    return pattern
+
+
+def _cue(taxonomy_index: dict[str, tuple[str, str]], token: str) -> tuple[str, str] | None:
+    if token in taxonomy_index:
+        return taxonomy_index[token]
+    if token.replace(".", "", 1).isdigit():
+        return ("domain", "math")
+    return None
+
+
+def _window(example: Example) -> list[str]:
+    lo = max(0, example.highlight - SNIPPET_BEFORE)
+    return example.tokens[lo : example.highlight + SNIPPET_AFTER + 1]
+
+
+def detection_score(pattern: list[str], snippets: list[Snippet]) -> DetectionScore:
+    wanted = set(pattern)
+    tp = fp = tn = fn = 0
+    for snippet in snippets:
+        predicted = any((normalize_token(t) or t) in wanted for t in snippet.tokens)
+        if snippet.activating:
+            tp, fn = tp + predicted, fn + (not predicted)
+        else:
+            fp, tn = fp + predicted, tn + (not predicted)
+    n = tp + fp + tn + fn
+    return DetectionScore(
+        accuracy=(tp + tn) / n if n else 0.0,
+        precision=tp / (tp + fp) if tp + fp else 0.0,
+        recall=tp / (tp + fn) if tp + fn else 0.0,
+        n_positive=tp + fn,
+        n_negative=tn + fp,
+    )
+
+
+def _confidence(share: float) -> str:
+    return "high" if share >= 0.85 else "medium" if share >= 0.7 else "low"
+
+
+def _quote(tokens: list[str]) -> str:
+    return ", ".join(f"'{t}'" for t in tokens)
+
+
+class HeuristicJudge:
+    """Token statistics and the taxonomy's cue words; see the module docstring."""
+
+    def __init__(self, name: str = "heuristic", taxonomy: Taxonomy | None = None) -> None:
+        self.name = name
+        self.taxonomy = taxonomy or load_taxonomy()
+        self.cues = self.taxonomy.cue_index()
+        self.prompt_hash = taxonomy_hash()
+
+    @classmethod
+    def from_name(cls, name: str) -> HeuristicJudge:
+        return cls(name)
+
+    def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
+        votes = activating_votes(feature)
+        pattern = pattern_of(votes)
+        classification = self.classify(feature, votes)
+        by_set: dict[str, DetectionScore] = {}
+        pooled: list[Snippet] = []
+        for kind in ("top", "random"):
+            positives = [
+                Snippet(tokens=_window(e), activating=True)
+                for e in feature.of_kind(kind)[:N_POSITIVES]
+            ]
+            snippets = positives + negatives.get(kind, [])
+            if positives:
+                by_set[kind] = detection_score(pattern, snippets)
+                pooled += snippets
+        return Judgment(
+            feature_id=feature.feature_id,
+            judge=self.name,
+            prompt_hash=self.prompt_hash,
+            explanation=self.explain(feature, pattern, classification),
+            detection=detection_score(pattern, pooled),
+            detection_by_set=by_set,
+            classification=classification,
+        )
+
+    def explain(
+        self, feature: FeatureRecord, pattern: list[str], classification: Classification
+    ) -> str:
+        region = max(feature.by_region, key=lambda r: feature.by_region[r])
+        text = f"Fires on {_quote(pattern)}, mostly in the {region.replace('_', ' ')} region"
+        if classification.mechanism == "output":
+            text += f"; promotes {_quote([normalize_token(t) for t in feature.top_logits[:3]])}"
+        return text + "."
+
+    def classify(self, feature: FeatureRecord, votes: Votes) -> Classification:
+        promoted = [_cue(self.cues, normalize_token(t)) for t in feature.top_logits[:3]]
+        promoted_reasoning = [c[1] for c in promoted if c and c[0] == "reasoning"]
+        if len(promoted_reasoning) >= 2:
+            sub = Counter(promoted_reasoning).most_common(1)[0][0]
+            return Classification(
+                category="reasoning",
+                subcategory=sub,
+                mechanism="output",
+                confidence="high" if len(promoted_reasoning) == 3 else "medium",
+                rationale=f"its top promoted tokens are {sub} cue words",
+            )
+        groups: Counter[tuple[str, str]] = Counter()
+        categories: Counter[str] = Counter()
+        for token, n in votes.by_token.items():
+            cue = _cue(self.cues, token)
+            if cue:
+                groups[cue] += n
+                categories[cue[0]] += n
+        if categories:
+            category, mass = categories.most_common(1)[0]
+            share = mass / votes.total
+            if share >= CATEGORY_SHARE:
+                return self._by_category(category, share, groups, votes)
+        return self._by_domain_or_uninterpretable(feature)
+
+    def _by_category(
+        self, category: str, share: float, groups: Counter[tuple[str, str]], votes: Votes
+    ) -> Classification:
+        group = max((g for g in groups if g[0] == category), key=lambda g: groups[g])[1]
+        confidence = _confidence(share)
+        rationale = f"{share:.0%} of its activating tokens are {category} cue words"
+        if category == "reasoning":
+            distinct = [t for t in votes.by_token if (c := _cue(self.cues, t)) and c[0] == category]
+            mechanism = "input_simple" if len(distinct) <= 3 else "input_abstract"
+            return Classification(
+                category="reasoning", subcategory=group, mechanism=mechanism,
+                confidence=confidence, rationale=rationale,
+            )  # fmt: skip
+        if category == "domain":
+            return Classification(
+                category="domain", domain_type=group, confidence=confidence, rationale=rationale
+            )
+        return Classification(category="language", confidence=confidence, rationale=rationale)
+
+    def _by_domain_or_uninterpretable(self, feature: FeatureRecord) -> Classification:
+        total = sum(feature.by_domain.values())
+        if total:
+            domain, count = max(feature.by_domain.items(), key=lambda kv: kv[1])
+            share = count / total
+            base = feature.corpus_domain_share.get(domain, 1.0)
+            enriched = share >= DOMAIN_ENRICHMENT * base
+            if share >= DOMAIN_SHARE and enriched and domain in self.taxonomy.domain_types:
+                return Classification(
+                    category="domain",
+                    domain_type=domain,
+                    confidence="low",
+                    rationale=f"{share:.0%} of its activations are in {domain} traces",
+                )
+        return Classification(
+            category="uninterpretable",
+            confidence="medium",
+            rationale="its activating tokens share no cue category and no domain",
+        )

@@ -1,0 +1,112 @@
+"""Records that cross a boundary: what a judge sees, what it returns, what is exported."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prompts import Category, Confidence, DomainType, Mechanism, load_taxonomy
+
+JUDGMENT_SCHEMA_VERSION = 1
+CATALOG_SCHEMA_VERSION = 1
+
+
+class Example(BaseModel):
+    """One activating example: a window of tokens with the feature's activation on each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="'top' or 'random'")
+    rank: int
+    activation: float
+    tokens: list[str]
+    acts: list[float]
+    highlight: int = Field(description="index in tokens of the activating token")
+    domain: str
+    region: str
+
+
+class Snippet(BaseModel):
+    """A window of corpus text used in detection scoring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[str]
+    activating: bool
+
+
+class FeatureRecord(BaseModel):
+    """Everything a judge may look at for one feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature_id: str
+    layer: int
+    index: int
+    frequency: float
+    count: int
+    by_domain: dict[str, int]
+    by_region: dict[str, int]
+    corpus_domain_share: dict[str, float] = Field(description="share of corpus tokens per domain")
+    top_logits: list[str]
+    bottom_logits: list[str]
+    examples: list[Example]
+
+    def of_kind(self, kind: str) -> list[Example]:
+        return sorted((e for e in self.examples if e.kind == kind), key=lambda e: e.rank)
+
+
+class Classification(BaseModel):
+    """A feature's place in the paper's taxonomy, validated against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: Category
+    subcategory: str | None = None
+    mechanism: Mechanism | None = None
+    domain_type: DomainType | None = None
+    confidence: Confidence
+    rationale: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Classification:
+        taxonomy = load_taxonomy()
+        if self.category == "reasoning":
+            if self.subcategory not in taxonomy.subcategories:
+                raise ValueError(
+                    f"subcategory {self.subcategory!r} is not one of "
+                    f"{sorted(taxonomy.subcategories)}"
+                )
+            if self.mechanism is None:
+                raise ValueError("a reasoning feature needs a mechanism")
+        elif self.subcategory is not None or self.mechanism is not None:
+            raise ValueError("only reasoning features have a subcategory and a mechanism")
+        if (self.category == "domain") != (self.domain_type is not None):
+            raise ValueError("domain features, and only they, have a domain_type")
+        return self
+
+
+class DetectionScore(BaseModel):
+    """How well the explanation tells activating snippets from non-activating ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy: float
+    precision: float
+    recall: float
+    n_positive: int
+    n_negative: int
+
+
+class Judgment(BaseModel):
+    """One judge's explanation, detection scores and classification of one feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = JUDGMENT_SCHEMA_VERSION
+    feature_id: str
+    judge: str
+    prompt_hash: str
+    explanation: str
+    detection: DetectionScore
+    detection_by_set: dict[str, DetectionScore]
+    classification: Classification
