@@ -79,6 +79,7 @@ class RunData:
                     by_region={r: row[f"region_{r}"] for r in REGIONS},
                     corpus_domain_share=domain_share,
                     top_logits=row["top_logits"],
+                    top_logit_values=row["top_logit_values"],
                     bottom_logits=row["bottom_logits"],
                     examples=examples[fid],
                 )

@@ -48,6 +48,7 @@ class FeatureRecord(BaseModel):
     by_region: dict[str, int]
     corpus_domain_share: dict[str, float] = Field(description="share of corpus tokens per domain")
     top_logits: list[str]
+    top_logit_values: list[float]
     bottom_logits: list[str]
     examples: list[Example]
 

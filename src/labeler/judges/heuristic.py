@@ -12,7 +12,9 @@ Method (documented in docs/heuristic-judge.md):
    windows checked to be non-activating; positives are cut to the negatives' width
    around the activating token so length gives nothing away.
 4. **Classification** by the taxonomy's cue words (numbers count as math):
-   - *output*: two or more of the three most promoted tokens are reasoning cue words;
+   - *output*: two or more of the three most promoted tokens are reasoning cue words
+     that stand out (a logit-lens value at least 1.5x the tenth-ranked one; random
+     decoder columns have no such outliers);
    - otherwise the category holding at least 60% of the votes wins; a reasoning
      feature is ``input_simple`` with at most three distinct activating tokens and
      ``input_abstract`` with more;
@@ -43,6 +45,7 @@ PATTERN_MAX = 6
 CATEGORY_SHARE = 0.6
 DOMAIN_SHARE = 0.9
 DOMAIN_ENRICHMENT = 1.2
+OUTLIER_RATIO = 1.5
 N_POSITIVES = 5
 SNIPPET_BEFORE = 20
 SNIPPET_AFTER = 11
@@ -161,7 +164,12 @@ class HeuristicJudge:
         return text + "."
 
     def classify(self, feature: FeatureRecord, votes: Votes) -> Classification:
-        promoted = [_cue(self.cues, normalize_token(t)) for t in feature.top_logits[:3]]
+        floor = OUTLIER_RATIO * feature.top_logit_values[-1] if feature.top_logit_values else 0.0
+        promoted = [
+            _cue(self.cues, normalize_token(t))
+            for t, v in zip(feature.top_logits[:3], feature.top_logit_values[:3], strict=False)
+            if v >= floor > 0
+        ]
         promoted_reasoning = [c[1] for c in promoted if c and c[0] == "reasoning"]
         if len(promoted_reasoning) >= 2:
             sub = Counter(promoted_reasoning).most_common(1)[0][0]
