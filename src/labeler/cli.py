@@ -16,8 +16,8 @@ from rich.console import Console
 
 from adapters.errors import UserError
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEMO_MARKER = ".labeler-demo"
 

@@ -46,7 +46,7 @@ class RunData:
         wanted = pl.Series(feature_ids, dtype=pl.String)
         rows = (
             pl.scan_parquet(self.folder / EXAMPLES)
-            .filter(pl.col("feature_id").is_in(wanted))
+            .filter(pl.col("feature_id").is_in(wanted.implode()))
             .select("feature_id", "kind", "rank", "activation", "tokens", "acts", "highlight",
                     "domain", "region")
             .collect()
@@ -60,7 +60,7 @@ class RunData:
     def records(self, feature_ids: list[str]) -> list[FeatureRecord]:
         """Feature records, in the order asked for."""
         examples = self.examples_for(feature_ids)
-        table = self.features.filter(pl.col("feature_id").is_in(pl.Series(feature_ids)))
+        table = self.features.filter(pl.col("feature_id").is_in(pl.Series(feature_ids).implode()))
         domains = list(self.info.domains)
         by_id = {row["feature_id"]: row for row in table.iter_rows(named=True)}
         n_tokens = max(self.info.n_tokens, 1)

@@ -1,0 +1,88 @@
+"""The label store: resumable labeling, failures recorded with their reason, exports."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from labeler.errors import JudgeFailure
+from labeler.judges.heuristic import HeuristicJudge
+from labeler.labeling import label_run, plan_features
+from labeler.run_data import RunData
+from labeler.schemas import FeatureRecord, Judgment, Snippet
+from labeler.store import LabelStore
+from labeler.summarize import summarize
+from tests.test_bad_input import labeler
+
+
+class FailingOnLayer(HeuristicJudge):
+    """The heuristic judge, except that every feature of one layer fails."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__("heuristic")
+        self.failing_layer = layer
+
+    def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
+        if feature.layer == self.failing_layer:
+            raise JudgeFailure("the backend returned an invalid reply twice")
+        return super().judge(feature, negatives)
+
+
+def test_sample_per_layer_is_seeded_and_stratified(run_copy: Path) -> None:
+    run = RunData.open(run_copy)
+    first = plan_features(run, 25, seed=3)
+    assert plan_features(run, 25, seed=3) == first
+    assert plan_features(run, 25, seed=4) != first
+    assert [sum(1 for _, la, _ in first if la == layer) for layer in range(4)] == [25] * 4
+
+
+def test_failures_are_recorded_and_a_rerun_labels_only_what_is_missing(run_copy: Path) -> None:
+    run = RunData.open(run_copy)
+    store = LabelStore(run_copy / "labels.sqlite")
+    report = label_run(run, store, FailingOnLayer(2), sample_per_layer=30)
+    assert (report.planned, report.labeled, report.failed) == (120, 90, 30)
+    summary = summarize(store, "run")
+    assert (summary.n_labeled, summary.n_failed, summary.n_unlabeled) == (90, 30, 0)
+    assert summary.failures_by_reason == {"the backend returned an invalid reply twice": 30}
+    assert summary.reasoning.n == 90
+    lo, hi = summary.reasoning_if_missing_counted
+    assert lo == summary.reasoning.count / 120 and hi == (summary.reasoning.count + 30) / 120
+
+    again = label_run(run, store, HeuristicJudge(), sample_per_layer=30)
+    assert (again.skipped, again.labeled, again.failed) == (90, 30, 0)
+    third = label_run(run, store, HeuristicJudge(), sample_per_layer=30)
+    assert (third.skipped, third.labeled) == (120, 0)
+    retried = [s for s in store.judgments("heuristic").values() if s.attempts == 2]
+    assert len(retried) == 30 and all(s.status == "ok" for s in retried)
+    store.close()
+
+
+def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
+    result = labeler("label", run_copy, "--judge", "heuristic", "--sample-per-layer", "20")
+    assert result.returncode == 0, result.stderr
+    assert "80 labeled now, 0 failed" in result.stdout
+    result = labeler("summarize", run_copy, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["n_labeled"] == 80 and summary["judge"] == "heuristic"
+    assert 0 <= summary["reasoning"]["ci_low"] <= summary["reasoning"]["share"]
+    png = (run_copy / "summary.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    out = tmp_path / "catalog.jsonl.gz"
+    result = labeler("export", run_copy, "--format", "jsonl", "--out", out, "--with-examples")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in gzip.open(out, "rt")]
+    assert len(lines) == 80
+    first = lines[0]
+    for key in ("schema_version", "feature_id", "layer", "index", "activation_freq",
+                "explanation", "category", "subcategory", "mechanism", "domain_type",
+                "confidence", "judge", "detection", "top_logits", "examples", "provenance"):  # fmt: skip
+        assert key in first, key
+    assert first["feature_id"] == f"L{first['layer']}F{first['index']}"
+    assert set(first["detection"]) >= {"accuracy", "precision", "recall"}
+    assert len(first["top_logits"]) == 10
+    assert {e["kind"] for e in first["examples"]} == {"top", "random"}
+    example = first["examples"][0]
+    assert len(example["tokens"]) == len(example["acts"]) and example["acts"][example["highlight"]] > 0
