@@ -66,9 +66,10 @@ def test_topk_counts_and_statistics_match_reference(
             gaps = np.abs(np.diff(np.concatenate([[np.inf], ref_act, [-np.inf]])))
             clear = (gaps[:-1] > TOL) & (gaps[1:] > TOL)
             all_acts = np.sort(acts[:, index][acts[:, index] > 0])[::-1]
-            if len(all_acts) > params.top_k and all_acts[params.top_k - 1] - all_acts[
-                params.top_k
-            ] <= TOL:
+            if (
+                len(all_acts) > params.top_k
+                and all_acts[params.top_k - 1] - all_acts[params.top_k] <= TOL
+            ):
                 clear[-1] = False
             np.testing.assert_array_equal(got_pos[clear], ref_pos[clear])
             compared_positions += int(clear.sum())

@@ -73,16 +73,22 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     out = tmp_path / "catalog.jsonl.gz"
     result = labeler("export", run_copy, "--format", "jsonl", "--out", out, "--with-examples")
     assert result.returncode == 0, result.stderr
-    lines = [json.loads(x) for x in gzip.open(out, "rt")]
+    with gzip.open(out, "rt") as fh:
+        lines = [json.loads(x) for x in fh]
     assert len(lines) == 80
     first = lines[0]
-    for key in ("schema_version", "feature_id", "layer", "index", "activation_freq",
-                "explanation", "category", "subcategory", "mechanism", "domain_type",
-                "confidence", "judge", "detection", "top_logits", "examples", "provenance"):  # fmt: skip
+    expected_keys = (
+        "schema_version", "feature_id", "layer", "index", "activation_freq", "explanation",
+        "category", "subcategory", "mechanism", "domain_type", "confidence", "judge",
+        "detection", "top_logits", "examples", "provenance",
+    )  # fmt: skip
+    for key in expected_keys:
         assert key in first, key
     assert first["feature_id"] == f"L{first['layer']}F{first['index']}"
     assert set(first["detection"]) >= {"accuracy", "precision", "recall"}
     assert len(first["top_logits"]) == 10
     assert {e["kind"] for e in first["examples"]} == {"top", "random"}
     example = first["examples"][0]
-    assert len(example["tokens"]) == len(example["acts"]) and example["acts"][example["highlight"]] > 0
+    assert (
+        len(example["tokens"]) == len(example["acts"]) and example["acts"][example["highlight"]] > 0
+    )

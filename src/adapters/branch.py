@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from adapters.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: Any) -> nn.ModuleList:
     """The decoder's layer list (``model.model.layers`` for Qwen2 and Llama)."""
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else getattr(model, "model", model)
@@ -42,6 +42,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{type(model).__name__}: cannot find decoder layers with an 'mlp' to attach to"
         )
     return layers
+
+
+def mlp_of(model: Any, layer: int) -> nn.Module:
+    """The ``mlp`` module of decoder layer ``layer``."""
+    return cast(nn.Module, decoder_layers(model)[layer].mlp)
 
 
 @dataclass
@@ -55,7 +60,7 @@ class _BranchState:
 class AdapterModel:
     """A causal LM with a transcoder adapter on every MLP."""
 
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel
     config: TranscoderConfig
     state: _BranchState = field(default_factory=_BranchState)
 
@@ -65,11 +70,12 @@ class AdapterModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        param: torch.Tensor = next(self.model.parameters())
+        return param.device
 
     def enc_dec(self, layer: int) -> tuple[nn.Linear, nn.Linear]:
-        mlp = decoder_layers(self.model)[layer].mlp
-        return mlp.transcoder_enc, mlp.transcoder_dec
+        mlp = mlp_of(self.model, layer)
+        return cast(nn.Linear, mlp.transcoder_enc), cast(nn.Linear, mlp.transcoder_dec)
 
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix [vocab, d_model]."""
@@ -97,7 +103,7 @@ class AdapterModel:
 
 
 def _make_hook(layer: int, state: _BranchState) -> Any:
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
+    def hook(module: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
         record = layer in state.recording
         if not (record or state.enabled):
             return None
@@ -112,7 +118,7 @@ def _make_hook(layer: int, state: _BranchState) -> Any:
 
 
 def attach_branch(
-    model: nn.Module, config: TranscoderConfig, weights: dict[int, LayerWeights] | None = None
+    model: Any, config: TranscoderConfig, weights: dict[int, LayerWeights] | None = None
 ) -> AdapterModel:
     """Add the branch modules to every MLP (zero-initialised unless ``weights`` are given)
     and register the hooks."""
@@ -123,7 +129,8 @@ def attach_branch(
         )
     reference = next(model.parameters())
     state = _BranchState()
-    for i, layer in enumerate(layers):
+    for i in range(len(layers)):
+        mlp = mlp_of(model, i)
         enc = nn.Linear(config.d_model, config.n_features, bias=True)
         dec = nn.Linear(config.n_features, config.d_model, bias=config.dec_bias)
         with torch.no_grad():
@@ -137,9 +144,9 @@ def attach_branch(
                 dec.weight.copy_(w.dec_weight)
                 if w.dec_bias is not None:
                     dec.bias.copy_(w.dec_bias)
-        layer.mlp.transcoder_enc = enc.to(device=reference.device, dtype=reference.dtype)
-        layer.mlp.transcoder_dec = dec.to(device=reference.device, dtype=reference.dtype)
-        layer.mlp.register_forward_hook(_make_hook(i, state))
+        mlp.transcoder_enc = enc.to(device=reference.device, dtype=reference.dtype)
+        mlp.transcoder_dec = dec.to(device=reference.device, dtype=reference.dtype)
+        mlp.register_forward_hook(_make_hook(i, state))
     return AdapterModel(model=model, config=config, state=state)
 
 
@@ -176,14 +183,15 @@ def load_adapter(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, torch_device))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=resolve_dtype(dtype, torch_device)
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: the model could not be loaded: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.to(torch_device)
-    model.eval()
+    model = model.to(torch_device).eval()
     return attach_branch(model, config, weights), tokenizer, folder
 
 

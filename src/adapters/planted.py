@@ -13,6 +13,7 @@ random direction; *dead* features never fire.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def token_centroids(x: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.nd
     sums = np.zeros((vocab_size, x.shape[1]))
     np.add.at(sums, tokens, x)
     counts = np.bincount(tokens, minlength=vocab_size)[:, None]
-    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0) - x.mean(axis=0)
+    centroids: np.ndarray = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    centroids -= x.mean(axis=0)
+    return centroids
 
 
 def _encoder(
@@ -93,16 +96,14 @@ def random_direction_encoder(
     x: np.ndarray, rng: np.random.Generator, fire_rate: float, amplitude: float
 ) -> PlantedEncoder:
     """A random direction that fires on the top ``fire_rate`` share of positions."""
-    direction = rng.standard_normal(x.shape[1])
-    direction /= np.linalg.norm(direction)
+    direction = _unit(rng.standard_normal(x.shape[1]))
     threshold = float(np.quantile(x @ direction, 1.0 - fire_rate))
     return _encoder(direction, threshold, x, np.zeros(len(x), dtype=bool), amplitude)
 
 
 def dead_encoder(x: np.ndarray, rng: np.random.Generator) -> PlantedEncoder:
     """A direction whose bias keeps it below zero on every position, with a wide margin."""
-    direction = rng.standard_normal(x.shape[1])
-    direction /= np.linalg.norm(direction)
+    direction = _unit(rng.standard_normal(x.shape[1]))
     threshold = float((x @ direction).max()) * 2 + 10.0
     return PlantedEncoder(direction, -threshold, 0.0, 0.0, 0.0)
 
@@ -117,9 +118,13 @@ def output_decoder(
     column = column / np.linalg.norm(column) + 0.05 * rng.standard_normal(column.shape) / np.sqrt(
         len(column)
     )
-    return norm * column / np.linalg.norm(column)
+    return norm * _unit(column)
 
 
 def random_decoder(d_model: int, rng: np.random.Generator, norm: float) -> np.ndarray:
-    column = rng.standard_normal(d_model)
-    return norm * column / np.linalg.norm(column)
+    return norm * _unit(rng.standard_normal(d_model))
+
+
+def _unit(v: Any) -> np.ndarray:
+    out: np.ndarray = v / np.linalg.norm(v)
+    return out

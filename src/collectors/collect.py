@@ -59,7 +59,12 @@ class LayerAccumulator:
 
     @classmethod
     def create(
-        cls, layer: int, n_features: int, n_domains: int, params: CollectParams, device: torch.device
+        cls,
+        layer: int,
+        n_features: int,
+        n_domains: int,
+        params: CollectParams,
+        device: torch.device,
     ) -> LayerAccumulator:
         window = params.context_before + params.context_after + 1
         zeros = torch.zeros
@@ -381,7 +386,9 @@ def _negatives_frame(
             for w, feat in pairs:  # loop over (window, feature) pairs of a few hundred windows
                 active[int(w)].append(layer * n_features + int(feat))
     starts, widths = windows[:, 0], windows[:, 1]
-    token_lists = [corpus.token_ids[s : s + w].tolist() for s, w in zip(starts, widths, strict=True)]
+    token_lists = [
+        corpus.token_ids[s : s + w].tolist() for s, w in zip(starts, widths, strict=True)
+    ]
     seq = np.searchsorted(corpus.offsets, starts, side="right") - 1
     return pl.DataFrame(
         {
@@ -391,9 +398,7 @@ def _negatives_frame(
             "domain": np.asarray(corpus.domain_names)[corpus.domains[seq]],
             "token_ids": pl.Series(token_lists, dtype=pl.List(pl.Int64)),
             "tokens": [vocab.gather(pl.Series(t, dtype=pl.Int64)).to_list() for t in token_lists],
-            "active_features": pl.Series(
-                [sorted(a) for a in active], dtype=pl.List(pl.Int64)
-            ),
+            "active_features": pl.Series([sorted(a) for a in active], dtype=pl.List(pl.Int64)),
         }
     )
 
@@ -482,9 +487,7 @@ def collect_run(
             params=params.model_copy(update={"layers": layers}),
             layers=layers,
             n_features_per_layer=adapter.config.n_features,
-            n_alive={
-                str(la): int((collector.acc[la].count > 0).sum().item()) for la in layers
-            },
+            n_alive={str(la): int((collector.acc[la].count > 0).sum().item()) for la in layers},
             n_sequences=corpus.n_sequences,
             n_tokens=corpus.n_tokens,
             n_truncated=corpus.n_truncated,

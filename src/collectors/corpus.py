@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from collectors.run_format import REGIONS
 from collectors.errors import CorpusError
+from collectors.run_format import REGIONS
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"

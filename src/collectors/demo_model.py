@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.branch import AdapterModel, attach_branch, decoder_layers, save_adapter
+from adapters.branch import AdapterModel, attach_branch, mlp_of, save_adapter
 from adapters.checkpoint import TranscoderConfig
 from adapters.planted import (
     PlantedEncoder,
@@ -38,6 +38,7 @@ from adapters.planted import (
     token_set_encoder,
 )
 from adapters.tiny_tokenizer import train_bpe_tokenizer
+from collectors.collect import make_batch, plan_batches
 from collectors.corpus import (
     BOS,
     EOS,
@@ -48,7 +49,6 @@ from collectors.corpus import (
     segments,
     tokenize_traces,
 )
-from collectors.collect import make_batch, plan_batches
 from collectors.run_format import feature_id
 from collectors.synthetic_corpus import write_corpus
 from prompts import load_taxonomy, normalize_token
@@ -95,16 +95,35 @@ REASONING = [
     _r("verification", "output", (":",), ("check", "verify")),
     _r("self_correction", "output", (",",), ("actually", "mistake")),
 ]
-DOMAIN = [
-    Spec("domain", domain_type="math", triggers=t)
-    for t in [("=",), ("+",), ("x",), ("integer",), ("sum",), ("triangle", "area"), ("/",), ("*",)]
-] + [
-    Spec("domain", domain_type="code", triggers=t)
-    for t in [("def",), ("return",), ("print",), ("range", "len"), ("append",), ("xs",)]
-] + [
-    Spec("domain", domain_type="science", triggers=t)
-    for t in [("energy",), ("mass", "kg"), ("force",), ("velocity", "acceleration"), ("joules",)]
-]
+DOMAIN = (
+    [
+        Spec("domain", domain_type="math", triggers=t)
+        for t in [
+            ("=",),
+            ("+",),
+            ("x",),
+            ("integer",),
+            ("sum",),
+            ("triangle", "area"),
+            ("/",),
+            ("*",),
+        ]
+    ]
+    + [
+        Spec("domain", domain_type="code", triggers=t)
+        for t in [("def",), ("return",), ("print",), ("range", "len"), ("append",), ("xs",)]
+    ]
+    + [
+        Spec("domain", domain_type="science", triggers=t)
+        for t in [
+            ("energy",),
+            ("mass", "kg"),
+            ("force",),
+            ("velocity", "acceleration"),
+            ("joules",),
+        ]
+    ]
+)
 LANGUAGE = [
     Spec("language", triggers=t)
     for t in [
@@ -153,7 +172,7 @@ def _word_ids(tokenizer: Any) -> dict[str, list[int]]:
     return words
 
 
-def _tiny_qwen2(shape: DemoShape, vocab_size: int, seed: int) -> torch.nn.Module:
+def _tiny_qwen2(shape: DemoShape, vocab_size: int, seed: int) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -169,7 +188,8 @@ def _tiny_qwen2(shape: DemoShape, vocab_size: int, seed: int) -> torch.nn.Module
     )
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # token-dominated residual stream: see the module docstring
-        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+        embeddings: Any = model.get_input_embeddings()
+        embeddings.weight.normal_(0.0, 1.0)
     model.eval()
     return model
 
@@ -188,7 +208,7 @@ def _mlp_inputs(adapter: AdapterModel, corpus: TokenizedCorpus, layer: int) -> n
         grabbed.append(args[0].detach())
         raise _StopForward  # later layers are not needed
 
-    handle = decoder_layers(adapter.model)[layer].mlp.register_forward_pre_hook(grab)
+    handle = mlp_of(adapter.model, layer).register_forward_pre_hook(grab)
     try:
         with torch.no_grad():
             for sequences in plan_batches(corpus.lengths(), 16384):
@@ -229,10 +249,7 @@ def _random_token_pool(words: dict[str, list[int]], corpus: TokenizedCorpus) -> 
     pool = [
         word
         for word, ids in words.items()
-        if word not in planted
-        and word.isalpha()
-        and len(word) > 2
-        and counts[ids].sum() >= 5
+        if word not in planted and word.isalpha() and len(word) > 2 and counts[ids].sum() >= 5
     ]
     return sorted(pool)
 

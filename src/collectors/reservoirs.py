@@ -93,7 +93,7 @@ class Reservoir:
     ) -> None:
         """Merge a batch's candidate entries (one per nonzero activation): ``flat`` is each
         entry's index into the batch's flattened token grid, used to cut its context."""
-        n_features, k = self.key.shape
+        k = self.key.shape[1]
         # 1. Reduce the batch to at most k candidates per feature.
         order = lexsort(key, pos)
         order = order[torch.sort(feat[order], stable=True).indices]

@@ -47,7 +47,8 @@ def _math_problem(rng: random.Random) -> Problem:
         return Problem(
             question=f"What is the sum of the integers from 1 to {n}?",
             steps=[
-                f"The sum of the first n integers is n(n + 1) / 2, so the sum is {n} * {n + 1} / 2.",
+                "The sum of the first n integers is n(n + 1) / 2, "
+                f"so the sum is {n} * {n + 1} / 2.",
                 f"That gives {n * (n + 1)} / 2 = {total}.",
             ],
             check=f"for n = {n} the equation gives {total}, and the sum is an integer.",

@@ -59,7 +59,6 @@ def _collect(
     from adapters.branch import load_adapter
     from collectors.collect import collect_run
     from collectors.corpus import read_traces, tokenize_traces
-
     from labeler.render import progress_bar
 
     with console.status("loading the adapter model"):
@@ -169,7 +168,6 @@ def label(run_path: Path, judges: tuple[str, ...], sample_per_layer: int | None,
 
 def _summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> Any:
     from collectors.run_format import read_run_info
-
     from labeler.plots import plot_layers
     from labeler.render import summary_tables
     from labeler.store import LabelStore
@@ -248,7 +246,6 @@ def demo(out: Path, seed: int) -> None:
     and compare the labels with the planted ground truth. Offline, CPU, about a minute."""
     from collectors.demo_model import build_demo
     from collectors.run_format import CollectParams
-
     from labeler.ground_truth import compare_with_ground_truth
     from labeler.render import ground_truth_table
     from labeler.store import LabelStore

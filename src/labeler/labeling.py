@@ -121,4 +121,3 @@ def failures_by_reason(store: LabelStore, judge: str) -> dict[str, int]:
         if stored.status == "failed" and stored.reason:
             counts[stored.reason] = counts.get(stored.reason, 0) + 1
     return counts
-

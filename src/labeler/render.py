@@ -63,7 +63,10 @@ def summary_tables(summary: Summary) -> list[Table | str]:
     )
     if summary.n_failed or summary.n_unlabeled:
         lo, hi = summary.reasoning_if_missing_counted
-        head += f"\nif every failed/unlabeled feature were non-reasoning: {lo:.1%}; if all were: {hi:.1%}"
+        head += (
+            f"\nif every failed/unlabeled feature were non-reasoning: {lo:.1%}; "
+            f"if all were: {hi:.1%}"
+        )
         for reason, n in summary.failures_by_reason.items():
             head += f"\n  failed ({n}): {reason}"
     out: list[Table | str] = [head]
@@ -97,7 +100,8 @@ def ground_truth_table(report: GroundTruthReport) -> list[Table | str]:
         f"{report.interpretable_accuracy:.1%} of {report.n_interpretable} interpretable planted "
         f"features; planted reasoning share {report.planted_reasoning_share:.1%}\n"
         f"reasoning subcategory right {report.reasoning_subcategory_accuracy:.1%}, mechanism "
-        f"{report.reasoning_mechanism_accuracy:.1%}; domain type {report.domain_type_accuracy:.1%}; "
+        f"{report.reasoning_mechanism_accuracy:.1%}; "
+        f"domain type {report.domain_type_accuracy:.1%}; "
         f"dead planted {report.dead_planted}, of which found alive {report.dead_found_alive}"
     )
     table = Table(title="planted (rows) against judged (columns)", title_justify="left")
