@@ -183,7 +183,7 @@ def load_adapter(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             folder, dtype=resolve_dtype(dtype, torch_device)
         )
         tokenizer = AutoTokenizer.from_pretrained(folder)
