@@ -3,7 +3,6 @@ commands that need them."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -288,7 +287,4 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except UserError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
-    except json.JSONDecodeError as exc:  # pragma: no cover - guarded where files are read
-        err_console.print(f"[bold red]error:[/bold red] {exc}")
         sys.exit(2)
