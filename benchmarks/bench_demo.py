@@ -1,6 +1,6 @@
 """Time each stage of the planted demo pipeline; prints medians over repeats.
 
-    .venv/bin/python benchmarks/bench_demo.py [--repeats 3]
+.venv/bin/python benchmarks/bench_demo.py [--repeats 3]
 """
 
 from __future__ import annotations
