@@ -178,6 +178,7 @@ class Collector:
             for layer in layers
         }
         self.negatives = negative_windows(corpus, params)
+        self.negative_seq = np.searchsorted(corpus.offsets, self.negatives[:, 0], side="right") - 1
 
     def run(self, progress: ProgressFn | None = None) -> None:
         batches = plan_batches(self.corpus.lengths(), self.params.batch_tokens)
@@ -227,8 +228,7 @@ class Collector:
     def _negatives_in_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The negative windows inside this batch: their ids and their flat token indices
         [m, window] (-1 past a short window's end)."""
-        starts, widths = self.negatives[:, 0], self.negatives[:, 1]
-        seq = np.searchsorted(self.corpus.offsets, starts, side="right") - 1
+        starts, widths, seq = self.negatives[:, 0], self.negatives[:, 1], self.negative_seq
         row_of_seq = np.full(self.corpus.n_sequences, -1)
         row_of_seq[batch.sequences] = np.arange(len(batch.sequences))
         rows = row_of_seq[seq]

@@ -114,10 +114,3 @@ def label_run(
             finish(future, pending.pop(future))
     return LabelReport(len(planned), len(done), labeled, failed)
 
-
-def failures_by_reason(store: LabelStore, judge: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for stored in store.judgments(judge).values():
-        if stored.status == "failed" and stored.reason:
-            counts[stored.reason] = counts.get(stored.reason, 0) + 1
-    return counts

@@ -8,7 +8,6 @@ from collections import Counter
 from pydantic import BaseModel
 
 from adapters.errors import UserError
-from labeler.labeling import failures_by_reason
 from labeler.store import LabelStore
 from prompts import CATEGORIES
 
@@ -93,7 +92,9 @@ def summarize(store: LabelStore, run_name: str, judge: str | None = None) -> Sum
         n_labeled=n_labeled,
         n_failed=n_failed,
         n_unlabeled=n_unlabeled,
-        failures_by_reason=failures_by_reason(store, judge),
+        failures_by_reason=dict(
+            Counter(s.reason or "" for s in stored.values() if s.status == "failed")
+        ),
         reasoning=wilson(n_reasoning, n_labeled),
         reasoning_if_missing_counted=(
             n_reasoning / n_all if n_all else 0.0,
