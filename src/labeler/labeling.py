@@ -113,4 +113,3 @@ def label_run(
             wait([future])
             finish(future, pending.pop(future))
     return LabelReport(len(planned), len(done), labeled, failed)
-
