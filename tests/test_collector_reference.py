@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
 from adapters.branch import load_adapter
-from collectors.corpus import read_traces, tokenize_traces
+from collectors.corpus import TokenizedCorpus, read_traces, tokenize_traces
 from collectors.reservoirs import hash_keys
 from collectors.run_format import REGIONS, CollectParams
 from tests.conftest import CollectedDemo
@@ -16,8 +18,18 @@ from tests.conftest import CollectedDemo
 TOL = 1e-4
 
 
+@dataclass(frozen=True)
+class Reference:
+    corpus: TokenizedCorpus
+    dense: dict[int, np.ndarray]  # layer -> features [n_tokens, n_features]
+
+    @property
+    def seq_starts(self) -> np.ndarray:
+        return self.corpus.offsets[:-1]
+
+
 @pytest.fixture(scope="module")
-def reference(collected: CollectedDemo) -> dict[str, object]:
+def reference(collected: CollectedDemo) -> Reference:
     """Dense features of every layer at every corpus token, one sequence per forward pass
     (no batching, no padding)."""
     adapter, tokenizer, _ = load_adapter(str(collected.paths.checkpoint), "cpu", "float32")
@@ -29,7 +41,7 @@ def reference(collected: CollectedDemo) -> dict[str, object]:
             adapter.model(input_ids=torch.from_numpy(corpus.sequence(i)).unsqueeze(0))
             for layer in layers:
                 dense[layer].append(captured[layer][0].numpy())
-    return {"corpus": corpus, "dense": {la: np.concatenate(v) for la, v in dense.items()}}
+    return Reference(corpus, {la: np.concatenate(v) for la, v in dense.items()})
 
 
 def _reference_topk(acts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,21 +52,19 @@ def _reference_topk(acts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 def test_topk_counts_and_statistics_match_reference(
-    collected: CollectedDemo, reference: dict[str, object]
+    collected: CollectedDemo, reference: Reference
 ) -> None:
-    corpus = reference["corpus"]
-    dense: dict[int, np.ndarray] = reference["dense"]  # type: ignore[assignment]
+    corpus, seq_starts = reference.corpus, reference.seq_starts
     features = pl.read_parquet(collected.run / "features.parquet")
     examples = pl.read_parquet(collected.run / "examples.parquet")
     params = CollectParams()
-    seq_starts = corpus.offsets[:-1]  # type: ignore[attr-defined]
     compared_positions = 0
-    for layer, acts in dense.items():
+    for layer, acts in reference.dense.items():
         rows = features.filter(pl.col("layer") == layer).sort("index")
         np.testing.assert_array_equal(rows["count"].to_numpy(), (acts > 0).sum(0))
         np.testing.assert_allclose(rows["act_max"].to_numpy(), acts.max(0), atol=TOL)
         for r, name in enumerate(REGIONS):
-            expected = ((acts > 0) & (corpus.regions == r)[:, None]).sum(0)  # type: ignore[attr-defined]
+            expected = ((acts > 0) & (corpus.regions == r)[:, None]).sum(0)
             np.testing.assert_array_equal(rows[f"region_{name}"].to_numpy(), expected)
         top = examples.filter((pl.col("layer") == layer) & (pl.col("kind") == "top"))
         for index in np.nonzero((acts > 0).any(0))[0]:
@@ -84,17 +94,15 @@ def test_topk_counts_and_statistics_match_reference(
 
 @pytest.mark.slow
 def test_random_sample_is_the_bottom_k_of_hashed_keys(
-    collected: CollectedDemo, reference: dict[str, object]
+    collected: CollectedDemo, reference: Reference
 ) -> None:
-    corpus = reference["corpus"]
-    dense: dict[int, np.ndarray] = reference["dense"]  # type: ignore[assignment]
+    seq_starts = reference.seq_starts
     examples = pl.read_parquet(collected.run / "examples.parquet").filter(
         pl.col("kind") == "random"
     )
     params = CollectParams()
-    seq_starts = corpus.offsets[:-1]  # type: ignore[attr-defined]
     for layer in (0, 3):
-        acts = dense[layer]
+        acts = reference.dense[layer]
         pos, feat = np.nonzero(acts > 0)
         keys = hash_keys(params.seed, layer, torch.from_numpy(pos), torch.from_numpy(feat))
         keys = keys.numpy()
