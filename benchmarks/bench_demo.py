@@ -21,7 +21,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 def one_round(root: Path) -> dict[str, float]:
     from adapters.branch import load_adapter
-    from collectors.collect import collect_run
+    from collectors.collect import CollectJob, collect_run
     from collectors.corpus import read_traces, tokenize_traces
     from collectors.demo_model import build_demo
     from collectors.run_format import CollectParams
@@ -40,7 +40,9 @@ def one_round(root: Path) -> dict[str, float]:
     corpus = tokenize_traces(list(read_traces(paths.corpus)), tokenizer, 1024)
     run = root / "run"
     times["collect"] = timed(
-        lambda: collect_run(adapter, tokenizer, corpus, CollectParams(), run, folder, paths.corpus)
+        lambda: collect_run(
+            CollectJob(adapter, tokenizer, corpus, CollectParams(), folder, paths.corpus), run
+        )
     )
     times["collect tokens/s"] = corpus.n_tokens / times["collect"]
     store = LabelStore(run / "labels.sqlite")

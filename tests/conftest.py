@@ -25,14 +25,15 @@ def demo_paths(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
 @pytest.fixture(scope="session")
 def collected(demo_paths: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> CollectedDemo:
     from adapters.branch import load_adapter
-    from collectors.collect import collect_run
+    from collectors.collect import CollectJob, collect_run
     from collectors.corpus import read_traces, tokenize_traces
     from collectors.run_format import CollectParams
 
     adapter, tokenizer, folder = load_adapter(str(demo_paths.checkpoint), "cpu", "float32")
     corpus = tokenize_traces(list(read_traces(demo_paths.corpus)), tokenizer, 1024)
     run = tmp_path_factory.mktemp("collected") / "run"
-    collect_run(adapter, tokenizer, corpus, CollectParams(), run, folder, demo_paths.corpus)
+    params = CollectParams(n_quantiles=10, per_quantile=3)
+    collect_run(CollectJob(adapter, tokenizer, corpus, params, folder, demo_paths.corpus), run)
     return CollectedDemo(demo_paths, run)
 
 

@@ -116,7 +116,7 @@ def test_trace_without_think_end_is_kept_and_counted(
     corpus = _corpus(tmp_path, [GOOD, cut])
     result = collect(collected.paths.checkpoint, corpus, tmp_path / "run")
     assert result.returncode == 0, result.stderr
-    assert "1 without </think>, kept" in result.stdout
+    assert "1 without </think>; all kept" in result.stdout
     info = json.loads((tmp_path / "run" / RUN_JSON).read_text())
     assert info["n_sequences"] == 2 and info["n_unterminated_think"] == 1
     assert info["domains"] == {"math": 1, "unknown": 1}

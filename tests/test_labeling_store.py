@@ -87,7 +87,7 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     assert first["feature_id"] == f"L{first['layer']}F{first['index']}"
     assert set(first["detection"]) >= {"accuracy", "precision", "recall"}
     assert len(first["top_logits"]) == 10
-    assert {e["kind"] for e in first["examples"]} == {"top", "random"}
+    assert {e["kind"] for e in first["examples"]} == {"top", "random", "quantile"}
     example = first["examples"][0]
     assert (
         len(example["tokens"]) == len(example["acts"]) and example["acts"][example["highlight"]] > 0

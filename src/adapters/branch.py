@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,11 +49,21 @@ def mlp_of(model: Any, layer: int) -> nn.Module:
     return cast(nn.Module, decoder_layers(model)[layer].mlp)
 
 
+FeatureSink = Callable[[int, torch.Tensor], None]
+
+
 @dataclass
 class _BranchState:
     enabled: bool = True
     recording: frozenset[int] = frozenset()
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    sink: FeatureSink | None = None
+
+    def record(self, layer: int, features: torch.Tensor) -> None:
+        if self.sink is not None:
+            self.sink(layer, features)
+        else:
+            self.captured[layer] = features
 
 
 @dataclass
@@ -89,17 +99,43 @@ class AdapterModel:
         """Branch on (the adapter model) or off (the hybrid model)."""
         self.state.enabled = enabled
 
+    @property
+    def width(self) -> int:
+        """Features per layer."""
+        return self.config.n_features
+
+    def units(self, layer: int) -> torch.Tensor:
+        """The feature indices collected at ``layer``: all of them."""
+        return torch.arange(self.config.n_features)
+
+    def decoder_columns(self, layer: int) -> torch.Tensor:
+        """Each feature's decoder column: [d_model, n_features]."""
+        weight: torch.Tensor = self.enc_dec(layer)[1].weight
+        return weight
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm applied before the unembedding, where the model has one."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        norm = getattr(decoder, "norm", None)
+        return norm if isinstance(norm, nn.Module) else None
+
     @contextlib.contextmanager
-    def recording(self, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-        """Within the block, each forward stores ``{layer: features [batch, seq, n_features]}``
-        in the yielded dict (overwritten by the next forward)."""
+    def recording(
+        self, layers: list[int], sink: FeatureSink | None = None
+    ) -> Iterator[dict[int, torch.Tensor]]:
+        """Within the block, each forward hands every listed layer's features
+        [batch, seq, n_features] to ``sink(layer, features)`` as soon as the layer has run,
+        or, without a sink, stores them in the yielded dict (overwritten by the next
+        forward)."""
         self.state.recording = frozenset(layers)
         self.state.captured = {}
+        self.state.sink = sink
         try:
             yield self.state.captured
         finally:
             self.state.recording = frozenset()
             self.state.captured = {}
+            self.state.sink = None
 
 
 def _make_hook(layer: int, state: _BranchState) -> Any:
@@ -109,7 +145,7 @@ def _make_hook(layer: int, state: _BranchState) -> Any:
             return None
         features = torch.relu(module.transcoder_enc(args[0]))
         if record:
-            state.captured[layer] = features
+            state.record(layer, features)
         if state.enabled:
             return output + module.transcoder_dec(features)
         return None

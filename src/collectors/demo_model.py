@@ -38,7 +38,7 @@ from adapters.planted import (
     token_set_encoder,
 )
 from adapters.tiny_tokenizer import train_bpe_tokenizer
-from collectors.collect import make_batch, plan_batches
+from collectors.batching import make_batch, plan_batches
 from collectors.corpus import (
     BOS,
     EOS,

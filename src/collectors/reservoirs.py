@@ -147,3 +147,19 @@ class WindowGatherer:
         idx = torch.where(valid, idx, flat.unsqueeze(1))
         values = self.features[idx, feat.unsqueeze(1).expand_as(idx)].float()
         return torch.where(valid, values, torch.zeros_like(values))
+
+
+def combine_reservoirs(a: Reservoir, b: Reservoir) -> Reservoir:
+    """The ``k`` smallest-key entries of two reservoirs of the same features (ties by the
+    earlier position): the reservoir of the union of what both saw."""
+    k = a.k
+    all_key = torch.cat([a.key, b.key], dim=1)
+    all_pos = torch.cat([a.pos, b.pos], dim=1)
+    perm = lexsort(all_key, all_pos, dim=1)[:, :k]
+    context = torch.cat([a.context, b.context], dim=1)
+    return Reservoir(
+        key=torch.gather(all_key, 1, perm),
+        act=torch.gather(torch.cat([a.act, b.act], dim=1), 1, perm),
+        pos=torch.gather(all_pos, 1, perm),
+        context=torch.gather(context, 1, perm.unsqueeze(-1).expand(-1, -1, context.shape[2])),
+    )

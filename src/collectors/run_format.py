@@ -4,12 +4,16 @@ Pure Python (no torch): the labeler reads run folders through this module.
 
 ```
 RUN/
-  run.json            provenance and collection parameters (RunInfo)
-  features.parquet    one row per feature, alive or dead
-  examples.parquet    one row per kept example (top and random sample)
-  negatives.parquet   random corpus windows with the features active in each
-  labels.sqlite       the label store (written by `labeler label`)
+  run.json                 provenance and collection parameters (RunInfo)
+  features.parquet         one row per feature (or neuron), alive or dead
+  examples.parquet         one row per kept example (top, random sample, quantile samples)
+  negatives.parquet        random corpus windows with the features active in each
+  collect-state/           the collector's reservoirs and counts (shard runs only; read
+                           by `labeler merge-runs`)
+  labels.sqlite            the label store (written by `labeler label`)
 ```
+
+The columns of each table are documented in docs/run-format.md.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from collectors.errors import RunFolderError
 
-RUN_SCHEMA_VERSION = 1
+RUN_SCHEMA_VERSION = 2
 RUN_JSON = "run.json"
 FEATURES = "features.parquet"
 EXAMPLES = "examples.parquet"
 NEGATIVES = "negatives.parquet"
 LABELS = "labels.sqlite"
+STATE_DIR = "collect-state"
 REQUIRED_FILES = (RUN_JSON, FEATURES, EXAMPLES, NEGATIVES)
 
 REGIONS = (
@@ -39,7 +44,13 @@ REGIONS = (
     "thinking",
     "think_end",
     "answer",
+    "text",
 )
+THINK_BINS = 10  # relative position inside the thinking, in tenths
+EXAMPLE_KINDS = ("top", "random", "quantile")
+UNITS = ("feature", "neuron")
+SOURCES = ("collect", "merge", "import")
+CHAT_FORMATS = ("deepseek", "qwen")
 MARKER_REGIONS = frozenset({"bos", "user_marker", "assistant_marker", "think_start", "think_end"})
 
 
@@ -77,8 +88,25 @@ class CollectParams(BaseModel):
     n_negatives: int = Field(256, description="random corpus windows kept as detection negatives")
     negative_window: int = Field(32, description="tokens per negative window")
     logit_lens_k: int = Field(10, description="promoted and demoted tokens kept per feature")
+    n_quantiles: int = Field(
+        0, description="activation quantiles sampled per feature (0: none; 10: deciles)"
+    )
+    per_quantile: int = Field(5, description="examples kept from each quantile")
+    lens_through_norm: bool = Field(
+        False, description="logit lens applies the final norm to the decoder column first"
+    )
+    chat_format: str = Field("deepseek", description="chat layout of conversation records")
     seed: int = Field(0, description="seed for the random sample and the negative windows")
     layers: list[int] | None = Field(None, description="layers collected; None means all")
+    neurons: int | None = Field(
+        None, description="plain MLP neurons sampled per layer instead of adapter features"
+    )
+
+    @property
+    def sample_size(self) -> int:
+        """Size of the uniform activating sample kept per feature: the random examples are
+        its ``n_random`` smallest hash keys; the quantile samples partition all of it."""
+        return max(self.n_random, self.n_quantiles * self.per_quantile)
 
 
 class RunInfo(BaseModel):
@@ -88,6 +116,9 @@ class RunInfo(BaseModel):
 
     schema_version: int
     created_at: str
+    source: str = Field(description="collect, merge (of shard runs) or import")
+    unit: str = Field(description="feature (adapter features) or neuron (plain MLP neurons)")
+    shard: str | None = Field(None, description="'i/n' when this run covers one shard")
     adapter_path: str
     adapter_hash: str
     corpus_path: str
@@ -103,6 +134,10 @@ class RunInfo(BaseModel):
     domains: dict[str, int] = Field(description="sequences per domain")
     tokens_by_domain: dict[str, int]
     tokens_by_region: dict[str, int]
+    tokens_by_think_bin: dict[str, int]
+    negatives_checked: bool = Field(
+        True, description="whether negatives.parquet lists every feature active in a window"
+    )
     versions: dict[str, str]
 
 
