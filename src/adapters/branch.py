@@ -214,7 +214,9 @@ def load_adapter(
     config, raw = read_config(folder)
     weights = load_layer_weights(folder, config)
     if ARCHITECTURE not in raw.get("architectures", [ARCHITECTURE]):
-        log.info("%s: architectures is %s", folder, raw.get("architectures"))
+        log.info(
+            "%s: architectures is %s (not the paper's Qwen2)", folder, raw.get("architectures")
+        )
     torch_device = resolve_device(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class
@@ -236,12 +238,14 @@ def save_adapter(adapter: AdapterModel, tokenizer: Any, folder: Path) -> None:
     cfg = adapter.model.config
     cfg.transcoder_n_features = adapter.config.n_features
     cfg.transcoder_dec_bias = adapter.config.dec_bias
-    cfg.architectures = [ARCHITECTURE]
+    architecture = f"{type(adapter.model).__name__}WithTranscoder"
+    cfg.architectures = [architecture]
     folder.mkdir(parents=True, exist_ok=True)
     adapter.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    # save_pretrained writes the class name of the base model; restore the paper's.
+    # save_pretrained writes the class name of the base model; restore the paper's
+    # (Qwen2ForCausalLMWithTranscoder for a Qwen2 model).
     config_path = folder / "config.json"
     raw = json.loads(config_path.read_text(encoding="utf-8"))
-    raw["architectures"] = [ARCHITECTURE]
+    raw["architectures"] = [architecture]
     config_path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

@@ -134,6 +134,18 @@ def load_layer_weights(folder: Path, config: TranscoderConfig) -> dict[int, Laye
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: corrupt or unreadable safetensors ({exc})") from exc
     n, d = config.n_features, config.d_model
+    widths = {
+        layer: int(tensors[name].shape[0])
+        for layer in range(config.n_layers)
+        if (name := TENSOR_PREFIX.format(layer=layer) + "enc.weight") in tensors
+    }
+    odd = {layer: w for layer, w in widths.items() if w != n}
+    if odd:
+        listed = ", ".join(f"layer {la}: {w}" for la, w in sorted(odd.items())[:5])
+        raise CheckpointError(
+            f"{folder}: the adapter's width differs between layers ({listed}; "
+            f"config.json says transcoder_n_features={n}); every layer needs {n} features"
+        )
     layers: dict[int, LayerWeights] = {}
     for layer in range(config.n_layers):
         prefix = TENSOR_PREFIX.format(layer=layer)

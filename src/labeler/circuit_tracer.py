@@ -26,11 +26,12 @@ Conventions
   quantile ``q`` (0 lowest); ``"Random samples"`` is kind ``random``. Export writes the top
   group, every quantile group highest first (when the run has quantiles), then the random group;
   an example's rank is its position in its group. Import refuses any other group name.
-- Export writes alive features only, as the paper does. Beside the paper's metadata keys it
-  writes ``layers``, ``n_features_per_layer``, ``n_features``, ``n_feature_files``, ``n_alive``
-  and ``n_dead`` (per layer), ``unit``, ``n_sequences``, ``sequences_per_domain``,
-  ``n_truncated``, ``n_unterminated_think`` and ``run`` (provenance); import reads the counts
-  back when present.
+- Export writes alive features only, as the paper does (so the logit lens of a dead feature is
+  not carried; an import lists dead features with empty logit lists). Beside the paper's
+  metadata keys it writes ``layers``, ``n_features_per_layer``, ``n_features``,
+  ``n_feature_files``, ``n_alive`` and ``n_dead`` (per layer), ``unit``, ``n_sequences``,
+  ``sequences_per_domain``, ``n_truncated``, ``n_unterminated_think`` and ``run``
+  (provenance); import reads the counts back when present.
 - ``act_min``, ``act_max`` and ``activation_frequency`` are copied as they are in both
   directions, so an imported ``act_min`` keeps the paper's meaning (over example windows).
 - Activations are kept as float32, as the paper's come from float32 tensors; other values come
@@ -370,7 +371,9 @@ def _write_layer(
                 )
             else:
                 name = quantile_name(quantile)
-            groups = by_feature.setdefault(index, {n: [] for n in group_names})
+            groups = by_feature.get(index)
+            if groups is None:
+                groups = by_feature[index] = {n: [] for n in group_names}
             groups[name].append(
                 {
                     "tokens": tokens,
