@@ -323,15 +323,47 @@ def _export(run_path: Path, out: Path | None, judge: str | None, with_examples: 
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "circuit-tracer"]), default="jsonl",
+              show_default=True,
+              help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
+                   "folder (features/{cantor_id}.json and feature_metadata.json).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output file, .jsonl or .jsonl.gz (default RUN/catalog.jsonl).")  # fmt: skip
+              help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
+                   "circuit-tracer a folder (default RUN/circuit-tracer).")  # fmt: skip
 @click.option("--judge", default=None, help="Whose labels (needed when there are several).")
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing circuit-tracer folder.")
 def export(run_path: Path, fmt: str, out: Path | None, judge: str | None,
-           with_examples: bool) -> None:  # fmt: skip
-    """Write the labeled feature catalog (schema: docs/catalog-schema.md)."""
+           with_examples: bool, overwrite: bool) -> None:  # fmt: skip
+    """Write the labeled feature catalog (schema: docs/catalog-schema.md), or the run's
+    features in the circuit-tracer viewer format."""
+    if fmt == "circuit-tracer":
+        from collectors.run_format import read_run_info
+        from labeler.circuit_tracer import export_circuit_tracer
+
+        read_run_info(run_path)
+        target = out or run_path / "circuit-tracer"
+        with console.status(f"writing {target}"):
+            n = export_circuit_tracer(run_path, target, overwrite)
+        console.print(f"wrote {n:,} feature files to {target}")
+        return
     _export(run_path, out, judge, with_examples)
+
+
+@cli.command("import")
+@click.argument("source", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+def import_(source: Path, out: Path, overwrite: bool) -> None:
+    """Read the paper's per-feature JSON (DIR/features/{cantor_id}.json and
+    DIR/feature_metadata.json) into a run folder, to label released feature data without
+    collecting again."""
+    from labeler.circuit_tracer import import_circuit_tracer
+
+    with console.status(f"importing {source}"):
+        info = import_circuit_tracer(source, out, overwrite)
+    n = sum(info.n_alive.values())
+    console.print(f"wrote {out}: {n:,} alive features in {len(info.layers)} layers")
 
 
 @cli.command()
