@@ -9,13 +9,14 @@ on a ``l0 / n_features`` share of its tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from adapters.branch import AdapterModel, attach_branch, mlp_of
-from adapters.checkpoint import LayerWeights, TranscoderConfig
+from adapters.checkpoint import TranscoderConfig
 
 ARCHITECTURES = ("qwen2", "llama")
 
@@ -44,6 +45,8 @@ def random_decoder(shape: ModelShape, seed: int, dtype: torch.dtype = torch.floa
 
     if shape.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {shape.arch!r}; choose {ARCHITECTURES}")
+    config_cls: Any
+    model_cls: Any
     config_cls, model_cls = (
         (Qwen2Config, Qwen2ForCausalLM)
         if shape.arch == "qwen2"
@@ -71,43 +74,47 @@ def random_decoder(shape: ModelShape, seed: int, dtype: torch.dtype = torch.floa
 
 def random_adapter(
     shape: ModelShape,
-    calibration_ids: torch.Tensor,
+    calibration: Sequence[torch.Tensor] | torch.Tensor,
     l0: float = 4.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> AdapterModel:
     """A random decoder with a random adapter whose features fire about ``l0`` times per
-    token per layer on text like ``calibration_ids`` [batch, seq]."""
+    token per layer on text like ``calibration`` (token-id sequences, or the rows of a
+    [batch, seq] tensor; each runs alone, from its start, as collection runs them).
+
+    Layers are calibrated in order, each with the branches below it already on, from the
+    MLP inputs it really sees: every feature's pre-activation is standardized by its own
+    mean and spread, and one threshold on the pooled standardized values gives the share
+    ``l0 / n_features`` of active (token, feature) pairs.
+    """
     model = random_decoder(shape, seed, dtype).to(device)
     config = TranscoderConfig(shape.n_features, True, shape.n_layers, shape.d_model)
+    adapter = attach_branch(model, config)  # zero branches: calibration turns them on
     generator = torch.Generator().manual_seed(seed + 1)
-    enc = {
-        layer: torch.randn(shape.n_features, shape.d_model, generator=generator)
-        / shape.d_model**0.5
-        for layer in range(shape.n_layers)
-    }
-    inputs: dict[int, torch.Tensor] = {}
-    handles = [
-        mlp_of(model, layer).register_forward_pre_hook(
-            lambda _m, args, la=layer: inputs.__setitem__(la, args[0].detach())
-        )
-        for layer in range(shape.n_layers)
-    ]
-    with torch.no_grad():
-        model(input_ids=calibration_ids.to(device))
-    for handle in handles:
-        handle.remove()
     share = min(l0 / shape.n_features, 1.0)
-    weights = {}
     for layer in range(shape.n_layers):
-        x = inputs[layer].reshape(-1, shape.d_model).float().cpu()
-        pre = x @ enc[layer].T  # [tokens, F]
-        threshold = torch.quantile(pre[: min(len(pre), 4096)], 1 - share, dim=0)
-        weights[layer] = LayerWeights(
-            enc_weight=enc[layer],
-            enc_bias=-threshold,
-            dec_weight=torch.randn(shape.d_model, shape.n_features, generator=generator) * 0.01,
-            dec_bias=torch.zeros(shape.d_model),
+        captured: list[torch.Tensor] = []
+        handle = mlp_of(model, layer).register_forward_pre_hook(
+            lambda _m, args, into=captured: into.append(args[0].detach())
         )
-    return attach_branch(model, config, weights)
+        with torch.no_grad():
+            for sequence in calibration:
+                model(input_ids=sequence.reshape(1, -1).to(device))
+        handle.remove()
+        x = torch.cat([c.reshape(-1, shape.d_model).float() for c in captured])
+        enc_w = torch.randn(shape.n_features, shape.d_model, generator=generator).to(device)
+        pre = x @ enc_w.T  # [tokens, F]
+        mean, std = pre.mean(0), pre.std(0).clamp(min=1e-6)
+        z = (pre - mean) / std
+        sample = z.flatten()[torch.randperm(z.numel(), generator=generator)[:4_000_000]]
+        threshold = torch.quantile(sample.cpu(), 1 - share).item()
+        enc, dec = adapter.enc_dec(layer)
+        with torch.no_grad():
+            enc.weight.copy_(enc_w / std[:, None])
+            enc.bias.copy_(-mean / std - threshold)
+            dec.weight.copy_(
+                torch.randn(shape.d_model, shape.n_features, generator=generator) * 0.01
+            )
+    return adapter

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -130,14 +131,13 @@ class Collector:
 
     def _negatives_in_batch(self, batch: Batch) -> NegativeWindows | None:
         starts, widths, seq = self.windows[:, 0], self.windows[:, 1], self.window_seq
-        row_of_seq = np.full(self.corpus.n_sequences, -1)
-        row_of_seq[batch.sequences] = np.arange(len(batch.sequences))
-        rows = row_of_seq[seq]
-        window_ids = np.nonzero(rows >= 0)[0]
+        window_ids = np.nonzero(np.isin(seq, batch.sequences))[0]
         if window_ids.size == 0:
             return None
+        order = np.argsort(batch.sequences)
+        rows = order[np.searchsorted(batch.sequences, seq[window_ids], sorter=order)]
         width = batch.input_ids.shape[1]
-        first = rows[window_ids] * width + starts[window_ids] - self.corpus.offsets[seq[window_ids]]
+        first = rows * width + starts[window_ids] - self.corpus.offsets[seq[window_ids]]
         span = np.arange(self.params.negative_window)
         idx = np.where(span < widths[window_ids, None], first[:, None] + span, -1)
         return NegativeWindows(
@@ -168,10 +168,21 @@ def logit_lens(source: FeatureSource, layer: int, k: int, through_norm: bool) ->
     return LogitLens(top_ids, top_vals.astype(np.float32), bottom_ids, bottom_vals)
 
 
-def vocabulary(tokenizer: Any) -> pl.Series:
-    """Each token id's text as the tokenizer decodes it alone."""
-    size = len(tokenizer)
-    return pl.Series(tokenizer.batch_decode([[i] for i in range(size)]), dtype=pl.String)
+def vocabulary(tokenizer: Any, size: int | None = None) -> pl.Series:
+    """Each token id's text as the tokenizer decodes it alone. ``size`` pads it to the
+    unembedding's rows (models often have more rows than tokens): ``<id:N>``."""
+    n = len(tokenizer)
+    strings = tokenizer.batch_decode([[i] for i in range(n)])
+    strings += [f"<id:{i}>" for i in range(n, size or n)]
+    return pl.Series(strings, dtype=pl.String)
+
+
+def tokens_hash(corpus: TokenizedCorpus) -> str:
+    """sha256 of the tokenized corpus: what the tokenizer, chat format and truncation made."""
+    digest = hashlib.sha256()
+    for array in (corpus.token_ids, corpus.offsets, corpus.regions, corpus.think_bins):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -204,7 +215,10 @@ def publish(staging: Path, out: Path) -> None:
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(trash)
         staging.rename(out)
-        shutil.rmtree(trash)
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
     else:
         staging.rename(out)
 
@@ -238,11 +252,14 @@ def write_run(
     layers = sorted(accs)
     features = [features_frame(accs[la], coverage, lenses[la], vocab) for la in layers]
     pl.concat(features).write_parquet(staging / FEATURES)
-    examples = [e for la in layers if (e := examples_frame(accs[la], corpus, vocab, params)).height]
-    if examples:
-        pl.concat(examples).write_parquet(staging / EXAMPLES)
-    else:
-        pl.DataFrame().write_parquet(staging / EXAMPLES)
+    parts = []
+    for la in layers:  # one layer's examples in memory at a time
+        part = staging / f".examples-{la}.parquet"
+        examples_frame(accs[la], corpus, vocab, params).write_parquet(part)
+        parts.append(part)
+    pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES)
+    for part in parts:
+        part.unlink()
     windows = negative_windows(corpus, params)
     negatives_frame(windows, [accs[la] for la in layers], coverage, vocab, width).write_parquet(
         staging / NEGATIVES
@@ -322,16 +339,59 @@ def collect_run(
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1 sequence")
     plan = plan_batches(corpus.lengths(), params.batch_tokens)
-    mine = job.shard.batches(len(plan))
+    reference: torch.Tensor = next(job.source.model.parameters())
     fingerprint = Fingerprint(
         adapter_hash=checkpoint_hash(job.adapter_folder),
         corpus_hash=file_sha256(job.corpus_path),
+        tokens_hash=tokens_hash(corpus),
+        dtype=str(reference.dtype).removeprefix("torch."),
+        device_type=reference.device.type,
         unit=job.unit,
         params=params,
         layers=layers,
         n_batches=len(plan),
     )
     staging = partial_folder(out)
+    with _exclusive(staging):
+        return _collect_into(job, out, staging, plan, fingerprint, params, layers,
+                             checkpoint_every, restart, on_plan, progress)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _exclusive(staging: Path) -> Iterator[None]:
+    """Hold a lock beside the staging folder, so two processes (a job delivered twice)
+    never write one collection at once."""
+    lock_path = staging.with_name(staging.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise UserError(
+                f"{staging}: another process is collecting into it (lock {lock_path})"
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock_path.unlink(missing_ok=True)
+
+
+def _collect_into(
+    job: CollectJob,
+    out: Path,
+    staging: Path,
+    plan: list[np.ndarray],
+    fingerprint: Fingerprint,
+    params: CollectParams,
+    layers: list[int],
+    checkpoint_every: int | None,
+    restart: bool,
+    on_plan: Callable[[int, int], None] | None,
+    progress: ProgressFn | None,
+) -> RunInfo:
+    corpus = job.corpus
+    mine = job.shard.batches(len(plan))
     state_dir = staging / STATE_DIR
     meta = _resumable_state(staging, fingerprint, job.shard, restart)
     if meta is None:
@@ -370,10 +430,10 @@ def collect_run(
     covered = np.zeros(corpus.n_sequences, dtype=bool)
     for b in mine:
         covered[plan[b]] = True
-    if job.shard != WHOLE:
-        save_state(state_dir, meta, collector.acc)  # kept for `labeler merge-runs`
-    else:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if job.shard != WHOLE or checkpoint_every is not None:
+        # Shards keep it for `labeler merge-runs`; a checkpointed run keeps it until the
+        # folder is published, so a failure while writing the tables loses no batch.
+        save_state(state_dir, meta, collector.acc)
     lenses = {
         la: logit_lens(job.source, la, params.logit_lens_k, params.lens_through_norm)
         for la in layers
@@ -383,7 +443,7 @@ def collect_run(
         collector.acc,
         Coverage(corpus, covered),
         lenses,
-        vocabulary(job.tokenizer),
+        vocabulary(job.tokenizer, int(job.source.unembedding().shape[0])),
         params,
         job.source.width,
         Provenance(
@@ -398,6 +458,8 @@ def collect_run(
         ),
     )
     publish(staging, out)
+    if job.shard == WHOLE:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return info
 
 

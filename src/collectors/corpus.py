@@ -287,7 +287,13 @@ def segments(trace: Trace, *, chat_format: str = "deepseek") -> tuple[list[tuple
     response = trace.response
     start = response.find(THINK_START)
     if start < 0:
-        pieces.append((response, "answer"))
+        end = response.find(THINK_END)
+        if end >= 0:  # the chat template opened the thinking: the response starts inside it
+            pieces.append((response[:end], "thinking"))
+            pieces.append((THINK_END, "think_end"))
+            pieces.append((response[end + len(THINK_END) :], "answer"))
+        else:
+            pieces.append((response, "answer"))
         return pieces, False
     if start > 0:
         pieces.append((response[:start], "answer"))

@@ -21,12 +21,13 @@ import polars as pl
 import torch
 
 from adapters.errors import UserError
-from collectors.batching import Shard, plan_batches
+from collectors.batching import Shard
 from collectors.collect import (
     Provenance,
     file_sha256,
     partial_folder,
     publish,
+    tokens_hash,
     vocabulary,
     write_run,
 )
@@ -100,11 +101,10 @@ def merge_runs(
         raise UserError(
             f"{corpus_path}: is not the corpus the shards were collected from (its hash differs)"
         )
-    plan = plan_batches(corpus.lengths(), fingerprint.params.batch_tokens)
-    if len(plan) != fingerprint.n_batches:
+    if tokens_hash(corpus) != fingerprint.tokens_hash:
         raise UserError(
-            f"{corpus_path}: tokenizes into {len(plan)} batches, the shards had "
-            f"{fingerprint.n_batches}; use the same tokenizer and --max-length"
+            f"{corpus_path}: tokenizes differently from when the shards were collected; "
+            "use the same tokenizer (--tokenizer) and parameters"
         )
     device = torch.device("cpu")
     accs = load_accumulators(folders[0] / STATE_DIR, fingerprint.layers, device)
@@ -125,7 +125,7 @@ def merge_runs(
             accs,
             Coverage(corpus, np.ones(corpus.n_sequences, dtype=bool)),
             lenses,
-            vocabulary(tokenizer),
+            vocabulary(tokenizer, _lens_vocabulary_size(lenses)),
             fingerprint.params,
             first_info.n_features_per_layer,
             Provenance(
@@ -156,3 +156,11 @@ def load_tokenizer(path_or_id: str) -> Any:
         raise UserError(
             f"{path_or_id}: cannot load the tokenizer ({exc}); pass --tokenizer"
         ) from exc
+
+
+def _lens_vocabulary_size(lenses: dict[int, LogitLens]) -> int:
+    """Token ids the lens refers to (the unembedding may have more rows than tokens)."""
+    return 1 + max(
+        int(max(lens.top_ids.max(initial=0), lens.bottom_ids.max(initial=0)))
+        for lens in lenses.values()
+    )

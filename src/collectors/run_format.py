@@ -79,19 +79,23 @@ class CollectParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(20, description="top activating examples kept per feature")
-    n_random: int = Field(10, description="uniformly sampled activating examples per feature")
-    context_before: int = Field(50, description="tokens of context before the activating token")
-    context_after: int = Field(20, description="tokens of context after the activating token")
-    max_length: int = Field(1024, description="sequences are truncated to this many tokens")
-    batch_tokens: int = Field(8192, description="token budget of one forward batch")
-    n_negatives: int = Field(256, description="random corpus windows kept as detection negatives")
-    negative_window: int = Field(32, description="tokens per negative window")
-    logit_lens_k: int = Field(10, description="promoted and demoted tokens kept per feature")
-    n_quantiles: int = Field(
-        0, description="activation quantiles sampled per feature (0: none; 10: deciles)"
+    top_k: int = Field(20, ge=1, description="top activating examples kept per feature")
+    n_random: int = Field(10, ge=1, description="uniformly sampled activating examples per feature")
+    context_before: int = Field(
+        50, ge=0, description="tokens of context before the activating token"
     )
-    per_quantile: int = Field(5, description="examples kept from each quantile")
+    context_after: int = Field(20, ge=0, description="tokens of context after the activating token")
+    max_length: int = Field(1024, ge=1, description="sequences are truncated to this many tokens")
+    batch_tokens: int = Field(8192, ge=1, description="token budget of one forward batch")
+    n_negatives: int = Field(
+        256, ge=0, description="random corpus windows kept as detection negatives"
+    )
+    negative_window: int = Field(32, ge=1, description="tokens per negative window")
+    logit_lens_k: int = Field(10, ge=1, description="promoted and demoted tokens kept per feature")
+    n_quantiles: int = Field(
+        0, ge=0, description="activation quantiles sampled per feature (0: none; 10: deciles)"
+    )
+    per_quantile: int = Field(5, ge=1, description="examples kept from each quantile")
     lens_through_norm: bool = Field(
         False, description="logit lens applies the final norm to the decoder column first"
     )
@@ -99,7 +103,7 @@ class CollectParams(BaseModel):
     seed: int = Field(0, description="seed for the random sample and the negative windows")
     layers: list[int] | None = Field(None, description="layers collected; None means all")
     neurons: int | None = Field(
-        None, description="plain MLP neurons sampled per layer instead of adapter features"
+        None, ge=1, description="plain MLP neurons sampled per layer instead of adapter features"
     )
 
     @property

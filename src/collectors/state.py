@@ -31,6 +31,9 @@ class Fingerprint(BaseModel):
 
     adapter_hash: str
     corpus_hash: str
+    tokens_hash: str  # of the tokenized corpus: tokenizer, chat format and truncation
+    dtype: str
+    device_type: str
     unit: str
     params: CollectParams
     layers: list[int]
@@ -70,8 +73,10 @@ def save_state(folder: Path, meta: CollectState, accs: dict[int, LayerAccumulato
     tensors: dict[str, torch.Tensor] = {}
     for acc in accs.values():
         tensors.update(acc.tensors())
-    tmp = folder / f".{STATE_FILE}.tmp"
+    tmp = folder / f".{STATE_FILE}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={METADATA_KEY: meta.model_dump_json()})
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, folder / STATE_FILE)
 
 

@@ -161,8 +161,9 @@ def examples_frame(
     col, slot = np.nonzero(sample_pos[:, :n_random] != EMPTY_POS)
     parts.append(("random", acc.sample, col, slot, None, slot))
     if params.n_quantiles:
+        size = params.n_quantiles * params.per_quantile  # the smallest hash keys come first
         row, slot, quantile, rank = quantile_slots(
-            acc.sample.act.cpu().numpy(), sample_pos, params.n_quantiles
+            acc.sample.act.cpu().numpy()[:, :size], sample_pos[:, :size], params.n_quantiles
         )
         parts.append(("quantile", acc.sample, row, slot, quantile, rank))
     units = acc.units.cpu().numpy()
@@ -185,7 +186,7 @@ def examples_frame(
             )
         )
     if not frames:
-        return pl.DataFrame()
+        return pl.DataFrame(schema=EXAMPLES_SCHEMA)
     df = (
         pl.concat(frames)
         .with_columns(
@@ -196,7 +197,11 @@ def examples_frame(
         )
         .drop("_offset", "_length")
     )
-    return df.with_columns(tokens=token_strings(df["token_ids"], vocab)).select(EXAMPLE_COLUMNS)
+    return (
+        df.with_columns(tokens=token_strings(df["token_ids"], vocab))
+        .select(EXAMPLE_COLUMNS)
+        .cast(EXAMPLES_SCHEMA)
+    )
 
 
 def token_strings(token_ids: pl.Series, vocab: pl.Series) -> pl.Series:
@@ -210,11 +215,14 @@ def token_strings(token_ids: pl.Series, vocab: pl.Series) -> pl.Series:
     )
 
 
-EXAMPLE_COLUMNS = [
-    "feature_id", "layer", "index", "kind", "rank", "quantile", "activation", "sequence",
-    "position", "corpus_position", "domain", "region", "think_bin", "token_ids", "tokens",
-    "acts", "highlight",
-]  # fmt: skip
+EXAMPLES_SCHEMA = pl.Schema({  # type: ignore[arg-type]
+    "feature_id": pl.String, "layer": pl.Int32, "index": pl.Int32, "kind": pl.String,
+    "rank": pl.Int32, "quantile": pl.Int32, "activation": pl.Float32, "sequence": pl.Int64,
+    "position": pl.Int64, "corpus_position": pl.Int64, "domain": pl.String,
+    "region": pl.String, "think_bin": pl.Int8, "token_ids": pl.List(pl.Int64),
+    "tokens": pl.List(pl.String), "acts": pl.List(pl.Float32), "highlight": pl.Int32,
+})  # fmt: skip
+EXAMPLE_COLUMNS = list(EXAMPLES_SCHEMA)
 
 
 def _rows(

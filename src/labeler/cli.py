@@ -184,13 +184,21 @@ def collect(
     Long collections: --checkpoint-every N, then rerun the same command after a crash.
     Many GPUs: one `--shard i/n` job per GPU, then `labeler merge-runs` (docs/sharding.md).
     """
+    from pydantic import ValidationError
+
     from collectors.run_format import CollectParams
 
-    params = CollectParams(
-        max_length=max_length, batch_tokens=batch_tokens, top_k=top_k, n_random=n_random,
-        n_quantiles=n_quantiles, per_quantile=per_quantile, lens_through_norm=lens_through_norm,
-        chat_format=chat_format, layers=_layers(layers), seed=seed, neurons=neurons,
-    )  # fmt: skip
+    try:
+        params = CollectParams(
+            max_length=max_length, batch_tokens=batch_tokens, top_k=top_k, n_random=n_random,
+            n_quantiles=n_quantiles, per_quantile=per_quantile,
+            lens_through_norm=lens_through_norm, chat_format=chat_format,
+            layers=_layers(layers), seed=seed, neurons=neurons,
+        )  # fmt: skip
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = {"n_quantiles": "quantiles"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
     _collect(adapter_path, corpus_path, out, params, device, dtype, overwrite, shard,
              checkpoint_every, restart)  # fmt: skip
 
@@ -229,6 +237,11 @@ def _label(run_path: Path, judges: tuple[str, ...], sample: int | None, concurre
     from labeler.store import LabelStore
 
     run = RunData.open(run_path)
+    if not run.info.negatives_checked:
+        err_console.print(
+            f"note: {run_path} was imported ({run.info.source}); its detection negatives are "
+            "checked only against the features known active in them"
+        )
     built = [make_judge(name) for name in judges]  # unknown names fail before any work
     store = LabelStore(run_path / "labels.sqlite")
     try:

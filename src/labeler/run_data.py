@@ -47,8 +47,8 @@ class RunData:
         rows = (
             pl.scan_parquet(self.folder / EXAMPLES)
             .filter(pl.col("feature_id").is_in(wanted.implode()))
-            .select("feature_id", "kind", "rank", "activation", "tokens", "acts", "highlight",
-                    "domain", "region")
+            .select("feature_id", "kind", "rank", "quantile", "activation", "tokens", "acts",
+                    "highlight", "domain", "region")
             .collect()
         )  # fmt: skip
         out: dict[str, list[Example]] = {fid: [] for fid in feature_ids}

@@ -15,8 +15,9 @@ class Example(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="'top' or 'random'")
-    rank: int
+    kind: str = Field(description="'top', 'random' or 'quantile'")
+    rank: int = Field(description="order within the kind (within the quantile for 'quantile')")
+    quantile: int | None = Field(None, description="activation quantile, 0 lowest")
     activation: float
     tokens: list[str]
     acts: list[float]
@@ -53,7 +54,9 @@ class FeatureRecord(BaseModel):
     examples: list[Example]
 
     def of_kind(self, kind: str) -> list[Example]:
-        return sorted((e for e in self.examples if e.kind == kind), key=lambda e: e.rank)
+        """The examples of one kind in order (quantile samples: highest quantile first)."""
+        chosen = (e for e in self.examples if e.kind == kind)
+        return sorted(chosen, key=lambda e: (-(e.quantile or 0), e.rank))
 
 
 class Classification(BaseModel):
