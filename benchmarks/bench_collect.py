@@ -185,7 +185,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
-    for traces in (args.traces, 2 * args.traces):
+    for traces in args.memory_traces:
         command = [sys.executable, __file__, "--memory-child", "--traces", str(traces),
                    "--d-model", str(args.d_model), "--vocab", str(args.vocab)]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -206,13 +206,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-sequences", type=int, default=10)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--memory-traces",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[400, 1200],
+        help="corpus sizes (traces) of the peak-memory runs at 65,536 features",
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.memory_child:
         memory_child(args)
         return
-    report: dict[str, Any] = {"speed": speed(args)}
+    report: dict[str, Any] = {} if args.skip_speed else {"speed": speed(args)}
     if not args.skip_memory and not args.paper_shape:
         report["memory_65536_features"] = memory(args)
     print(json.dumps(report, indent=2))
