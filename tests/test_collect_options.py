@@ -165,3 +165,26 @@ def test_corpus_with_mixed_formats(collected: CollectedDemo, tmp_path: Path) -> 
                      "--out", out)  # fmt: skip
     assert_fails(result, f"{corpus}:4", "'text'", "line 1", "'conversations'")
     assert not out.exists()
+
+
+def test_unembedding_rows_beyond_the_tokenizer(collected: CollectedDemo, tmp_path: Path) -> None:
+    """Real models pad the unembedding past the tokenizer's vocabulary (Qwen2: 152,064
+    rows for 151,665 tokens); the logit lens names such rows instead of failing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(collected.paths.checkpoint)
+    shape = ModelShape(n_layers=2, d_model=64, intermediate=128, n_features=64,
+                       vocab_size=len(tokenizer) + 64)  # fmt: skip
+    ids = torch.tensor([tokenizer.encode("Wait, let me check: 3 * 5 = 15.")] * 2)
+    adapter = random_adapter(shape, ids, l0=4.0, seed=2)
+    with torch.no_grad():  # padding rows aligned with every decoder column: top of the lens
+        head = adapter.model.get_output_embeddings().weight
+        head[len(tokenizer) :] = adapter.decoder_columns(1).sum(1) * 100
+    folder = tmp_path / "ckpt"
+    save_adapter(adapter, tokenizer, folder)
+    out = tmp_path / "run"
+    result = labeler("collect", "--adapter", folder, "--corpus", collected.paths.corpus,
+                     "--out", out, "--layers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tops = pl.read_parquet(out / "features.parquet")["top_logits"].explode().to_list()
+    assert f"<id:{len(tokenizer)}>" in tops
