@@ -203,20 +203,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_adapter(
-    path_or_id: str, device: str = "auto", dtype: str = "auto"
-) -> tuple[AdapterModel, Any, Path]:
-    """Load a checkpoint in the paper's format: (adapter model, tokenizer, local folder)."""
+def load_causal_lm(folder: Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """A Hugging Face causal LM and its tokenizer from a local folder, in eval mode on
+    ``device``; the transcoder tensors of an adapter checkpoint are left out quietly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    folder = resolve_checkpoint(path_or_id)
-    config, raw = read_config(folder)
-    weights = load_layer_weights(folder, config)
-    if ARCHITECTURE not in raw.get("architectures", [ARCHITECTURE]):
-        log.info(
-            "%s: architectures is %s (not the paper's Qwen2)", folder, raw.get("architectures")
-        )
     torch_device = resolve_device(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class
@@ -229,7 +221,21 @@ def load_adapter(
         raise CheckpointError(f"{folder}: the model could not be loaded: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = model.to(torch_device).eval()
+    return model.to(torch_device).eval(), tokenizer
+
+
+def load_adapter(
+    path_or_id: str, device: str = "auto", dtype: str = "auto"
+) -> tuple[AdapterModel, Any, Path]:
+    """Load a checkpoint in the paper's format: (adapter model, tokenizer, local folder)."""
+    folder = resolve_checkpoint(path_or_id)
+    config, raw = read_config(folder)
+    weights = load_layer_weights(folder, config)
+    if ARCHITECTURE not in raw.get("architectures", [ARCHITECTURE]):
+        log.info(
+            "%s: architectures is %s (not the paper's Qwen2)", folder, raw.get("architectures")
+        )
+    model, tokenizer = load_causal_lm(folder, device, dtype)
     return attach_branch(model, config, weights), tokenizer, folder
 
 

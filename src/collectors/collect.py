@@ -18,11 +18,9 @@ import datetime as dt
 import fcntl
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,8 @@ from collectors.run_format import (
     STATE_DIR,
     CollectParams,
     RunInfo,
+    package_versions,
+    publish,
     write_run_info,
 )
 from collectors.source import FeatureSource
@@ -193,34 +193,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for dist in ("transcoder-labeler", "torch", "transformers", "polars"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def partial_folder(out: Path) -> Path:
     """Where a collection into ``out`` builds its folder and keeps its checkpoints."""
     return out.with_name(f".{out.name}.partial")
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move a finished staging folder into place (the old one only goes once the new is
-    complete)."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(trash)
-        staging.rename(out)
-        if trash.is_dir():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
-    else:
-        staging.rename(out)
 
 
 @dataclass(frozen=True)
@@ -286,7 +261,7 @@ def write_run(
         tokens_by_domain=coverage.tokens_by_domain(),
         tokens_by_region=coverage.tokens_by_region(),
         tokens_by_think_bin=coverage.tokens_by_think_bin(),
-        versions=versions(),
+        versions=package_versions(("transcoder-labeler", "torch", "transformers", "polars")),
     )
     write_run_info(staging, info)  # written last: its presence marks a complete folder
     return info

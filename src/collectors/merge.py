@@ -26,14 +26,13 @@ from collectors.collect import (
     Provenance,
     file_sha256,
     partial_folder,
-    publish,
     tokens_hash,
     vocabulary,
     write_run,
 )
 from collectors.corpus import TokenizedCorpus
 from collectors.errors import RunFolderError
-from collectors.run_format import FEATURES, STATE_DIR, RunInfo, read_run_info
+from collectors.run_format import FEATURES, STATE_DIR, RunInfo, publish, read_run_info
 from collectors.state import CollectState, load_accumulators, read_state_meta
 from collectors.tables import Coverage, LogitLens
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.branch import FeatureSink, decoder_layers, mlp_of, resolve_device, resolve_dtype
+from adapters.branch import FeatureSink, decoder_layers, load_causal_lm, mlp_of
 from adapters.checkpoint import resolve_checkpoint
 from adapters.errors import CheckpointError
 
@@ -113,23 +113,8 @@ def load_neuron_model(
 ) -> tuple[NeuronModel, Any, Path]:
     """Load any Hugging Face causal LM (an adapter checkpoint loads as its plain model,
     the branch left out) for the neuron baseline: (model, tokenizer, local folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     if n_per_layer <= 0:
         raise CheckpointError(f"--neurons {n_per_layer}: must be a positive number per layer")
     folder = resolve_checkpoint(path_or_id)
-    torch_device = resolve_device(device)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # an adapter checkpoint's branch tensors are "unexpected"
-    try:
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=resolve_dtype(dtype, torch_device)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: the model could not be loaded: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model = model.to(torch_device).eval()
+    model, tokenizer = load_causal_lm(folder, device, dtype)
     return NeuronModel(model, n_per_layer, seed), tokenizer, folder

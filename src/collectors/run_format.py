@@ -19,6 +19,9 @@ The columns of each table are documented in docs/run-format.md.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +179,28 @@ def read_run_info(folder: Path) -> RunInfo:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise RunFolderError(f"{path}: field '{field}': {first['msg']}") from exc
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished staging folder to ``out``; an old ``out`` goes only after that."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(trash)
+    staging.rename(out)
+    if trash.is_dir():
+        shutil.rmtree(trash)
+    else:
+        trash.unlink()
+
+
+def package_versions(dists: tuple[str, ...] = ("transcoder-labeler", "polars")) -> dict[str, str]:
+    """Installed versions of ``dists``, for provenance."""
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out

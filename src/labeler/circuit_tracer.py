@@ -67,12 +67,10 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -95,6 +93,8 @@ from collectors.run_format import (
     RunInfo,
     cantor_id,
     feature_id,
+    package_versions,
+    publish,
     read_run_info,
     write_run_info,
 )
@@ -248,30 +248,6 @@ def _staging(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out``; an old ``out`` goes only after that."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(trash)
-    staging.rename(out)
-    if trash.is_dir():
-        shutil.rmtree(trash)
-    else:
-        trash.unlink()
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("transcoder-labeler", "polars"):
-        try:
-            out[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else 0
 
@@ -325,7 +301,7 @@ def export_circuit_tracer(run_folder: Path, out: Path, overwrite: bool = False) 
             written += _write_layer(folder, int(str(layer)), group, rows, n_quantiles, run_folder)
         text = json.dumps(_export_metadata(info, features, written))
         (staging / METADATA_JSON).write_text(text, encoding="utf-8")
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -585,7 +561,7 @@ def import_circuit_tracer(src: Path, out: Path, overwrite: bool = False) -> RunI
         negatives.write_parquet(staging / NEGATIVES)
         info = _import_info(src, meta, imported, layers, n_features, domains, negatives)
         write_run_info(staging, info)  # last: its presence marks a complete folder
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -933,5 +909,5 @@ def _import_info(
         tokens_by_region={r: meta.tokens_per_region.get(r, 0) for r in REGIONS},
         tokens_by_think_bin={str(b): n for b, n in enumerate(bins)},
         negatives_checked=False,
-        versions=_versions(),
+        versions=package_versions(),
     )
