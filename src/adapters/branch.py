@@ -52,6 +52,21 @@ def mlp_of(model: Any, layer: int) -> nn.Module:
 FeatureSink = Callable[[int, torch.Tensor], None]
 
 
+def unembedding_of(model: Any) -> torch.Tensor:
+    """A causal LM's unembedding matrix [vocab, d_model] (for the logit lens)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise CheckpointError("the model has no output embeddings for the logit lens")
+    weight: torch.Tensor = head.weight
+    return weight
+
+
+def final_norm_of(model: Any) -> nn.Module | None:
+    """The norm a causal LM applies before its unembedding, where it has one."""
+    norm = getattr(model.get_decoder(), "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
 @dataclass
 class _BranchState:
     enabled: bool = True
@@ -89,11 +104,7 @@ class AdapterModel:
 
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix [vocab, d_model]."""
-        head = self.model.get_output_embeddings()
-        if head is None:
-            raise CheckpointError("the model has no output embeddings for the logit lens")
-        weight: torch.Tensor = head.weight
-        return weight
+        return unembedding_of(self.model)
 
     def set_enabled(self, enabled: bool) -> None:
         """Branch on (the adapter model) or off (the hybrid model)."""
@@ -115,9 +126,7 @@ class AdapterModel:
 
     def final_norm(self) -> nn.Module | None:
         """The norm applied before the unembedding, where the model has one."""
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        norm = getattr(decoder, "norm", None)
-        return norm if isinstance(norm, nn.Module) else None
+        return final_norm_of(self.model)
 
     @contextlib.contextmanager
     def recording(

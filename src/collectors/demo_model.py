@@ -37,6 +37,8 @@ from adapters.planted import (
     token_centroids,
     token_set_encoder,
 )
+from adapters.random_adapter import ModelShape
+from adapters.random_adapter import random_decoder as random_causal_lm
 from adapters.tiny_tokenizer import train_bpe_tokenizer
 from collectors.batching import make_batch, plan_batches
 from collectors.corpus import (
@@ -173,24 +175,15 @@ def _word_ids(tokenizer: Any) -> dict[str, list[int]]:
 
 
 def _tiny_qwen2(shape: DemoShape, vocab_size: int, seed: int) -> Any:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=shape.d_model,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.n_layers,
-        num_attention_heads=shape.n_heads,
-        num_key_value_heads=shape.n_kv_heads,
-        max_position_embeddings=2 * shape.max_length,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config)
+    decoder_shape = ModelShape(
+        arch="qwen2", n_layers=shape.n_layers, d_model=shape.d_model,
+        intermediate=shape.intermediate, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+        vocab_size=vocab_size, max_positions=2 * shape.max_length,
+    )  # fmt: skip
+    model = random_causal_lm(decoder_shape, seed)
     with torch.no_grad():  # token-dominated residual stream: see the module docstring
         embeddings: Any = model.get_input_embeddings()
         embeddings.weight.normal_(0.0, 1.0)
-    model.eval()
     return model
 
 

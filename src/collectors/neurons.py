@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.branch import FeatureSink, decoder_layers, load_causal_lm, mlp_of
+from adapters.branch import (
+    FeatureSink,
+    decoder_layers,
+    final_norm_of,
+    load_causal_lm,
+    mlp_of,
+    unembedding_of,
+)
 from adapters.checkpoint import resolve_checkpoint
 from adapters.errors import CheckpointError
 
@@ -77,15 +84,10 @@ class NeuronModel:
         return _down_proj(self.model, layer).weight[:, self._units[layer]]
 
     def unembedding(self) -> torch.Tensor:
-        head = self.model.get_output_embeddings()
-        if head is None:
-            raise CheckpointError("the model has no output embeddings for the logit lens")
-        weight: torch.Tensor = head.weight
-        return weight
+        return unembedding_of(self.model)
 
     def final_norm(self) -> nn.Module | None:
-        norm = getattr(self.model.get_decoder(), "norm", None)
-        return norm if isinstance(norm, nn.Module) else None
+        return final_norm_of(self.model)
 
     @contextlib.contextmanager
     def recording(self, layers: list[int], sink: FeatureSink | None = None) -> Iterator[None]:
