@@ -228,9 +228,18 @@ def merge_runs(shards: tuple[Path, ...], out: Path, corpus_path: Path | None,
     console.print(f"wrote {out}: {len(shards)} shards, {merged.n_tokens:,} tokens")
 
 
-def _label(run_path: Path, judges: tuple[str, ...], sample: int | None, concurrency: int,
-           seed: int) -> None:  # fmt: skip
+def _label(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample: int | None,
+    concurrency: int,
+    seed: int,
+    options: Any = None,
+    budget_usd: float | None = None,
+    dry_run: bool = False,
+) -> None:
     from labeler.judges import make_judge
+    from labeler.judges.pricing import load_prices
     from labeler.labeling import label_run
     from labeler.render import progress_bar
     from labeler.run_data import RunData
@@ -242,38 +251,205 @@ def _label(run_path: Path, judges: tuple[str, ...], sample: int | None, concurre
             f"note: {run_path} was imported ({run.info.source}); its detection negatives are "
             "checked only against the features known active in them"
         )
-    built = [make_judge(name) for name in judges]  # unknown names fail before any work
+    built = [make_judge(name, options) for name in judges]  # unknown names fail before work
+    prices = load_prices(options.prices if options is not None else None)
+    if dry_run:
+        _dry_run(run, built, sample, seed, prices)
+        return
+    for judge in built:
+        judge.preflight()
+        if budget_usd is not None and judge.calls_per_feature and prices.lookup(judge.name) is None:
+            raise UserError(
+                f"--budget-usd: no price for {judge.name}; add one with --prices FILE "
+                '({"prices": {"' + judge.name + '": {"input": ..., "cached_input": ..., '
+                '"output": ...}}}, dollars per million tokens)'
+            )
     store = LabelStore(run_path / "labels.sqlite")
+    remaining = budget_usd
     try:
         for judge in built:
             with progress_bar(console, f"labeling ({judge.name})", "features") as progress:
                 task = progress.add_task(f"labeling ({judge.name})", total=None)
                 report = label_run(
                     run, store, judge, sample_per_layer=sample, concurrency=concurrency,
-                    seed=seed,
+                    seed=seed, budget_usd=remaining,
                     on_start=lambda n, t=task: progress.update(t, total=n),  # type: ignore[misc]
                     on_result=lambda _ok, t=task: progress.advance(t),  # type: ignore[misc]
                 )  # fmt: skip
+            spent = "" if report.spent_usd is None else f"; spent ${report.spent_usd:,.4f}"
             console.print(
                 f"{judge.name}: {report.planned} planned, {report.skipped} already labeled, "
-                f"{report.labeled} labeled now, {report.failed} failed"
+                f"{report.labeled} labeled now, {report.failed} failed, "
+                f"{report.pending} pending{spent}"
             )
+            if remaining is not None and report.spent_usd is not None:
+                remaining = max(0.0, remaining - report.spent_usd)
+            if report.budget_reached:
+                console.print(
+                    f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features "
+                    f"started; rerun to continue (see `labeler status {run_path}`)"
+                )
+                break
     finally:
         store.close()
+
+
+def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
+    from labeler.accounting import estimate
+    from labeler.labeling import plan_features
+    from labeler.render import estimate_table
+    from labeler.store import LabelStore
+
+    planned = [fid for fid, _, _ in plan_features(run, sample, seed)]
+    store_path = run.folder / "labels.sqlite"
+    store = LabelStore(store_path) if store_path.exists() else None
+    try:
+        estimates = []
+        for judge in judges:
+            done = store.done(judge.name) if store is not None else set()
+            todo = [fid for fid in planned if fid not in done]
+            estimates.append(estimate(run, judge, todo, prices, store))
+    finally:
+        if store is not None:
+            store.close()
+    console.print(estimate_table(estimates))
+    console.print("dry run: nothing was sent and nothing was written")
 
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--judge", "judges", multiple=True, default=("heuristic",), show_default=True,
-              help="Judge name (repeat for an ensemble).")  # fmt: skip
+              help="heuristic, openai:MODEL, anthropic:MODEL or hf:PATH_OR_ID; repeat for an "
+                   "ensemble (each judge labels the same features).")  # fmt: skip
 @click.option("--sample-per-layer", type=int, default=None,
               help="Label N random alive features per layer (default: all alive).")  # fmt: skip
-@click.option("--concurrency", default=8, show_default=True, help="Features judged at once.")
+@click.option("--concurrency", default=8, show_default=True,
+              help="Model requests in flight per judge.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
-def label(run_path: Path, judges: tuple[str, ...], sample_per_layer: int | None,
-          concurrency: int, seed: int) -> None:  # fmt: skip
-    """Label the features of a run; a re-run labels only what is missing or failed."""
-    _label(run_path, judges, sample_per_layer, concurrency, seed)
+@click.option("--dry-run", is_flag=True,
+              help="Print calls, tokens and dollars it would take; send nothing.")  # fmt: skip
+@click.option(
+    "--budget-usd",
+    type=float,
+    default=None,
+    help="Start no new feature once this run of the command has spent this much.",
+)
+@click.option("--base-url", default=None,
+              help="OpenAI-compatible server for openai: judges (vLLM, SGLang, Ollama); "
+                   "default $OPENAI_BASE_URL or OpenAI.")  # fmt: skip
+@click.option("--openai-api", type=click.Choice(["responses", "chat"]), default=None,
+              help="OpenAI API [default: responses; chat with --base-url].")  # fmt: skip
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=60.0,
+    show_default=True,
+    help="Seconds per model call before it counts as failed (and is retried).",
+)
+@click.option("--max-attempts", default=6, show_default=True,
+              help="Calls per request on 429, 5xx and timeouts (backoff with jitter, "
+                   "Retry-After honoured).")  # fmt: skip
+@click.option(
+    "--logprobs",
+    is_flag=True,
+    help="Ask chat models for token log probabilities (a detection AUROC).",
+)
+@click.option("--n-examples", default=10, show_default=True,
+              help="Top examples shown to the explainer and the classifier.")  # fmt: skip
+@click.option(
+    "--max-output-tokens",
+    type=int,
+    default=None,
+    help="Output token limit per call (reasoning models need room to think).",
+)
+@click.option(
+    "--prices",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON price table overriding the packaged one (or $LABELER_PRICES).",
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              show_default=True, help="For hf: judges.")  # fmt: skip
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16"]),
+              show_default=True, help="For hf: judges.")  # fmt: skip
+def label(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample_per_layer: int | None,
+    concurrency: int,
+    seed: int,
+    dry_run: bool,
+    budget_usd: float | None,
+    base_url: str | None,
+    openai_api: str | None,
+    timeout_s: float,
+    max_attempts: int,
+    logprobs: bool,
+    n_examples: int,
+    max_output_tokens: int | None,
+    prices: Path | None,
+    device: str,
+    dtype: str,
+) -> None:
+    """Label the features of a run; a re-run labels only what is missing or failed.
+
+    \b
+    Keys come from OPENAI_API_KEY and ANTHROPIC_API_KEY and are never stored.
+    Examples:
+      labeler label RUN --judge openai:gpt-5-mini --sample-per-layer 250 --dry-run
+      labeler label RUN --judge anthropic:claude-haiku-4-5 --budget-usd 20
+      labeler label RUN --judge openai:Qwen/Qwen2.5-7B-Instruct --base-url http://gpu:8000/v1
+      labeler label RUN --judge heuristic --judge openai:gpt-5-mini   (an ensemble)
+    """
+    from pydantic import ValidationError
+
+    from labeler.judges.base import JudgeOptions
+
+    if concurrency < 1:
+        raise UserError("--concurrency: must be at least 1")
+    if budget_usd is not None and budget_usd <= 0:
+        raise UserError("--budget-usd: must be positive")
+    api = openai_api or ("chat" if base_url else "responses")
+    try:
+        options = JudgeOptions(
+            base_url=base_url, openai_api=api, timeout_s=timeout_s, max_attempts=max_attempts,
+            logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
+            device=device, dtype=dtype, prices=prices, seed=seed,
+        )  # fmt: skip
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = {"timeout_s": "timeout"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
+    _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_path: Path, as_json: bool) -> None:
+    """Per judge: labeled, failed (by reason), pending; tokens and cost."""
+    import json
+
+    from collectors.run_format import read_run_info
+    from labeler.accounting import run_status
+    from labeler.render import status_table
+    from labeler.store import LabelStore
+
+    read_run_info(run_path)
+    store_path = run_path / "labels.sqlite"
+    if not store_path.exists():
+        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
+    store = LabelStore(store_path)
+    try:
+        statuses = run_status(store)
+        n_planned = len(store.planned())
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([s.model_dump() for s in statuses], indent=2))
+        return
+    console.print(f"{run_path}: {n_planned:,} features planned")
+    console.print(status_table(statuses))
 
 
 def _summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> Any:

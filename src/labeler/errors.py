@@ -1,6 +1,9 @@
 """Errors of the labeling side; all are ``UserError`` so the CLI reports them plainly."""
 
+from __future__ import annotations
+
 from adapters.errors import UserError
+from labeler.schemas import Usage
 
 
 class UnknownJudgeError(UserError):
@@ -8,8 +11,15 @@ class UnknownJudgeError(UserError):
 
 
 class JudgeFailure(Exception):
-    """A judgment that could not be made; ``reason`` is stored with the failure."""
+    """A judgment that could not be made. ``reason`` ("KIND: detail", e.g.
+    "invalid_reply: classify: ...") is stored with the failure; ``usage`` is what the
+    attempt still cost, per stage."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, usage: dict[str, Usage] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.usage = usage or {}
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]

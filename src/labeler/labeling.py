@@ -1,15 +1,17 @@
-"""Planning which features to label and labeling them with a local concurrent executor.
+"""Planning which features to label and labeling them with the local executor.
 
-``label_feature`` is the pure unit of work (one feature, one judge); executors only decide
-where it runs. The driver alone writes to the store, as each result arrives, so an
-interrupted labeling keeps every finished judgment and a re-run does only what is missing.
+``label_feature`` is the unit of work (one feature, one judge); executors only decide
+where it runs. The local executor is one asyncio loop: judges' model calls overlap up
+to a request limit, and the loop alone writes to the store as each result arrives, so
+an interrupted labeling keeps every finished judgment and a re-run does only what is
+missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +45,13 @@ def plan_features(
     return planned
 
 
-def label_feature(run: RunData, judge: Judge, record: FeatureRecord, seed: int) -> Judgment:
+async def label_feature(run: RunData, judge: Judge, record: FeatureRecord, seed: int) -> Judgment:
     """One judgment: negatives checked to be non-activating, then the judge."""
     negatives = {
         kind: run.negative_snippets(record, N_NEGATIVES, seed + offset)
         for offset, kind in enumerate(("top", "random"))
     }
-    return judge.judge(record, negatives)
+    return await judge.judge(record, negatives)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class LabelReport:
     skipped: int
     labeled: int
     failed: int
+    pending: int = 0
+    spent_usd: float | None = 0.0
+    budget_reached: bool = False
 
 
 def _records(run: RunData, todo: list[str]) -> Iterator[FeatureRecord]:
@@ -72,44 +77,97 @@ def label_run(
     sample_per_layer: int | None = None,
     concurrency: int = 8,
     seed: int = 0,
+    budget_usd: float | None = None,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[bool], None] | None = None,
 ) -> LabelReport:
-    """Label every planned feature that ``judge`` has not labeled successfully yet."""
+    """Label every planned feature that ``judge`` has not labeled successfully yet, with
+    at most ``concurrency`` model requests in flight; with ``budget_usd``, start no new
+    feature once this labeling has spent that much (the rest stays pending)."""
+    return asyncio.run(
+        label_run_async(
+            run, store, judge, sample_per_layer, concurrency, seed, budget_usd, on_start, on_result
+        )
+    )
+
+
+async def label_run_async(
+    run: RunData,
+    store: LabelStore,
+    judge: Judge,
+    sample_per_layer: int | None = None,
+    concurrency: int = 8,
+    seed: int = 0,
+    budget_usd: float | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[bool], None] | None = None,
+) -> LabelReport:
     store.add_planned(plan_features(run, sample_per_layer, seed))
     planned = [fid for fid, _, _ in store.planned()]
     done = store.done(judge.name)
     todo = [fid for fid in planned if fid not in done]
     if on_start is not None:
         on_start(len(todo))
-    _ = run.negatives  # read once here, not concurrently by the workers
-    labeled = failed = 0
+    _ = run.negatives  # read once here
+    judge.limit_requests(concurrency)
+    # As many features as requests: a feature has up to three calls in flight at once, so
+    # the request limit stays the binding one.
+    slots = asyncio.Semaphore(concurrency)
+    labeled = failed = started = 0
+    spent: float | None = 0.0
+    budget_reached = False
 
-    def finish(future: Future[Judgment], record: FeatureRecord) -> None:
+    def charge(cost: float | None) -> None:
+        nonlocal spent  # None once any cost is unknown (a model without a price)
+        spent = None if spent is None or cost is None else spent + cost
+
+    async def one(record: FeatureRecord) -> None:
         nonlocal labeled, failed
+        ok = False
         try:
-            store.put_ok(future.result())
+            judgment = await label_feature(run, judge, record, seed)
+            store.put_ok(judgment)
+            charge(judgment.cost_usd)
             labeled += 1
+            ok = True
         except JudgeFailure as exc:
-            store.put_failure(record.feature_id, judge.name, exc.reason, judge.prompt_hash)
+            cost = _failure_cost(judge, exc)
+            store.put_failure(record.feature_id, judge.name, exc.reason, judge.prompt_hash,
+                              exc.usage, cost)  # fmt: skip
+            charge(cost)
             failed += 1
         except Exception as exc:  # recorded with its reason, never dropped
             log.exception("%s: judge %s raised", record.feature_id, judge.name)
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = f"error: {type(exc).__name__}: {exc}"
             store.put_failure(record.feature_id, judge.name, reason, judge.prompt_hash)
             failed += 1
+        finally:
+            slots.release()
         if on_result is not None:
-            on_result(future.exception() is None)
+            on_result(ok)
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending: dict[Future[Judgment], FeatureRecord] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    try:
         for record in _records(run, todo):
-            pending[pool.submit(label_feature, run, judge, record, seed)] = record
-            if len(pending) >= 4 * concurrency:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    finish(future, pending.pop(future))
-        for future in list(pending):
-            wait([future])
-            finish(future, pending.pop(future))
-    return LabelReport(len(planned), len(done), labeled, failed)
+            await slots.acquire()
+            if budget_usd is not None and spent is not None and spent >= budget_usd:
+                slots.release()
+                budget_reached = True
+                break
+            started += 1
+            task = asyncio.create_task(one(record))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        await judge.aclose()
+    return LabelReport(
+        planned=len(planned), skipped=len(done), labeled=labeled, failed=failed,
+        pending=len(todo) - started, spent_usd=spent, budget_reached=budget_reached,
+    )  # fmt: skip
+
+
+def _failure_cost(judge: Judge, failure: JudgeFailure) -> float | None:
+    cost = getattr(judge, "cost", None)
+    return cost(failure.usage) if cost is not None else 0.0

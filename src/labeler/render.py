@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from labeler.accounting import Estimate, JudgeStatus
 from labeler.ground_truth import GroundTruthReport
 from labeler.summarize import Share, Summary
 
@@ -69,6 +70,10 @@ def summary_tables(summary: Summary) -> list[Table | str]:
         )
         for reason, n in summary.failures_by_reason.items():
             head += f"\n  failed ({n}): {reason}"
+    if summary.cost_usd:
+        head += f"\ncost {_dollars(summary.cost_usd)}"
+        if summary.cost_per_labeled_usd is not None:
+            head += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled feature)"
     out: list[Table | str] = [head]
     for title, shares in (
         ("category", summary.by_category),
@@ -114,3 +119,41 @@ def ground_truth_table(report: GroundTruthReport) -> list[Table | str]:
         acc = report.accuracy_by_category.get(planted, 0.0)
         table.add_row(planted, *(str(row.get(j, 0)) for j in judged), f"{acc:.1%}")
     return [head, table]
+
+
+def _dollars(value: float | None) -> str:
+    return "unknown price" if value is None else f"${value:,.4f}"
+
+
+def status_table(statuses: list[JudgeStatus]) -> Table:
+    table = Table(title="labels by judge", title_justify="left")
+    for column in ("judge", "labeled", "failed", "pending", "calls", "tokens in",
+                   "cached", "tokens out", "cost", "per labeled"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "judge" else "right",
+                         no_wrap=column == "judge")  # fmt: skip
+    for s in statuses:
+        u = s.usage
+        table.add_row(
+            s.judge, f"{s.labeled:,}", f"{s.failed:,}", f"{s.pending:,}", f"{u.calls:,}",
+            f"{u.input_tokens + u.cache_write_tokens:,}", f"{u.cached_tokens:,}",
+            f"{u.output_tokens:,}", _dollars(s.cost_usd), _dollars(s.cost_per_labeled_usd),
+        )  # fmt: skip
+        for kind, n in s.failed_by_kind.items():
+            table.add_row(f"  failed: {kind}", "", f"{n:,}", "", "", "", "", "", "", "")
+    return table
+
+
+def estimate_table(estimates: list[Estimate]) -> Table:
+    table = Table(title="estimate (nothing sent)", title_justify="left")
+    for column in ("judge", "features", "calls", "tokens in", "of them cached", "tokens out",
+                   "dollars"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "judge" else "right",
+                         no_wrap=column == "judge")  # fmt: skip
+    for e in estimates:
+        out = f"{e.output_tokens:,}" + ("" if e.output_measured else " (typical)")
+        table.add_row(
+            e.judge, f"{e.features:,}", f"{e.calls:,}",
+            f"{e.input_tokens + e.cached_tokens:,}", f"{e.cached_tokens:,}", out,
+            _dollars(e.cost_usd),
+        )  # fmt: skip
+    return table

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prompts import Category, Confidence, DomainType, Mechanism, load_taxonomy
 
-JUDGMENT_SCHEMA_VERSION = 1
+JUDGMENT_SCHEMA_VERSION = 2
 CATALOG_SCHEMA_VERSION = 1
 
 
@@ -99,6 +99,34 @@ class DetectionScore(BaseModel):
     recall: float
     n_positive: int
     n_negative: int
+    auroc: float | None = Field(
+        None, description="from the judge's probability of 'active', where the backend yields one"
+    )
+
+
+class Usage(BaseModel):
+    """Tokens that calls used, as the provider reported them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calls: int = 0
+    input_tokens: int = Field(0, description="input tokens not read from or written to a cache")
+    cached_tokens: int = Field(0, description="input tokens read from the provider's cache")
+    cache_write_tokens: int = Field(0, description="input tokens written to the cache")
+    output_tokens: int = Field(0, description="output tokens, reasoning tokens included")
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            calls=self.calls + other.calls,
+            input_tokens=self.input_tokens + other.input_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+    @property
+    def total_input(self) -> int:
+        return self.input_tokens + self.cached_tokens + self.cache_write_tokens
 
 
 class Judgment(BaseModel):
@@ -114,3 +142,7 @@ class Judgment(BaseModel):
     detection: DetectionScore
     detection_by_set: dict[str, DetectionScore]
     classification: Classification
+    usage: dict[str, Usage] = Field(
+        default_factory=dict, description="tokens per stage: explain, detect, classify"
+    )
+    cost_usd: float | None = Field(None, description="None where the model has no price")

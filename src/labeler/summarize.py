@@ -8,6 +8,7 @@ from collections import Counter
 from pydantic import BaseModel
 
 from adapters.errors import UserError
+from labeler.accounting import judge_status
 from labeler.store import LabelStore
 from prompts import CATEGORIES
 
@@ -49,6 +50,13 @@ class Summary(BaseModel):
     by_mechanism: dict[str, Share]
     by_domain_type: dict[str, Share]
     by_layer: dict[str, dict[str, int]]
+    cost_usd: float | None = None
+    cost_per_labeled_usd: float | None = None
+
+
+def reason_group(reason: str | None) -> str:
+    """A failure's kind and stage ("invalid_reply: classify"), without the detail."""
+    return ":".join((reason or "unknown").split(":")[:2]).strip()
 
 
 def pick_judge(store: LabelStore, judge: str | None) -> str:
@@ -85,6 +93,7 @@ def summarize(store: LabelStore, run_name: str, judge: str | None = None) -> Sum
         ] += 1
     n_reasoning = cats["reasoning"]
     n_all = len(planned)
+    status = judge_status(store, judge, n_all)
     return Summary(
         run=run_name,
         judge=judge,
@@ -93,7 +102,9 @@ def summarize(store: LabelStore, run_name: str, judge: str | None = None) -> Sum
         n_failed=n_failed,
         n_unlabeled=n_unlabeled,
         failures_by_reason=dict(
-            Counter(s.reason or "" for s in stored.values() if s.status == "failed")
+            Counter(
+                reason_group(s.reason) for s in stored.values() if s.status == "failed"
+            ).most_common()
         ),
         reasoning=wilson(n_reasoning, n_labeled),
         reasoning_if_missing_counted=(
@@ -108,6 +119,8 @@ def summarize(store: LabelStore, run_name: str, judge: str | None = None) -> Sum
             layer: {c: counts[c] for c in CATEGORIES}
             for layer, counts in sorted(by_layer.items(), key=lambda kv: int(kv[0]))
         },
+        cost_usd=status.cost_usd,
+        cost_per_labeled_usd=status.cost_per_labeled_usd,
     )
 
 

@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Literal
 
 Category = Literal["reasoning", "domain", "language", "uninterpretable"]
+Subcategory = Literal[
+    "hesitation", "self_correction", "verification", "planning", "answer_template", "other"
+]
 Mechanism = Literal["output", "input_simple", "input_abstract"]
 DomainType = Literal["math", "science", "code"]
 Confidence = Literal["high", "medium", "low"]
 
 CATEGORIES: tuple[Category, ...] = ("reasoning", "domain", "language", "uninterpretable")
+SUBCATEGORIES: tuple[Subcategory, ...] = (
+    "hesitation",
+    "self_correction",
+    "verification",
+    "planning",
+    "answer_template",
+    "other",
+)
 MECHANISMS: tuple[Mechanism, ...] = ("output", "input_simple", "input_abstract")
 DOMAIN_TYPES: tuple[DomainType, ...] = ("math", "science", "code")
 CONFIDENCES: tuple[Confidence, ...] = ("high", "medium", "low")
@@ -75,6 +87,29 @@ def content_hash(*names: str) -> str:
 
 def taxonomy_hash() -> str:
     return content_hash("taxonomy.json")
+
+
+TEMPLATES = (
+    "system",
+    "explain",
+    "detect",
+    "classify",
+    "likelihood_detect",
+    "likelihood_classify",
+)
+
+
+@cache
+def load_template(name: str) -> string.Template:
+    """A prompt template (``templates/NAME.txt``) with ``$placeholders``."""
+    if name not in TEMPLATES:
+        raise KeyError(f"no prompt template {name!r}; templates: {', '.join(TEMPLATES)}")
+    return string.Template(_read_text(f"templates/{name}.txt"))
+
+
+def prompt_hash() -> str:
+    """The content hash of the taxonomy and every template: stored on each LLM judgment."""
+    return content_hash("taxonomy.json", *(f"templates/{name}.txt" for name in TEMPLATES))
 
 
 def normalize_token(text: str) -> str:

@@ -1,14 +1,19 @@
 """The judge interface and the registry that builds judges from plain names.
 
-A judge name is ``BACKEND`` or ``BACKEND:MODEL`` (``heuristic``, later ``openai:gpt-5-mini``);
-a Celery payload can carry it as a string. Backends register a factory under their
-prefix; a second registration of the same prefix is refused.
+A judge name is ``BACKEND`` or ``BACKEND:MODEL``: ``heuristic``, ``openai:gpt-5-mini``,
+``anthropic:claude-haiku-4-5``, ``hf:/models/Qwen2.5-7B-Instruct``. Together with
+:class:`JudgeOptions` (plain, serializable settings) it is all a worker needs to build
+the same judge. Backends register a factory under their prefix; a second registration
+of the same prefix is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.errors import UnknownJudgeError
 from labeler.schemas import FeatureRecord, Judgment, Snippet
@@ -20,14 +25,46 @@ class Judge(Protocol):
 
     name: str
     prompt_hash: str
+    calls_per_feature: int
 
-    def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
+    async def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
         """``negatives`` maps each detection set ('top', 'random') to checked
         non-activating snippets."""
         ...
 
+    def limit_requests(self, n: int) -> None:
+        """At most ``n`` model requests in flight (inside the running event loop)."""
+        ...
 
-JudgeFactory = Callable[[str], Judge]
+    def preflight(self) -> None:
+        """Raise ``UserError`` if the judge cannot work (no key, no model), before any work."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class JudgeOptions(BaseModel):
+    """Settings shared by the judges of one labeling; no secrets (keys come from the
+    environment where the judge runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(None, description="OpenAI-compatible server for openai: judges")
+    openai_api: Literal["responses", "chat"] = Field(
+        "responses", description="OpenAI API; OpenAI-compatible servers mostly serve 'chat'"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="per call")
+    max_attempts: int = Field(6, ge=1, description="calls per request, retries included")
+    logprobs: bool = Field(False, description="ask for token log probabilities (AUROC)")
+    n_examples: int = Field(10, ge=1, le=50, description="top examples shown to the model")
+    max_output_tokens: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="hf: judges: auto, cpu or cuda")
+    dtype: str = Field("auto", description="hf: judges: auto, float32 or bfloat16")
+    prices: Path | None = Field(None, description="price table overriding the packaged one")
+    seed: int = 0
+
+
+JudgeFactory = Callable[[str, JudgeOptions], Judge]
 _BACKENDS: dict[str, JudgeFactory] = {}
 
 
@@ -38,16 +75,20 @@ def register_backend(prefix: str, factory: JudgeFactory) -> None:
 
 
 def _ensure_builtins() -> None:
-    if "heuristic" not in _BACKENDS:
-        from labeler.judges.heuristic import HeuristicJudge
+    if "heuristic" in _BACKENDS:
+        return
+    from labeler.judges.factories import anthropic_judge, heuristic_judge, hf_judge, openai_judge
 
-        register_backend("heuristic", HeuristicJudge.from_name)
+    register_backend("heuristic", heuristic_judge)
+    register_backend("openai", openai_judge)
+    register_backend("anthropic", anthropic_judge)
+    register_backend("hf", hf_judge)
 
 
-def make_judge(name: str) -> Judge:
+def make_judge(name: str, options: JudgeOptions | None = None) -> Judge:
     _ensure_builtins()
     prefix = name.split(":", 1)[0]
     if prefix not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise UnknownJudgeError(f"unknown judge {name!r}; known judge backends: {known}")
-    return _BACKENDS[prefix](name)
+    return _BACKENDS[prefix](name, options or JudgeOptions())

@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from labeler.judges import metrics
+from labeler.judges.prompting import SNIPPET_AFTER, SNIPPET_BEFORE
 from labeler.schemas import (
     Classification,
     DetectionScore,
@@ -47,8 +49,6 @@ DOMAIN_SHARE = 0.9
 DOMAIN_ENRICHMENT = 1.2
 OUTLIER_RATIO = 1.5
 N_POSITIVES = 5
-SNIPPET_BEFORE = 20
-SNIPPET_AFTER = 11
 
 
 @dataclass(frozen=True)
@@ -90,22 +90,10 @@ def _window(example: Example) -> list[str]:
 
 
 def detection_score(pattern: list[str], snippets: list[Snippet]) -> DetectionScore:
+    """A snippet is predicted active when it holds a pattern token."""
     wanted = set(pattern)
-    tp = fp = tn = fn = 0
-    for snippet in snippets:
-        predicted = any((normalize_token(t) or t) in wanted for t in snippet.tokens)
-        if snippet.activating:
-            tp, fn = tp + predicted, fn + (not predicted)
-        else:
-            fp, tn = fp + predicted, tn + (not predicted)
-    n = tp + fp + tn + fn
-    return DetectionScore(
-        accuracy=(tp + tn) / n if n else 0.0,
-        precision=tp / (tp + fp) if tp + fp else 0.0,
-        recall=tp / (tp + fn) if tp + fn else 0.0,
-        n_positive=tp + fn,
-        n_negative=tn + fp,
-    )
+    predicted = [any((normalize_token(t) or t) in wanted for t in s.tokens) for s in snippets]
+    return metrics.detection_score([s.activating for s in snippets], predicted)
 
 
 def _confidence(share: float) -> str:
@@ -119,17 +107,24 @@ def _quote(tokens: list[str]) -> str:
 class HeuristicJudge:
     """Token statistics and the taxonomy's cue words; see the module docstring."""
 
+    calls_per_feature = 0
+
     def __init__(self, name: str = "heuristic", taxonomy: Taxonomy | None = None) -> None:
         self.name = name
         self.taxonomy = taxonomy or load_taxonomy()
         self.cues = self.taxonomy.cue_index()
         self.prompt_hash = taxonomy_hash()
 
-    @classmethod
-    def from_name(cls, name: str) -> HeuristicJudge:
-        return cls(name)
+    def limit_requests(self, n: int) -> None:
+        """No requests: nothing to limit."""
 
-    def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
+    def preflight(self) -> None:
+        """Always ready."""
+
+    async def aclose(self) -> None:
+        """Holds nothing."""
+
+    async def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
         votes = activating_votes(feature)
         pattern = pattern_of(votes)
         classification = self.classify(feature, votes)
@@ -152,6 +147,7 @@ class HeuristicJudge:
             detection=detection_score(pattern, pooled),
             detection_by_set=by_set,
             classification=classification,
+            cost_usd=0.0,
         )
 
     def explain(

@@ -1,0 +1,170 @@
+"""What a labeling did and what it cost (``labeler status``), and what one would cost
+before it runs (``labeler label --dry-run``)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from pydantic import BaseModel
+
+from labeler.judges import Judge
+from labeler.judges.llm_judge import LLMJudge
+from labeler.judges.pricing import PriceTable
+from labeler.judges.prompting import (
+    classify_prompt,
+    detect_prompt,
+    detection_snippets,
+    explain_prompt,
+)
+from labeler.run_data import RunData
+from labeler.schemas import Snippet, Usage
+from labeler.store import LabelStore
+
+CHARS_PER_TOKEN = 4.0
+ESTIMATE_SAMPLE = 20
+MEASURED_MIN = 5
+# Output tokens per call when nothing has been measured yet (a non-reasoning model).
+DEFAULT_OUTPUT_TOKENS = {"explain": 30, "detect": 40, "classify": 80}
+PLACEHOLDER_EXPLANATION = " ".join(["word"] * 15)
+
+
+class JudgeStatus(BaseModel):
+    judge: str
+    planned: int
+    labeled: int
+    failed: int
+    pending: int
+    failed_by_kind: dict[str, int]
+    usage: Usage
+    usage_by_stage: dict[str, Usage]
+    cost_usd: float | None
+    cost_per_labeled_usd: float | None
+
+
+def judge_status(store: LabelStore, judge: str, n_planned: int) -> JudgeStatus:
+    rows = store.accounting(judge)
+    labeled = sum(1 for status, *_ in rows if status == "ok")
+    failed_kinds = Counter(
+        (reason or "unknown").split(":", 1)[0] for status, reason, *_ in rows if status == "failed"
+    )
+    by_stage: dict[str, Usage] = {}
+    costs: list[float | None] = []
+    for _status, _reason, usage, cost in rows:
+        for stage, u in usage.items():
+            by_stage[stage] = by_stage.get(stage, Usage()) + u
+        costs.append(cost)
+    known = [c for c in costs if c is not None]
+    total = sum(known) if known or not costs else None
+    failed = sum(failed_kinds.values())
+    return JudgeStatus(
+        judge=judge,
+        planned=n_planned,
+        labeled=labeled,
+        failed=failed,
+        pending=max(0, n_planned - labeled - failed),
+        failed_by_kind=dict(failed_kinds.most_common()),
+        usage=sum(by_stage.values(), Usage()),
+        usage_by_stage=by_stage,
+        cost_usd=total,
+        cost_per_labeled_usd=total / labeled if total is not None and labeled else None,
+    )
+
+
+def run_status(store: LabelStore) -> list[JudgeStatus]:
+    n_planned = len(store.planned())
+    return [judge_status(store, judge, n_planned) for judge in store.judges()]
+
+
+class Estimate(BaseModel):
+    """Calls, tokens and dollars a labeling would take."""
+
+    judge: str
+    features: int
+    calls: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    output_measured: bool
+
+
+def _tokens(text: str) -> int:
+    return round(len(text) / CHARS_PER_TOKEN)
+
+
+def _measured_output(store: LabelStore | None, judge: str) -> dict[str, float] | None:
+    """Mean output tokens per call and stage of this judge's earlier judgments."""
+    if store is None:
+        return None
+    rows = [usage for status, _, usage, _ in store.accounting(judge) if status == "ok" and usage]
+    if len(rows) < MEASURED_MIN:
+        return None
+    out: dict[str, float] = {}
+    for stage in DEFAULT_OUTPUT_TOKENS:
+        per_call = [u[stage].output_tokens / u[stage].calls for u in rows if u.get(stage)]
+        if per_call:
+            out[stage] = statistics.fmean(per_call)
+    return out
+
+
+def estimate(
+    run: RunData,
+    judge: Judge,
+    feature_ids: list[str],
+    prices: PriceTable,
+    store: LabelStore | None = None,
+) -> Estimate:
+    """Render the prompts of up to 20 of the features and extrapolate: input tokens at
+    about 4 characters a token, the shared instructions read from the prompt cache after
+    the first call; output tokens as measured on this judge's earlier judgments in the
+    store, else typical values of a non-reasoning model."""
+    n = len(feature_ids)
+    calls_per_feature = judge.calls_per_feature
+    if not isinstance(judge, LLMJudge) or n == 0:
+        return Estimate(judge=judge.name, features=n, calls=n * calls_per_feature,
+                        input_tokens=0, cached_tokens=0, output_tokens=0, cost_usd=0.0,
+                        output_measured=False)  # fmt: skip
+    settings = judge.settings
+    sample = run.records(feature_ids[:ESTIMATE_SAMPLE])
+    user_tokens: list[int] = []
+    system_tokens = 0
+    for record in sample:
+        negatives = [Snippet(tokens=list(t), activating=False) for t in run.negatives["tokens"][:5]]
+        prompts = [
+            explain_prompt(record, settings.n_examples),
+            classify_prompt(record, settings.n_examples, settings.n_logits),
+        ] + [
+            detect_prompt(
+                PLACEHOLDER_EXPLANATION,
+                detection_snippets(record.of_kind(kind)[: settings.n_positives], negatives, 0),
+            )
+            for kind in ("top", "random")
+        ]
+        system_tokens = _tokens(prompts[0].system)
+        user_tokens.append(sum(_tokens(p.user) for p in prompts))
+    calls = n * calls_per_feature
+    measured = _measured_output(store, judge.name)
+    per_stage = measured or {k: float(v) for k, v in DEFAULT_OUTPUT_TOKENS.items()}
+    output_per_feature = (
+        per_stage.get("explain", 0)
+        + 2 * per_stage.get("detect", 0)
+        + (per_stage.get("classify", 0))
+    )
+    cached = system_tokens * max(0, calls - 1)
+    usage = Usage(
+        calls=calls,
+        input_tokens=round(statistics.fmean(user_tokens) * n) + system_tokens,
+        cached_tokens=cached,
+        output_tokens=round(output_per_feature * n),
+    )
+    return Estimate(
+        judge=judge.name,
+        features=n,
+        calls=calls,
+        input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens,
+        output_tokens=usage.output_tokens,
+        cost_usd=prices.cost(judge.name, usage),
+        output_measured=measured is not None,
+    )

@@ -1,0 +1,121 @@
+"""``anthropic:MODEL``: the official Anthropic SDK, Messages API, with structured output
+through a forced tool whose input schema is the reply's JSON schema.
+
+The shared instructions go in a system block marked ``cache_control: ephemeral``, so
+every call after the first reads them from Anthropic's prompt cache (when they are
+long enough for the model's minimum cacheable prefix). The key comes from
+``ANTHROPIC_API_KEY``; ``ANTHROPIC_BASE_URL`` is honoured by the SDK.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters.errors import UserError
+from labeler.judges.api_errors import backend_error
+from labeler.judges.backend import InvalidReply, Prompt, Refused, Reply, T
+from labeler.judges.client_pool import ClientPool
+from labeler.judges.replies import strict_json_schema, validation_reason
+from labeler.schemas import Usage
+
+KEY_ENV = "ANTHROPIC_API_KEY"
+BASE_URL_ENV = "ANTHROPIC_BASE_URL"
+TOOL_NAME = "record_answer"
+DEFAULT_MAX_TOKENS = 1024
+
+
+class AnthropicBackend:
+    provider = "anthropic"
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        max_output_tokens: int | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.base_url = base_url
+        self.timeout = timeout
+        self.max_tokens = max_output_tokens or DEFAULT_MAX_TOKENS
+        self._pool: ClientPool[Any] = ClientPool(self._make_client)
+
+    def preflight(self) -> None:
+        if not os.environ.get(KEY_ENV):
+            raise UserError(f"{self.name}: set {KEY_ENV}")
+
+    def _make_client(self) -> Any:
+        import anthropic
+
+        return anthropic.AsyncAnthropic(
+            api_key=os.environ.get(KEY_ENV) or "no-key",
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=0,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def complete(
+        self, prompt: Prompt, schema: type[T], *, logprobs: bool = False
+    ) -> Reply[T]:
+        """Anthropic gives no token probabilities; ``logprobs`` is ignored."""
+        import anthropic
+
+        try:
+            async with self._pool.client() as client:
+                message = await client.messages.create(
+                    model=self.model,
+                    max_tokens=self.max_tokens,
+                    system=[
+                        {
+                            "type": "text",
+                            "text": prompt.system,
+                            "cache_control": {"type": "ephemeral"},
+                        }
+                    ],
+                    messages=[{"role": "user", "content": prompt.user}],
+                    tools=[
+                        {
+                            "name": TOOL_NAME,
+                            "description": f"Record the {prompt.stage} answer.",
+                            "input_schema": strict_json_schema(schema),
+                        }
+                    ],
+                    tool_choice={"type": "tool", "name": TOOL_NAME},
+                )
+        except anthropic.AnthropicError as exc:
+            mapped = backend_error(exc, anthropic, self.timeout)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        usage = _usage(message.usage)
+        if message.stop_reason == "refusal":
+            raise Refused("refused: the model declined to answer", usage)
+        if message.stop_reason == "max_tokens":
+            raise InvalidReply("cut off at the output token limit", usage)
+        calls = [b for b in message.content if getattr(b, "type", None) == "tool_use"]
+        if not calls:
+            text = " ".join(getattr(b, "text", "") for b in message.content).strip()
+            raise InvalidReply(f"no {TOOL_NAME} tool call; text: {text[:80]!r}", usage)
+        try:
+            parsed = schema.model_validate(calls[0].input)
+        except ValidationError as exc:
+            raise InvalidReply(validation_reason(exc), usage) from exc
+        return Reply(parsed, usage)
+
+
+def _usage(usage: Any) -> Usage:
+    return Usage(
+        calls=1,
+        input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+        cached_tokens=int(getattr(usage, "cache_read_input_tokens", 0) or 0),
+        cache_write_tokens=int(getattr(usage, "cache_creation_input_tokens", 0) or 0),
+        output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+    )

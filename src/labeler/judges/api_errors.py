@@ -1,0 +1,44 @@
+"""Mapping the OpenAI and Anthropic SDKs' exceptions (they share a shape) onto the
+backend errors the retry policy understands."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from labeler.judges.backend import BackendError, RequestRejected, TransientError
+from labeler.judges.retry import parse_retry_after
+
+RETRYABLE_STATUS = {408, 409, 429}
+
+
+def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendError | None:
+    """The backend error for an SDK exception, or None if ``exc`` is not the SDK's.
+
+    429, 408, 409 and 5xx are transient (429 carries Retry-After); timeouts and broken
+    connections too; every other HTTP error is a rejected request."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return TransientError(f"no reply within {timeout:g} s", kind="timeout")
+    if isinstance(exc, sdk.APIConnectionError):
+        return TransientError(str(exc), kind="connection")
+    if isinstance(exc, sdk.APIStatusError):
+        status = int(exc.status_code)
+        detail = _message(exc)
+        if status == 429:
+            return TransientError(
+                f"HTTP 429: {detail}", parse_retry_after(exc.response.headers), "rate_limited"
+            )
+        if status >= 500 or status in RETRYABLE_STATUS:
+            return TransientError(
+                f"HTTP {status}: {detail}", parse_retry_after(exc.response.headers), "server_error"
+            )
+        return RequestRejected(f"HTTP {status}: {detail}")
+    return None
+
+
+def _message(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+    return str(getattr(exc, "message", exc))[:300]

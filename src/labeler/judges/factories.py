@@ -1,0 +1,62 @@
+"""Factories of the built-in judges, registered under their name prefixes."""
+
+from __future__ import annotations
+
+from labeler.errors import UnknownJudgeError
+from labeler.judges.base import Judge, JudgeOptions
+from labeler.judges.heuristic import HeuristicJudge
+from labeler.judges.llm_judge import JudgeSettings, LLMJudge
+from labeler.judges.pricing import load_prices
+from labeler.judges.retry import RetryPolicy
+
+
+def _model_of(name: str) -> str:
+    prefix, _, model = name.partition(":")
+    if not model.strip():
+        raise UnknownJudgeError(f"judge {name!r} names no model; write {prefix}:MODEL")
+    return model
+
+
+def _llm_judge(name: str, backend: object, options: JudgeOptions) -> LLMJudge:
+    settings = JudgeSettings(n_examples=options.n_examples, logprobs=options.logprobs,
+                             seed=options.seed)  # fmt: skip
+    return LLMJudge(
+        name,
+        backend,  # type: ignore[arg-type]
+        settings,
+        RetryPolicy(max_attempts=options.max_attempts),
+        load_prices(options.prices),
+    )
+
+
+def heuristic_judge(name: str, options: JudgeOptions) -> Judge:
+    if name != "heuristic":
+        raise UnknownJudgeError(f"judge {name!r}: the heuristic judge takes no model")
+    return HeuristicJudge(name)
+
+
+def openai_judge(name: str, options: JudgeOptions) -> Judge:
+    from labeler.judges.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(
+        name, _model_of(name), api=options.openai_api, base_url=options.base_url,
+        timeout=options.timeout_s, max_output_tokens=options.max_output_tokens,
+    )  # fmt: skip
+    return _llm_judge(name, backend, options)
+
+
+def anthropic_judge(name: str, options: JudgeOptions) -> Judge:
+    from labeler.judges.anthropic_backend import AnthropicBackend
+
+    backend = AnthropicBackend(
+        name, _model_of(name), timeout=options.timeout_s,
+        max_output_tokens=options.max_output_tokens,
+    )  # fmt: skip
+    return _llm_judge(name, backend, options)
+
+
+def hf_judge(name: str, options: JudgeOptions) -> Judge:
+    from labeler.judges.hf_backend import HFBackend
+
+    backend = HFBackend(name, _model_of(name), device=options.device, dtype=options.dtype)
+    return _llm_judge(name, backend, options)

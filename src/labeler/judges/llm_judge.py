@@ -1,0 +1,387 @@
+"""The LLM judge: explainer, detection scorer and classifier over one injected backend.
+
+Per feature: one explanation call, then, concurrently, two detection calls (top and
+random positives, each mixed with checked negatives) and one classification call.
+A chat backend answers each with a validated JSON object; a likelihood backend (an
+open model in-process) detects and classifies by the likelihood of each allowed
+answer and generates only the explanation.
+
+Every call goes through the retry policy; an invalid reply is asked again once, then
+the feature fails with the reason. Tokens are counted per stage, failed attempts
+included, and priced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from labeler.errors import JudgeFailure
+from labeler.judges.backend import (
+    STAGES,
+    BackendError,
+    ChatBackend,
+    InvalidReply,
+    LikelihoodBackend,
+    Prompt,
+    Reply,
+    Stage,
+)
+from labeler.judges.metrics import detection_score
+from labeler.judges.pricing import PriceTable
+from labeler.judges.prompting import (
+    classify_prompt,
+    detect_prompt,
+    detection_snippets,
+    explain_prompt,
+    likelihood_classify_prompt,
+    likelihood_detect_prompt,
+)
+from labeler.judges.replies import (
+    ClassificationReply,
+    DetectionReply,
+    ExplanationReply,
+    check_explanation,
+    validation_reason,
+)
+from labeler.judges.retry import RetryPolicy, with_retries
+from labeler.schemas import (
+    Classification,
+    DetectionScore,
+    FeatureRecord,
+    Judgment,
+    Snippet,
+    Usage,
+)
+from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, prompt_hash
+
+T = TypeVar("T", bound=BaseModel)
+V = TypeVar("V")
+
+DETECTION_SETS = ("top", "random")
+CALLS_PER_FEATURE = 4  # explain, detect top, detect random, classify
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """What a judge shows the model and how it asks."""
+
+    n_examples: int = 10
+    """Top examples shown to the explainer and the classifier."""
+    n_logits: int = 15
+    """Logit-lens tokens shown to the classifier."""
+    n_positives: int = 5
+    """Positives per detection set (each set also gets up to 5 checked negatives)."""
+    logprobs: bool = False
+    """Ask chat backends for token log probabilities, for a detection AUROC (not every
+    model offers them: OpenAI's reasoning models do not)."""
+    explanation_tokens: int = 48
+    """New tokens an in-process model may generate for an explanation."""
+    seed: int = 0
+
+
+@dataclass
+class Ledger:
+    """Tokens one feature's calls used, per stage."""
+
+    usage: dict[str, Usage] = field(default_factory=dict)
+
+    def add(self, stage: Stage, usage: Usage) -> None:
+        self.usage[stage] = self.usage.get(stage, Usage()) + usage
+
+
+class LLMJudge:
+    """A judge backed by a chat model or an in-process open model."""
+
+    calls_per_feature = CALLS_PER_FEATURE
+
+    def __init__(
+        self,
+        name: str,
+        backend: ChatBackend | LikelihoodBackend,
+        settings: JudgeSettings | None = None,
+        retry: RetryPolicy | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.settings = settings or JudgeSettings()
+        self.retry = retry or RetryPolicy()
+        self.prices = prices
+        self.prompt_hash = prompt_hash()
+        self._gate: asyncio.Semaphore | None = None
+
+    def limit_requests(self, n: int) -> None:
+        """At most ``n`` requests in flight from now on (call inside the running loop)."""
+        self._gate = asyncio.Semaphore(n)
+
+    def preflight(self) -> None:
+        check = getattr(self.backend, "preflight", None)
+        if check is not None:
+            check()
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    # -- one feature -------------------------------------------------------------------
+
+    async def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
+        ledger = Ledger()
+        try:
+            explanation = await self._explain(feature, ledger)
+            detections, classification = await asyncio.gather(
+                self._detect_all(feature, negatives, explanation, ledger),
+                self._classify(feature, ledger),
+            )
+        except BackendError as exc:
+            raise JudgeFailure(f"{exc.kind}: {exc.stage}: {exc.reason}", ledger.usage) from exc
+        by_set, pooled = detections
+        return Judgment(
+            feature_id=feature.feature_id,
+            judge=self.name,
+            prompt_hash=self.prompt_hash,
+            explanation=explanation,
+            detection=pooled,
+            detection_by_set=by_set,
+            classification=classification,
+            usage=ledger.usage,
+            cost_usd=self.cost(ledger.usage),
+        )
+
+    def cost(self, usage: dict[str, Usage]) -> float | None:
+        if self.prices is None:
+            return None
+        total = sum(usage.values(), Usage())
+        return self.prices.cost(self.name, total)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _call(self, stage: Stage, ledger: Ledger, call: Callable[[], Awaitable[V]]) -> V:
+        async def gated() -> V:
+            if self._gate is None:
+                return await call()
+            async with self._gate:
+                return await call()
+
+        try:
+            return await with_retries(gated, self.retry, f"{self.name} {stage}")
+        except BackendError as exc:
+            ledger.add(stage, exc.usage)
+            exc.stage = stage
+            raise
+
+    async def _ask(
+        self,
+        prompt: Prompt,
+        schema: type[T],
+        ledger: Ledger,
+        check: Callable[[Reply[T]], V],
+        logprobs: bool = False,
+    ) -> V:
+        """A structured call whose reply passes ``check``; an invalid reply is asked once
+        more, then raised."""
+        assert isinstance(self.backend, ChatBackend)
+        backend = self.backend
+        last: InvalidReply | None = None
+        for _ in range(2):
+            try:
+                reply = await self._call(
+                    prompt.stage,
+                    ledger,
+                    lambda: backend.complete(prompt, schema, logprobs=logprobs),
+                )
+            except InvalidReply as exc:
+                last = exc
+                continue
+            ledger.add(prompt.stage, reply.usage)
+            try:
+                return check(reply)
+            except (ValueError, ValidationError) as exc:
+                last = InvalidReply(_first_error(exc))
+        assert last is not None
+        again = type(last)(f"invalid reply twice; last: {last.reason}")
+        again.stage = prompt.stage
+        raise again
+
+    # -- stages ------------------------------------------------------------------------------
+
+    async def _explain(self, feature: FeatureRecord, ledger: Ledger) -> str:
+        prompt = explain_prompt(feature, self.settings.n_examples)
+        if isinstance(self.backend, LikelihoodBackend):
+            return await self._generate_explanation(prompt, ledger)
+        return await self._ask(
+            prompt, ExplanationReply, ledger, lambda r: check_explanation(r.parsed.explanation)
+        )
+
+    async def _generate_explanation(self, prompt: Prompt, ledger: Ledger) -> str:
+        assert isinstance(self.backend, LikelihoodBackend)
+        backend = self.backend
+        last = ""
+        for _ in range(2):
+            reply = await self._call(
+                "explain",
+                ledger,
+                lambda: backend.generate(prompt, self.settings.explanation_tokens),
+            )
+            ledger.add("explain", reply.usage)
+            text = _explanation_from_text(reply.text)
+            try:
+                return check_explanation(text)
+            except ValueError as exc:
+                last = str(exc)
+        again = InvalidReply(f"invalid reply twice; last: {last}")
+        again.stage = "explain"
+        raise again
+
+    async def _detect_all(
+        self,
+        feature: FeatureRecord,
+        negatives: dict[str, list[Snippet]],
+        explanation: str,
+        ledger: Ledger,
+    ) -> tuple[dict[str, DetectionScore], DetectionScore]:
+        sets: dict[str, list[Snippet]] = {}
+        for offset, kind in enumerate(DETECTION_SETS):
+            positives = feature.of_kind(kind)[: self.settings.n_positives]
+            if positives:
+                seed = (
+                    self.settings.seed * 7919 + feature.layer * 1_000_003 + feature.index + offset
+                )
+                sets[kind] = detection_snippets(positives, negatives.get(kind, []), seed)
+        results = await asyncio.gather(
+            *(self._detect(explanation, snippets, ledger) for snippets in sets.values())
+        )
+        by_set: dict[str, DetectionScore] = {}
+        labels: list[bool] = []
+        predicted: list[bool] = []
+        probs: list[float] | None = []
+        for (kind, snippets), (pred, p) in zip(sets.items(), results, strict=True):
+            truth = [s.activating for s in snippets]
+            by_set[kind] = detection_score(truth, pred, p)
+            labels += truth
+            predicted += pred
+            probs = None if p is None or probs is None else probs + p
+        return by_set, detection_score(labels, predicted, probs)
+
+    async def _detect(
+        self, explanation: str, snippets: list[Snippet], ledger: Ledger
+    ) -> tuple[list[bool], list[float] | None]:
+        if isinstance(self.backend, LikelihoodBackend):
+            backend = self.backend
+            prompts = [likelihood_detect_prompt(explanation, s) for s in snippets]
+            scores = await self._call(
+                "detect", ledger, lambda: backend.score_options(prompts, [" yes", " no"])
+            )
+            ledger.add("detect", scores.usage)
+            p_yes = [_softmax(row)[0] for row in scores.logprobs]
+            return [p > 0.5 for p in p_yes], p_yes
+
+        def check(reply: Reply[DetectionReply]) -> tuple[list[bool], list[float] | None]:
+            answers = reply.parsed.activating
+            if len(answers) != len(snippets):
+                raise ValueError(f"{len(answers)} answers for {len(snippets)} snippets")
+            probs = reply.true_probs
+            if probs is not None and len(probs) != len(snippets):
+                probs = None
+            return answers, probs
+
+        return await self._ask(
+            detect_prompt(explanation, snippets),
+            DetectionReply,
+            ledger,
+            check,
+            logprobs=self.settings.logprobs,
+        )
+
+    async def _classify(self, feature: FeatureRecord, ledger: Ledger) -> Classification:
+        if isinstance(self.backend, LikelihoodBackend):
+            return await self._classify_by_likelihood(feature, ledger)
+        prompt = classify_prompt(feature, self.settings.n_examples, self.settings.n_logits)
+
+        def check(reply: Reply[ClassificationReply]) -> Classification:
+            return Classification.model_validate(reply.parsed.model_dump())
+
+        return await self._ask(prompt, ClassificationReply, ledger, check)
+
+    async def _choose(
+        self, feature: FeatureRecord, question: str, options: tuple[str, ...], ledger: Ledger
+    ) -> list[tuple[str, float]]:
+        """The options by probability (softmax of each option's mean token log-probability)."""
+        assert isinstance(self.backend, LikelihoodBackend)
+        backend = self.backend
+        prompt = likelihood_classify_prompt(
+            feature, self.settings.n_examples, self.settings.n_logits, question
+        )
+        spoken = [" " + o.replace("_", " ") for o in options]
+        scores = await self._call(
+            "classify", ledger, lambda: backend.score_options([prompt], spoken)
+        )
+        ledger.add("classify", scores.usage)
+        probs = _softmax(scores.logprobs[0])
+        return sorted(zip(options, probs, strict=True), key=lambda kv: -kv[1])
+
+    async def _classify_by_likelihood(
+        self, feature: FeatureRecord, ledger: Ledger
+    ) -> Classification:
+        ranked = await self._choose(
+            feature, f"Which category fits this feature best: {', '.join(CATEGORIES)}?",
+            CATEGORIES, ledger,
+        )  # fmt: skip
+        (category, p), (runner_up, p2) = ranked[0], ranked[1]
+        confidence = "high" if p >= 0.8 else "medium" if p >= 0.5 else "low"
+        rationale = (
+            f"Chosen by answer likelihood: {category} (p={p:.2f}) over {runner_up} (p={p2:.2f})."
+        )
+        subcategory = mechanism = domain_type = None
+        if category == "reasoning":
+            subcategory = (await self._choose(
+                feature, f"Which kind of reasoning: {', '.join(SUBCATEGORIES)}?",
+                SUBCATEGORIES, ledger,
+            ))[0][0]  # fmt: skip
+            mechanism = (await self._choose(
+                feature, f"Which mechanism: {', '.join(MECHANISMS)}?", MECHANISMS, ledger
+            ))[0][0]  # fmt: skip
+        elif category == "domain":
+            domain_type = (await self._choose(
+                feature, f"Which domain: {', '.join(DOMAIN_TYPES)}?", DOMAIN_TYPES, ledger
+            ))[0][0]  # fmt: skip
+        return Classification.model_validate(
+            {
+                "category": category,
+                "subcategory": subcategory,
+                "mechanism": mechanism,
+                "domain_type": domain_type,
+                "confidence": confidence,
+                "rationale": rationale,
+            }
+        )
+
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _explanation_from_text(text: str) -> str:
+    """The explanation in a generated text: a JSON object's field if the model wrote one,
+    else the first non-empty line."""
+    try:
+        return ExplanationReply.model_validate_json(text.strip()).explanation
+    except ValidationError:
+        pass
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _first_error(exc: ValueError | ValidationError) -> str:
+    return validation_reason(exc) if isinstance(exc, ValidationError) else str(exc)
+
+
+__all__ = ["CALLS_PER_FEATURE", "STAGES", "JudgeSettings", "LLMJudge"]
