@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -74,9 +75,11 @@ def label_once(run: Path, wire: str, base_url: str, concurrency: int, n_per_laye
     data = RunData.open(run)
     store = LabelStore(run / "labels.sqlite")
     store.add_planned([])  # warm the store
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     report = label_run(data, store, judge, sample_per_layer=n_per_layer, concurrency=concurrency)
     elapsed = time.perf_counter() - start
+    tokens_cpu = {"cpu_ms_per_feature": {"client": 1000 * (cpu_seconds() - cpu_start)
+                                         / max(1, report.labeled)}}  # fmt: skip
     assert report.failed == 0, report
     tokens: dict[str, dict[str, float]] = {}
     rows = [s.judgment for s in store.judgments(name).values() if s.judgment is not None]
@@ -89,7 +92,13 @@ def label_once(run: Path, wire: str, base_url: str, concurrency: int, n_per_laye
             "output": statistics.fmean(u.output_tokens for u in usages),
         }
     store.close()
-    return elapsed, report.labeled, tokens
+    return elapsed, report.labeled, tokens | tokens_cpu
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (the labeler; the fake server runs in its own)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -115,20 +124,23 @@ def main() -> None:
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 ideal = concurrency / (args.latency * CALLS_PER_FEATURE)
                 per_layer = max(2, min(240, round(ideal * args.seconds / 4)))
-                rates = []
+                rates, cpu_ms = [], []
                 tokens: dict[str, dict[str, float]] = {}
                 for _ in range(args.repeats):
                     elapsed, n, tokens = label_once(run, args.wire, base_url, concurrency,
                                                     per_layer)  # fmt: skip
                     rates.append(n / elapsed)
+                    cpu_ms.append(tokens.pop("cpu_ms_per_feature")["client"])
                 rate = statistics.median(rates)
                 results.append({"concurrency": concurrency, "features": n,
                                 "features_per_s": rate, "ideal": ideal,
                                 "fraction": rate / ideal, "runs": rates,
+                                "client_cpu_ms_per_feature": statistics.median(cpu_ms),
                                 "tokens": tokens})  # fmt: skip
                 print(f"concurrency {concurrency:4d}: {rate:7.2f} features/s over {n} features "
                       f"(ideal {ideal:.2f}; fraction {rate / ideal:.2f}; runs "
-                      f"{', '.join(f'{r:.2f}' for r in rates)})", flush=True)  # fmt: skip
+                      f"{', '.join(f'{r:.2f}' for r in rates)}; labeler CPU "
+                      f"{statistics.median(cpu_ms):.1f} ms/feature)", flush=True)  # fmt: skip
         finally:
             server.terminate()
             server.wait(timeout=10)

@@ -39,6 +39,8 @@ def cli(verbose: bool) -> None:
     Pipeline:  collect -> label -> summarize -> export
       labeler collect --adapter CKPT --corpus traces.jsonl --out RUN
       labeler label RUN --judge heuristic [--sample-per-layer 250]
+      labeler label RUN --judge openai:gpt-5-mini --dry-run    (then without it)
+      labeler status RUN
       labeler summarize RUN [--json]
       labeler export RUN --format jsonl [--with-examples]
     Or all of it on a planted tiny model, offline:  labeler demo

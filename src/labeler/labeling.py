@@ -108,7 +108,7 @@ async def label_run_async(
     todo = [fid for fid in planned if fid not in done]
     if on_start is not None:
         on_start(len(todo))
-    _ = run.negatives  # read once here
+    _ = run.negative_pool  # read once here
     judge.limit_requests(concurrency)
     # As many features as requests: a feature has up to three calls in flight at once, so
     # the request limit stays the binding one.

@@ -86,12 +86,20 @@ class RunData:
             )
         return records
 
+    @cached_property
+    def negative_pool(self) -> list[tuple[list[str], frozenset[int]]]:
+        """Each negative window's tokens and the features active anywhere in it."""
+        return [
+            (list(tokens), frozenset(active))
+            for tokens, active in self.negatives.select("tokens", "active_features").iter_rows()
+        ]
+
     def negative_snippets(self, record: FeatureRecord, n: int, seed: int) -> list[Snippet]:
         """``n`` corpus windows in which the feature is checked to be inactive everywhere."""
         global_index = record.layer * self.info.n_features_per_layer + record.index
-        pool = self.negatives.filter(~pl.col("active_features").list.contains(global_index))
-        if pool.height == 0:
+        pool = [tokens for tokens, active in self.negative_pool if global_index not in active]
+        if not pool:
             return []
         rng = np.random.default_rng([seed, record.layer, record.index])
-        pick = rng.choice(pool.height, size=min(n, pool.height), replace=False)
-        return [Snippet(tokens=list(t), activating=False) for t in pool["tokens"].gather(pick)]
+        pick = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+        return [Snippet(tokens=pool[i], activating=False) for i in pick]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adapters.errors import UserError
 from labeler.errors import UnknownJudgeError
 from labeler.judges.base import Judge, JudgeOptions
 from labeler.judges.heuristic import HeuristicJudge
@@ -35,9 +36,19 @@ def heuristic_judge(name: str, options: JudgeOptions) -> Judge:
     return HeuristicJudge(name)
 
 
+def _require(module: str, judge: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(
+            f"judge {judge!r} needs the {module} package: pip install 'transcoder-labeler[llm]'"
+        )
+
+
 def openai_judge(name: str, options: JudgeOptions) -> Judge:
     from labeler.judges.openai_backend import OpenAIBackend
 
+    _require("openai", name)
     backend = OpenAIBackend(
         name, _model_of(name), api=options.openai_api, base_url=options.base_url,
         timeout=options.timeout_s, max_output_tokens=options.max_output_tokens,
@@ -48,6 +59,7 @@ def openai_judge(name: str, options: JudgeOptions) -> Judge:
 def anthropic_judge(name: str, options: JudgeOptions) -> Judge:
     from labeler.judges.anthropic_backend import AnthropicBackend
 
+    _require("anthropic", name)
     backend = AnthropicBackend(
         name, _model_of(name), timeout=options.timeout_s,
         max_output_tokens=options.max_output_tokens,
@@ -58,5 +70,6 @@ def anthropic_judge(name: str, options: JudgeOptions) -> Judge:
 def hf_judge(name: str, options: JudgeOptions) -> Judge:
     from labeler.judges.hf_backend import HFBackend
 
+    _require("transformers", name)
     backend = HFBackend(name, _model_of(name), device=options.device, dtype=options.dtype)
     return _llm_judge(name, backend, options)

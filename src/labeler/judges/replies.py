@@ -6,6 +6,7 @@ against them, whether or not the server enforced the schema.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -38,6 +39,7 @@ class ClassificationReply(BaseModel):
     rationale: str
 
 
+@cache
 def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema in the strict form structured outputs require: every
     property required, no additional properties (the reply models have no defaults and
