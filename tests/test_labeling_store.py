@@ -92,3 +92,33 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     assert (
         len(example["tokens"]) == len(example["acts"]) and example["acts"][example["highlight"]] > 0
     )
+
+
+def test_a_version_1_store_is_migrated_keeping_its_judgments(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "labels.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE planned (feature_id TEXT PRIMARY KEY, layer INTEGER NOT NULL,
+                              idx INTEGER NOT NULL);
+        CREATE TABLE judgments (feature_id TEXT NOT NULL, judge TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'failed')), payload TEXT,
+            reason TEXT, prompt_hash TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL, PRIMARY KEY (feature_id, judge));
+        INSERT INTO judgments VALUES ('L0F1', 'heuristic', 'failed', NULL, 'boom', 'h', 1,
+                                      '2026-01-01T00:00:00');"""
+    )
+    conn.commit()
+    conn.close()
+    store = LabelStore(path)
+    rows = store.judgments("heuristic")
+    assert rows["L0F1"].reason == "boom"
+    assert store.accounting("heuristic") == [("failed", "boom", {}, None)]
+    store.put_failure("L0F1", "heuristic", "again", "h")
+    assert store.judgments("heuristic")["L0F1"].attempts == 2
+    version = store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version == ("2",)
+    store.close()
