@@ -200,7 +200,9 @@ def test_malformed_json_is_asked_again_once(wire: str, run_copy: Path, fake: Fak
     fake.script(Raw('{"explanation": "Fires on'))
     report, store = _label(run_copy, fake, wire)
     assert report.labeled == 4 and report.failed == 0
-    fake.reset()
+    assert len(fake.requests) == 4 * 4 + 1  # exactly one call asked again
+    asked = [r.body for r in fake.requests[:2]]
+    assert asked[0] == asked[1]  # the same explain request, re-asked
     store.close()
 
 

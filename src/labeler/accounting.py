@@ -129,8 +129,8 @@ def estimate(
     sample = run.records(feature_ids[:ESTIMATE_SAMPLE])
     user_tokens: list[int] = []
     system_tokens = 0
+    negatives = [Snippet(tokens=list(t), activating=False) for t in run.negatives["tokens"][:5]]
     for record in sample:
-        negatives = [Snippet(tokens=list(t), activating=False) for t in run.negatives["tokens"][:5]]
         prompts = [
             explain_prompt(record, settings.n_examples),
             classify_prompt(record, settings.n_examples, settings.n_logits),

@@ -435,13 +435,9 @@ def status(run_path: Path, as_json: bool) -> None:
     from collectors.run_format import read_run_info
     from labeler.accounting import run_status
     from labeler.render import status_table
-    from labeler.store import LabelStore
 
     read_run_info(run_path)
-    store_path = run_path / "labels.sqlite"
-    if not store_path.exists():
-        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
-    store = LabelStore(store_path)
+    store = _open_labels(run_path)
     try:
         statuses = run_status(store)
         n_planned = len(store.planned())
@@ -454,18 +450,24 @@ def status(run_path: Path, as_json: bool) -> None:
     console.print(status_table(statuses))
 
 
+def _open_labels(run_path: Path) -> Any:
+    """The run's label store; an error saying what to do when nothing is labeled yet."""
+    from labeler.store import LabelStore
+
+    store_path = run_path / "labels.sqlite"
+    if not store_path.exists():
+        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
+    return LabelStore(store_path)
+
+
 def _summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> Any:
     from collectors.run_format import read_run_info
     from labeler.plots import plot_layers
     from labeler.render import summary_tables
-    from labeler.store import LabelStore
     from labeler.summarize import summarize as make_summary
 
     read_run_info(run_path)
-    store_path = run_path / "labels.sqlite"
-    if not store_path.exists():
-        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
-    store = LabelStore(store_path)
+    store = _open_labels(run_path)
     try:
         summary = make_summary(store, str(run_path), judge)
     finally:
@@ -496,14 +498,10 @@ def summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | Non
 def _export(run_path: Path, out: Path | None, judge: str | None, with_examples: bool) -> Path:
     from labeler.export import export_catalog
     from labeler.run_data import RunData
-    from labeler.store import LabelStore
 
     run = RunData.open(run_path)
-    store_path = run_path / "labels.sqlite"
-    if not store_path.exists():
-        raise UserError(f"{run_path}: no labels yet; run `labeler label {run_path}` first")
     target = out or run_path / "catalog.jsonl"
-    store = LabelStore(store_path)
+    store = _open_labels(run_path)
     try:
         n = export_catalog(run, store, target, judge, with_examples)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapters.errors import UserError
-from labeler.judges.api_errors import backend_error
+from labeler.judges.api_errors import mapped_errors
 from labeler.judges.backend import InvalidReply, Prompt, Refused, Reply, T
 from labeler.judges.client_pool import ClientPool
 from labeler.judges.replies import strict_json_schema, validation_reason
@@ -68,7 +68,7 @@ class AnthropicBackend:
         """Anthropic gives no token probabilities; ``logprobs`` is ignored."""
         import anthropic
 
-        try:
+        with mapped_errors(anthropic, self.timeout):
             async with self._pool.client() as client:
                 message = await client.messages.create(
                     model=self.model,
@@ -90,11 +90,6 @@ class AnthropicBackend:
                     ],
                     tool_choice={"type": "tool", "name": TOOL_NAME},
                 )
-        except anthropic.AnthropicError as exc:
-            mapped = backend_error(exc, anthropic, self.timeout)
-            if mapped is None:
-                raise
-            raise mapped from exc
         usage = _usage(message.usage)
         if message.stop_reason == "refusal":
             raise Refused("refused: the model declined to answer", usage)

@@ -3,6 +3,8 @@ backend errors the retry policy understands."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from labeler.judges.backend import BackendError, RequestRejected, TransientError
@@ -42,3 +44,15 @@ def _message(exc: Exception) -> str:
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return str(error["message"])[:300]
     return str(getattr(exc, "message", exc))[:300]
+
+
+@contextmanager
+def mapped_errors(sdk: ModuleType, timeout: float) -> Iterator[None]:
+    """Re-raise the SDK's exceptions as backend errors; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = backend_error(exc, sdk, timeout)
+        if mapped is None:
+            raise
+        raise mapped from exc

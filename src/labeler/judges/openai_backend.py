@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from adapters.errors import UserError
-from labeler.judges.api_errors import backend_error
+from labeler.judges.api_errors import mapped_errors
 from labeler.judges.backend import InvalidReply, Prompt, Refused, Reply, T
 from labeler.judges.client_pool import ClientPool
 from labeler.judges.replies import strict_json_schema, validation_reason
@@ -73,16 +73,11 @@ class OpenAIBackend:
     ) -> Reply[T]:
         import openai
 
-        try:
+        with mapped_errors(openai, self.timeout):
             async with self._pool.client() as client:
                 if self.api == "chat":
                     return await self._chat(client, prompt, schema, logprobs)
                 return await self._responses(client, prompt, schema, logprobs)
-        except openai.OpenAIError as exc:
-            mapped = backend_error(exc, openai, self.timeout)
-            if mapped is None:
-                raise
-            raise mapped from exc
 
     async def _chat(self, client: Any, prompt: Prompt, schema: type[T], logprobs: bool) -> Reply[T]:
         extra: dict[str, Any] = {}
@@ -106,7 +101,9 @@ class OpenAIBackend:
             },
             **extra,
         )
-        usage = _chat_usage(response.usage)
+        usage = _usage(
+            response.usage, "prompt_tokens", "completion_tokens", "prompt_tokens_details"
+        )
         if not response.choices:
             raise InvalidReply("the reply has no choices", usage)
         choice = response.choices[0]
@@ -145,7 +142,7 @@ class OpenAIBackend:
             store=False,
             **extra,
         )
-        usage = _responses_usage(response.usage)
+        usage = _usage(response.usage, "input_tokens", "output_tokens", "input_tokens_details")
         texts: list[str] = []
         tokens: list[Any] = []
         for item in response.output or []:
@@ -201,29 +198,18 @@ def _alpha(text: str) -> str:
     return "".join(c for c in text if c.isalpha()).lower()
 
 
-def _chat_usage(usage: Any) -> Usage:
+def _usage(usage: Any, input_field: str, output_field: str, details_field: str) -> Usage:
+    """Chat Completions and Responses name the same counts differently; the input total
+    includes the cached part."""
     if usage is None:
         return Usage(calls=1)
-    details = getattr(usage, "prompt_tokens_details", None)
+    details = getattr(usage, details_field, None)
     cached = int(getattr(details, "cached_tokens", 0) or 0)
     return Usage(
         calls=1,
-        input_tokens=int(usage.prompt_tokens or 0) - cached,
+        input_tokens=int(getattr(usage, input_field, 0) or 0) - cached,
         cached_tokens=cached,
-        output_tokens=int(usage.completion_tokens or 0),
-    )
-
-
-def _responses_usage(usage: Any) -> Usage:
-    if usage is None:
-        return Usage(calls=1)
-    details = getattr(usage, "input_tokens_details", None)
-    cached = int(getattr(details, "cached_tokens", 0) or 0)
-    return Usage(
-        calls=1,
-        input_tokens=int(usage.input_tokens or 0) - cached,
-        cached_tokens=cached,
-        output_tokens=int(usage.output_tokens or 0),
+        output_tokens=int(getattr(usage, output_field, 0) or 0),
     )
 
 
