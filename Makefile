@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so no dependency pulls a different (CUDA) build.
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[model,llm,dev]"
+	$(BIN)/pip install --quiet -e ".[model,llm,fleet,dev]"
 	touch $@
 
 install: $(BIN)/.installed

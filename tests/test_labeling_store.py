@@ -11,7 +11,7 @@ from labeler.judges.heuristic import HeuristicJudge
 from labeler.labeling import label_run, plan_features
 from labeler.run_data import RunData
 from labeler.schemas import FeatureRecord, Judgment, Snippet
-from labeler.store import LabelStore
+from labeler.store import STORE_SCHEMA_VERSION, LabelStore
 from labeler.summarize import summarize
 from tests.test_bad_input import labeler
 
@@ -120,5 +120,5 @@ def test_a_version_1_store_is_migrated_keeping_its_judgments(tmp_path: Path) -> 
     store.put_failure("L0F1", "heuristic", "again", "h")
     assert store.judgments("heuristic")["L0F1"].attempts == 2
     version = store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert version == ("2",)
+    assert version == (str(STORE_SCHEMA_VERSION),)
     store.close()

@@ -3,10 +3,12 @@ before it runs (``labeler label --dry-run``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
+import time
 from collections import Counter
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from labeler.judges import Judge
 from labeler.judges.llm_judge import LLMJudge
@@ -40,6 +42,35 @@ class JudgeStatus(BaseModel):
     usage_by_stage: dict[str, Usage]
     cost_usd: float | None
     cost_per_labeled_usd: float | None
+    queued: int | None = Field(None, description="stage tasks waiting in the fleet's queues")
+    running: int | None = Field(None, description="features (local) or stage tasks (fleet)")
+    throughput_per_s: float | None = Field(None, description="over the last 5 minutes")
+    eta_s: float | None = Field(None, description="pending / throughput")
+
+
+THROUGHPUT_WINDOW_S = 300.0
+
+
+def throughput(store: LabelStore, judge: str, now: float | None = None) -> float | None:
+    """Judgments stored per second over the last five minutes (None: fewer than two)."""
+    now = time.time() if now is None else now
+    since = dt.datetime.fromtimestamp(now - THROUGHPUT_WINDOW_S, dt.UTC)
+    rows = store.finished_since(since.isoformat(timespec="milliseconds"), judge)
+    stamps = [dt.datetime.fromisoformat(t).timestamp() for t in rows]
+    if len(stamps) < 2:
+        return None
+    return (len(stamps) - 1) / max(now - stamps[0], 1e-3)
+
+
+def with_live_state(
+    status: JudgeStatus, queued: int | None, running: int | None, rate: float | None
+) -> JudgeStatus:
+    eta = (
+        status.pending / rate if rate and status.pending else (0.0 if not status.pending else None)
+    )
+    return status.model_copy(
+        update={"queued": queued, "running": running, "throughput_per_s": rate, "eta_s": eta}
+    )
 
 
 def judge_status(store: LabelStore, judge: str, n_planned: int) -> JudgeStatus:

@@ -239,6 +239,7 @@ def _label(
     options: Any = None,
     budget_usd: float | None = None,
     dry_run: bool = False,
+    limits: dict[str, Any] | None = None,
 ) -> None:
     from labeler.judges import make_judge
     from labeler.judges.pricing import load_prices
@@ -258,6 +259,7 @@ def _label(
     if dry_run:
         _dry_run(run, built, sample, seed, prices)
         return
+    _limit_locally(built, limits or {})
     for judge in built:
         judge.preflight()
         if budget_usd is not None and judge.calls_per_feature and prices.lookup(judge.name) is None:
@@ -296,6 +298,15 @@ def _label(
         store.close()
 
 
+def _limit_locally(judges: list[Any], limits: dict[str, Any]) -> None:
+    from labeler.judges.llm_judge import LLMJudge
+    from labeler.ratelimit import LocalRateLimiter
+
+    for judge in judges:
+        if judge.name in limits and isinstance(judge, LLMJudge):
+            judge.limiter = LocalRateLimiter(limits[judge.name])
+
+
 def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
     from labeler.accounting import estimate
     from labeler.labeling import plan_features
@@ -328,6 +339,22 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
 @click.option("--concurrency", default=8, show_default=True,
               help="Model requests in flight per judge.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
+@click.option("--executor", type=click.Choice(["local", "celery"]), default="local",
+              show_default=True,
+              help="local: in this process. celery: on the worker fleet behind "
+                   "LABELER_REDIS_URL (start workers with `celery -A workers worker -Q ...`; "
+                   "see the README's fleet section).")  # fmt: skip
+@click.option("--max-inflight", default=256, show_default=True,
+              help="celery: (feature, judge) pairs in flight at once.")  # fmt: skip
+@click.option("--requeue", is_flag=True,
+              help="celery: send again the stages recorded as queued (after a broker lost its "
+                   "queues); workers skip whatever already finished.")  # fmt: skip
+@click.option("--rpm", "rpm", multiple=True, metavar="[JUDGE=]N",
+              help="Requests per minute allowed to a judge's provider and model, across the "
+                   "whole fleet (in Redis) or this process (local); without JUDGE= for every "
+                   "API judge. Repeatable.")  # fmt: skip
+@click.option("--tpm", "tpm", multiple=True, metavar="[JUDGE=]N",
+              help="Tokens per minute (input and output), like --rpm.")  # fmt: skip
 @click.option("--dry-run", is_flag=True,
               help="Print calls, tokens and dollars it would take; send nothing.")  # fmt: skip
 @click.option(
@@ -380,6 +407,11 @@ def label(
     sample_per_layer: int | None,
     concurrency: int,
     seed: int,
+    executor: str,
+    max_inflight: int,
+    requeue: bool,
+    rpm: tuple[str, ...],
+    tpm: tuple[str, ...],
     dry_run: bool,
     budget_usd: float | None,
     base_url: str | None,
@@ -402,6 +434,7 @@ def label(
       labeler label RUN --judge anthropic:claude-haiku-4-5 --budget-usd 20
       labeler label RUN --judge openai:Qwen/Qwen2.5-7B-Instruct --base-url http://gpu:8000/v1
       labeler label RUN --judge heuristic --judge openai:gpt-5-mini   (an ensemble)
+      labeler label RUN --judge openai:gpt-5-mini --executor celery --rpm 5000 --tpm 4000000
     """
     from pydantic import ValidationError
 
@@ -422,7 +455,114 @@ def label(
         first = exc.errors()[0]
         name = {"timeout_s": "timeout"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
-    _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run)
+    if max_inflight < 1:
+        raise UserError("--max-inflight: must be at least 1")
+    if (requeue or max_inflight != 256) and executor != "celery":
+        raise UserError("--requeue and --max-inflight apply to --executor celery only")
+    limits = _rate_limits(judges, rpm, tpm)
+    if executor == "celery" and not dry_run:
+        _label_with_fleet(run_path, judges, sample_per_layer, seed, options, budget_usd,
+                          limits, max_inflight, requeue)  # fmt: skip
+        return
+    _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run,
+           limits)  # fmt: skip
+
+
+def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, ...]) -> Any:
+    """``--rpm``/``--tpm`` values as limits per judge; a value without JUDGE= applies to
+    every judge that calls an API or a model server."""
+    from pydantic import ValidationError
+
+    from labeler.ratelimit import RateLimits
+
+    per_judge: dict[str, dict[str, float]] = {}
+    for option, values in (("rpm", rpm), ("tpm", tpm)):
+        for value in values:
+            judge, _, number = value.rpartition("=")
+            targets = [judge] if judge else [j for j in judges if j != "heuristic"]
+            if judge and judge not in judges:
+                raise UserError(f"--{option} {value}: {judge!r} is not one of the --judge names")
+            try:
+                amount = float(number)
+            except ValueError:
+                raise UserError(f"--{option} {value}: expected [JUDGE=]NUMBER") from None
+            for target in targets:
+                per_judge.setdefault(target, {})[option] = amount
+    try:
+        return {judge: RateLimits(**given) for judge, given in per_judge.items()}
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"--{first['loc'][0]}: {first['msg']}") from None
+
+
+def _label_with_fleet(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample: int | None,
+    seed: int,
+    options: Any,
+    budget_usd: float | None,
+    limits: dict[str, Any],
+    max_inflight: int,
+    requeue: bool,
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("celery") is None:
+        raise UserError(
+            "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
+        )
+    from labeler.render import progress_bar
+    from labeler.run_data import RunData
+    from labeler.store import LabelStore
+    from workers.driver import FleetLabeling, label_with_fleet
+    from workers.settings import FleetSettings, redacted
+
+    run = RunData.open(run_path)
+    _check_judge_names(judges)
+    settings = FleetSettings.from_env()
+    job = FleetLabeling(
+        judges=list(judges), options=options, limits=limits, sample_per_layer=sample, seed=seed,
+        max_inflight=max_inflight, budget_usd=budget_usd, requeue=requeue,
+    )  # fmt: skip
+    store = LabelStore(run_path / "labels.sqlite")
+    console.print(f"fleet: {redacted(settings.redis_url)}; `labeler status {run_path}` shows it")
+    try:
+        with progress_bar(console, "labeling (fleet)", "features") as progress:
+            task = progress.add_task("labeling (fleet)", total=None)
+            reports = label_with_fleet(
+                run, store, job, settings,
+                on_start=lambda n: progress.update(task, total=n),
+                on_result=lambda _judge, _ok: progress.advance(task),
+            )  # fmt: skip
+    finally:
+        store.close()
+    for judge, report in reports.items():
+        console.print(
+            f"{judge}: {report.planned} planned, {report.skipped} already labeled, "
+            f"{report.labeled} labeled now, {report.failed} failed, {report.pending} pending"
+        )
+    spent = next(iter(reports.values())).spent_usd if reports else 0.0
+    if spent is not None:
+        console.print(f"spent ${spent:,.4f}")
+    if any(r.budget_reached for r in reports.values()):
+        console.print(f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features "
+                      "started; rerun to continue")  # fmt: skip
+
+
+def _check_judge_names(judges: tuple[str, ...]) -> None:
+    """Judge names the driver can check without building a model or needing a key."""
+    from labeler.judges import make_judge
+    from labeler.staging import is_staged
+
+    for name in judges:
+        if is_staged(name):
+            if not name.partition(":")[2].strip():
+                raise UserError(
+                    f"judge {name!r} names no model; write {name.partition(':')[0]}:MODEL"
+                )
+        else:
+            make_judge(name)
 
 
 @cli.command()
@@ -439,15 +579,53 @@ def status(run_path: Path, as_json: bool) -> None:
     read_run_info(run_path)
     store = _open_labels(run_path)
     try:
-        statuses = run_status(store)
+        statuses, note = _live_status(store, run_status(store))
         n_planned = len(store.planned())
+        executor = store.get_meta("executor") or "local"
     finally:
         store.close()
     if as_json:
         click.echo(json.dumps([s.model_dump() for s in statuses], indent=2))
         return
-    console.print(f"{run_path}: {n_planned:,} features planned")
-    console.print(status_table(statuses))
+    console.print(f"{run_path}: {n_planned:,} features planned; executor {executor}")
+    for table in status_table(statuses):
+        console.print(table)
+    if note:
+        err_console.print(note)
+
+
+def _live_status(store: Any, statuses: list[Any]) -> tuple[list[Any], str | None]:
+    """Queued and running work, throughput and ETA: from the fleet's Redis for a
+    labeling by the Celery executor, from the local executor's heartbeat otherwise."""
+    import json
+
+    from labeler.accounting import throughput, with_live_state
+
+    counts: dict[str, dict[str, int]] = {}
+    note = None
+    if store.get_meta("executor") == "celery":
+        try:
+            from workers.driver import fleet_counts
+            from workers.settings import FleetSettings, redacted
+
+            settings = FleetSettings.from_env()
+            try:
+                counts = fleet_counts(store, settings)
+            except Exception as exc:  # Redis down: the store still answers
+                note = f"fleet state unavailable ({redacted(settings.redis_url)}: {exc})"
+        except ImportError:
+            note = "fleet state unavailable: the fleet extra is not installed"
+    else:
+        beat = json.loads(store.get_meta("local_running") or "{}")
+        if beat and time.time() - beat.get("at", 0) < 10:
+            counts = {beat["judge"]: {"queued": 0, "running": int(beat["running"])}}
+    live = []
+    for s in statuses:
+        c = counts.get(s.judge)
+        queued = c.get("queued", 0) if c is not None else (0 if counts or note is None else None)
+        running = c.get("running", 0) if c is not None else (0 if note is None else None)
+        live.append(with_live_state(s, queued, running, throughput(store, s.judge)))
+    return live, note
 
 
 def _open_labels(run_path: Path) -> Any:

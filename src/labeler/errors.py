@@ -23,3 +23,16 @@ class JudgeFailure(Exception):
     @property
     def kind(self) -> str:
         return self.reason.split(":", 1)[0]
+
+
+class Reschedule(Exception):
+    """A provider's rate limit (429) that the executor should wait out by rescheduling the
+    work ``retry_after`` seconds later (None: the server gave no time) instead of holding
+    a worker slot; ``usage`` is what the stage's calls had used."""
+
+    def __init__(
+        self, retry_after: float | None, usage: dict[str, Usage] | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(reason or "rate limited")
+        self.retry_after = retry_after
+        self.usage = usage or {}

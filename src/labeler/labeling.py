@@ -10,7 +10,9 @@ missing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +21,8 @@ import numpy as np
 from labeler.errors import JudgeFailure
 from labeler.judges import Judge
 from labeler.run_data import RunData
-from labeler.schemas import FeatureRecord, Judgment
+from labeler.schemas import FeatureRecord, Judgment, Snippet
+from labeler.staging import StageName, StageOutcome
 from labeler.store import LabelStore
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,43 @@ def plan_features(
     return planned
 
 
-async def label_feature(run: RunData, judge: Judge, record: FeatureRecord, seed: int) -> Judgment:
-    """One judgment: negatives checked to be non-activating, then the judge."""
-    negatives = {
+def negatives_for(run: RunData, record: FeatureRecord, seed: int) -> dict[str, list[Snippet]]:
+    """Corpus windows checked not to activate the feature, per detection set."""
+    return {
         kind: run.negative_snippets(record, N_NEGATIVES, seed + offset)
         for offset, kind in enumerate(("top", "random"))
     }
-    return await judge.judge(record, negatives)
+
+
+async def label_feature(run: RunData, judge: Judge, record: FeatureRecord, seed: int) -> Judgment:
+    """One judgment: negatives checked to be non-activating, then the judge."""
+    return await judge.judge(record, negatives_for(run, record, seed))
+
+
+async def run_stage(
+    judge: Judge,
+    stage: StageName,
+    record: FeatureRecord,
+    negatives: dict[str, list[Snippet]],
+    explanation: str | None = None,
+) -> StageOutcome:
+    """One stage of one (feature, judge), as a fleet worker runs it. Failures come back
+    as an outcome with the reason; only a rate limit to reschedule raises."""
+    if stage != "label":
+        staged = getattr(judge, "run_stage", None)
+        if staged is None:
+            raise ValueError(f"judge {judge.name} has no stage {stage!r}; it runs as 'label'")
+        outcome: StageOutcome = await staged(stage, record, negatives, explanation)
+        return outcome
+    base = {"feature_id": record.feature_id, "judge": judge.name,
+            "prompt_hash": judge.prompt_hash, "stage": stage}  # fmt: skip
+    try:
+        judgment = await judge.judge(record, negatives)
+    except JudgeFailure as exc:
+        return StageOutcome(**base, ok=False, reason=exc.reason, usage=exc.usage,
+                            cost_usd=_failure_cost(judge, exc))  # fmt: skip
+    return StageOutcome(**base, ok=True, judgment=judgment, usage=judgment.usage,
+                        cost_usd=judgment.cost_usd)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,8 @@ async def label_run_async(
         on_start(len(todo))
     _ = run.negative_pool  # read once here
     judge.limit_requests(concurrency)
+    store.set_meta("executor", "local")
+    beat = Heartbeat(store, judge.name)
     # As many features as requests: a feature has up to three calls in flight at once, so
     # the request limit stays the binding one.
     slots = asyncio.Semaphore(concurrency)
@@ -143,6 +178,7 @@ async def label_run_async(
             failed += 1
         finally:
             slots.release()
+        beat.update(started - labeled - failed)
         if on_result is not None:
             on_result(ok)
 
@@ -161,11 +197,29 @@ async def label_run_async(
         if tasks:
             await asyncio.gather(*tasks)
     finally:
+        beat.update(0, force=True)
         await judge.aclose()
     return LabelReport(
         planned=len(planned), skipped=len(done), labeled=labeled, failed=failed,
         pending=len(todo) - started, spent_usd=spent, budget_reached=budget_reached,
     )  # fmt: skip
+
+
+class Heartbeat:
+    """How many features the local executor has in flight, written to the store at most
+    once a second so that ``labeler status`` can show them."""
+
+    def __init__(self, store: LabelStore, judge: str) -> None:
+        self.store = store
+        self.judge = judge
+        self.last = 0.0
+
+    def update(self, running: int, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last >= 1.0:
+            self.last = now
+            beat = {"judge": self.judge, "running": running, "at": now}
+            self.store.set_meta("local_running", json.dumps(beat))
 
 
 def _failure_cost(judge: Judge, failure: JudgeFailure) -> float | None:

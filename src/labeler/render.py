@@ -125,22 +125,43 @@ def _dollars(value: float | None) -> str:
     return "unknown price" if value is None else f"${value:,.4f}"
 
 
-def status_table(statuses: list[JudgeStatus]) -> Table:
-    table = Table(title="labels by judge", title_justify="left")
-    for column in ("judge", "labeled", "failed", "pending", "calls", "tokens in",
-                   "cached", "tokens out", "cost", "per labeled"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "judge" else "right",
-                         no_wrap=column == "judge")  # fmt: skip
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def status_table(statuses: list[JudgeStatus]) -> list[Table]:
+    """Progress (done, failed, pending, queued, running, throughput, ETA), then spending."""
+    progress = Table(title="progress by judge", title_justify="left")
+    for column in ("judge", "labeled", "failed", "pending", "queued", "running", "per s", "ETA"):
+        progress.add_column(column, justify="left" if column == "judge" else "right",
+                            no_wrap=column == "judge")  # fmt: skip
+    spending = Table(title="tokens and cost by judge", title_justify="left")
+    for column in ("judge", "calls", "tokens in", "cached", "tokens out", "cost", "per labeled"):
+        spending.add_column(column, justify="left" if column == "judge" else "right",
+                            no_wrap=column == "judge")  # fmt: skip
     for s in statuses:
         u = s.usage
-        table.add_row(
-            s.judge, f"{s.labeled:,}", f"{s.failed:,}", f"{s.pending:,}", f"{u.calls:,}",
-            f"{u.input_tokens + u.cache_write_tokens:,}", f"{u.cached_tokens:,}",
-            f"{u.output_tokens:,}", _dollars(s.cost_usd), _dollars(s.cost_per_labeled_usd),
+        rate = "-" if s.throughput_per_s is None else f"{s.throughput_per_s:,.2f}"
+        progress.add_row(
+            s.judge, f"{s.labeled:,}", f"{s.failed:,}", f"{s.pending:,}", _count(s.queued),
+            _count(s.running), rate, _duration(s.eta_s),
         )  # fmt: skip
         for kind, n in s.failed_by_kind.items():
-            table.add_row(f"  failed: {kind}", "", f"{n:,}", "", "", "", "", "", "", "")
-    return table
+            progress.add_row(f"  failed: {kind}", "", f"{n:,}", *([""] * 5))
+        spending.add_row(
+            s.judge, f"{u.calls:,}", f"{u.input_tokens + u.cache_write_tokens:,}",
+            f"{u.cached_tokens:,}", f"{u.output_tokens:,}", _dollars(s.cost_usd),
+            _dollars(s.cost_per_labeled_usd),
+        )  # fmt: skip
+    return [progress, spending]
 
 
 def estimate_table(estimates: list[Estimate]) -> Table:

@@ -2,6 +2,8 @@
 
 Written by one thread (the executor's driver); safe to read while a labeling runs (WAL).
 A failure is a row too, with its reason, so no feature ever leaves a denominator.
+Stage results of staged judges are kept too, so a judgment interrupted between stages
+(or failed in one) reuses the stages that succeeded.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import UserError
 from labeler.schemas import Judgment, Usage
+from labeler.staging import StageOutcome, add_costs, add_usage
 
-STORE_SCHEMA_VERSION = 2
+STORE_SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +41,18 @@ CREATE TABLE IF NOT EXISTS judgments (
     cost_usd REAL,
     PRIMARY KEY (feature_id, judge)
 );
+CREATE TABLE IF NOT EXISTS stages (
+    feature_id TEXT NOT NULL,
+    judge TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    task_id TEXT,
+    created_at TEXT NOT NULL,
+    charged INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (feature_id, judge, prompt_hash, stage)
+);
+CREATE INDEX IF NOT EXISTS judgments_created ON judgments (created_at);
 """
 # Each step takes the store from the version before it to the next one.
 _MIGRATIONS = {
@@ -43,6 +60,7 @@ _MIGRATIONS = {
         "ALTER TABLE judgments ADD COLUMN usage TEXT",
         "ALTER TABLE judgments ADD COLUMN cost_usd REAL",
     ),
+    3: (),  # the stages table and the created_at index are created if missing
 }
 
 
@@ -59,6 +77,7 @@ class StoredJudgment:
 class LabelStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._in_transaction = False
         self.conn = sqlite3.connect(path)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.executescript(_SCHEMA)
@@ -88,8 +107,37 @@ class LabelStore:
     def close(self) -> None:
         self.conn.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every write inside commits together or not at all (writes nest)."""
+        if self._in_transaction:
+            yield
+            return
+        self._in_transaction = True
+        try:
+            with self.conn:
+                yield
+        finally:
+            self._in_transaction = False
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction():
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def store_id(self) -> str:
+        """This labeling's identity, made once: it names the labeling's work in a fleet."""
+        found = self.get_meta("store_id")
+        if found is None:
+            found = uuid.uuid4().hex
+            self.set_meta("store_id", found)
+        return found
+
     def add_planned(self, features: Iterable[tuple[str, int, int]]) -> None:
-        with self.conn:
+        with self.transaction():
             self.conn.executemany("INSERT OR IGNORE INTO planned VALUES (?, ?, ?)", features)
 
     def planned(self) -> list[tuple[str, int, int]]:
@@ -106,9 +154,14 @@ class LabelStore:
     def judges(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT judge FROM judgments ORDER BY 1")]
 
-    def put_ok(self, judgment: Judgment) -> None:
+    def put_ok(
+        self, judgment: Judgment, charge: tuple[dict[str, Usage], float | None] | None = None
+    ) -> None:
+        """Store a judgment; ``charge`` (usage, cost) is what to add to the row's spending
+        when it differs from the judgment's own (stages charged by an earlier attempt)."""
+        usage, cost = charge if charge is not None else (judgment.usage, judgment.cost_usd)
         self._put(judgment.feature_id, judgment.judge, "ok", judgment.model_dump_json(), None,
-                  judgment.prompt_hash, judgment.usage, judgment.cost_usd)  # fmt: skip
+                  judgment.prompt_hash, usage, cost)  # fmt: skip
 
     def put_failure(
         self,
@@ -134,8 +187,8 @@ class LabelStore:
         usage: dict[str, Usage],
         cost_usd: float | None,
     ) -> None:
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with self.conn:
+        now = _now()
+        with self.transaction():
             before = self.conn.execute(
                 "SELECT usage, cost_usd FROM judgments WHERE feature_id=? AND judge=?",
                 (feature_id, judge),
@@ -156,6 +209,82 @@ class LabelStore:
                      cost_usd=excluded.cost_usd""",
                 (feature_id, judge, status, payload, reason, prompt_hash, now,
                  json.dumps({k: u.model_dump() for k, u in usage.items()}), cost_usd),
+            )  # fmt: skip
+
+    def status_of(self, feature_id: str, judge: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT status FROM judgments WHERE feature_id=? AND judge=?", (feature_id, judge)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def failed_attempts(self, feature_id: str, judge: str) -> int:
+        """How many times this (feature, judge) has been stored as failed and not since
+        succeeded: it makes a new attempt's task ids differ from the failed one's."""
+        row = self.conn.execute(
+            "SELECT status, attempts FROM judgments WHERE feature_id=? AND judge=?",
+            (feature_id, judge),
+        ).fetchone()
+        return 0 if row is None or row[0] == "ok" else int(row[1])
+
+    def put_stage(self, outcome: StageOutcome, task_id: str | None = None) -> bool:
+        """Keep a successful stage's result; False if it was already kept."""
+        with self.transaction():
+            cursor = self.conn.execute(
+                "INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                (outcome.feature_id, outcome.judge, outcome.prompt_hash, outcome.stage,
+                 outcome.model_dump_json(), task_id, _now()),
+            )  # fmt: skip
+        return cursor.rowcount == 1
+
+    def stage_outcomes(self, feature_id: str, judge: str, prompt_hash: str) -> list[StageOutcome]:
+        rows = self.conn.execute(
+            "SELECT payload FROM stages WHERE feature_id=? AND judge=? AND prompt_hash=?",
+            (feature_id, judge, prompt_hash),
+        )
+        return [StageOutcome.model_validate_json(r[0]) for r in rows]
+
+    def charge_stages(
+        self, feature_id: str, judge: str, prompt_hash: str
+    ) -> tuple[dict[str, Usage], float | None]:
+        """Usage and cost of the kept stages not yet charged to the judgment row, now
+        marked charged (call inside the transaction that writes the row)."""
+        rows = self.conn.execute(
+            "SELECT payload FROM stages WHERE feature_id=? AND judge=? AND prompt_hash=? "
+            "AND charged=0",
+            (feature_id, judge, prompt_hash),
+        ).fetchall()
+        outcomes = [StageOutcome.model_validate_json(r[0]) for r in rows]
+        self.conn.execute(
+            "UPDATE stages SET charged=1 WHERE feature_id=? AND judge=? AND prompt_hash=?",
+            (feature_id, judge, prompt_hash),
+        )
+        return add_usage(*(o.usage for o in outcomes)), add_costs([o.cost_usd for o in outcomes])
+
+    def finished_since(self, since: str, judge: str) -> list[str]:
+        """created_at of ``judge``'s judgments stored at or after ``since`` (ISO, UTC)."""
+        rows = self.conn.execute(
+            "SELECT created_at FROM judgments WHERE judge=? AND created_at >= ? "
+            "ORDER BY created_at",
+            (judge, since),
+        )
+        return [str(r[0]) for r in rows]
+
+    def add_cost(self, feature_id: str, judge: str, usage: dict[str, Usage],
+                 cost_usd: float | None) -> None:  # fmt: skip
+        """Count what a late stage cost on a (feature, judge) already stored."""
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT usage, cost_usd FROM judgments WHERE feature_id=? AND judge=?",
+                (feature_id, judge),
+            ).fetchone()
+            if row is None:
+                return
+            total = _add_usage(_read_usage(row[0]), usage)
+            cost = None if row[1] is None or cost_usd is None else row[1] + cost_usd
+            self.conn.execute(
+                "UPDATE judgments SET usage=?, cost_usd=? WHERE feature_id=? AND judge=?",
+                (json.dumps({k: u.model_dump() for k, u in total.items()}), cost, feature_id,
+                 judge),
             )  # fmt: skip
 
     def accounting(
@@ -180,6 +309,10 @@ class LabelStore:
             judgment = Judgment.model_validate_json(payload) if payload else None
             out[fid] = StoredJudgment(fid, jname, status, judgment, reason, attempts)
         return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _read_usage(text: str | None) -> dict[str, Usage]:

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from labeler.errors import JudgeFailure
+from labeler.errors import JudgeFailure, Reschedule
 from labeler.judges.backend import (
     STAGES,
     BackendError,
@@ -31,8 +31,8 @@ from labeler.judges.backend import (
     Prompt,
     Reply,
     Stage,
+    TransientError,
 )
-from labeler.judges.metrics import detection_score
 from labeler.judges.pricing import PriceTable
 from labeler.judges.prompting import (
     classify_prompt,
@@ -50,14 +50,15 @@ from labeler.judges.replies import (
     validation_reason,
 )
 from labeler.judges.retry import RetryPolicy, with_retries
+from labeler.ratelimit import RateLimiter
 from labeler.schemas import (
     Classification,
-    DetectionScore,
     FeatureRecord,
     Judgment,
     Snippet,
     Usage,
 )
+from labeler.staging import Detection, StageName, StageOutcome, add_usage, assemble
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, prompt_hash
 
 T = TypeVar("T", bound=BaseModel)
@@ -83,6 +84,9 @@ class JudgeSettings:
     explanation_tokens: int = 48
     """New tokens an in-process model may generate for an explanation."""
     seed: int = 0
+    output_allowance: int = 256
+    """Output tokens reserved per request by a tokens-per-minute limit until the real
+    count is known."""
 
 
 @dataclass
@@ -115,6 +119,8 @@ class LLMJudge:
         self.prices = prices
         self.prompt_hash = prompt_hash()
         self._gate: asyncio.Semaphore | None = None
+        self.limiter: RateLimiter | None = None
+        """Shared requests- and tokens-per-minute limits (set by the executor)."""
 
     def limit_requests(self, n: int) -> None:
         """At most ``n`` requests in flight from now on (call inside the running loop)."""
@@ -128,30 +134,69 @@ class LLMJudge:
     async def aclose(self) -> None:
         await self.backend.aclose()
 
+    def _estimate(self, prompt: Prompt) -> int:
+        """Tokens a request may use, for the rate limiter: its text at about four
+        characters a token plus the output allowance."""
+        return (len(prompt.system) + len(prompt.user)) // 4 + self.settings.output_allowance
+
     # -- one feature -------------------------------------------------------------------
 
     async def judge(self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]) -> Judgment:
-        ledger = Ledger()
-        try:
-            explanation = await self._explain(feature, ledger)
-            detections, classification = await asyncio.gather(
-                self._detect_all(feature, negatives, explanation, ledger),
-                self._classify(feature, ledger),
+        """All stages in this process: the explanation, then detection on each set and
+        the classification concurrently."""
+        explained = await self.run_stage("explain", feature, negatives)
+        outcomes = [explained]
+        if explained.ok:
+            later = [s for s in self.stages(feature) if s != "explain"]
+            outcomes += await asyncio.gather(
+                *(self.run_stage(s, feature, negatives, explained.explanation) for s in later)
             )
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise JudgeFailure(
+                failed[0].reason or "unknown", add_usage(*(o.usage for o in outcomes))
+            )
+        return assemble(outcomes)
+
+    def stages(self, feature: FeatureRecord) -> list[StageName]:
+        sets = [kind for kind in DETECTION_SETS if feature.of_kind(kind)]
+        return ["explain", *(f"detect_{kind}" for kind in sets), "classify"]  # type: ignore[list-item]
+
+    async def run_stage(
+        self,
+        stage: StageName,
+        feature: FeatureRecord,
+        negatives: dict[str, list[Snippet]],
+        explanation: str | None = None,
+    ) -> StageOutcome:
+        """One stage of one feature; a failure is returned with its reason and usage. With
+        a policy that reschedules rate limits, a 429 raises ``Reschedule`` instead."""
+        ledger = Ledger()
+        out = StageOutcome(feature_id=feature.feature_id, judge=self.name,
+                           prompt_hash=self.prompt_hash, stage=stage, ok=True)  # fmt: skip
+        try:
+            if stage == "explain":
+                out.explanation = await self._explain(feature, ledger)
+            elif stage in ("detect_top", "detect_random"):
+                if explanation is None:
+                    raise ValueError(f"stage {stage} needs the explanation")
+                kind = stage.removeprefix("detect_")
+                out.detection = await self._detect_set(
+                    feature, kind, negatives.get(kind, []), explanation, ledger
+                )
+            elif stage == "classify":
+                out.classification = await self._classify(feature, ledger)
+            else:
+                raise ValueError(f"an LLM judge has no stage {stage!r}")
+        except TransientError as exc:
+            if exc.kind == "rate_limited" and self.retry.reschedule_rate_limits:
+                raise Reschedule(exc.retry_after, ledger.usage, exc.reason) from exc
+            out.ok, out.reason = False, f"{exc.kind}: {exc.stage}: {exc.reason}"
         except BackendError as exc:
-            raise JudgeFailure(f"{exc.kind}: {exc.stage}: {exc.reason}", ledger.usage) from exc
-        by_set, pooled = detections
-        return Judgment(
-            feature_id=feature.feature_id,
-            judge=self.name,
-            prompt_hash=self.prompt_hash,
-            explanation=explanation,
-            detection=pooled,
-            detection_by_set=by_set,
-            classification=classification,
-            usage=ledger.usage,
-            cost_usd=self.cost(ledger.usage),
-        )
+            out.ok, out.reason = False, f"{exc.kind}: {exc.stage}: {exc.reason}"
+        out.usage = ledger.usage
+        out.cost_usd = self.cost(ledger.usage)
+        return out
 
     def cost(self, usage: dict[str, Usage]) -> float | None:
         if self.prices is None:
@@ -161,12 +206,36 @@ class LLMJudge:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def _call(self, stage: Stage, ledger: Ledger, call: Callable[[], Awaitable[V]]) -> V:
+    async def _call(
+        self,
+        stage: Stage,
+        ledger: Ledger,
+        call: Callable[[], Awaitable[V]],
+        estimate: int = 0,
+    ) -> V:
+        """One request through the gate, the rate limiter (``estimate``: tokens the request
+        is expected to use) and the retry policy."""
+
+        async def limited() -> V:
+            if self.limiter is None:
+                return await call()
+            await self.limiter.acquire(estimate)
+            used = 0
+            try:
+                result = await call()
+                used = _tokens_used(result)
+                return result
+            except BackendError as exc:
+                used = exc.usage.total_input + exc.usage.output_tokens
+                raise
+            finally:
+                await self.limiter.settle(estimate, used)
+
         async def gated() -> V:
             if self._gate is None:
-                return await call()
+                return await limited()
             async with self._gate:
-                return await call()
+                return await limited()
 
         try:
             return await with_retries(gated, self.retry, f"{self.name} {stage}")
@@ -194,6 +263,7 @@ class LLMJudge:
                     prompt.stage,
                     ledger,
                     lambda: backend.complete(prompt, schema, logprobs=logprobs),
+                    self._estimate(prompt),
                 )
             except InvalidReply as exc:
                 last = exc
@@ -238,35 +308,20 @@ class LLMJudge:
         again.stage = "explain"
         raise again
 
-    async def _detect_all(
+    async def _detect_set(
         self,
         feature: FeatureRecord,
-        negatives: dict[str, list[Snippet]],
+        kind: str,
+        negatives: list[Snippet],
         explanation: str,
         ledger: Ledger,
-    ) -> tuple[dict[str, DetectionScore], DetectionScore]:
-        sets: dict[str, list[Snippet]] = {}
-        for offset, kind in enumerate(DETECTION_SETS):
-            positives = feature.of_kind(kind)[: self.settings.n_positives]
-            if positives:
-                seed = (
-                    self.settings.seed * 7919 + feature.layer * 1_000_003 + feature.index + offset
-                )
-                sets[kind] = detection_snippets(positives, negatives.get(kind, []), seed)
-        results = await asyncio.gather(
-            *(self._detect(explanation, snippets, ledger) for snippets in sets.values())
-        )
-        by_set: dict[str, DetectionScore] = {}
-        labels: list[bool] = []
-        predicted: list[bool] = []
-        probs: list[float] | None = []
-        for (kind, snippets), (pred, p) in zip(sets.items(), results, strict=True):
-            truth = [s.activating for s in snippets]
-            by_set[kind] = detection_score(truth, pred, p)
-            labels += truth
-            predicted += pred
-            probs = None if p is None or probs is None else probs + p
-        return by_set, detection_score(labels, predicted, probs)
+    ) -> Detection:
+        positives = feature.of_kind(kind)[: self.settings.n_positives]
+        offset = DETECTION_SETS.index(kind)
+        seed = self.settings.seed * 7919 + feature.layer * 1_000_003 + feature.index + offset
+        snippets = detection_snippets(positives, negatives, seed)
+        predicted, probs = await self._detect(explanation, snippets, ledger)
+        return Detection(truth=[s.activating for s in snippets], predicted=predicted, probs=probs)
 
     async def _detect(
         self, explanation: str, snippets: list[Snippet], ledger: Ledger
@@ -360,6 +415,11 @@ class LLMJudge:
                 "rationale": rationale,
             }
         )
+
+
+def _tokens_used(result: object) -> int:
+    usage = getattr(result, "usage", None)
+    return usage.total_input + usage.output_tokens if isinstance(usage, Usage) else 0
 
 
 def _softmax(values: list[float]) -> list[float]:

@@ -30,6 +30,9 @@ class RetryPolicy:
     max_attempts: int = 6
     base_delay: float = 1.0
     max_delay: float = 60.0
+    reschedule_rate_limits: bool = False
+    """Raise a rate limit (429) at once, for an executor that reschedules the work rather
+    than waiting in a worker slot (the Celery fleet)."""
 
     def delay(self, failed_attempts: int, error: TransientError, rng: random.Random) -> float:
         if error.retry_after is not None:
@@ -85,6 +88,8 @@ async def with_retries(
         try:
             return await call()
         except TransientError as exc:
+            if policy.reschedule_rate_limits and exc.kind == "rate_limited":
+                raise
             if attempt >= policy.max_attempts:
                 exc.reason = f"{exc.reason} (gave up after {attempt} attempts)"
                 exc.args = (exc.reason,)

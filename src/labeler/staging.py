@@ -1,0 +1,152 @@
+"""A judgment in stages, so that a fleet can run each stage where it fits.
+
+An LLM judge's work on one feature is four model calls: the explanation, detection on
+the top and on the random positives (both need the explanation), and the
+classification. Each is a *stage* with its own result; :func:`assemble` turns the
+results into the judgment. The local executor runs the stages in one process; the
+Celery executor runs each as a task on a queue named by stage group and provider
+(``explain.openai``, ``score.local``, ...), so that a paid call that succeeded is kept
+even when a later stage of the same feature fails or its worker dies.
+
+Judges that are not staged (the heuristic judge, third-party backends) run as one
+``label`` stage whose result is the whole judgment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from labeler.judges.metrics import detection_score
+from labeler.schemas import Classification, DetectionScore, Judgment, Usage
+
+StageName = Literal["explain", "detect_top", "detect_random", "classify", "label"]
+STAGE_GROUPS: dict[StageName, str] = {
+    "explain": "explain",
+    "detect_top": "score",
+    "detect_random": "score",
+    "classify": "classify",
+    "label": "label",
+}
+STAGED_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "hf": "local"}
+DEPENDS_ON: dict[StageName, tuple[StageName, ...]] = {
+    "detect_top": ("explain",),
+    "detect_random": ("explain",),
+}
+STAGE_SCHEMA_VERSION = 1
+
+
+class Detection(BaseModel):
+    """Answers of one detection set: the truth, the model's answers and, where the
+    backend yields them, its probabilities of 'activating'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    truth: list[bool]
+    predicted: list[bool]
+    probs: list[float] | None = None
+
+    def score(self) -> DetectionScore:
+        return detection_score(self.truth, self.predicted, self.probs)
+
+
+class StageOutcome(BaseModel):
+    """What one stage of one (feature, judge) produced, or why it failed, and what its
+    calls cost (failed attempts included)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = STAGE_SCHEMA_VERSION
+    feature_id: str
+    judge: str
+    prompt_hash: str
+    stage: StageName
+    ok: bool
+    reason: str | None = Field(None, description="'KIND: STAGE: detail' when not ok")
+    usage: dict[str, Usage] = Field(default_factory=dict)
+    cost_usd: float | None = 0.0
+    explanation: str | None = None
+    detection: Detection | None = None
+    classification: Classification | None = None
+    judgment: Judgment | None = Field(None, description="the whole judgment ('label' stage)")
+
+
+def provider_of(judge: str) -> str:
+    prefix = judge.split(":", 1)[0]
+    return STAGED_PROVIDERS.get(prefix, prefix)
+
+
+def is_staged(judge: str) -> bool:
+    return judge.split(":", 1)[0] in STAGED_PROVIDERS
+
+
+def stages_for(judge: str, detection_sets: list[str]) -> list[StageName]:
+    """The stages of one (feature, judge); ``detection_sets`` are the example kinds the
+    feature has positives of ('top', 'random')."""
+    if not is_staged(judge):
+        return ["label"]
+    detect: list[StageName] = [
+        s for s in ("detect_top", "detect_random") if s[7:] in detection_sets
+    ]
+    return ["explain", *detect, "classify"]
+
+
+def queue_for(judge: str, stage: StageName) -> str:
+    return f"{STAGE_GROUPS[stage]}.{provider_of(judge)}"
+
+
+def ready(stages: list[StageName], done: set[StageName]) -> list[StageName]:
+    """Stages not done whose dependencies are."""
+    return [s for s in stages if s not in done and all(d in done for d in DEPENDS_ON.get(s, ()))]
+
+
+def add_usage(*parts: dict[str, Usage]) -> dict[str, Usage]:
+    out: dict[str, Usage] = {}
+    for part in parts:
+        for stage, usage in part.items():
+            out[stage] = out.get(stage, Usage()) + usage
+    return out
+
+
+def add_costs(costs: list[float | None]) -> float | None:
+    """The sum, or None once any part has no price."""
+    return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
+
+
+def assemble(outcomes: list[StageOutcome]) -> Judgment:
+    """The judgment from every stage of one (feature, judge), all ok."""
+    by_stage = {o.stage: o for o in outcomes}
+    if "label" in by_stage:
+        judgment = by_stage["label"].judgment
+        assert judgment is not None
+        return judgment
+    first = outcomes[0]
+    explanation = by_stage["explain"].explanation
+    classification = by_stage["classify"].classification
+    assert explanation is not None and classification is not None
+    by_set: dict[str, DetectionScore] = {}
+    pooled = Detection(truth=[], predicted=[], probs=[])
+    for stage in ("detect_top", "detect_random"):
+        part = by_stage.get(stage)  # type: ignore[call-overload]
+        if part is None or part.detection is None:
+            continue
+        by_set[stage[7:]] = part.detection.score()
+        pooled.truth += part.detection.truth
+        pooled.predicted += part.detection.predicted
+        pooled.probs = (
+            None
+            if pooled.probs is None or part.detection.probs is None
+            else pooled.probs + part.detection.probs
+        )
+    return Judgment(
+        feature_id=first.feature_id,
+        judge=first.judge,
+        prompt_hash=first.prompt_hash,
+        explanation=explanation,
+        detection=pooled.score(),
+        detection_by_set=by_set,
+        classification=classification,
+        usage=add_usage(*(o.usage for o in outcomes)),
+        cost_usd=add_costs([o.cost_usd for o in outcomes]),
+    )

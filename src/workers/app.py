@@ -1,0 +1,47 @@
+"""The Celery app: ``celery -A workers worker -Q explain.openai,score.openai,...``.
+
+Delivery is at least once and the work idempotent: a task is acknowledged only after
+its outcome is written (late acknowledgement), a task whose worker dies is handed to
+another after the visibility timeout (longer than any task may run), each worker takes
+one message at a time, and a task whose outcome already exists does nothing.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from workers.settings import FleetSettings
+
+QUEUE_STAGES = ("explain", "score", "classify", "label")
+QUEUE_PROVIDERS = ("openai", "anthropic", "local", "heuristic")
+
+
+def make_app(settings: FleetSettings | None = None) -> Celery:
+    settings = settings or FleetSettings.from_env()
+    app = Celery("labeler", broker=settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # every worker looks for messages of dead workers this often (by default kombu
+            # looks every 100 s, so they would return that long after the timeout)
+            "unacked_restore_interval": settings.restore_sweep_s,
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # keep trying while Redis restarts
+        task_ignore_result=True,  # outcomes travel on the run's stream, not as results
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue="label.heuristic",
+        worker_send_task_events=True,  # celery events, Flower
+        task_send_sent_event=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.labeler_settings = settings
+    return app
+
+
+app = make_app()

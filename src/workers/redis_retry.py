@@ -1,0 +1,37 @@
+"""Redis calls that wait out a Redis restart instead of failing the work."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from kombu.exceptions import OperationalError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_FOR_S = 600.0
+
+
+def retrying(op: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> T:
+    """``op()``, tried again with backoff while Redis is unreachable, for up to
+    ``retry_for`` seconds."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.2
+    while True:
+        try:
+            return op()
+        except (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.BusyLoadingError,
+            OperationalError,
+        ) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

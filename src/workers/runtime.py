@@ -1,0 +1,93 @@
+"""What a worker process keeps between tasks: one asyncio loop on its own thread, on
+which every judge runs (so SDK clients and their connections are reused across tasks,
+whatever the pool), the judges built so far, and Redis clients.
+
+With the threads pool, many tasks submit their stage to the one loop concurrently; with
+prefork, each child process makes its own runtime after the fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+
+from labeler.judges import Judge, make_judge
+from labeler.judges.base import JudgeOptions
+from labeler.judges.llm_judge import LLMJudge
+from labeler.ratelimit import RateLimits, RedisRateLimiter, limiter_key
+from workers.settings import FleetSettings
+from workers.task_state import TaskState
+
+T = TypeVar("T")
+
+
+class StageTimeout(Exception):
+    pass
+
+
+class WorkerRuntime:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="judges", daemon=True)
+        self.thread.start()
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        self.state = TaskState(self.redis)
+        self._async_redis: redis.asyncio.Redis | None = None
+        self._judges: dict[str, Judge] = {}
+        self._lock = threading.Lock()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the judges' loop and wait for it, at most ``timeout`` seconds."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise StageTimeout(f"took longer than {timeout:g} s") from None
+
+    def judge(self, name: str, options: JudgeOptions, limits: RateLimits | None) -> Judge:
+        """The judge for these settings, built once per process."""
+        key = "|".join(
+            [name, options.model_dump_json(), limits.model_dump_json() if limits else ""]
+        )
+        with self._lock:
+            found = self._judges.get(key)
+            if found is None:
+                found = self.run(self._build(name, options, limits), timeout=600)
+                self._judges[key] = found
+        return found
+
+    async def _build(self, name: str, options: JudgeOptions, limits: RateLimits | None) -> Judge:
+        judge = make_judge(name, options)
+        judge.preflight()
+        if isinstance(judge, LLMJudge):
+            # a 429 goes back to the queue with its Retry-After instead of waiting here
+            judge.retry = dataclasses.replace(judge.retry, reschedule_rate_limits=True)
+            if limits is not None and limits.active:
+                if self._async_redis is None:
+                    self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)
+                judge.limiter = RedisRateLimiter(self._async_redis, limiter_key(name), limits)
+        return judge
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime(settings: FleetSettings) -> WorkerRuntime:
+    """This process's runtime (a forked child makes its own)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = WorkerRuntime(settings)
+        return _runtime

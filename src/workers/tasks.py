@@ -1,0 +1,133 @@
+"""The one task type: run one stage of one (feature, judge) and publish its outcome.
+
+A task whose outcome is already published (a redelivery after its worker died between
+publishing and acknowledging) or that another worker is running now (a duplicate
+message) does nothing. A provider's 429 reschedules the task after the server's
+Retry-After, freeing the worker slot meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import time
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+from pydantic import ValidationError
+
+from adapters.errors import UserError
+from labeler.errors import Reschedule
+from labeler.labeling import run_stage
+from labeler.staging import StageOutcome, add_usage
+from workers import keys
+from workers.app import app
+from workers.payloads import StageTask
+from workers.redis_retry import retrying
+from workers.runtime import StageTimeout, WorkerRuntime, runtime
+from workers.settings import FleetSettings
+
+log = logging.getLogger("workers.tasks")
+
+RESCHEDULE_BASE_S = 5.0
+RESCHEDULE_MAX_S = 300.0
+
+
+@app.task(name=keys.STAGE_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def stage(self: Task, payload: dict[str, Any]) -> str:
+    settings: FleetSettings = app.conf.labeler_settings
+    try:
+        task = StageTask.model_validate(payload)
+    except ValidationError as exc:
+        log.error("task %s: invalid payload, dropped: %s", self.request.id, exc)
+        return "invalid"
+    task_id = str(self.request.id)
+    what = f"{task.feature_id} {task.judge} {task.stage}"
+    rt = runtime(settings)
+    worker = self.request.hostname or socket.gethostname()
+    until = time.time() + settings.claim_ttl
+    running = json.dumps({"worker": worker, "feature": task.feature_id, "judge": task.judge,
+                          "stage": task.stage, "until": until})  # fmt: skip
+    begun = retrying(
+        lambda: rt.state.begin(task.run, task_id, worker, settings.claim_ttl, running), what
+    )
+    if begun == "done":
+        log.info("%s: already done (task %s), nothing to do", what, task_id)
+        return "duplicate"
+    if begun == "claimed":
+        log.info("%s: another worker is running task %s", what, task_id)
+        return "claimed"
+    started = time.monotonic()
+    try:
+        outcome = _execute(task, rt, settings)
+    except Reschedule as exc:
+        _release(rt, task, task_id, what)
+        if task.reschedules >= settings.max_reschedules:
+            outcome = _failed(task, f"rate_limited: {task.stage}: gave up after "
+                                    f"{task.reschedules} reschedules ({exc})")  # fmt: skip
+        else:
+            raise _reschedule(self, task, exc, what) from None
+    outcome.usage = add_usage(task.carried_usage, outcome.usage)
+    _publish(rt, task, task_id, outcome, what)
+    status = "ok" if outcome.ok else f"failed: {outcome.reason}"
+    log.info("%s: %s (%.2f s)", what, status, time.monotonic() - started)
+    return "ok" if outcome.ok else "failed"
+
+
+def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> StageOutcome:
+    try:
+        judge = rt.judge(task.judge, task.options, task.limits)
+    except UserError as exc:
+        return _failed(task, f"config: {task.stage}: on {socket.gethostname()}: {exc}")
+    if judge.prompt_hash != task.prompt_hash:
+        return _failed(task, f"version_mismatch: {task.stage}: this worker's prompts hash to "
+                             f"{judge.prompt_hash}, the driver's to {task.prompt_hash}; run "
+                             "the same labeler version everywhere")  # fmt: skip
+    coro = run_stage(judge, task.stage, task.record, task.negatives, task.explanation)
+    try:
+        return rt.run(coro, settings.task_time_limit_s)
+    except StageTimeout as exc:
+        return _failed(task, f"timeout: {task.stage}: {exc}")
+    except Reschedule:
+        raise
+    except Exception as exc:  # recorded with its reason, never dropped
+        log.exception("%s %s %s raised", task.feature_id, task.judge, task.stage)
+        return _failed(task, f"error: {task.stage}: {type(exc).__name__}: {exc}")
+
+
+def _failed(task: StageTask, reason: str) -> StageOutcome:
+    return StageOutcome(feature_id=task.feature_id, judge=task.judge,
+                        prompt_hash=task.prompt_hash, stage=task.stage, ok=False, reason=reason,
+                        cost_usd=0.0)  # fmt: skip
+
+
+def _publish(
+    rt: WorkerRuntime, task: StageTask, task_id: str, outcome: StageOutcome, what: str
+) -> None:
+    """Outcome, done mark and release at once; a retry after a lost reply finds the done
+    mark and writes nothing twice."""
+    body = outcome.model_dump_json()
+    retrying(lambda: rt.state.publish(task.run, task_id, body), what)
+
+
+def _release(rt: WorkerRuntime, task: StageTask, task_id: str, what: str) -> None:
+    retrying(lambda: rt.state.release(task.run, task_id), what)
+
+
+def _reschedule(self: Task, task: StageTask, exc: Reschedule, what: str) -> Retry:
+    if exc.retry_after is not None:
+        delay = exc.retry_after + random.uniform(0, 0.1 * max(exc.retry_after, 1.0))
+    else:
+        delay = random.uniform(0, min(RESCHEDULE_MAX_S, RESCHEDULE_BASE_S * 2**task.reschedules))
+    again = task.model_copy(update={
+        "carried_usage": add_usage(task.carried_usage, exc.usage),
+        "reschedules": task.reschedules + 1,
+    })  # fmt: skip
+    log.info("%s: rate limited (%s); rescheduled in %.1f s", what, exc, delay)
+    retry: Retry = self.retry(
+        kwargs={"payload": again.model_dump(mode="json")}, countdown=delay, max_retries=None
+    )
+    return retry

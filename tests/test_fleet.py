@@ -1,0 +1,227 @@
+"""The Celery fleet with real processes: a private redis-server, ``celery worker``
+subprocesses, ``labeler label --executor celery`` drivers, and the fake LLM server on
+loopback. Each test checks the store holds exactly one judgment per (feature, judge)
+and that no paid call was repeated beyond what a killed process had in flight."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labeler.judges import make_judge
+from labeler.judges.base import JudgeOptions
+from labeler.labeling import label_run
+from labeler.run_data import RunData
+from labeler.store import LabelStore
+from tests.conftest import CollectedDemo
+from tests.fake_llm import FakeLLMServer, RateLimited, oracle
+from tests.fleet import Worker, fleet_env, run_driver, start_driver
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+JUDGE = "openai:fake-model"
+CALLS = 4  # explain, detect top, detect random, classify
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(oracle) as server:
+        yield server
+
+
+@pytest.fixture
+def run(collected: CollectedDemo, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(collected.run, target)
+    return target
+
+
+def _args(run: Path, fake: FakeLLMServer, sample: int, *extra: str) -> list[str]:
+    return [str(run), "--judge", JUDGE, "--base-url", f"{fake.base_url}/v1",
+            "--sample-per-layer", str(sample), *extra]  # fmt: skip
+
+
+def _rows(run: Path) -> list[tuple[str, str, str, int]]:
+    with sqlite3.connect(run / "labels.sqlite") as conn:
+        rows = conn.execute("SELECT feature_id, judge, status, attempts FROM judgments")
+        return [(str(f), str(j), str(s), int(a)) for f, j, s, a in rows]
+
+
+def _planned(run: Path) -> set[str]:
+    with sqlite3.connect(run / "labels.sqlite") as conn:
+        return {str(r[0]) for r in conn.execute("SELECT feature_id FROM planned")}
+
+
+def _assert_complete_once(run: Path, judges: list[str]) -> None:
+    rows = _rows(run)
+    planned = _planned(run)
+    keys = Counter((f, j) for f, j, _, _ in rows)
+    assert set(keys) == {(f, j) for f in planned for j in judges}  # nothing missing
+    assert max(keys.values()) == 1  # nothing twice
+    assert {s for *_, s, _ in rows} == {"ok"}
+    assert {a for *_, a in rows} == {1}  # each stored in one write
+
+
+def _requests_per_feature(fake: FakeLLMServer) -> int:
+    return sum(1 for r in fake.requests if r.status == 200)
+
+
+def _wait_for_labels(run: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "labels.sqlite").exists():
+            try:
+                if len(_rows(run)) >= n:
+                    return
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} labels after {timeout} s")
+
+
+def test_two_workers_store_each_judgment_once_and_match_the_local_executor(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(run, local)
+    options = JudgeOptions(base_url=f"{fake.base_url}/v1", openai_api="chat")
+    store = LabelStore(local / "labels.sqlite")
+    for name in (JUDGE, "heuristic"):
+        label_run(RunData.open(local), store, make_judge(name, options), sample_per_layer=75,
+                  concurrency=16)  # fmt: skip
+    expected = {j: store.judgments(j) for j in (JUDGE, "heuristic")}
+    store.close()
+    fake.reset()
+
+    env = fleet_env(redis_server.url, OPENAI_API_KEY="sk-test")
+    with (
+        Worker("w1", env, tmp_path / "w1.log", concurrency=8),
+        Worker("w2", env, tmp_path / "w2.log", concurrency=8),
+    ):
+        out = run_driver(_args(run, fake, 75, "--judge", "heuristic"), env, tmp_path / "d.log")
+    assert "300 planned" in out
+    _assert_complete_once(run, [JUDGE, "heuristic"])
+    assert _requests_per_feature(fake) == CALLS * 300  # no call made twice
+    got = LabelStore(run / "labels.sqlite")
+    for judge, local_rows in expected.items():
+        fleet_rows = got.judgments(judge)
+        assert set(fleet_rows) == set(local_rows)
+        for fid, row in local_rows.items():  # the same judgment, stage by stage
+            a, b = fleet_rows[fid].judgment, row.judgment
+            assert a is not None and b is not None
+            # usage differs only in what the server's prompt cache held at the time
+            assert a.model_dump(exclude={"usage"}) == b.model_dump(exclude={"usage"}), fid
+            calls = sum(u.calls for u in a.usage.values())
+            assert calls == (CALLS if judge == JUDGE else 0)
+    got.close()
+    w1, w2 = (tmp_path / "w1.log").read_text(), (tmp_path / "w2.log").read_text()
+    assert w1.count("explain: ok") > 20 and w2.count("explain: ok") > 20  # both worked
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.latency = 0.2
+    env = fleet_env(redis_server.url)
+    doomed = Worker("doomed", env, tmp_path / "doomed.log", concurrency=8).wait_ready()
+    with Worker("survivor", env, tmp_path / "survivor.log", concurrency=8):
+        driver = start_driver(_args(run, fake, 30), env, tmp_path / "d.log")
+        _wait_for_labels(run, 30)
+        in_flight = (tmp_path / "doomed.log").read_text().count("Task labeler.stage[")
+        doomed.kill()
+        assert in_flight > 0
+        assert driver.wait(120) == 0, (tmp_path / "d.log").read_text()[-3000:]
+    doomed.stop()
+    _assert_complete_once(run, [JUDGE])
+    # at most the calls the dead worker had in flight (8 threads) were made again
+    assert CALLS * 120 <= _requests_per_feature(fake) <= CALLS * 120 + 8
+
+
+def test_a_driver_stopped_and_started_again_resumes_without_duplicates(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.latency = 0.1
+    env = fleet_env(redis_server.url)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=8):
+        driver = start_driver(_args(run, fake, 30), env, tmp_path / "d1.log")
+        _wait_for_labels(run, 25)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+        assert len(_rows(run)) < 120
+        out = run_driver(_args(run, fake, 30), env, tmp_path / "d2.log")
+    assert "120 planned" in out
+    _assert_complete_once(run, [JUDGE])
+    assert _requests_per_feature(fake) == CALLS * 120  # queued work was not sent twice
+
+
+def test_a_redis_restart_mid_run_delays_but_loses_nothing(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.latency = 0.1
+    env = fleet_env(redis_server.url)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=8):
+        driver = start_driver(_args(run, fake, 30), env, tmp_path / "d.log")
+        _wait_for_labels(run, 25)
+        redis_server.restart(down_for=2.0)
+        assert driver.wait(180) == 0, (tmp_path / "d.log").read_text()[-3000:]
+    _assert_complete_once(run, [JUDGE])
+    assert CALLS * 120 <= _requests_per_feature(fake) <= CALLS * 120 + 8
+
+
+def test_a_fleet_wide_request_limit_holds_across_two_workers(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    rpm = 600  # 10 requests a second, a burst of 10
+    env = fleet_env(redis_server.url)
+    with (
+        Worker("w1", env, tmp_path / "w1.log", concurrency=8),
+        Worker("w2", env, tmp_path / "w2.log", concurrency=8),
+    ):
+        run_driver(_args(run, fake, 10, "--rpm", str(rpm)), env, tmp_path / "d.log")
+    _assert_complete_once(run, [JUDGE])
+    times = sorted(r.time for r in fake.requests)
+    assert len(times) == CALLS * 40
+    rate, burst = rpm / 60, rpm / 60
+    # requests reach the server up to half a second after the limiter admits them (the
+    # first connections, threads on two busy cores): windows get that much slack
+    slack = 0.5
+    for width in (5.0, 10.0):
+        worst = max(sum(1 for t in times[i:] if t < start + width) for i, start in enumerate(times))
+        assert worst <= burst + rate * (width + slack), (width, worst)
+    span = times[-1] - times[0]
+    assert span >= (len(times) - burst) / rate - 1  # no faster than the limit
+    assert span <= (len(times) - burst) / rate * 1.5 + 2  # and not needlessly slower
+
+
+def test_a_429_reschedules_the_stage_after_retry_after_and_frees_the_slot(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.latency = 0.05
+    fake.script(RateLimited(retry_after=3.0))
+    env = fleet_env(redis_server.url)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=1):
+        run_driver(_args(run, fake, 2), env, tmp_path / "d.log")
+    _assert_complete_once(run, [JUDGE])
+    requests = fake.requests
+    limited = requests[0]
+    assert limited.status == 429
+    same = [r for r in requests[1:] if r.body == limited.body]
+    assert same and same[0].time - limited.time >= 3.0  # waited what the server asked
+    # the only worker slot served other stages meanwhile instead of sleeping
+    between = [r for r in requests if limited.time < r.time < same[0].time]
+    assert len(between) >= 5
+    assert "rescheduled in" in (tmp_path / "w1.log").read_text()
