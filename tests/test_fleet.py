@@ -5,9 +5,11 @@ and that no paid call was repeated beyond what a killed process had in flight.""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,9 +23,9 @@ from labeler.labeling import label_run
 from labeler.run_data import RunData
 from labeler.store import LabelStore
 from tests.conftest import CollectedDemo
-from tests.fake_llm import FakeLLMServer, RateLimited, oracle
-from tests.fleet import Worker, fleet_env, run_driver, start_driver
-from tests.redis_server import RedisServer
+from tests.fake_llm import BadRequest, FakeLLMServer, RateLimited, oracle
+from tests.fleet import BIN, Worker, fleet_env, run_driver, start_driver
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -182,6 +184,35 @@ def test_a_redis_restart_mid_run_delays_but_loses_nothing(
     assert CALLS * 120 <= _requests_per_feature(fake) <= CALLS * 120 + 8
 
 
+def _take_one_message(server: RedisServer, queue: str, timeout: float = 60) -> str:
+    """Take a message off a queue the way a worker's BRPOP does, and drop it: the broker's
+    window in which a connection that breaks loses the message. Returns its task id."""
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = client.rpop(queue)
+        if raw is not None:
+            client.close()
+            return str(json.loads(raw)["headers"]["id"])
+        time.sleep(0.05)
+    raise AssertionError(f"no message on {queue} after {timeout} s")
+
+
+def test_a_stage_lost_by_the_broker_is_found_missing_and_sent_again(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = fleet_env(redis_server.url)
+    driver = start_driver(_args(run, fake, 5), env, tmp_path / "d.log")
+    lost = _take_one_message(redis_server, "explain.openai")
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=4):
+        assert driver.wait(120) == 0, (tmp_path / "d.log").read_text()[-3000:]
+    _assert_complete_once(run, [JUDGE])
+    assert _requests_per_feature(fake) == CALLS * 20  # the lost stage ran once, nothing twice
+    log = (tmp_path / "d.log").read_text()
+    assert log.count("sending it again") == 1 and "explain: sent but" in log
+    assert lost in (tmp_path / "w1.log").read_text()  # the same task id, sent again
+
+
 def test_a_fleet_wide_request_limit_holds_across_two_workers(
     run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -225,3 +256,86 @@ def test_a_429_reschedules_the_stage_after_retry_after_and_frees_the_slot(
     between = [r for r in requests if limited.time < r.time < same[0].time]
     assert len(between) >= 5
     assert "rescheduled in" in (tmp_path / "w1.log").read_text()
+
+
+def test_a_failed_stage_alone_is_redone_on_the_next_run(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.script(BadRequest())  # the first call is rejected: its feature fails
+    env = fleet_env(redis_server.url)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=1):
+        run_driver(_args(run, fake, 1, "--max-inflight", "1"), env, tmp_path / "d1.log")
+        failed = [(f, a) for f, _, s, a in _rows(run) if s == "failed"]
+        assert len(failed) == 1 and len(_rows(run)) == 4
+        feature = failed[0][0]
+        with sqlite3.connect(run / "labels.sqlite") as conn:
+            kept = conn.execute("SELECT count(*) FROM stages WHERE feature_id=?", (feature,))
+            n_kept = int(kept.fetchone()[0])
+            reason = conn.execute("SELECT reason FROM judgments WHERE status='failed'")
+            assert str(reason.fetchone()[0]).startswith("rejected: explain: HTTP 400")
+        first_run = len(fake.requests)
+        run_driver(_args(run, fake, 1, "--max-inflight", "1"), env, tmp_path / "d2.log")
+    redone = len(fake.requests) - first_run
+    assert redone == CALLS - n_kept  # only the stages that had not succeeded
+    rows = {f: (s, a) for f, _, s, a in _rows(run)}
+    assert {s for s, _ in rows.values()} == {"ok"} and rows[feature][1] == 2
+
+
+def test_status_shows_queued_running_throughput_and_eta(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.latency = 0.3
+    env = fleet_env(redis_server.url)
+    status = [str(BIN / "labeler"), "status", str(run), "--json"]
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=4):
+        driver = start_driver(_args(run, fake, 20), env, tmp_path / "d.log")
+        _wait_for_labels(run, 10)
+        live = json.loads(subprocess.run(status, env=env, capture_output=True, check=True).stdout)
+        assert driver.wait(120) == 0
+    after = json.loads(subprocess.run(status, env=env, capture_output=True, check=True).stdout)
+    (during,) = live
+    assert during["judge"] == JUDGE and 10 <= during["labeled"] < 80
+    assert during["queued"] + during["running"] > 0 and during["running"] <= 4
+    assert during["throughput_per_s"] > 0 and during["eta_s"] > 0
+    (done,) = after
+    assert (done["labeled"], done["pending"], done["queued"], done["running"]) == (80, 0, 0, 0)
+    assert done["eta_s"] == 0
+
+
+def _fails(args: list[str], env: dict[str, str], *needles: str) -> None:
+    result = subprocess.run([str(BIN / "labeler"), *args], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_bad_fleet_settings_and_options_are_refused_before_any_work(
+    run: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = fleet_env(redis_server.url)
+    celery = [str(run), "--judge", JUDGE, "--executor", "celery"]
+    bad_timeout = {**env, "LABELER_VISIBILITY_TIMEOUT": "5"}
+    _fails(["label", *celery], bad_timeout, "LABELER_VISIBILITY_TIMEOUT", "must exceed")
+    _fails(["label", *celery], {**env, "LABELER_TASK_TIME_LIMIT": "soon"},
+           "LABELER_TASK_TIME_LIMIT")  # fmt: skip
+    _fails(["label", *celery, "--rpm", "openai:other=10"], env, "--rpm", "not one of")
+    _fails(["label", *celery, "--rpm", "0"], env, "--rpm")
+    _fails(["label", *celery, "--tpm", "lots"], env, "--tpm", "[JUDGE=]NUMBER")
+    _fails(["label", str(run), "--requeue"], env, "--executor celery")
+    gone = {**env, "LABELER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    _fails(["label", *celery], gone, "cannot reach Redis", "LABELER_REDIS_URL")
+    assert not (run / "labels.sqlite").exists() or not _rows(run)  # nothing labeled
+
+
+def test_a_second_driver_on_the_same_labeling_is_refused(
+    run: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = LabelStore(run / "labels.sqlite")
+    lock = f"labeler:run:{store.store_id()}:driver"
+    store.close()
+    redis_server.client().set(lock, "elsewhere:123", px=60_000)
+    env = fleet_env(redis_server.url)
+    _fails(["label", str(run), "--judge", "heuristic", "--executor", "celery"], env,
+           "another driver (elsewhere:123)")  # fmt: skip
+    assert not _rows(run)

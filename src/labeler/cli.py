@@ -45,7 +45,11 @@ def cli(verbose: bool) -> None:
       labeler export RUN --format jsonl [--with-examples]
     Or all of it on a planted tiny model, offline:  labeler demo
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _load_source(adapter_path: str, params: Any, device: str, dtype: str) -> Any:

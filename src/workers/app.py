@@ -20,6 +20,8 @@ def make_app(settings: FleetSettings | None = None) -> Celery:
     settings = settings or FleetSettings.from_env()
     app = Celery("labeler", broker=settings.redis_url, include=["workers.tasks"])
     app.conf.update(
+        # kombu's Redis transport, kept alive when the connection to Redis breaks
+        broker_transport="workers.broker:Transport",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

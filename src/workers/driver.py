@@ -8,6 +8,12 @@ read in one SQLite transaction, so a driver killed at any point resumes exactly 
 its store says and applies no outcome twice. A stage already sent (its id is in the
 labeling's ``queued`` hash) is not sent again by a restarted driver; a duplicate that
 slips through anyway does nothing on the worker.
+
+A stage sent but found nowhere (not queued, not held by a worker, not running, not
+done) was lost by the broker: the Redis transport keeps a message only in a worker's
+memory between taking it off its queue and recording it as unacknowledged, and a
+connection that breaks then loses it. The driver looks for such stages whenever no
+outcome has arrived for a while, and sends them again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -44,17 +50,21 @@ from labeler.staging import (
 from labeler.store import LabelStore
 from prompts import prompt_hash as llm_prompt_hash
 from workers import keys
+from workers.broker import tasks_in_broker
 from workers.payloads import StageTask, trimmed
 from workers.redis_retry import retrying
 from workers.settings import FleetSettings, redacted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECORD_CHUNK = 128
 READ_BATCH = 500
 READ_BLOCK_MS = 500
 LOCK_TTL_MS = 10_000
 STALL_WARNING_S = 300.0
+RECONCILE_IDLE_S = 15.0
+RECONCILE_EVERY_S = 300.0
 CONNECT_WAIT_S = 10.0
 
 
@@ -160,24 +170,27 @@ class Driver:
     def _loop(self, waiting: Iterator[tuple[str, str, FeatureRecord]]) -> None:
         offset = self.store.get_meta(self._offset_meta) or "0-0"
         exhausted = False
-        last_progress = time.monotonic()
+        last_progress = last_warning = last_look = time.monotonic()
         while True:
             exhausted = exhausted or self._fill(waiting)
             if exhausted and not self.active:
                 break
             batch = self._read(offset)
+            now = time.monotonic()
             if batch:
                 offset = self._apply(batch)
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > STALL_WARNING_S:
+                last_progress = last_warning = now
+            elif now - last_warning > STALL_WARNING_S:
                 log.warning(
                     "no outcome for %.0f s with %d features in flight: are workers serving "
-                    "the queues %s? If the queued messages were lost (a Redis without "
-                    "persistence restarted), rerun with --requeue",
-                    time.monotonic() - last_progress, len(self.active),
+                    "the queues %s?", now - last_progress, len(self.active),
                     ", ".join(sorted(self._queues())),
                 )  # fmt: skip
-                last_progress = time.monotonic()
+                last_warning = now
+            idle = now - max(last_progress, last_look) > RECONCILE_IDLE_S
+            if idle or now - last_look > RECONCILE_EVERY_S:
+                self._resend_lost()
+                last_look = time.monotonic()
             self._refresh_lock()
 
     def _read(self, offset: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -247,9 +260,9 @@ class Driver:
                 self._send(unit, stage)
                 unit.sent.add(stage)
 
-    def _send(self, unit: Unit, stage: StageName) -> None:
+    def _send(self, unit: Unit, stage: StageName, again: bool = False) -> None:
         task_id = self._task_id(unit, stage)
-        already = self._redis(
+        already = not again and self._redis(
             "checking the queue",
             lambda: (
                 self.redis.hexists(self._queued, task_id)
@@ -276,6 +289,43 @@ class Driver:
         self._redis(
             "recording the send", lambda: self.redis.hset(self._queued, task_id, unit.judge)
         )
+
+    def _resend_lost(self) -> int:
+        """Send again the stages sent but found nowhere in Redis; returns how many.
+
+        The places are looked at in the order a task passes through them (its queue,
+        a worker's unacknowledged messages, a worker's claim, the done marks), so a task
+        moving on meanwhile is still seen. One taken off its queue by a worker this very
+        moment may be sent twice; the second copy finds the first's claim or done mark
+        and does nothing."""
+        sent = {
+            self._task_id(unit, stage): (unit, stage)
+            for unit in self.active.values()
+            for stage in unit.sent
+            if stage not in unit.outcomes
+        }
+        if not sent:
+            return 0
+        ids = list(sent)
+
+        def present() -> set[str]:
+            found = tasks_in_broker(self.redis, self._queues())
+            with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in ids:
+                    pipe.exists(keys.claim(task_id))
+                claimed = pipe.execute()
+            done = self.redis.hmget(keys.done(self.key), ids)
+            found.update(i for i, c, d in zip(ids, claimed, done, strict=True) if c or d)
+            return found
+
+        found = self._redis("looking for the stages in flight", present)
+        lost = [task_id for task_id in ids if task_id not in found]
+        for task_id in lost:
+            unit, stage = sent[task_id]
+            log.warning("%s %s %s: sent but no longer in Redis (lost by the broker); "
+                        "sending it again", unit.feature_id, unit.judge, stage)  # fmt: skip
+            self._send(unit, stage, again=True)
+        return len(lost)
 
     # -- outcomes ----------------------------------------------------------------------
 
@@ -381,7 +431,7 @@ class Driver:
     def _queues(self) -> set[str]:
         return {queue_for(j, s) for j in self.job.judges for s in _all_stages(j)}
 
-    def _redis(self, what: str, op: Callable[[], object]) -> object:
+    def _redis(self, what: str, op: Callable[[], T]) -> T:
         return retrying(op, what)
 
     def _connect(self) -> None:

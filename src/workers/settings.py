@@ -40,8 +40,9 @@ class FleetSettings(BaseModel):
             self.visibility_timeout_s <= self.task_time_limit_s
         ):
             raise ValueError(
-                f"the visibility timeout ({self.visibility_timeout_s:g} s) must exceed the task "
-                f"time limit ({self.task_time_limit_s:g} s)"
+                f"{_ENV['visibility_timeout_s']} ({self.visibility_timeout_s:g} s) must exceed "
+                f"{_ENV['task_time_limit_s']} ({self.task_time_limit_s:g} s), so that no task "
+                "still running is handed out twice"
             )
         return self
 
@@ -68,11 +69,13 @@ class FleetSettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{_ENV.get(str(e['loc'][0]), 'settings') if e['loc'] else 'settings'}: {e['msg']}"
-                for e in exc.errors()
-            )
+            problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors())
             raise UserError(f"fleet settings from the environment: {problems}") from None
+
+
+def _problem(loc: tuple[int | str, ...], message: str) -> str:
+    message = message.removeprefix("Value error, ")
+    return f"{_ENV.get(str(loc[0]), str(loc[0]))}: {message}" if loc else message
 
 
 def redacted(url: str) -> str:

@@ -1,0 +1,81 @@
+"""The Redis broker transport of the fleet: kombu's, made to survive a lost connection.
+
+When the worker's connection to Redis breaks, Celery (5.7) detaches kombu's transport
+from its connection and only then closes the task channel; closing the channel tries to
+put the unacknowledged messages back on their queues, which needs the detached
+connection's address, and the ``AttributeError`` that follows is not a connection error:
+the worker stops with "Unrecoverable error" instead of reconnecting.
+
+Here a channel whose transport is detached gives up that restore. Nothing is lost by it:
+with late acknowledgement every delivered message stays in Redis's ``unacked`` index
+until acknowledged, and any worker's periodic sweep puts it back on its queue once the
+visibility timeout has passed. A task that finished meanwhile then finds its done mark
+and does nothing.
+
+Selected with ``broker_transport = "workers.broker:Transport"``; the broker URL stays
+``redis://...``.
+
+The transport has one window in which a message exists only in a process's memory: a
+worker's ``BRPOP`` takes it off its queue and only then writes it to the ``unacked``
+index. A connection that breaks in between (Redis restarting, a network fault) loses it.
+``tasks_in_broker`` lets the driver find such stages and send them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import redis as redis_py
+from kombu.transport import redis
+
+logger = logging.getLogger(__name__)
+
+
+class QoS(redis.QoS):  # type: ignore[misc]
+    def restore_unacked(self, client: Any = None) -> Any:
+        if client is None and self.channel.connection.client is None:
+            logger.warning(
+                "broker connection lost with %d unacknowledged message(s): they stay in "
+                "Redis and return to their queues after the visibility timeout",
+                len(self._delivered),
+            )
+            self._delivered.clear()
+            return None
+        return super().restore_unacked(client)
+
+
+class Channel(redis.Channel):  # type: ignore[misc]
+    QoS = QoS
+
+
+class Transport(redis.Transport):  # type: ignore[misc]
+    Channel = Channel
+
+
+SCAN_CHUNK = 500
+
+
+def tasks_in_broker(client: redis_py.Redis, queues: Iterable[str]) -> set[str]:
+    """Ids of the tasks waiting on ``queues`` (at any priority) or delivered to a worker
+    and not acknowledged yet (every queue's, including tasks held for a countdown)."""
+    found: set[str] = set()
+    for queue in queues:
+        names = [queue] + [f"{queue}{Channel.sep}{p}" for p in Channel.priority_steps if p]
+        for name in names:
+            for start in range(0, int(client.llen(name)), SCAN_CHUNK):
+                for raw in client.lrange(name, start, start + SCAN_CHUNK - 1):
+                    found.add(_message_id(raw))
+    for _, raw in client.hscan_iter(Channel.unacked_key, count=SCAN_CHUNK):
+        found.add(_message_id(json.loads(raw)[0]))
+    found.discard("")
+    return found
+
+
+def _message_id(raw: bytes | str | dict[str, Any]) -> str:
+    message = json.loads(raw) if isinstance(raw, bytes | str) else raw
+    headers = message.get("headers") or {}
+    properties = message.get("properties") or {}
+    return str(headers.get("id") or properties.get("correlation_id") or "")
