@@ -17,6 +17,17 @@ ALL_QUEUES = ",".join(
     for provider in ("openai", "anthropic", "local", "heuristic")
 )
 BIN = Path(sys.executable).parent
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def reap() -> None:
+    """Kill every worker and driver a test started and left running (a failed test
+    leaves them behind)."""
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 def fleet_env(redis_url: str, **extra: str) -> dict[str, str]:
@@ -54,6 +65,7 @@ class Worker:
         ]  # fmt: skip
         self._out = log.open("wb")
         self.process = subprocess.Popen(command, env=env, stdout=self._out, stderr=self._out)
+        _STARTED.append(self.process)
 
     def wait_ready(self, timeout: float = 60) -> Worker:
         deadline = time.monotonic() + timeout
@@ -98,11 +110,13 @@ class Worker:
 
 def start_driver(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``labeler label ... --executor celery`` in its own process."""
-    out = log.open("ab")
-    return subprocess.Popen(
-        [str(BIN / "labeler"), "label", *args, "--executor", "celery"],
-        env=env, stdout=out, stderr=out,
-    )  # fmt: skip
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(BIN / "labeler"), "label", *args, "--executor", "celery"],
+            env=env, stdout=out, stderr=out,
+        )  # fmt: skip
+    _STARTED.append(process)
+    return process
 
 
 def run_driver(args: list[str], env: dict[str, str], log: Path, timeout: float = 300) -> str:

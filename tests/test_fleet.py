@@ -24,7 +24,7 @@ from labeler.run_data import RunData
 from labeler.store import LabelStore
 from tests.conftest import CollectedDemo
 from tests.fake_llm import BadRequest, FakeLLMServer, RateLimited, oracle
-from tests.fleet import BIN, Worker, fleet_env, run_driver, start_driver
+from tests.fleet import BIN, Worker, fleet_env, reap, run_driver, start_driver
 from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,10 @@ CALLS = 4  # explain, detect top, detect random, classify
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis") as server:
-        yield server
+        try:
+            yield server
+        finally:
+            reap()  # before Redis goes: a leftover driver would wait for it for minutes
 
 
 @pytest.fixture
@@ -175,11 +178,14 @@ def test_a_redis_restart_mid_run_delays_but_loses_nothing(
 ) -> None:
     fake.latency = 0.1
     env = fleet_env(redis_server.url)
-    with Worker("w1", env, tmp_path / "w1.log", concurrency=8):
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=8) as worker:
         driver = start_driver(_args(run, fake, 30), env, tmp_path / "d.log")
         _wait_for_labels(run, 25)
         redis_server.restart(down_for=2.0)
         assert driver.wait(180) == 0, (tmp_path / "d.log").read_text()[-3000:]
+        assert worker.process.poll() is None  # reconnected, not stopped
+        assert worker.text().count("Connected to") == 2
+        assert "Unrecoverable error" not in worker.text()
     _assert_complete_once(run, [JUDGE])
     assert CALLS * 120 <= _requests_per_feature(fake) <= CALLS * 120 + 8
 

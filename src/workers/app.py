@@ -31,6 +31,7 @@ def make_app(settings: FleetSettings | None = None) -> Celery:
             # looks every 100 s, so they would return that long after the timeout)
             "unacked_restore_interval": settings.restore_sweep_s,
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": settings.restore_lock_s,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # keep trying while Redis restarts

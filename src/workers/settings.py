@@ -57,6 +57,14 @@ class FleetSettings(BaseModel):
         return int(min(10, max(1, self.visibility_timeout // 10)))
 
     @property
+    def restore_lock_s(self) -> int:
+        """Seconds a worker's lock on that sweep lives. Kombu's default is 300: a worker
+        killed while holding it would stop every sweep for five minutes. A sweep takes
+        milliseconds; two at once could only put a message back twice, which the done
+        marks make harmless."""
+        return int(min(30, max(2, self.visibility_timeout // 10)))
+
+    @property
     def claim_ttl(self) -> int:
         """Seconds a worker's claim on a task lives: the time limit plus a margin, and
         still shorter than the visibility timeout."""
