@@ -345,3 +345,52 @@ def test_a_second_driver_on_the_same_labeling_is_refused(
     _fails(["label", str(run), "--judge", "heuristic", "--executor", "celery"], env,
            "another driver (elsewhere:123)")  # fmt: skip
     assert not _rows(run)
+
+
+def test_a_task_a_worker_cannot_read_comes_back_as_a_version_mismatch(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from workers.app import make_app
+    from workers.settings import FleetSettings
+
+    app = make_app(FleetSettings(redis_url=redis_server.url, task_time_limit_s=8,
+                                 visibility_timeout_s=12))  # fmt: skip
+    payload = {"run": "r1", "feature_id": "L0F1", "judge": JUDGE, "stage": "explain",
+               "prompt_hash": "abc", "a_field_from_a_newer_driver": 1}  # fmt: skip
+    env = fleet_env(redis_server.url)
+    client = redis_server.client()
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=1):
+        app.send_task("labeler.stage", kwargs={"payload": payload}, task_id="t-new",
+                      queue="explain.openai")  # fmt: skip
+        app.send_task("labeler.stage", kwargs={"payload": {"junk": True}}, task_id="t-junk",
+                      queue="explain.openai")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "t-junk" not in (tmp_path / "w1.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        entries = client.xrange("labeler:run:r1:results")
+    assert len(entries) == 1  # the readable identity got its failure; the junk was logged
+    ((_, fields),) = entries
+    assert fields[b"task_id"] == b"t-new"
+    outcome = json.loads(fields[b"outcome"])
+    assert (outcome["feature_id"], outcome["stage"], outcome["ok"]) == ("L0F1", "explain", False)
+    assert outcome["reason"].startswith("version_mismatch: explain: this worker cannot read")
+    assert "a_field_from_a_newer_driver" in outcome["reason"]
+    assert "unreadable payload, dropped" in (tmp_path / "w1.log").read_text()
+    client.close()
+
+
+def test_a_driver_whose_lock_was_taken_over_stops(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = LabelStore(run / "labels.sqlite")
+    lock = f"labeler:run:{store.store_id()}:driver"
+    store.close()
+    client = redis_server.client()
+    driver = start_driver(_args(run, fake, 5), fleet_env(redis_server.url), tmp_path / "d.log")
+    deadline = time.monotonic() + 60
+    while not client.exists(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.set(lock, "elsewhere:7", px=60_000)  # as a second driver after a long stall
+    assert driver.wait(30) == 2
+    assert "another driver (elsewhere:7) took over" in (tmp_path / "d.log").read_text()
+    client.close()

@@ -122,3 +122,34 @@ def test_a_version_1_store_is_migrated_keeping_its_judgments(tmp_path: Path) -> 
     version = store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version == (str(STORE_SCHEMA_VERSION),)
     store.close()
+
+
+def test_a_copied_store_gets_its_own_identity_so_a_fleet_never_mixes_the_two(
+    tmp_path: Path,
+) -> None:
+    import shutil
+    import sqlite3
+
+    original = tmp_path / "a" / "labels.sqlite"
+    original.parent.mkdir()
+    store = LabelStore(original)
+    made = store.store_id()
+    assert store.store_id() == made  # stable where it was made
+    store.close()
+    assert LabelStore(original).store_id() == made  # and when opened again
+
+    copy = tmp_path / "b" / "labels.sqlite"
+    copy.parent.mkdir()
+    shutil.copy(original, copy)
+    copied = LabelStore(copy)
+    assert copied.store_id() != made
+    assert copied.store_id() == copied.store_id()
+    copied.close()
+
+    # a store made before stores recorded their path keeps the identity it has
+    legacy = tmp_path / "c" / "labels.sqlite"
+    legacy.parent.mkdir()
+    shutil.copy(original, legacy)
+    with sqlite3.connect(legacy) as conn:
+        conn.execute("DELETE FROM meta WHERE key='store_path'")
+    assert LabelStore(legacy).store_id() == made

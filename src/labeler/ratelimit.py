@@ -113,7 +113,7 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def _jittered(wait: float) -> float:
+def jittered(wait: float) -> float:
     return wait * (1.0 + JITTER * random.random())
 
 
@@ -269,7 +269,7 @@ class RedisRateLimiter:
 
     async def acquire(self, tokens: int) -> None:
         while (wait := await self.try_acquire(tokens)) > 0.0:
-            await asyncio.sleep(_jittered(wait))
+            await asyncio.sleep(jittered(wait))
 
     async def settle(self, estimated: int, actual: int) -> None:
         _check_count("estimated", estimated)

@@ -129,11 +129,17 @@ class LabelStore:
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def store_id(self) -> str:
-        """This labeling's identity, made once: it names the labeling's work in a fleet."""
-        found = self.get_meta("store_id")
-        if found is None:
+        """This labeling's identity: it names the labeling's work in a fleet. Made anew
+        when the store is found at another path than the one it was made at, so that a
+        copy of a run never shares the original's work (work in flight when a run folder
+        is moved is sent again under the new identity)."""
+        where = str(self.path.resolve())
+        found, made_at = self.get_meta("store_id"), self.get_meta("store_path")
+        if found is None or made_at not in (None, where):
             found = uuid.uuid4().hex
             self.set_meta("store_id", found)
+        if made_at != where:
+            self.set_meta("store_path", where)
         return found
 
     def add_planned(self, features: Iterable[tuple[str, int, int]]) -> None:

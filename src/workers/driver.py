@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Celery
+from pydantic import ValidationError
 
 from adapters.errors import UserError
 from labeler.judges.base import JudgeOptions, make_judge
@@ -64,8 +65,18 @@ READ_BLOCK_MS = 500
 LOCK_TTL_MS = 10_000
 STALL_WARNING_S = 300.0
 RECONCILE_IDLE_S = 15.0
+KEYS_TTL_S = 7 * 24 * 3600
 RECONCILE_EVERY_S = 300.0
 CONNECT_WAIT_S = 10.0
+
+
+# the lock stays this driver's (taken again if it lapsed), or the holder is answered
+_KEEP_LOCK = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 
 @dataclass
@@ -128,6 +139,8 @@ class Driver:
         self.on_start = on_start
         self.on_result = on_result
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        self._keep_lock = self.redis.register_script(_KEEP_LOCK)
+        self._missing: set[str] = set()
         self.key = store.store_id()
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self.hashes = {judge: _prompt_hash(judge) for judge in job.judges}
@@ -153,9 +166,12 @@ class Driver:
         _ = self.run.negative_pool
         self._take_lock()
         try:
+            self._redis("keeping the labeling's keys", lambda: self._keep_keys(None))
             if self.job.requeue:
                 self._redis("forgetting what was queued", lambda: self.redis.delete(self._queued))
             self._loop(iter(self._units(todo)))
+            # done marks outlive any copy of a task still queued, then go
+            self._redis("letting the labeling's keys expire", lambda: self._keep_keys(KEYS_TTL_S))
         finally:
             self._release_lock()
         return {judge: self._report(t) for judge, t in self.tally.items()}
@@ -169,6 +185,11 @@ class Driver:
 
     def _loop(self, waiting: Iterator[tuple[str, str, FeatureRecord]]) -> None:
         offset = self.store.get_meta(self._offset_meta) or "0-0"
+        self._redis("clearing applied outcomes", lambda: self._drop_applied(offset))
+        # outcomes that arrived while no driver ran go into the store before any unit
+        # starts, so a unit starts with every stage already paid for
+        while batch := self._read(offset, block=False):
+            offset = self._apply(batch)
         exhausted = False
         last_progress = last_warning = last_look = time.monotonic()
         while True:
@@ -193,10 +214,10 @@ class Driver:
                 last_look = time.monotonic()
             self._refresh_lock()
 
-    def _read(self, offset: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    def _read(self, offset: str, block: bool = True) -> list[tuple[bytes, dict[bytes, bytes]]]:
         def read() -> list[tuple[bytes, dict[bytes, bytes]]]:
             found: Any = self.redis.xread(
-                {self._results: offset}, count=READ_BATCH, block=READ_BLOCK_MS
+                {self._results: offset}, count=READ_BATCH, block=READ_BLOCK_MS if block else None
             )
             return list(found[0][1]) if found else []
 
@@ -291,13 +312,14 @@ class Driver:
         )
 
     def _resend_lost(self) -> int:
-        """Send again the stages sent but found nowhere in Redis; returns how many.
+        """Send again the stages sent but found nowhere in Redis by this look and the one
+        before; returns how many.
 
         The places are looked at in the order a task passes through them (its queue,
         a worker's unacknowledged messages, a worker's claim, the done marks), so a task
-        moving on meanwhile is still seen. One taken off its queue by a worker this very
-        moment may be sent twice; the second copy finds the first's claim or done mark
-        and does nothing."""
+        moving on meanwhile is still seen. Should a copy be sent of a task that was in
+        fact on its way, the second copy finds the first's claim or done mark and does
+        nothing."""
         sent = {
             self._task_id(unit, stage): (unit, stage)
             for unit in self.active.values()
@@ -319,7 +341,11 @@ class Driver:
             return found
 
         found = self._redis("looking for the stages in flight", present)
-        lost = [task_id for task_id in ids if task_id not in found]
+        missing = {task_id for task_id in ids if task_id not in found}
+        # only what two looks in a row missed: a task between two places (taken off its
+        # queue, being rescheduled) is seen in one of them by the next look
+        lost = [task_id for task_id in ids if task_id in missing & self._missing]
+        self._missing = missing - set(lost)
         for task_id in lost:
             unit, stage = sent[task_id]
             log.warning("%s %s %s: sent but no longer in Redis (lost by the broker); "
@@ -337,10 +363,14 @@ class Driver:
         with self.store.transaction():
             for _, fields in batch:
                 task_id = fields[b"task_id"].decode()
-                outcome = StageOutcome.model_validate_json(fields[b"outcome"])
                 applied.append(task_id)
+                outcome = self._read_outcome(task_id, fields[b"outcome"])
+                if outcome is None:
+                    continue
                 unit = self.active.get((outcome.feature_id, outcome.judge))
-                if unit is None or self._task_id(unit, outcome.stage) != task_id:
+                if unit is not None and self._task_id(unit, outcome.stage) != task_id:
+                    unit = unit if self._adoptable(unit, outcome) else None
+                if unit is None:
                     self._apply_late(outcome, task_id)
                     continue
                 if not outcome.ok:
@@ -365,6 +395,59 @@ class Driver:
             for judge, ok in results:
                 self.on_result(judge, ok)
         return offset
+
+    def _read_outcome(self, task_id: str, raw: bytes) -> StageOutcome | None:
+        """The outcome, or for one this driver cannot read (a worker of another labeler
+        version) a failure of the stage it belongs to, so that nothing waits for it."""
+        try:
+            return StageOutcome.model_validate_json(raw)
+        except ValidationError as exc:
+            problem = "; ".join(e["msg"] for e in exc.errors()[:3])
+        for unit in self.active.values():
+            for stage in unit.stages:
+                if self._task_id(unit, stage) == task_id:
+                    reason = (
+                        f"version_mismatch: {stage}: a worker's outcome is unreadable here "
+                        f"({problem}); run the same labeler version everywhere"
+                    )
+                    return StageOutcome(feature_id=unit.feature_id, judge=unit.judge,
+                                        prompt_hash=unit.prompt_hash, stage=stage, ok=False,
+                                        reason=reason)  # fmt: skip
+        log.error("task %s: unreadable outcome of no feature in flight, skipped: %s", task_id,
+                  problem)  # fmt: skip
+        return None
+
+    @staticmethod
+    def _adoptable(unit: Unit, outcome: StageOutcome) -> bool:
+        """An earlier attempt's successful stage that the unit still lacks: it was paid for
+        and is as good as the new attempt's."""
+        return (
+            outcome.ok
+            and outcome.prompt_hash == unit.prompt_hash
+            and outcome.stage in unit.stages
+            and outcome.stage not in unit.outcomes
+        )
+
+    def _keep_keys(self, ttl_s: int | None) -> None:
+        """The labeling's keys kept for good (``None``) or for ``ttl_s`` more seconds."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys.run_keys(self.key):
+                if key == keys.driver(self.key):
+                    continue
+                if ttl_s is None:
+                    pipe.persist(key)
+                else:
+                    pipe.expire(key, ttl_s)
+            pipe.execute()
+
+    def _drop_applied(self, offset: str) -> None:
+        """Outcomes the store already holds (a driver stopped between storing them and
+        deleting them)."""
+        if offset == "0-0":
+            return
+        entries: Any = self.redis.xrange(self._results, "-", offset)
+        if entries:
+            self.redis.xdel(self._results, *[entry_id for entry_id, _ in entries])
 
     def _forget(self, task_ids: list[str], entry_ids: list[bytes]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
@@ -464,12 +547,16 @@ class Driver:
 
     def _refresh_lock(self) -> None:
         lock = keys.driver(self.key)
-
-        def refresh() -> None:
-            if self.redis.get(lock) in (self.me.encode(), None):
-                self.redis.set(lock, self.me, px=LOCK_TTL_MS)
-
-        self._redis("keeping the driver lock", refresh)
+        held = self._redis(
+            "keeping the driver lock",
+            lambda: self._keep_lock(keys=[lock], args=[self.me, LOCK_TTL_MS]),
+        )
+        if held != 1:
+            who = held.decode() if isinstance(held, bytes) else held
+            raise UserError(
+                f"{self.store.path}: another driver ({who}) took over this labeling while this "
+                "one was stalled; this one stops (nothing is lost: the other goes on)"
+            )
 
     def _release_lock(self) -> None:
         lock = keys.driver(self.key)

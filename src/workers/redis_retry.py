@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_FOR_S = 600.0
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OperationalError)
 
 
 def retrying(op: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> T:
@@ -24,14 +26,26 @@ def retrying(op: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> 
     while True:
         try:
             return op()
-        except (
-            redis.ConnectionError,
-            redis.TimeoutError,
-            redis.BusyLoadingError,
-            OperationalError,
-        ) as exc:
+        except UNREACHABLE as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
             time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def retrying_async(
+    op: Callable[[], Awaitable[T]], what: str, retry_for: float = RETRY_FOR_S
+) -> T:
+    """``await op()``, like :func:`retrying`, sleeping without blocking the loop."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.2
+    while True:
+        try:
+            return await op()
+        except UNREACHABLE as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Coroutine
@@ -19,14 +20,18 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
+from labeler.errors import Reschedule
 from labeler.judges import Judge, make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
-from labeler.ratelimit import RateLimits, RedisRateLimiter, limiter_key
+from labeler.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
+from workers.redis_retry import UNREACHABLE, retrying_async
 from workers.settings import FleetSettings
 from workers.task_state import TaskState
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+SETTLE_RETRY_S = 30.0
 
 
 class StageTimeout(Exception):
@@ -76,8 +81,42 @@ class WorkerRuntime:
             if limits is not None and limits.active:
                 if self._async_redis is None:
                     self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)
-                judge.limiter = RedisRateLimiter(self._async_redis, limiter_key(name), limits)
+                limiter = RedisRateLimiter(self._async_redis, limiter_key(name), limits)
+                judge.limiter = PatientLimiter(limiter, self.settings.task_time_limit_s / 2)
         return judge
+
+
+class PatientLimiter:
+    """The fleet's rate limiter for a worker. A stage that would wait longer than
+    ``max_wait_s`` for its turn goes back to the queue for that long instead (like a
+    429), freeing the worker slot and keeping the wait out of the stage's time limit.
+    A Redis restart is waited out instead of failing the stage, and the bookkeeping
+    after a call (settling its real token count) never turns a paid reply into a
+    failure."""
+
+    def __init__(self, limiter: RedisRateLimiter, max_wait_s: float) -> None:
+        self.limiter = limiter
+        self.max_wait_s = max_wait_s
+
+    async def acquire(self, tokens: int) -> None:
+        what = f"taking a request from the rate limit {self.limiter.key}"
+        waited = 0.0
+        while (wait := await retrying_async(lambda: self.limiter.try_acquire(tokens), what)) > 0:
+            if waited + wait > self.max_wait_s:
+                raise Reschedule(wait, reason=f"fleet rate limit {self.limiter.key}: "
+                                              f"next request in {wait:.1f} s")  # fmt: skip
+            pause = jittered(wait)
+            await asyncio.sleep(pause)
+            waited += pause
+
+    async def settle(self, estimated: int, actual: int) -> None:
+        what = f"settling tokens with the rate limit {self.limiter.key}"
+        try:
+            await retrying_async(
+                lambda: self.limiter.settle(estimated, actual), what, SETTLE_RETRY_S
+            )
+        except UNREACHABLE as exc:
+            log.warning("%s: gave up (%s); the estimate stands", what, exc)
 
 
 _runtime: WorkerRuntime | None = None

@@ -1,7 +1,9 @@
 """A stage task's state changes in Redis, each one atomic and one round trip.
 
 ``begin``: nothing if the task's outcome is already published (a redelivery) or another
-worker holds its claim (a duplicate message); else claim it and mark it running.
+execution holds its claim (a duplicate message); else claim it and mark it running. The
+claim's value is the execution's own token, so the same execution asking again (its
+first reply lost) is told to go on.
 ``publish``: the outcome on the labeling's stream, the done mark, and the claim and
 running mark released, all at once; a second publish of the same task writes nothing.
 """
@@ -16,7 +18,9 @@ from workers import keys
 
 _BEGIN = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 'done' end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return 'claimed' end
+local held = redis.call('GET', KEYS[2])
+if held and held ~= ARGV[2] then return 'claimed' end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 return 'ok'
 """
@@ -45,10 +49,10 @@ class TaskState:
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
 
-    def begin(self, run: str, task_id: str, worker: str, ttl: int, running: str) -> Begin:
+    def begin(self, run: str, task_id: str, claim: str, ttl: int, running: str) -> Begin:
         reply = self._begin(
             keys=[keys.done(run), keys.claim(task_id), keys.running(run)],
-            args=[task_id, worker, ttl, running],
+            args=[task_id, claim, ttl, running],
         )
         text = reply.decode() if isinstance(reply, bytes) else str(reply)
         if text not in ("ok", "done", "claimed"):

@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 import time
+import uuid
 from typing import Any
 
 from celery import Task
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from adapters.errors import UserError
 from labeler.errors import Reschedule
 from labeler.labeling import run_stage
-from labeler.staging import StageOutcome, add_usage
+from labeler.staging import STAGE_GROUPS, StageOutcome, add_usage
 from workers import keys
 from workers.app import app
 from workers.payloads import StageTask
@@ -39,20 +40,21 @@ RESCHEDULE_MAX_S = 300.0
 @app.task(name=keys.STAGE_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def stage(self: Task, payload: dict[str, Any]) -> str:
     settings: FleetSettings = app.conf.labeler_settings
+    task_id = str(self.request.id)
+    rt = runtime(settings)
     try:
         task = StageTask.model_validate(payload)
     except ValidationError as exc:
-        log.error("task %s: invalid payload, dropped: %s", self.request.id, exc)
-        return "invalid"
-    task_id = str(self.request.id)
+        return _refuse(rt, task_id, payload, exc)
     what = f"{task.feature_id} {task.judge} {task.stage}"
-    rt = runtime(settings)
     worker = self.request.hostname or socket.gethostname()
     until = time.time() + settings.claim_ttl
     running = json.dumps({"worker": worker, "feature": task.feature_id, "judge": task.judge,
                           "stage": task.stage, "until": until})  # fmt: skip
+    # this execution's own claim: a retry after a lost reply finds it and goes on
+    claim = f"{worker}/{uuid.uuid4().hex}"
     begun = retrying(
-        lambda: rt.state.begin(task.run, task_id, worker, settings.claim_ttl, running), what
+        lambda: rt.state.begin(task.run, task_id, claim, settings.claim_ttl, running), what
     )
     if begun == "done":
         log.info("%s: already done (task %s), nothing to do", what, task_id)
@@ -69,12 +71,38 @@ def stage(self: Task, payload: dict[str, Any]) -> str:
             outcome = _failed(task, f"rate_limited: {task.stage}: gave up after "
                                     f"{task.reschedules} reschedules ({exc})")  # fmt: skip
         else:
-            raise _reschedule(self, task, exc, what) from None
+            raise _reschedule(self, task, exc, what, settings) from None
     outcome.usage = add_usage(task.carried_usage, outcome.usage)
     _publish(rt, task, task_id, outcome, what)
     status = "ok" if outcome.ok else f"failed: {outcome.reason}"
     log.info("%s: %s (%.2f s)", what, status, time.monotonic() - started)
     return "ok" if outcome.ok else "failed"
+
+
+def _refuse(rt: WorkerRuntime, task_id: str, payload: Any, exc: ValidationError) -> str:
+    """A payload this worker cannot read (a driver of another labeler version): published
+    as the stage's failure, so the driver stores it instead of waiting for it."""
+    problem = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+    )
+    fields = payload if isinstance(payload, dict) else {}
+    names = ("run", "feature_id", "judge", "stage", "prompt_hash")
+    if (
+        not all(isinstance(fields.get(n), str) for n in names)
+        or fields["stage"] not in STAGE_GROUPS
+    ):
+        log.error("task %s: unreadable payload, dropped: %s", task_id, problem)
+        return "invalid"
+    outcome = StageOutcome(
+        feature_id=fields["feature_id"], judge=fields["judge"],
+        prompt_hash=fields["prompt_hash"], stage=fields["stage"], ok=False, cost_usd=0.0,
+        reason=f"version_mismatch: {fields['stage']}: this worker cannot read the task "
+               f"({problem}); run the same labeler version everywhere",
+    )  # fmt: skip
+    what = f"{outcome.feature_id} {outcome.judge} {outcome.stage}"
+    log.error("%s: unreadable payload (%s)", what, problem)
+    retrying(lambda: rt.state.publish(fields["run"], task_id, outcome.model_dump_json()), what)
+    return "invalid"
 
 
 def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> StageOutcome:
@@ -117,11 +145,16 @@ def _release(rt: WorkerRuntime, task: StageTask, task_id: str, what: str) -> Non
     retrying(lambda: rt.state.release(task.run, task_id), what)
 
 
-def _reschedule(self: Task, task: StageTask, exc: Reschedule, what: str) -> Retry:
+def _reschedule(
+    self: Task, task: StageTask, exc: Reschedule, what: str, settings: FleetSettings
+) -> Retry:
     if exc.retry_after is not None:
         delay = exc.retry_after + random.uniform(0, 0.1 * max(exc.retry_after, 1.0))
     else:
         delay = random.uniform(0, min(RESCHEDULE_MAX_S, RESCHEDULE_BASE_S * 2**task.reschedules))
+    # a worker holds a task it waits for among its unacknowledged messages; past the
+    # visibility timeout the sweep would hand it to a second worker as well
+    delay = min(delay, settings.visibility_timeout / 2)
     again = task.model_copy(update={
         "carried_usage": add_usage(task.carried_usage, exc.usage),
         "reschedules": task.reschedules + 1,

@@ -188,6 +188,8 @@ class LLMJudge:
                 out.classification = await self._classify(feature, ledger)
             else:
                 raise ValueError(f"an LLM judge has no stage {stage!r}")
+        except Reschedule as exc:  # from a rate limiter: what the stage used so far goes too
+            raise Reschedule(exc.retry_after, ledger.usage, str(exc)) from exc
         except TransientError as exc:
             if exc.kind == "rate_limited" and self.retry.reschedule_rate_limits:
                 raise Reschedule(exc.retry_after, ledger.usage, exc.reason) from exc
