@@ -65,9 +65,9 @@ READ_BLOCK_MS = 500
 LOCK_TTL_MS = 10_000
 STALL_WARNING_S = 300.0
 RECONCILE_IDLE_S = 15.0
-KEYS_TTL_S = 7 * 24 * 3600
 RECONCILE_EVERY_S = 300.0
 CONNECT_WAIT_S = 10.0
+KEYS_TTL_S = 7 * 24 * 3600
 
 
 # the lock stays this driver's (taken again if it lapsed), or the holder is answered
