@@ -311,9 +311,9 @@ class Driver:
             "recording the send", lambda: self.redis.hset(self._queued, task_id, unit.judge)
         )
 
-    def _resend_lost(self) -> int:
+    def _resend_lost(self) -> None:
         """Send again the stages sent but found nowhere in Redis by this look and the one
-        before; returns how many.
+        before.
 
         The places are looked at in the order a task passes through them (its queue,
         a worker's unacknowledged messages, a worker's claim, the done marks), so a task
@@ -327,7 +327,7 @@ class Driver:
             if stage not in unit.outcomes
         }
         if not sent:
-            return 0
+            return
         ids = list(sent)
 
         def present() -> set[str]:
@@ -351,7 +351,6 @@ class Driver:
             log.warning("%s %s %s: sent but no longer in Redis (lost by the broker); "
                         "sending it again", unit.feature_id, unit.judge, stage)  # fmt: skip
             self._send(unit, stage, again=True)
-        return len(lost)
 
     # -- outcomes ----------------------------------------------------------------------
 

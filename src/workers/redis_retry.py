@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_FOR_S = 600.0
+MAX_DELAY_S = 5.0
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OperationalError)
 
 
@@ -27,11 +28,9 @@ def retrying(op: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> 
         try:
             return op()
         except UNREACHABLE as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
+            _give_up_or_warn(exc, what, deadline, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, MAX_DELAY_S)
 
 
 async def retrying_async(
@@ -44,8 +43,13 @@ async def retrying_async(
         try:
             return await op()
         except UNREACHABLE as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
+            _give_up_or_warn(exc, what, deadline, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, MAX_DELAY_S)
+
+
+def _give_up_or_warn(exc: Exception, what: str, deadline: float, delay: float) -> None:
+    """``exc`` raised again once past the deadline; else the coming pause logged."""
+    if time.monotonic() > deadline:
+        raise exc
+    log.warning("Redis unreachable while %s (%s); retrying in %.1f s", what, exc, delay)
