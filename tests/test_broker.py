@@ -147,3 +147,24 @@ def test_a_long_wait_for_the_fleet_rate_limit_reschedules_instead_of_holding_the
     assert 1.8 < waited < 3.0
     assert rescheduled.retry_after is not None and 1.5 < rescheduled.retry_after <= 2.0
     assert "fleet rate limit labeler:limit:slow: next request in" in str(rescheduled)
+
+
+def test_a_message_taken_on_a_lost_connection_is_left_for_the_sweep_not_acknowledged(
+    app: Celery, redis_server: RedisServer
+) -> None:
+    _send(app, "finished-late")
+    connection = app.connection_for_read()
+    channel = connection.default_channel
+    channel.do_restore = False  # as when Redis was down at the close: nothing put back
+    message = channel.basic_get(QUEUE, no_ack=False)
+    assert message is not None
+    # the connection is lost and dropped while the task runs; the task then finishes
+    # and its message is acknowledged on the dead channel (kombu's own transport raises
+    # AttributeError here, which stops the worker)
+    connection.collect()
+    connection.close()
+    message.ack()
+    client = redis_server.client()
+    assert client.hexists("unacked", message.delivery_tag)  # returns after the timeout
+    assert tasks_in_broker(client, [QUEUE]) == {"finished-late"}
+    client.close()

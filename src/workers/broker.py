@@ -6,7 +6,9 @@ put the unacknowledged messages back on their queues, which needs the detached
 connection's address, and the ``AttributeError`` that follows is not a connection error:
 the worker stops with "Unrecoverable error" instead of reconnecting.
 
-Here a channel whose transport is detached gives up that restore. Nothing is lost by it:
+Here a channel whose transport is detached gives up that restore, and so do the
+acknowledgements of tasks that finish on such a channel after the worker has
+reconnected (each would stop the worker the same way). Nothing is lost by it:
 with late acknowledgement every delivered message stays in Redis's ``unacked`` index
 until acknowledged, and any worker's periodic sweep puts it back on its queue once the
 visibility timeout has passed. A task that finished meanwhile then finds its done mark
@@ -35,8 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 class QoS(redis.QoS):  # type: ignore[misc]
+    def _detached(self) -> bool:
+        transport = self.channel.connection
+        return transport is None or transport.client is None
+
     def restore_unacked(self, client: Any = None) -> Any:
-        if client is None and self.channel.connection.client is None:
+        if client is None and self._detached():
             logger.warning(
                 "broker connection lost with %d unacknowledged message(s): they stay in "
                 "Redis and return to their queues after the visibility timeout",
@@ -45,6 +51,20 @@ class QoS(redis.QoS):  # type: ignore[misc]
             self._delivered.clear()
             return None
         return super().restore_unacked(client)
+
+    def ack(self, delivery_tag: str) -> None:
+        # a task that finished after its connection was lost: its message returns after
+        # the visibility timeout and then finds the task done
+        if self._detached():
+            logger.info("message %s taken on a lost connection: not acknowledged", delivery_tag)
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self._detached():
+            logger.info("message %s taken on a lost connection: not rejected", delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
 
 
 class Channel(redis.Channel):  # type: ignore[misc]
