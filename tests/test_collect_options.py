@@ -103,7 +103,7 @@ def test_neuron_baseline_labels_and_summarizes(collected: CollectedDemo, tmp_pat
     assert labeler("label", out).returncode == 0
     result = labeler("summarize", out, "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["n_labeled"] == int(features["alive"].sum())
+    assert json.loads(result.stdout)["final"]["n_labeled"] == int(features["alive"].sum())
 
 
 def test_export_to_the_papers_format_and_import_back(

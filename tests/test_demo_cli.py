@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "ground_truth_report.json").read_text())
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert report["interpretable_accuracy"] >= 0.95
-    reasoning = summary["reasoning"]
+    reasoning = summary["final"]["reasoning"]
     assert reasoning["ci_low"] <= report["planted_reasoning_share"] <= reasoning["ci_high"]
     catalog = (out / "run" / "catalog.jsonl").read_text().splitlines()
     assert len(catalog) == summary["n_planned"] and "examples" in json.loads(catalog[0])

@@ -42,7 +42,7 @@ def test_failures_are_recorded_and_a_rerun_labels_only_what_is_missing(run_copy:
     store = LabelStore(run_copy / "labels.sqlite")
     report = label_run(run, store, FailingOnLayer(2), sample_per_layer=30)
     assert (report.planned, report.labeled, report.failed) == (120, 90, 30)
-    summary = summarize(store, "run")
+    summary = summarize(store, run.info, "run").final
     assert (summary.n_labeled, summary.n_failed, summary.n_unlabeled) == (90, 30, 0)
     assert summary.failures_by_reason == {"the backend returned an invalid reply twice": 30}
     assert summary.reasoning.n == 90
@@ -65,8 +65,8 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     result = labeler("summarize", run_copy, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["n_labeled"] == 80 and summary["judge"] == "heuristic"
-    assert 0 <= summary["reasoning"]["ci_low"] <= summary["reasoning"]["share"]
+    assert summary["final"]["n_labeled"] == 80 and summary["judges"][0]["rater"] == "heuristic"
+    assert 0 <= summary["final"]["reasoning"]["ci_low"] <= summary["final"]["reasoning"]["share"]
     png = (run_copy / "summary.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -78,15 +78,25 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     assert len(lines) == 80
     first = lines[0]
     expected_keys = (
-        "schema_version", "feature_id", "layer", "index", "activation_freq", "explanation",
-        "category", "subcategory", "mechanism", "domain_type", "confidence", "judge",
-        "detection", "top_logits", "examples", "provenance",
+        "schema_version", "feature_id", "layer", "index", "activation_freq", "final_label",
+        "label_source", "judgments", "reviews", "disputed", "top_logits", "examples",
+        "provenance",
     )  # fmt: skip
     for key in expected_keys:
         assert key in first, key
+    assert first["schema_version"] == 2
     assert first["feature_id"] == f"L{first['layer']}F{first['index']}"
-    assert set(first["detection"]) >= {"accuracy", "precision", "recall"}
+    assert [(f["feature_id"]) for f in lines] == sorted(
+        (f["feature_id"] for f in lines), key=lambda fid: tuple(map(int, fid[1:].split("F")))
+    )
+    (judgment,) = first["judgments"]
+    assert judgment["judge"] == "heuristic" and judgment["status"] == "ok"
+    assert first["label_source"] == "single_judge" and first["label_source_detail"] == "heuristic"
+    assert first["final_label"]["category"] == judgment["category"]
+    assert set(judgment["detection"]) >= {"accuracy", "precision", "recall", "by_set"}
+    assert judgment["detection"]["by_set"]["top"]["n_positive"] > 0
     assert len(first["top_logits"]) == 10
+    assert first["provenance"]["adapter_hash"] and first["provenance"]["corpus_hash"]
     assert {e["kind"] for e in first["examples"]} == {"top", "random", "quantile"}
     example = first["examples"][0]
     assert (

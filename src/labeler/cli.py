@@ -3,6 +3,7 @@ commands that need them."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -41,8 +42,10 @@ def cli(verbose: bool) -> None:
       labeler label RUN --judge heuristic [--sample-per-layer 250]
       labeler label RUN --judge openai:gpt-5-mini --dry-run    (then without it)
       labeler status RUN
-      labeler summarize RUN [--json]
-      labeler export RUN --format jsonl [--with-examples]
+      labeler disputes RUN
+      labeler review RUN --reviewer NAME [--web]
+      labeler summarize RUN [--json] [--compare OTHER_RUN]
+      labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
     Or all of it on a planted tiny model, offline:  labeler demo
     """
     logging.basicConfig(
@@ -574,7 +577,6 @@ def _check_judge_names(judges: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(run_path: Path, as_json: bool) -> None:
     """Per judge: labeled, failed (by reason), pending; tokens and cost."""
-    import json
 
     from collectors.run_format import read_run_info
     from labeler.accounting import run_status
@@ -601,7 +603,6 @@ def status(run_path: Path, as_json: bool) -> None:
 def _live_status(store: Any, statuses: list[Any]) -> tuple[list[Any], str | None]:
     """Queued and running work, throughput and ETA: from the fleet's Redis for a
     labeling by the Celery executor, from the local executor's heartbeat otherwise."""
-    import json
 
     from labeler.accounting import throughput, with_live_state
 
@@ -642,50 +643,103 @@ def _open_labels(run_path: Path) -> Any:
     return LabelStore(store_path)
 
 
-def _summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> Any:
-    from collectors.run_format import read_run_info
-    from labeler.plots import plot_layers
-    from labeler.render import summary_tables
-    from labeler.summarize import summarize as make_summary
+_RULES_HELP = ("JSON file of dispute rules: judges_disagree, low_confidence, min_detection, "
+               "heuristic_outvoted (docs/review.md).")  # fmt: skip
 
-    read_run_info(run_path)
-    store = _open_labels(run_path)
-    try:
-        summary = make_summary(store, str(run_path), judge)
-    finally:
-        store.close()
+
+def _summarize(
+    run_path: Path,
+    as_json: bool,
+    plot: Path | None,
+    compare_with: Path | None = None,
+    rules_path: Path | None = None,
+) -> Any:
+    from collectors.run_format import read_run_info
+    from labeler.agreement_plot import plot_agreement
+    from labeler.disputes import DisputeRules
+    from labeler.plots import plot_comparison, plot_layers
+    from labeler.render import summary_tables
+    from labeler.summarize import compare, summarize
+
+    rules = DisputeRules.load(rules_path)
+
+    def load(folder: Path) -> Any:
+        info = read_run_info(folder)
+        store = _open_labels(folder)
+        try:
+            return summarize(store, info, str(folder), rules)
+        finally:
+            store.close()
+
+    summary = load(run_path)
+    other = load(compare_with) if compare_with is not None else None
+    comparison = compare(summary, other) if other is not None else None
     (run_path / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
     plot_path = plot or run_path / "summary.png"
+    plots = [plot_path]
     plot_layers(summary, plot_path)
+    if summary.agreement is not None:
+        plots.append(plot_path.with_name(plot_path.stem + "-agreement.png"))
+        plot_agreement(summary.agreement, plots[-1])
+    if other is not None:
+        plots.append(plot_path.with_name(plot_path.stem + "-compare.png"))
+        plot_comparison(summary, other, plots[-1])
     if as_json:
-        click.echo(summary.model_dump_json(indent=2))
+        data = summary.model_dump(mode="json")
+        if comparison is not None:
+            data["comparison"] = comparison.model_dump(mode="json")
+        click.echo(json.dumps(data, indent=2))
     else:
-        for part in summary_tables(summary):
+        for part in summary_tables(summary, comparison):
             console.print(part)
-        console.print(f"plot: {plot_path}; JSON: {run_path / 'summary.json'}")
+        console.print(f"plots: {', '.join(map(str, plots))}; JSON: {run_path / 'summary.json'}")
     return summary
 
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--judge", default=None, help="Whose labels (needed when there are several).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="Where to write the PNG plot (default RUN/summary.png).")  # fmt: skip
-def summarize(run_path: Path, judge: str | None, as_json: bool, plot: Path | None) -> None:
-    """The share of reasoning features with its 95% CI, and the category breakdown."""
-    _summarize(run_path, judge, as_json, plot)
+              help="Where to write the PNG of shares by layer (default RUN/summary.png); the "
+                   "agreement and comparison plots go beside it.")  # fmt: skip
+@click.option("--compare", "compare_with", metavar="OTHER_RUN", default=None,
+              type=click.Path(path_type=Path),
+              help="Compare the final labels with another run's (say, the neuron "
+                   "baseline).")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Path | None,
+              rules_path: Path | None) -> None:  # fmt: skip
+    """The share of reasoning features among all alive features with its 95% CI (each
+    layer's sample weighted by its alive features), the breakdown by category, for the
+    final labels and each judge side by side; judge and human agreement; disputes; cost.
+
+    \b
+    Final labels: a person's decision, else the judges' consensus, else one judge.
+    Writes RUN/summary.json and PNG plots (shares by layer; agreement; comparison).
+    """
+    _summarize(run_path, as_json, plot, compare_with, rules_path)
 
 
-def _export(run_path: Path, out: Path | None, judge: str | None, with_examples: bool) -> Path:
+def _export(run_path: Path, out: Path | None, with_examples: bool,
+            rules_path: Path | None = None) -> Path:  # fmt: skip
+    from labeler.disputes import DisputeRules
     from labeler.export import export_catalog
+    from labeler.label_table import planned_frame
+    from labeler.render import progress_bar
     from labeler.run_data import RunData
 
+    rules = DisputeRules.load(rules_path)
     run = RunData.open(run_path)
     target = out or run_path / "catalog.jsonl"
+    if not target.name.endswith((".jsonl", ".jsonl.gz")):
+        raise UserError(f"--out {target}: the catalog is written as .jsonl or .jsonl.gz")
     store = _open_labels(run_path)
     try:
-        n = export_catalog(run, store, target, judge, with_examples)
+        with progress_bar(console, "exporting", "features") as progress:
+            task = progress.add_task("exporting", total=planned_frame(store).height)
+            n = export_catalog(run, store, target, with_examples, rules,
+                               progress=lambda k: progress.advance(task, k))  # fmt: skip
     finally:
         store.close()
     console.print(f"wrote {n:,} features to {target}")
@@ -701,13 +755,15 @@ def _export(run_path: Path, out: Path | None, judge: str | None, with_examples: 
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
                    "circuit-tracer a folder (default RUN/circuit-tracer).")  # fmt: skip
-@click.option("--judge", default=None, help="Whose labels (needed when there are several).")
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing circuit-tracer folder.")
-def export(run_path: Path, fmt: str, out: Path | None, judge: str | None,
-           with_examples: bool, overwrite: bool) -> None:  # fmt: skip
-    """Write the labeled feature catalog (schema: docs/catalog-schema.md), or the run's
-    features in the circuit-tracer viewer format."""
+def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
+           rules_path: Path | None, overwrite: bool) -> None:  # fmt: skip
+    """Write the labeled feature catalog: per feature its final label and where it came
+    from, every judgment, every review decision, scores and provenance
+    (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format."""
     if fmt == "circuit-tracer":
         from collectors.run_format import read_run_info
         from labeler.circuit_tracer import export_circuit_tracer
@@ -718,7 +774,136 @@ def export(run_path: Path, fmt: str, out: Path | None, judge: str | None,
             n = export_circuit_tracer(run_path, target, overwrite)
         console.print(f"wrote {n:,} feature files to {target}")
         return
-    _export(run_path, out, judge, with_examples)
+    _export(run_path, out, with_examples, rules_path)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+@click.option("--limit", type=int, default=50, show_default=True, help="Rows to show (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print every disputed feature as JSON.")
+def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool) -> None:
+    """Disputed features, most informative first: judges disagree on the category, a
+    judge's confidence is low, a detection score is low, or the heuristic judge
+    disagrees with every model judge."""
+    from collectors.run_format import read_run_info
+    from labeler.disputes import DisputeRules
+    from labeler.render import queue_table
+    from labeler.review import review_queue
+
+    rules = DisputeRules.load(rules_path)
+    read_run_info(run_path)
+    store = _open_labels(run_path)
+    try:
+        queue = review_queue(store, rules, include_decided=True)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([q.model_dump() for q in queue], indent=2))
+        return
+    open_items = sum(1 for q in queue if not q.decided_by)
+    console.print(f"{len(queue):,} disputed features, {open_items:,} not decided by anyone")
+    console.print(queue_table(queue[:limit] if limit else queue))
+
+
+_DECISION_OPTIONS = (
+    click.option(
+        "--category", required=True, help="reasoning, domain, language or uninterpretable."
+    ),
+    click.option(
+        "--subcategory",
+        default=None,
+        help="For reasoning: hesitation, "
+        "self_correction, verification, planning, answer_template, other.",
+    ),
+    click.option(
+        "--mechanism", default=None, help="For reasoning: output, input_simple, input_abstract."
+    ),
+    click.option("--domain-type", default=None, help="For domain: math, science, code."),
+    click.option("--note", default="", help="Free text kept with the decision."),
+)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("feature_id", metavar="FEATURE")
+@click.option("--reviewer", required=True, help="Who decides (kept with the decision).")
+@_DECISION_OPTIONS[0]
+@_DECISION_OPTIONS[1]
+@_DECISION_OPTIONS[2]
+@_DECISION_OPTIONS[3]
+@_DECISION_OPTIONS[4]
+def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
+           subcategory: str | None, mechanism: str | None, domain_type: str | None,
+           note: str) -> None:  # fmt: skip
+    """Record one review decision without the interactive review (for scripts). Decisions
+    are appended: earlier ones, another reviewer's or your own, are kept."""
+    from collectors.run_format import read_run_info
+    from labeler.review import record_decision
+
+    read_run_info(run_path)
+    store = _open_labels(run_path)
+    try:
+        decision = record_decision(store, {
+            "feature_id": feature_id, "reviewer": reviewer, "category": category,
+            "subcategory": subcategory, "mechanism": mechanism, "domain_type": domain_type,
+            "note": note,
+        })  # fmt: skip
+        others = [r for r in store.reviews(feature_id)
+                  if r.action == "decide" and r.reviewer != reviewer]  # fmt: skip
+    finally:
+        store.close()
+    console.print(f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}")
+    for other in others:
+        if other.category != decision.category:
+            console.print(f"  note: {other.reviewer} decided {other.category} "
+                          f"({other.decided_at}); both are kept")  # fmt: skip
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--reviewer", default=None,
+              help="Who reviews (kept with each decision); required in the terminal.")  # fmt: skip
+@click.option("--web", is_flag=True, help="Serve the review page on 127.0.0.1 instead.")
+@click.option("--port", default=8765, show_default=True, help="--web: port (0: any free one).")
+@click.option("--include-decided", is_flag=True,
+              help="Also features someone already decided (a second opinion).")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_decided: bool,
+           rules_path: Path | None) -> None:  # fmt: skip
+    """Walk the disputed features, most informative first, and decide their labels:
+    examples with the activating token and activation strength highlighted, the logit
+    lens, and the judges' answers (hidden until asked for, to avoid anchoring).
+
+    \b
+    Terminal keys: r d l u (category), j (show judges), s (skip), q (quit).
+    --web: a page on 127.0.0.1 with the same queue and keyboard shortcuts.
+    Decisions are appended to RUN/labels.sqlite with the reviewer and time.
+    """
+    from labeler.disputes import DisputeRules
+    from labeler.run_data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    store = _open_labels(run_path)
+    try:
+        if web:
+            from labeler.review_web import serve
+
+            def ready(url: str) -> None:
+                console.print(f"review page: {url} (Ctrl-C to stop)")
+
+            serve(run, store, rules, reviewer or "", port, include_decided, on_ready=ready)
+            return
+        if not reviewer:
+            raise UserError("--reviewer NAME is needed to review in the terminal")
+        from labeler.review_terminal import review_in_terminal
+
+        review_in_terminal(run, store, rules, reviewer, include_decided, console)
+    finally:
+        store.close()
 
 
 @cli.command("import")
@@ -764,8 +949,8 @@ def demo(out: Path, seed: int) -> None:
     _collect(str(paths.checkpoint), paths.corpus, run_path, CollectParams(seed=seed), "cpu",
              "float32", False)  # fmt: skip
     _label(run_path, ("heuristic",), None, 8, seed)
-    _summarize(run_path, None, False, None)
-    _export(run_path, None, None, True)
+    _summarize(run_path, False, None)
+    _export(run_path, None, True)
     store = LabelStore(run_path / "labels.sqlite")
     try:
         report = compare_with_ground_truth(paths.ground_truth, store, "heuristic")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -22,7 +22,10 @@ from rich.text import Text
 
 from labeler.accounting import Estimate, JudgeStatus
 from labeler.ground_truth import GroundTruthReport
-from labeler.summarize import Share, Summary
+from labeler.review import QueueItem
+from labeler.summarize import Comparison, LabelSummary, RunSummary, Share
+from labeler.summarize import Estimate as PopulationShare
+from prompts import CATEGORIES
 
 
 class RateColumn(ProgressColumn):
@@ -50,53 +53,135 @@ def progress_bar(console: Console, description: str, unit: str) -> Iterator[Prog
         yield progress
 
 
-def _pct(share: Share) -> str:
+def _pct(share: Share | PopulationShare) -> str:
     return f"{share.share:6.1%}  [{share.ci_low:.1%}, {share.ci_high:.1%}]"
 
 
-def summary_tables(summary: Summary) -> list[Table | str]:
-    r = summary.reasoning
+def _raters_table(
+    title: str,
+    raters: list[LabelSummary],
+    shares: Callable[[LabelSummary], dict[str, PopulationShare]],
+) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for rater in raters:
+        table.add_column(rater.rater, justify="right")
+    for key in shares(raters[0]):
+        table.add_row(key, *(_pct(shares(r)[key]) for r in raters))
+    return table
+
+
+def summary_tables(summary: RunSummary, comparison: Comparison | None = None) -> list[Table | str]:
+    final = summary.final
+    r = final.reasoning
+    sources = ", ".join(f"{n:,} {s.replace('_', ' ')}" for s, n in final.by_source.items() if n)
     head = (
-        f"[bold]Reasoning features: {r.share:.1%}[/bold] (95% CI {r.ci_low:.1%} to "
-        f"{r.ci_high:.1%}; {r.count} of {r.n} labeled by {summary.judge})\n"
-        f"planned {summary.n_planned}: labeled {summary.n_labeled}, failed {summary.n_failed}, "
-        f"unlabeled {summary.n_unlabeled}"
+        f"[bold]Reasoning features: {r.share:.1%}[/bold] of {summary.n_alive:,} alive "
+        f"{summary.unit}s (95% CI {r.ci_low:.1%} to {r.ci_high:.1%}; {r.count:,} of "
+        f"{r.n:,} labeled, weighted by each layer's alive {summary.unit}s)\n"
+        f"final labels of {summary.n_planned:,} planned: {sources}"
     )
-    if summary.n_failed or summary.n_unlabeled:
-        lo, hi = summary.reasoning_if_missing_counted
+    if final.n_failed or final.n_unlabeled:
+        lo, hi = final.reasoning_if_missing_counted
         head += (
-            f"\nif every failed/unlabeled feature were non-reasoning: {lo:.1%}; "
-            f"if all were: {hi:.1%}"
+            f"\n{final.n_failed:,} failed and {final.n_unlabeled:,} unlabeled; if every one "
+            f"were non-reasoning: {lo:.1%} of the sample; if all were: {hi:.1%}"
         )
-        for reason, n in summary.failures_by_reason.items():
-            head += f"\n  failed ({n}): {reason}"
-    if summary.cost_usd:
-        head += f"\ncost {_dollars(summary.cost_usd)}"
-        if summary.cost_per_labeled_usd is not None:
-            head += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled feature)"
+        for reason, n in final.failures_by_reason.items():
+            head += f"\n  failed ({n:,}): {reason}"
     out: list[Table | str] = [head]
-    for title, shares in (
-        ("category", summary.by_category),
-        ("reasoning subcategory", summary.by_subcategory),
-        ("reasoning mechanism", summary.by_mechanism),
-        ("domain type", summary.by_domain_type),
+    raters = [final, *summary.judges]
+    out.append(
+        _raters_table(
+            "share of alive features by category [95% CI]", raters, lambda s: s.by_category
+        )
+    )
+    for title, pick in (
+        ("reasoning subcategory", lambda s: s.by_subcategory),
+        ("reasoning mechanism", lambda s: s.by_mechanism),
+        ("domain type", lambda s: s.by_domain_type),
     ):
-        table = Table(title=f"by {title}", title_justify="left")
-        table.add_column(title)
-        table.add_column("count", justify="right")
-        table.add_column("share [95% CI]", justify="right")
-        for key, share in shares.items():
-            table.add_row(key, str(share.count), _pct(share))
-        out.append(table)
-    layers = Table(title="by layer", title_justify="left")
+        out.append(_raters_table(f"share of alive features by {title}", raters, pick))
+    counts = Table(title="labels and cost by judge", title_justify="left")
+    for column in ("", "labeled", "failed", "unlabeled", "cost"):
+        counts.add_column(column, justify="right" if column else "left")
+    for s in raters:
+        cost = "" if s.rater == "final" else _dollars(s.cost_usd)
+        counts.add_row(s.rater, f"{s.n_labeled:,}", f"{s.n_failed:,}", f"{s.n_unlabeled:,}", cost)
+    out.append(counts)
+    total = f"total cost {_dollars(summary.cost_usd)}"
+    if summary.cost_per_labeled_usd is not None:
+        total += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled feature)"
+    out.append(total)
+    out.extend(_agreement_parts(summary))
+    d, rv = summary.disputes, summary.reviews
+    reasons = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in d.by_reason.items())
+    out.append(
+        f"disputed: {d.n_disputed:,} ({reasons or 'none'}); {d.n_reviewed:,} decided by a "
+        f"person. Reviews: {rv.n_decisions:,} decisions and {rv.n_skips:,} skips on "
+        f"{rv.n_features:,} features by {len(rv.reviewers)} reviewers"
+        + (
+            f"; reviewers disagree on {rv.n_reviewers_disagree:,}"
+            if rv.n_reviewers_disagree
+            else ""
+        )
+    )
+    layers = Table(title="final labels by layer (counts)", title_justify="left")
     layers.add_column("layer", justify="right")
-    categories = list(next(iter(summary.by_layer.values()), {}))
-    for category in categories:
+    layers.add_column("alive", justify="right")
+    for category in CATEGORIES:
         layers.add_column(category, justify="right")
-    for layer, counts in summary.by_layer.items():
-        layers.add_row(layer, *(str(counts[c]) for c in categories))
+    for layer, by_category in final.by_layer.items():
+        alive = summary.n_alive_by_layer.get(layer, 0)
+        layers.add_row(layer, f"{alive:,}", *(f"{by_category[c]:,}" for c in CATEGORIES))
     out.append(layers)
+    if comparison is not None:
+        out.append(comparison_table(comparison))
     return out
+
+
+def _agreement_parts(summary: RunSummary) -> list[Table | str]:
+    report = summary.agreement
+    if report is None:
+        return ["agreement: a single rater, nothing to compare"]
+    table = Table(title="agreement on the category", title_justify="left")
+    for column in ("rater", "rater", "features", "Cohen's kappa", "agreement"):
+        table.add_column(column, justify="left" if column == "rater" else "right")
+    for pair in [*report.pairs, *summary.judges_vs_humans]:
+        table.add_row(
+            pair.rater_a,
+            pair.rater_b,
+            f"{pair.n:,}",
+            _number(pair.kappa),
+            "-" if pair.percent is None else f"{pair.percent:.1%}",
+        )
+    alpha = _number(report.alpha)
+    percent = "-" if report.percent is None else f"{report.percent:.1%}"
+    return [
+        table,
+        f"Krippendorff's alpha (nominal, all raters): {alpha}; percent agreement "
+        f"{percent} over {report.n_units:,} features",
+    ]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    table = Table(
+        title=f"final labels: {comparison.run} against {comparison.other_run}", title_justify="left"
+    )
+    for column in ("share of alive", "this run", "other run", "difference [95% CI]"):
+        table.add_column(column, justify="left" if column == "share of alive" else "right")
+    for d in comparison.differences:
+        table.add_row(
+            d.label,
+            f"{d.share:.1%}",
+            f"{d.other_share:.1%}",
+            f"{d.difference:+.1%}  [{d.ci_low:+.1%}, {d.ci_high:+.1%}]",
+        )
+    return table
 
 
 def ground_truth_table(report: GroundTruthReport) -> list[Table | str]:
@@ -141,40 +226,83 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
     """Progress (done, failed, pending, queued, running, throughput, ETA), then spending."""
     progress = Table(title="progress by judge", title_justify="left")
     for column in ("judge", "labeled", "failed", "pending", "queued", "running", "per s", "ETA"):
-        progress.add_column(column, justify="left" if column == "judge" else "right",
-                            no_wrap=column == "judge")  # fmt: skip
+        progress.add_column(
+            column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
+        )
     spending = Table(title="tokens and cost by judge", title_justify="left")
     for column in ("judge", "calls", "tokens in", "cached", "tokens out", "cost", "per labeled"):
-        spending.add_column(column, justify="left" if column == "judge" else "right",
-                            no_wrap=column == "judge")  # fmt: skip
+        spending.add_column(
+            column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
+        )
     for s in statuses:
         u = s.usage
         rate = "-" if s.throughput_per_s is None else f"{s.throughput_per_s:,.2f}"
         progress.add_row(
-            s.judge, f"{s.labeled:,}", f"{s.failed:,}", f"{s.pending:,}", _count(s.queued),
-            _count(s.running), rate, _duration(s.eta_s),
-        )  # fmt: skip
+            s.judge,
+            f"{s.labeled:,}",
+            f"{s.failed:,}",
+            f"{s.pending:,}",
+            _count(s.queued),
+            _count(s.running),
+            rate,
+            _duration(s.eta_s),
+        )
         for kind, n in s.failed_by_kind.items():
             progress.add_row(f"  failed: {kind}", "", f"{n:,}", *([""] * 5))
         spending.add_row(
-            s.judge, f"{u.calls:,}", f"{u.input_tokens + u.cache_write_tokens:,}",
-            f"{u.cached_tokens:,}", f"{u.output_tokens:,}", _dollars(s.cost_usd),
+            s.judge,
+            f"{u.calls:,}",
+            f"{u.input_tokens + u.cache_write_tokens:,}",
+            f"{u.cached_tokens:,}",
+            f"{u.output_tokens:,}",
+            _dollars(s.cost_usd),
             _dollars(s.cost_per_labeled_usd),
-        )  # fmt: skip
+        )
     return [progress, spending]
 
 
 def estimate_table(estimates: list[Estimate]) -> Table:
     table = Table(title="estimate (nothing sent)", title_justify="left")
-    for column in ("judge", "features", "calls", "tokens in", "of them cached", "tokens out",
-                   "dollars"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "judge" else "right",
-                         no_wrap=column == "judge")  # fmt: skip
+    for column in (
+        "judge",
+        "features",
+        "calls",
+        "tokens in",
+        "of them cached",
+        "tokens out",
+        "dollars",
+    ):
+        table.add_column(
+            column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
+        )
     for e in estimates:
         out = f"{e.output_tokens:,}" + ("" if e.output_measured else " (typical)")
         table.add_row(
-            e.judge, f"{e.features:,}", f"{e.calls:,}",
-            f"{e.input_tokens + e.cached_tokens:,}", f"{e.cached_tokens:,}", out,
+            e.judge,
+            f"{e.features:,}",
+            f"{e.calls:,}",
+            f"{e.input_tokens + e.cached_tokens:,}",
+            f"{e.cached_tokens:,}",
+            out,
             _dollars(e.cost_usd),
-        )  # fmt: skip
+        )
+    return table
+
+
+def queue_table(queue: list[QueueItem]) -> Table:
+    table = Table(title="disputed features, most informative first", title_justify="left")
+    for column in ("feature", "score", "why", "judges", "lowest detection", "decided by"):
+        table.add_column(
+            column, justify="right" if column in ("score", "lowest detection") else "left"
+        )
+    for q in queue:
+        detection = "-" if q.min_detection is None else f"{q.min_detection:.2f}"
+        table.add_row(
+            q.feature_id,
+            f"{q.score:.2f}",
+            ", ".join(q.reasons),
+            q.categories,
+            detection,
+            ", ".join(q.decided_by),
+        )
     return table

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prompts import Category, Confidence, DomainType, Mechanism, load_taxonomy
+from prompts import Category, Confidence, DomainType, Mechanism, Subcategory, load_taxonomy
 
 JUDGMENT_SCHEMA_VERSION = 2
-CATALOG_SCHEMA_VERSION = 1
+CATALOG_SCHEMA_VERSION = 2
 
 
 class Example(BaseModel):
@@ -146,3 +148,35 @@ class Judgment(BaseModel):
         default_factory=dict, description="tokens per stage: explain, detect, classify"
     )
     cost_usd: float | None = Field(None, description="None where the model has no price")
+
+
+class ReviewDecision(BaseModel):
+    """A person's decision on a feature: appended to the store, never overwritten.
+
+    ``action`` is ``decide`` (a label) or ``skip`` (looked at, left undecided)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature_id: str
+    reviewer: str = Field(min_length=1)
+    action: Literal["decide", "skip"] = "decide"
+    category: Category | None = None
+    subcategory: Subcategory | None = None
+    mechanism: Mechanism | None = None
+    domain_type: DomainType | None = None
+    note: str = ""
+    decided_at: str = Field("", description="UTC, ISO 8601; set by the store when empty")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReviewDecision:
+        if self.action == "skip":
+            if self.category is not None:
+                raise ValueError("a skip carries no category")
+            return self
+        if self.category is None:
+            raise ValueError("a decision needs a category")
+        if self.category != "reasoning" and (self.subcategory or self.mechanism):
+            raise ValueError("only reasoning features have a subcategory and a mechanism")
+        if self.category != "domain" and self.domain_type is not None:
+            raise ValueError("only domain features have a domain_type")
+        return self

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import UserError
-from labeler.schemas import Judgment, Usage
+from labeler.schemas import Judgment, ReviewDecision, Usage
 from labeler.staging import StageOutcome, add_costs, add_usage
 
-STORE_SCHEMA_VERSION = 3
+STORE_SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,6 +53,19 @@ CREATE TABLE IF NOT EXISTS stages (
     PRIMARY KEY (feature_id, judge, prompt_hash, stage)
 );
 CREATE INDEX IF NOT EXISTS judgments_created ON judgments (created_at);
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    feature_id TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('decide', 'skip')),
+    category TEXT,
+    subcategory TEXT,
+    mechanism TEXT,
+    domain_type TEXT,
+    note TEXT NOT NULL DEFAULT '',
+    decided_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reviews_feature ON reviews (feature_id);
 """
 # Each step takes the store from the version before it to the next one.
 _MIGRATIONS = {
@@ -61,6 +74,7 @@ _MIGRATIONS = {
         "ALTER TABLE judgments ADD COLUMN cost_usd REAL",
     ),
     3: (),  # the stages table and the created_at index are created if missing
+    4: (),  # the reviews table is created if missing
 }
 
 
@@ -149,6 +163,10 @@ class LabelStore:
     def planned(self) -> list[tuple[str, int, int]]:
         rows = self.conn.execute("SELECT feature_id, layer, idx FROM planned ORDER BY layer, idx")
         return [(str(a), int(b), int(c)) for a, b, c in rows]
+
+    def is_planned(self, feature_id: str) -> bool:
+        row = self.conn.execute("SELECT 1 FROM planned WHERE feature_id=?", (feature_id,))
+        return row.fetchone() is not None
 
     def done(self, judge: str) -> set[str]:
         """Features with a successful judgment by ``judge``."""
@@ -315,6 +333,35 @@ class LabelStore:
             judgment = Judgment.model_validate_json(payload) if payload else None
             out[fid] = StoredJudgment(fid, jname, status, judgment, reason, attempts)
         return out
+
+    def add_review(self, decision: ReviewDecision) -> ReviewDecision:
+        """Append a person's decision (stamped now unless it carries a time); earlier
+        decisions, the reviewer's own included, stay as they were."""
+        if not decision.decided_at:
+            decision = decision.model_copy(update={"decided_at": _now()})
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO reviews (feature_id, reviewer, action, category, subcategory, "
+                "mechanism, domain_type, note, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (decision.feature_id, decision.reviewer, decision.action, decision.category,
+                 decision.subcategory, decision.mechanism, decision.domain_type, decision.note,
+                 decision.decided_at),
+            )  # fmt: skip
+        return decision
+
+    def reviews(self, feature_id: str | None = None) -> list[ReviewDecision]:
+        """Decisions in the order they were made, of one feature or of all."""
+        query = (
+            "SELECT feature_id, reviewer, action, category, subcategory, mechanism, domain_type, "
+            "note, decided_at FROM reviews"
+        )
+        args: tuple[str, ...] = ()
+        if feature_id is not None:
+            query, args = query + " WHERE feature_id=?", (feature_id,)
+        rows = self.conn.execute(query + " ORDER BY id", args)
+        fields = ("feature_id", "reviewer", "action", "category", "subcategory", "mechanism",
+                  "domain_type", "note", "decided_at")  # fmt: skip
+        return [ReviewDecision.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
 
 
 def _now() -> str:

@@ -1,21 +1,45 @@
-"""The share of reasoning features with its uncertainty, and the category breakdown."""
+"""What a run's labels say about the whole adapter: the share of reasoning features with
+its uncertainty, the category breakdown, for the final labels and for each judge side
+by side, the judges' agreement and what the labeling cost.
+
+Features are labeled per layer (all alive ones, or a uniform sample of each layer), so a
+population share is the stratified estimate ``sum_h W_h p_h``, each layer weighted by
+its share ``W_h`` of the alive features, with the variance
+``sum_h W_h^2 p_h (1 - p_h) / (n_h - 1)``. There is no finite-population correction: the
+interval speaks of features like these (what another training run or another sample of
+the same kind would give), not only of this adapter's fixed set, so a census still has
+the usual binomial uncertainty. The 95% interval is Wilson's at the effective sample size
+``p (1 - p) / variance``, which keeps it inside [0, 1] and sensible near 0 (with no
+variance, as when every sampled feature has the same label, at the labeled count).
+Failed and unlabeled features are left out of ``n_h`` (missing at random); the range
+the share would take if all of them went one way or the other is reported beside it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
 
-from pydantic import BaseModel
+import polars as pl
+from pydantic import BaseModel, Field
 
 from adapters.errors import UserError
-from labeler.accounting import judge_status
+from collectors.run_format import RunInfo
+from labeler.agreement import AgreementReport, PairAgreement, agreement
+from labeler.disputes import DisputeRules, find_disputes
+from labeler.final_labels import SOURCES, final_labels, human_labels
+from labeler.label_table import judge_names, judgment_frame, planned_frame, review_frame
 from labeler.store import LabelStore
-from prompts import CATEGORIES
+from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
 Z95 = 1.959963984540054
+FINAL = "final"
+HUMAN = "human"
 
 
 class Share(BaseModel):
+    """A share of the labeled sample, with its Wilson 95% interval."""
+
     count: int
     n: int
     share: float
@@ -27,31 +51,114 @@ def wilson(count: int, n: int, z: float = Z95) -> Share:
     """A share with its Wilson score interval (95% by default)."""
     if n == 0:
         return Share(count=0, n=0, share=0.0, ci_low=0.0, ci_high=1.0)
-    p = count / n
+    low, high = _wilson_bounds(count / n, n, z)
+    return Share(count=count, n=n, share=count / n, ci_low=low, ci_high=high)
+
+
+def _wilson_bounds(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Share(count=count, n=n, share=p, ci_low=max(0.0, centre - half),
-                 ci_high=min(1.0, centre + half))  # fmt: skip
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class Summary(BaseModel):
-    run: str
-    judge: str
+class Estimate(BaseModel):
+    """A population share: each layer's sample share weighted by its alive features."""
+
+    count: int = Field(description="labeled features with the label, over all layers")
+    n: int = Field(description="labeled features, over all layers")
+    share: float = Field(description="estimated share of all alive features")
+    ci_low: float
+    ci_high: float
+    std_error: float
+    sample_share: float = Field(description="count / n, unweighted")
+
+
+def stratified(counts: dict[int, int], labeled: dict[int, int], alive: dict[int, int]) -> Estimate:
+    """The stratified share over the layers with labels (see the module's docstring)."""
+    layers = [h for h, n in labeled.items() if n > 0 and alive.get(h, 0) > 0]
+    total = sum(alive[h] for h in layers)
+    count = sum(counts.get(h, 0) for h in layers)
+    n = sum(labeled[h] for h in layers)
+    if total == 0 or n == 0:
+        return Estimate(
+            count=0, n=0, share=0.0, ci_low=0.0, ci_high=1.0, std_error=0.0, sample_share=0.0
+        )
+    share, variance = 0.0, 0.0
+    for h in layers:
+        weight, n_h = alive[h] / total, labeled[h]
+        p_h = counts.get(h, 0) / n_h
+        share += weight * p_h
+        variance += weight * weight * p_h * (1 - p_h) / max(n_h - 1, 1)
+    effective = share * (1 - share) / variance if variance > 0 else float(n)
+    low, high = _wilson_bounds(share, effective)
+    return Estimate(
+        count=count,
+        n=n,
+        share=share,
+        ci_low=low,
+        ci_high=high,
+        std_error=math.sqrt(variance),
+        sample_share=count / n,
+    )
+
+
+class LabelSummary(BaseModel):
+    """The shares by one rater: a judge, or the final labels."""
+
+    rater: str
     n_planned: int
     n_labeled: int
     n_failed: int
     n_unlabeled: int
     failures_by_reason: dict[str, int]
-    reasoning: Share
-    reasoning_if_missing_counted: tuple[float, float]
-    by_category: dict[str, Share]
-    by_subcategory: dict[str, Share]
-    by_mechanism: dict[str, Share]
-    by_domain_type: dict[str, Share]
-    by_layer: dict[str, dict[str, int]]
+    reasoning: Estimate
+    reasoning_if_missing_counted: tuple[float, float] = Field(
+        description="the sample's reasoning share if every failed or unlabeled feature were "
+        "non-reasoning, and if every one were reasoning"
+    )
+    by_category: dict[str, Estimate]
+    by_subcategory: dict[str, Estimate] = Field(description="shares of all alive features")
+    by_mechanism: dict[str, Estimate]
+    by_domain_type: dict[str, Estimate]
+    by_layer: dict[str, dict[str, int]] = Field(description="labeled features per category")
+    by_source: dict[str, int] = Field(default_factory=dict, description="final labels only")
     cost_usd: float | None = None
-    cost_per_labeled_usd: float | None = None
+
+
+class DisputeCounts(BaseModel):
+    rules: DisputeRules
+    n_disputed: int
+    by_reason: dict[str, int]
+    n_reviewed: int = Field(description="disputed features with a human decision")
+
+
+class ReviewCounts(BaseModel):
+    n_decisions: int
+    n_skips: int
+    n_features: int
+    reviewers: list[str]
+    n_reviewers_disagree: int
+
+
+class RunSummary(BaseModel):
+    run: str
+    unit: str
+    n_alive: int
+    n_alive_by_layer: dict[str, int]
+    n_planned: int
+    final: LabelSummary
+    judges: list[LabelSummary]
+    agreement: AgreementReport | None = Field(
+        description="on the category, between every judge and every reviewer"
+    )
+    judges_vs_humans: list[PairAgreement] = Field(
+        description="each judge against the human decision (all reviewers as one rater)"
+    )
+    disputes: DisputeCounts
+    reviews: ReviewCounts
+    cost_usd: float | None
+    cost_per_labeled_usd: float | None
 
 
 def reason_group(reason: str | None) -> str:
@@ -59,71 +166,215 @@ def reason_group(reason: str | None) -> str:
     return ":".join((reason or "unknown").split(":")[:2]).strip()
 
 
-def pick_judge(store: LabelStore, judge: str | None) -> str:
-    judges = store.judges()
-    if judge is not None:
-        if judge not in judges:
-            raise UserError(f"no judgments by {judge!r} in {store.path}; judges there: {judges}")
-        return judge
-    if not judges:
-        raise UserError(
-            f"{store.path.parent}: no labels yet; run `labeler label {store.path.parent}` first"
-        )
-    if len(judges) > 1:
-        raise UserError(f"several judges in {store.path}: {judges}; choose one with --judge")
-    return judges[0]
+def _label_summary(
+    rater: str,
+    labels: pl.DataFrame,
+    planned: pl.DataFrame,
+    alive: dict[int, int],
+    failures: list[str | None],
+    cost: float | None = None,
+) -> LabelSummary:
+    """``labels``: feature_id, layer and the label fields of the features this rater
+    labeled (one row each)."""
+    labeled = _per_layer(labels)
+    n_labeled, n_failed = labels.height, len(failures)
+    n_planned = planned.height
 
+    def estimate(mask: pl.Expr) -> Estimate:
+        return stratified(_per_layer(labels.filter(mask)), labeled, alive)
 
-def summarize(store: LabelStore, run_name: str, judge: str | None = None) -> Summary:
-    judge = pick_judge(store, judge)
-    planned = store.planned()
-    stored = store.judgments(judge)
-    ok = [s.judgment for s in stored.values() if s.status == "ok" and s.judgment is not None]
-    n_failed = sum(1 for s in stored.values() if s.status == "failed")
-    n_labeled = len(ok)
-    n_unlabeled = len(planned) - n_labeled - n_failed
-    cats = Counter(j.classification.category for j in ok)
-    reasoning = [j.classification for j in ok if j.classification.category == "reasoning"]
-    domain = [j.classification for j in ok if j.classification.category == "domain"]
-    layer_of = {fid: layer for fid, layer, _ in planned}
-    by_layer: dict[str, Counter[str]] = {}
-    for j in ok:
-        by_layer.setdefault(str(layer_of.get(j.feature_id, -1)), Counter())[
-            j.classification.category
-        ] += 1
-    n_reasoning = cats["reasoning"]
-    n_all = len(planned)
-    status = judge_status(store, judge, n_all)
-    return Summary(
-        run=run_name,
-        judge=judge,
-        n_planned=n_all,
+    def breakdown(column: str, values: tuple[str, ...]) -> dict[str, Estimate]:
+        return {v: estimate(pl.col(column) == v) for v in values}
+
+    n_reasoning = labels.filter(pl.col("category") == "reasoning").height
+    layer_counts = labels.group_by("layer", "category").len()
+    by_layer: dict[str, dict[str, int]] = {}
+    for layer in sorted(set(planned["layer"].to_list())):
+        by_layer[str(layer)] = {c: 0 for c in CATEGORIES}
+    for layer, category, n in layer_counts.iter_rows():
+        by_layer.setdefault(str(layer), {c: 0 for c in CATEGORIES})[category] = n
+    return LabelSummary(
+        rater=rater,
+        n_planned=n_planned,
         n_labeled=n_labeled,
         n_failed=n_failed,
-        n_unlabeled=n_unlabeled,
-        failures_by_reason=dict(
-            Counter(
-                reason_group(s.reason) for s in stored.values() if s.status == "failed"
-            ).most_common()
-        ),
-        reasoning=wilson(n_reasoning, n_labeled),
+        n_unlabeled=n_planned - n_labeled - n_failed,
+        failures_by_reason=dict(Counter(reason_group(r) for r in failures).most_common()),
+        reasoning=estimate(pl.col("category") == "reasoning"),
         reasoning_if_missing_counted=(
-            n_reasoning / n_all if n_all else 0.0,
-            (n_reasoning + n_all - n_labeled) / n_all if n_all else 0.0,
+            n_reasoning / n_planned if n_planned else 0.0,
+            (n_reasoning + n_planned - n_labeled) / n_planned if n_planned else 0.0,
         ),
-        by_category={c: wilson(cats[c], n_labeled) for c in CATEGORIES},
-        by_subcategory=_shares(Counter(c.subcategory or "" for c in reasoning)),
-        by_mechanism=_shares(Counter(c.mechanism or "" for c in reasoning)),
-        by_domain_type=_shares(Counter(c.domain_type or "" for c in domain)),
-        by_layer={
-            layer: {c: counts[c] for c in CATEGORIES}
-            for layer, counts in sorted(by_layer.items(), key=lambda kv: int(kv[0]))
-        },
-        cost_usd=status.cost_usd,
-        cost_per_labeled_usd=status.cost_per_labeled_usd,
+        by_category=breakdown("category", CATEGORIES),
+        by_subcategory=breakdown("subcategory", SUBCATEGORIES),
+        by_mechanism=breakdown("mechanism", MECHANISMS),
+        by_domain_type=breakdown("domain_type", DOMAIN_TYPES),
+        by_layer=by_layer,
+        cost_usd=cost,
     )
 
 
-def _shares(counts: Counter[str]) -> dict[str, Share]:
-    n = sum(counts.values())
-    return {key: wilson(count, n) for key, count in counts.most_common()}
+def _per_layer(frame: pl.DataFrame) -> dict[int, int]:
+    return {int(layer): int(n) for layer, n in frame.group_by("layer").len().iter_rows()}
+
+
+def no_labels(store: LabelStore) -> UserError:
+    folder = store.path.parent
+    return UserError(f"{folder}: no labels yet; run `labeler label {folder}` first")
+
+
+def summarize(
+    store: LabelStore, info: RunInfo, run_name: str, rules: DisputeRules | None = None
+) -> RunSummary:
+    rules = rules or DisputeRules()
+    planned = planned_frame(store)
+    judgments = judgment_frame(store)
+    if planned.is_empty() or judgments.is_empty():
+        raise no_labels(store)
+    judgments = judgments.join(planned.select("feature_id", "layer"), on="feature_id")
+    reviews = review_frame(store)
+    alive = {int(layer): n for layer, n in info.n_alive.items()}
+    final = final_labels(planned, judgments, reviews)
+    labeled_final = final.filter(pl.col("source") != "none")
+    final_failed = (
+        judgments.filter(pl.col("status") == "failed")
+        .join(labeled_final.select("feature_id"), on="feature_id", how="anti")
+        .sort("judge")
+        .group_by("feature_id")
+        .agg(pl.col("reason").str.join("; "))
+    )
+    final_summary = _label_summary(
+        FINAL, labeled_final, planned, alive, final_failed["reason"].to_list()
+    )
+    sources = dict(final.group_by("source").len().iter_rows())
+    final_summary.by_source = {s: int(sources.get(s, 0)) for s in SOURCES}
+    costs = judgments.group_by("judge").agg(
+        pl.col("cost_usd").sum().alias("cost"), pl.col("cost_usd").null_count().alias("unpriced")
+    )
+    cost_of = {j: (None if u else float(c)) for j, c, u in costs.iter_rows()}
+    per_judge = []
+    for judge in judge_names(judgments):
+        mine = judgments.filter(pl.col("judge") == judge)
+        ok = mine.filter(pl.col("status") == "ok")
+        failed = mine.filter(pl.col("status") == "failed")["reason"].to_list()
+        per_judge.append(_label_summary(judge, ok, planned, alive, failed, cost_of.get(judge)))
+    disputes = find_disputes(judgments, rules)
+    human = final.filter(pl.col("source") == "human").select("feature_id")
+    decided = reviews.filter(pl.col("action") == "decide")
+    reasons = Counter(r for rs in disputes["reasons"].to_list() for r in rs)
+    known_costs = [c for c in cost_of.values() if c is not None]
+    total_cost = sum(known_costs) if known_costs else None
+    return RunSummary(
+        run=run_name,
+        unit=info.unit,
+        n_alive=sum(alive.values()),
+        n_alive_by_layer={str(k): v for k, v in sorted(alive.items())},
+        n_planned=planned.height,
+        final=final_summary,
+        judges=per_judge,
+        agreement=_agreement(judgments, reviews),
+        judges_vs_humans=_judges_vs_humans(judgments, reviews),
+        disputes=DisputeCounts(
+            rules=rules,
+            n_disputed=disputes.height,
+            by_reason={r: reasons[r] for r in sorted(reasons)},
+            n_reviewed=disputes.join(human, on="feature_id").height,
+        ),
+        reviews=ReviewCounts(
+            n_decisions=decided.height,
+            n_skips=reviews.height - decided.height,
+            n_features=decided["feature_id"].n_unique(),
+            reviewers=sorted(set(reviews["reviewer"].to_list())),
+            n_reviewers_disagree=int(final["reviewers_disagree"].sum()),
+        ),
+        cost_usd=total_cost,
+        cost_per_labeled_usd=(
+            total_cost / labeled_final.height if total_cost and labeled_final.height else None
+        ),
+    )
+
+
+def _agreement(judgments: pl.DataFrame, reviews: pl.DataFrame) -> AgreementReport | None:
+    """Agreement on the category among the judges and the reviewers (each reviewer's
+    latest decision); None with fewer than two raters."""
+    decided = reviews.filter(pl.col("action") == "decide").sort("review_id")
+    people = (
+        decided.group_by("feature_id", "reviewer")
+        .last()
+        .select("feature_id", (pl.lit(f"{HUMAN}:") + pl.col("reviewer")).alias("rater"), "category")
+    )
+    long = _in_rater_order(pl.concat([_judge_ratings(judgments), people]))
+    return agreement(long) if long["rater"].n_unique() >= 2 else None
+
+
+def _judges_vs_humans(judgments: pl.DataFrame, reviews: pl.DataFrame) -> list[PairAgreement]:
+    human = human_labels(reviews).select("feature_id", pl.lit(HUMAN).alias("rater"), "category")
+    if human.is_empty():
+        return []
+    report = agreement(_in_rater_order(pl.concat([_judge_ratings(judgments), human])))
+    return [p for p in report.pairs if HUMAN in (p.rater_a, p.rater_b)]
+
+
+def _judge_ratings(judgments: pl.DataFrame) -> pl.DataFrame:
+    return judgments.filter(pl.col("status") == "ok").select(
+        "feature_id", pl.col("judge").alias("rater"), "category"
+    )
+
+
+class Difference(BaseModel):
+    label: str
+    share: float
+    other_share: float
+    difference: float = Field(description="share - other_share")
+    ci_low: float
+    ci_high: float
+
+
+class Comparison(BaseModel):
+    """The final labels of this run against another's (say the neuron baseline)."""
+
+    run: str
+    other_run: str
+    differences: list[Difference]
+
+
+def compare(this: RunSummary, other: RunSummary) -> Comparison:
+    """Differences of population shares with normal 95% intervals (independent samples)."""
+    rows = []
+    for label, mine in (
+        ("reasoning", this.final.reasoning),
+        *((f"category: {c}", e) for c, e in this.final.by_category.items()),
+        *((f"subcategory: {c}", e) for c, e in this.final.by_subcategory.items()),
+    ):
+        theirs = _find(other.final, label)
+        diff = mine.share - theirs.share
+        half = Z95 * math.hypot(mine.std_error, theirs.std_error)
+        rows.append(
+            Difference(
+                label=label,
+                share=mine.share,
+                other_share=theirs.share,
+                difference=diff,
+                ci_low=diff - half,
+                ci_high=diff + half,
+            )
+        )
+    return Comparison(run=this.run, other_run=other.run, differences=rows)
+
+
+def _find(summary: LabelSummary, label: str) -> Estimate:
+    if label == "reasoning":
+        return summary.reasoning
+    kind, _, value = label.partition(": ")
+    return (summary.by_category if kind == "category" else summary.by_subcategory)[value]
+
+
+def _in_rater_order(long: pl.DataFrame) -> pl.DataFrame:
+    """Judges first (model judges by name, the heuristic last), then people by name."""
+    names = judge_names(
+        long.filter(~pl.col("rater").str.starts_with(HUMAN)).rename({"rater": "judge"})
+    )
+    rank = {name: i for i, name in enumerate(names)}
+    people = sorted(set(long["rater"].to_list()) - set(names))
+    rank |= {name: len(names) + i for i, name in enumerate(people)}
+    return long.sort(pl.col("rater").replace_strict(rank), "feature_id")
