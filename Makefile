@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-run
 
-.PHONY: demo test lint typecheck check install clean
+.PHONY: demo test lint typecheck check install browser clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,18 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/labeler demo --out $(DEMO_OUT)
 
-test: install
+test: install browser
 	$(BIN)/pytest
+
+# The review page is tested in a real headless Chromium (Debian's package, not a browser
+# downloaded by a test tool); installed here when missing and we may, else explained.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "the review page tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

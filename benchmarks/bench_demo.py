@@ -50,9 +50,9 @@ def one_round(root: Path) -> dict[str, float]:
     times["label (heuristic, 960 features)"] = timed(
         lambda: label_run(data, store, make_judge("heuristic"))
     )
-    times["summarize"] = timed(lambda: summarize(store, str(run)))
+    times["summarize"] = timed(lambda: summarize(store, data.info, str(run)))
     times["export with examples"] = timed(
-        lambda: export_catalog(data, store, run / "catalog.jsonl", None, True)
+        lambda: export_catalog(data, store, run / "catalog.jsonl", True)
     )
     store.close()
     return times

@@ -115,7 +115,7 @@ def test_final_labels_human_over_consensus_over_one_judge(
 def test_terminal_review_hides_the_judges_until_asked(
     two_judges: tuple[Path, dict[str, str]],
 ) -> None:
-    run, wrong = two_judges
+    run, _ = two_judges
     first = json.loads(labeler("disputes", run, "--json").stdout)[0]["feature_id"]
 
     skipped = labeler_input(run, "ann", "s\nq\n")

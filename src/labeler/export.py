@@ -1,16 +1,23 @@
 """The labeled feature catalog as JSONL (schema: docs/catalog-schema.md).
 
-Built with polars a layer at a time: the labels of every feature are joined in memory
-(small), the examples are read and serialized one layer at a time (large), and each
-layer is written as it is made, so memory is bounded by one layer's examples.
+Built with polars a layer at a time: what decides each feature's final label (every
+judge's category, the reviews) is read for all features, which is small; the rest of the
+judgments and the examples are read, joined and written one layer at a time, the next
+layer being prepared on a second thread while the current one is serialized, so memory
+is bounded by a layer and both cores are kept busy.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -23,42 +30,14 @@ from labeler.schemas import CATALOG_SCHEMA_VERSION
 from labeler.store import LabelStore
 from labeler.summarize import no_labels
 
-_SCORE = pl.Struct(
-    {
-        "accuracy": pl.Float64,
-        "precision": pl.Float64,
-        "recall": pl.Float64,
-        "n_positive": pl.Int64,
-        "n_negative": pl.Int64,
-        "auroc": pl.Float64,
-    }
-)
-_BY_SET = pl.Struct({"top": _SCORE, "random": _SCORE})
-_EXAMPLE_FIELDS = (
-    "kind",
-    "rank",
-    "quantile",
-    "activation",
-    "tokens",
-    "acts",
-    "highlight",
-    "domain",
-    "region",
-)
+_EXAMPLE_FIELDS = ("kind", "rank", "quantile", "activation", "tokens", "acts", "highlight",
+                   "domain", "region")  # fmt: skip
 _KIND_ORDER = {"top": 0, "random": 1, "quantile": 2}
+PREPARING = 2  # layers prepared ahead, on as many threads, while one is written
 
 
 def _judgment_lists(judgments: pl.DataFrame) -> pl.DataFrame:
     """Every judge's judgment of each feature, failures included, as one list column."""
-    detection = pl.when(pl.col("status") == "ok").then(
-        pl.struct(
-            "accuracy",
-            "precision",
-            "recall",
-            "auroc",
-            pl.col("detection_by_set").str.json_decode(_BY_SET).alias("by_set"),
-        )
-    )
     entry = pl.struct(
         "judge",
         "status",
@@ -70,18 +49,13 @@ def _judgment_lists(judgments: pl.DataFrame) -> pl.DataFrame:
         "domain_type",
         "confidence",
         "rationale",
-        detection.alias("detection"),
+        pl.when(pl.col("status") == "ok").then(pl.col("scores")).alias("detection"),
         "prompt_hash",
         "attempts",
         "created_at",
         "cost_usd",
     )
-    return (
-        judgments.rename({"detection": "accuracy"})
-        .sort("feature_id", "judge")
-        .group_by("feature_id", maintain_order=True)
-        .agg(entry.alias("judgments"))
-    )
+    return judgments.group_by("feature_id").agg(entry.sort_by("judge").alias("judgments"))
 
 
 def _review_lists(reviews: pl.DataFrame) -> pl.DataFrame:
@@ -99,9 +73,10 @@ def _review_lists(reviews: pl.DataFrame) -> pl.DataFrame:
 
 
 def _labels_table(run: RunData, store: LabelStore, rules: DisputeRules) -> pl.DataFrame:
-    """One row per planned feature with everything but its examples, in catalog order."""
+    """One row per planned feature with its final label, source, dispute flags, reviews
+    and logit lens, in catalog order; judgments and examples are added a layer at a time."""
     planned = planned_frame(store)
-    judgments = judgment_frame(store, full=True)
+    judgments = judgment_frame(store)
     if planned.is_empty() or judgments.is_empty():
         raise no_labels(store)
     reviews = review_frame(store)
@@ -119,67 +94,98 @@ def _labels_table(run: RunData, store: LabelStore, rules: DisputeRules) -> pl.Da
     )
     table = (
         final.join(features, on="feature_id", how="left")
-        .join(_judgment_lists(judgments), on="feature_id", how="left")
         .join(_review_lists(reviews), on="feature_id", how="left")
         .join(disputes, on="feature_id", how="left")
     )
-    empty = {
-        c: pl.col(c).fill_null(pl.lit([], dtype=table.schema[c]))
-        for c in ("judgments", "reviews", "dispute_reasons")
-    }
-    provenance = {
-        "run": str(run.folder),
-        "adapter_hash": run.info.adapter_hash,
-        "corpus_hash": run.info.corpus_hash,
-        "unit": run.info.unit,
-        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    return (
-        table.with_columns(**empty)
-        .select(
-            pl.lit(CATALOG_SCHEMA_VERSION).alias("schema_version"),
-            "feature_id",
-            "layer",
+    empty = {c: pl.col(c).fill_null(pl.lit([], dtype=table.schema[c]))
+             for c in ("reviews", "dispute_reasons")}  # fmt: skip
+    return table.with_columns(**empty).sort("layer", "index")
+
+
+class _LayerReader:
+    """Reads one layer's judgments and examples; runs on worker threads, each with its
+    own connection to the store (sqlite connections stay on their thread)."""
+
+    def __init__(self, run: RunData, store_path: Path, with_examples: bool) -> None:
+        self.run, self.store_path, self.with_examples = run, store_path, with_examples
+        self.local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        if not hasattr(self.local, "conn"):
+            self.local.conn = sqlite3.connect(self.store_path)
+        conn: sqlite3.Connection = self.local.conn
+        return conn
+
+    def read(self, layer: int) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+        judged = _judgment_lists(judgment_frame(self._conn(), full=True, layer=layer))
+        return judged, self._examples(layer) if self.with_examples else None
+
+    def _examples(self, layer: int) -> pl.DataFrame:
+        """The examples of one layer's features as a list column, by index: top examples
+        first, then random ones, then quantile samples from the highest quantile down.
+        Sorted once, so that grouping the sorted rows takes slices instead of copies."""
+        rows = (
+            pl.scan_parquet(self.run.folder / EXAMPLES)
+            .filter(pl.col("layer") == layer)
+            .select("feature_id", "index", *_EXAMPLE_FIELDS)
+            .collect()
+        )
+        keys = rows.select(
             "index",
-            pl.col("frequency").alias("activation_freq"),
-            pl.col("count").alias("activation_count"),
-            pl.struct("category", "subcategory", "mechanism", "domain_type").alias("final_label"),
-            pl.col("source").alias("label_source"),
-            pl.col("source_detail").alias("label_source_detail"),
-            "reviewers_disagree",
-            (pl.col("dispute_reasons").list.len() > 0).alias("disputed"),
-            "dispute_reasons",
-            "judgments",
-            "reviews",
-            "top_logits",
-            "top_logit_values",
-            "bottom_logits",
-            pl.struct([pl.lit(v).alias(k) for k, v in provenance.items()]).alias("provenance"),
-        )
-        .sort("layer", "index")
-    )
-
-
-def _layer_examples(run: RunData, layer: int, ids: pl.Series) -> pl.DataFrame:
-    """The examples of one layer's features as a list column; the range on feature_id
-    lets the parquet reader skip other layers' row groups."""
-    prefix = f"L{layer}F"
-    return (
-        pl.scan_parquet(run.folder / EXAMPLES)
-        .filter((pl.col("feature_id") >= prefix) & (pl.col("feature_id") < f"L{layer}G"))
-        .filter(pl.col("feature_id").is_in(ids.implode()))
-        .with_columns(pl.col("kind").replace_strict(_KIND_ORDER, default=3).alias("_order"))
-        .sort(
-            "feature_id",
-            "_order",
-            pl.col("quantile").fill_null(0),
+            pl.col("kind").replace_strict(_KIND_ORDER, default=3).alias("order"),
+            pl.col("quantile").fill_null(0).alias("quantile"),
             "rank",
-            descending=[False, False, True, False],
+        ).with_row_index("row")
+        permutation = keys.sort("index", "order", "quantile", "rank",
+                                descending=[False, False, True, False])["row"]  # fmt: skip
+        return (
+            rows[permutation]
+            .lazy()
+            .with_columns(pl.col("index").set_sorted())
+            .group_by("index", maintain_order=True)
+            .agg(pl.col("feature_id").first(), pl.struct(*_EXAMPLE_FIELDS).alias("examples"))
+            .select("feature_id", "examples")
+            .collect()
         )
-        .group_by("feature_id", maintain_order=True)
-        .agg(pl.struct(*_EXAMPLE_FIELDS).alias("examples"))
-        .collect()
+
+
+def _lines(
+    part: pl.DataFrame,
+    judged: pl.DataFrame,
+    examples: pl.DataFrame | None,
+    provenance: dict[str, str],
+) -> pl.DataFrame:
+    """One layer's catalog lines, columns in the documented order."""
+    part = part.join(judged, on="feature_id", how="left", maintain_order="left")
+    part = part.with_columns(
+        pl.col("judgments").fill_null(pl.lit([], dtype=part.schema["judgments"]))
     )
+    out = part.select(
+        pl.lit(CATALOG_SCHEMA_VERSION).alias("schema_version"),
+        "feature_id",
+        "layer",
+        "index",
+        pl.col("frequency").alias("activation_freq"),
+        pl.col("count").alias("activation_count"),
+        pl.struct("category", "subcategory", "mechanism", "domain_type").alias("final_label"),
+        pl.col("source").alias("label_source"),
+        pl.col("source_detail").alias("label_source_detail"),
+        "reviewers_disagree",
+        (pl.col("dispute_reasons").list.len() > 0).alias("disputed"),
+        "dispute_reasons",
+        "judgments",
+        "reviews",
+        "top_logits",
+        "top_logit_values",
+        "bottom_logits",
+        pl.struct([pl.lit(v).alias(k) for k, v in provenance.items()]).alias("provenance"),
+    )
+    if examples is None:
+        return out
+    if examples["feature_id"].equals(out["feature_id"]):  # every feature planned: no join
+        return out.with_columns(examples["examples"])
+    out = out.join(examples, on="feature_id", how="left", maintain_order="left")
+    return out.with_columns(pl.col("examples").fill_null(pl.lit([], dtype=out.schema["examples"])))
 
 
 def export_catalog(
@@ -192,25 +198,35 @@ def export_catalog(
 ) -> int:
     """Write the catalog to ``out`` (.jsonl, or gzip with .gz) atomically; returns the
     lines written. ``progress`` is told the features of each layer as it is written."""
-    table = _labels_table(run, store, rules or DisputeRules())
-    gz = out.name.endswith(".gz")
+    layers = [int(r[0]) for r in store.conn.execute("SELECT DISTINCT layer FROM planned")]
+    reader = _LayerReader(run, store.path, with_examples)
+    provenance = {
+        "run": str(run.folder),
+        "adapter_hash": run.info.adapter_hash,
+        "corpus_hash": run.info.corpus_hash,
+        "unit": run.info.unit,
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    compression: Literal["gzip", "uncompressed"] = (
+        "gzip" if out.name.endswith(".gz") else "uncompressed"
+    )
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        with tmp.open("wb") as fh:
-            for (layer,), part in table.group_by("layer", maintain_order=True):
-                if with_examples:
-                    examples = _layer_examples(run, int(layer), part["feature_id"])  # type: ignore[call-overload]
-                    part = part.join(examples, on="feature_id", how="left", maintain_order="left")
-                    part = part.with_columns(
-                        pl.col("examples").fill_null(pl.lit([], dtype=examples.schema["examples"]))
-                    )
-                part.write_ndjson(
-                    fh,
-                    compression="gzip" if gz else "uncompressed",
-                    compression_level=6 if gz else None,
-                )
-                if progress is not None:
-                    progress(part.height)
+        with ThreadPoolExecutor(PREPARING, "catalog-layer") as pool:
+            # Layers are read ahead while the labels are decided and while writing.
+            ahead = sorted(layers)
+            pending = deque(pool.submit(reader.read, layer) for layer in ahead[:PREPARING])
+            table = _labels_table(run, store, rules or DisputeRules())
+            parts = {int(k[0]): part for k, part in table.group_by("layer", maintain_order=True)}  # type: ignore[call-overload]
+            with tmp.open("wb") as fh:
+                for i, layer in enumerate(ahead):
+                    judged, examples = pending.popleft().result()
+                    if i + PREPARING < len(ahead):
+                        pending.append(pool.submit(reader.read, ahead[i + PREPARING]))
+                    lines = _lines(parts[layer], judged, examples, provenance)
+                    lines.write_ndjson(fh, compression=compression)
+                    if progress is not None:
+                        progress(lines.height)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """The label store read as polars tables: every judgment, every review, the plan.
 
-Reading through SQL (``json_extract``) rather than one pydantic model per row keeps a
-run of hundreds of thousands of features and several judges to seconds and to a few
-hundred megabytes.
+Reading columns (the store copies each judgment's classification out of its JSON) and
+decoding the rest of the JSON in polars, rather than one pydantic model per row, keeps a
+run of hundreds of thousands of features and several judges to seconds.
 """
 
 from __future__ import annotations
@@ -26,24 +26,38 @@ _BRIEF = (
     ("status", "status", pl.String),
     ("reason", "reason", pl.String),
     ("cost_usd", "cost_usd", pl.Float64),
-    ("category", "json_extract(payload, '$.classification.category')", pl.String),
-    ("subcategory", "json_extract(payload, '$.classification.subcategory')", pl.String),
-    ("mechanism", "json_extract(payload, '$.classification.mechanism')", pl.String),
-    ("domain_type", "json_extract(payload, '$.classification.domain_type')", pl.String),
-    ("confidence", "json_extract(payload, '$.classification.confidence')", pl.String),
-    ("detection", "json_extract(payload, '$.detection.accuracy')", pl.Float64),
+    ("category", "category", pl.String),
+    ("subcategory", "subcategory", pl.String),
+    ("mechanism", "mechanism", pl.String),
+    ("domain_type", "domain_type", pl.String),
+    ("confidence", "confidence", pl.String),
+    ("detection", "detection", pl.Float64),
 )
 _FULL = (
     *_BRIEF,
     ("prompt_hash", "prompt_hash", pl.String),
     ("attempts", "attempts", pl.Int32),
     ("created_at", "created_at", pl.String),
-    ("explanation", "json_extract(payload, '$.explanation')", pl.String),
-    ("rationale", "json_extract(payload, '$.classification.rationale')", pl.String),
-    ("precision", "json_extract(payload, '$.detection.precision')", pl.Float64),
-    ("recall", "json_extract(payload, '$.detection.recall')", pl.Float64),
-    ("auroc", "json_extract(payload, '$.detection.auroc')", pl.Float64),
-    ("detection_by_set", "json_extract(payload, '$.detection_by_set')", pl.String),
+    ("payload", "payload", pl.String),
+)
+SCORE = pl.Struct(
+    {
+        "accuracy": pl.Float64,
+        "precision": pl.Float64,
+        "recall": pl.Float64,
+        "n_positive": pl.Int64,
+        "n_negative": pl.Int64,
+        "auroc": pl.Float64,
+    }
+)
+# What of a judgment's JSON the full frame keeps beyond the columns.
+_PAYLOAD = pl.Struct(
+    {
+        "explanation": pl.String,
+        "classification": pl.Struct({"rationale": pl.String}),
+        "detection": SCORE,
+        "detection_by_set": pl.Struct({"top": SCORE, "random": SCORE}),
+    }
 )
 REVIEW_SCHEMA = pl.Schema(
     {
@@ -77,19 +91,43 @@ def planned_frame(store: LabelStore) -> pl.DataFrame:
 
 
 def judgment_frame(
-    store: LabelStore, full: bool = False, feature_id: str | None = None
+    store: LabelStore | sqlite3.Connection,
+    full: bool = False,
+    feature_id: str | None = None,
+    layer: int | None = None,
 ) -> pl.DataFrame:
     """One row per stored (feature, judge): status and reason, cost, the classification
-    and the detection accuracy; with ``full`` also the explanation, rationale, the other
-    detection scores (``detection_by_set`` as JSON text), prompt hash and time. Of one
-    feature with ``feature_id``."""
+    and the detection accuracy; with ``full`` also the explanation, rationale, every
+    detection score (``scores``: the pooled one and ``by_set``), prompt hash, attempts and
+    time. Of one feature with ``feature_id``, of one layer's features with ``layer``."""
+    conn = store.conn if isinstance(store, LabelStore) else store
     columns = _FULL if full else _BRIEF
     select = ", ".join(expr for _, expr, _ in columns)
     schema = pl.Schema({name: dtype for name, _, dtype in columns})
-    if feature_id is None:
-        return _read(store.conn, f"SELECT {select} FROM judgments", schema)
-    query = f"SELECT {select} FROM judgments WHERE feature_id=?"
-    return _read(store.conn, query, schema, (feature_id,))
+    query = f"SELECT {select} FROM judgments"
+    args: tuple[str, ...] = ()
+    if feature_id is not None:
+        query, args = query + " WHERE feature_id=?", (feature_id,)
+    elif layer is not None:  # a range of the primary key: L{layer}F...
+        query, args = query + " WHERE feature_id >= ? AND feature_id < ?", layer_range(layer)
+    frame = _read(conn, query, schema, args)
+    if not full:
+        return frame
+    payload = pl.col("payload").str.json_decode(_PAYLOAD)
+    return frame.with_columns(
+        payload.struct.field("explanation"),
+        payload.struct.field("classification").struct.field("rationale"),
+        pl.struct(
+            payload.struct.field("detection").struct.field("accuracy", "precision", "recall",
+                                                           "auroc"),
+            payload.struct.field("detection_by_set").alias("by_set"),
+        ).alias("scores"),
+    ).drop("payload")  # fmt: skip
+
+
+def layer_range(layer: int) -> tuple[str, str]:
+    """Bounds of the feature ids of one layer (``L{layer}F...``) in string order."""
+    return f"L{layer}F", f"L{layer}G"
 
 
 def review_frame(store: LabelStore) -> pl.DataFrame:

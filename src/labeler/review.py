@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from adapters.errors import UserError
 from labeler.disputes import DisputeRules, find_disputes
-from labeler.label_table import judge_names, judgment_frame, planned_frame, review_frame
+from labeler.label_table import judge_names, judgment_frame, review_frame
 from labeler.run_data import RunData
 from labeler.schemas import Example, ReviewDecision
 from labeler.store import LabelStore
@@ -74,10 +74,6 @@ def review_queue(
         for row in rows.iter_rows(named=True)
     ]
     return items if include_decided else [i for i in items if not i.decided_by]
-
-
-def planned_ids(store: LabelStore) -> set[str]:
-    return set(planned_frame(store)["feature_id"].to_list())
 
 
 def feature_view(

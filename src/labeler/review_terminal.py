@@ -127,7 +127,7 @@ def _decide(view: FeatureView, reviewer: str, console: Console) -> dict[str, obj
         "category": KEYS[key],
     }
     if KEYS[key] == "reasoning":
-        fields["subcategory"] = _choose(console, "subcategory", SUBCATEGORIES, optional=False)
+        fields["subcategory"] = _choose(console, "subcategory", SUBCATEGORIES, optional=True)
         fields["mechanism"] = _choose(console, "mechanism", MECHANISMS, optional=True)
     elif KEYS[key] == "domain":
         fields["domain_type"] = _choose(console, "domain type", DOMAIN_TYPES, optional=False)

@@ -158,7 +158,7 @@ class ReviewDecision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     feature_id: str
-    reviewer: str = Field(min_length=1)
+    reviewer: str = Field(min_length=1, pattern=r"\S", description="who decided")
     action: Literal["decide", "skip"] = "decide"
     category: Category | None = None
     subcategory: Subcategory | None = None

@@ -21,7 +21,7 @@ from adapters.errors import UserError
 from labeler.schemas import Judgment, ReviewDecision, Usage
 from labeler.staging import StageOutcome, add_costs, add_usage
 
-STORE_SCHEMA_VERSION = 4
+STORE_SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS judgments (
     created_at TEXT NOT NULL,
     usage TEXT,
     cost_usd REAL,
+    category TEXT,
+    subcategory TEXT,
+    mechanism TEXT,
+    domain_type TEXT,
+    confidence TEXT,
+    detection REAL,
     PRIMARY KEY (feature_id, judge)
 );
 CREATE TABLE IF NOT EXISTS stages (
@@ -67,6 +73,24 @@ CREATE TABLE IF NOT EXISTS reviews (
 );
 CREATE INDEX IF NOT EXISTS reviews_feature ON reviews (feature_id);
 """
+# The classification and detection accuracy of a judgment, copied out of its payload by
+# triggers (whoever writes the row), so that summaries read columns instead of JSON.
+_LABEL_COLUMNS = """
+    category=json_extract(NEW.payload, '$.classification.category'),
+    subcategory=json_extract(NEW.payload, '$.classification.subcategory'),
+    mechanism=json_extract(NEW.payload, '$.classification.mechanism'),
+    domain_type=json_extract(NEW.payload, '$.classification.domain_type'),
+    confidence=json_extract(NEW.payload, '$.classification.confidence'),
+    detection=json_extract(NEW.payload, '$.detection.accuracy')"""
+_TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS judgments_label_on_insert AFTER INSERT ON judgments BEGIN
+    UPDATE judgments SET {_LABEL_COLUMNS} WHERE rowid = NEW.rowid;
+END;
+CREATE TRIGGER IF NOT EXISTS judgments_label_on_update AFTER UPDATE OF payload ON judgments
+BEGIN
+    UPDATE judgments SET {_LABEL_COLUMNS} WHERE rowid = NEW.rowid;
+END;
+"""
 # Each step takes the store from the version before it to the next one.
 _MIGRATIONS = {
     2: (
@@ -75,6 +99,14 @@ _MIGRATIONS = {
     ),
     3: (),  # the stages table and the created_at index are created if missing
     4: (),  # the reviews table is created if missing
+    5: (
+        *(
+            f"ALTER TABLE judgments ADD COLUMN {c} TEXT"
+            for c in ("category", "subcategory", "mechanism", "domain_type", "confidence")
+        ),
+        "ALTER TABLE judgments ADD COLUMN detection REAL",
+        "UPDATE judgments SET " + _LABEL_COLUMNS.replace("NEW.", ""),
+    ),
 }
 
 
@@ -108,6 +140,7 @@ class LabelStore:
             )
         elif int(row[0]) < STORE_SCHEMA_VERSION:
             self._migrate(int(row[0]))
+        self.conn.executescript(_TRIGGERS)
 
     def _migrate(self, version: int) -> None:
         with self.conn:

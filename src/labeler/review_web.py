@@ -1,0 +1,461 @@
+"""``labeler review RUN --web``: the review page, served on 127.0.0.1 only.
+
+One page (``review_page.html``, package data next to this module) and a small JSON API
+over :mod:`labeler.review`:
+
+- ``GET /`` and ``GET /feature/ID``: the page (status 404 for a feature not planned);
+- ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
+- ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative first;
+- ``GET /api/feature/ID``: everything about one feature, with ``disagreement``;
+- ``POST /api/feature/ID/decision``: append a decision; answers it, every decision on
+  the feature and whether the reviewers disagree.
+
+The label store's SQLite connection belongs to the thread that opened it, so the HTTP
+server reads requests on threads of its own (an idle connection a browser opens ahead of
+time never blocks it) and hands each one to the thread that called :func:`serve`, which
+does all the store work, one request at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from adapters.errors import UserError
+from labeler.disputes import DisputeRules
+from labeler.review import UnknownFeature, feature_view, record_decision, review_queue
+from labeler.run_data import RunData
+from labeler.schemas import ReviewDecision
+from labeler.store import LabelStore
+from prompts import CATEGORIES, load_taxonomy
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+PAGE = "review_page.html"
+NONCE_MARK = "__CSP_NONCE__"
+MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT_S = 120.0
+IDLE_CONNECTION_S = 30
+DECISION_FIELDS = ("action", "category", "subcategory", "mechanism", "domain_type", "note",
+                   "reviewer")  # fmt: skip
+_CHOICE_FIELDS = ("category", "subcategory", "mechanism", "domain_type")
+_JSON = "application/json; charset=utf-8"
+_HTML = "text/html; charset=utf-8"
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP request as the review app sees it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    body: bytes = b""
+    host: str = ""
+    origin: str | None = None
+    content_type: str = ""
+
+
+@dataclass(frozen=True)
+class Response:
+    """An answer; ``nonce`` is the Content-Security-Policy nonce of an HTML page."""
+
+    status: int
+    content_type: str
+    body: bytes
+    nonce: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(status: int, data: object) -> Response:
+    return Response(status, _JSON, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+
+
+def error_response(status: int, message: str, **extra: object) -> Response:
+    """``{"error": message, ...}``: what the client sees of any failure (never a traceback)."""
+    return json_response(status, {"error": message, **extra})
+
+
+def security_headers(nonce: str | None) -> list[tuple[str, str]]:
+    """Headers on every answer: only the page's own inline script and style (by nonce) run,
+    it talks only to this server, nothing is framed, sniffed or cached; Trusted Types make
+    any HTML-string sink (innerHTML and the like) throw instead of parsing."""
+    own = f"'nonce-{nonce}'" if nonce else "'none'"
+    policy = (
+        f"default-src 'none'; script-src {own}; style-src {own}; connect-src 'self'; "
+        "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+        "require-trusted-types-for 'script'; trusted-types 'none'"
+    )
+    return [
+        ("Content-Security-Policy", policy),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+        ("Cross-Origin-Resource-Policy", "same-origin"),
+        ("Cache-Control", "no-store"),
+    ]
+
+
+def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
+    """Whether the reviewers' latest decisions on a feature name different categories."""
+    latest = {r.reviewer: r.category for r in reviews if r.action == "decide"}
+    return len(set(latest.values())) > 1
+
+
+def _read_page() -> str:
+    try:
+        page = resources.files(__package__ or "labeler").joinpath(PAGE).read_text("utf-8")
+    except FileNotFoundError:
+        raise UserError(
+            f"{PAGE} is missing from the installed labeler package (package data); "
+            "reinstall the package"
+        ) from None
+    if NONCE_MARK not in page:
+        raise UserError(f"{PAGE}: no {NONCE_MARK} placeholder for the script's nonce")
+    return page
+
+
+Route = tuple[re.Pattern[str], dict[str, Callable[..., Response]]]
+
+
+class ReviewApp:
+    """The review server's answers without the HTTP: ``handle`` turns a request into a
+    response. Call it only from the thread that opened ``store``."""
+
+    def __init__(
+        self,
+        run: RunData,
+        store: LabelStore,
+        rules: DisputeRules,
+        reviewer: str,
+        include_decided: bool,
+    ) -> None:
+        self.run = run
+        self.store = store
+        self.rules = rules
+        self.reviewer = reviewer.strip()
+        self.include_decided = include_decided
+        self.page = _read_page()
+        self.hosts: frozenset[str] = frozenset()
+        self.routes: list[Route] = [
+            (re.compile(r"/"), {"GET": self._index}),
+            (re.compile(r"/feature/([^/]+)"), {"GET": self._feature_page}),
+            (re.compile(r"/api/session"), {"GET": self._session}),
+            (re.compile(r"/api/queue"), {"GET": self._queue}),
+            (re.compile(r"/api/feature/([^/]+)"), {"GET": self._feature}),
+            (re.compile(r"/api/feature/([^/]+)/decision"), {"POST": self._decide}),
+        ]
+
+    def bind(self, port: int) -> None:
+        """Answer only requests addressed to this port on the loopback interface (a page
+        elsewhere that rebinds its own name to 127.0.0.1 gets nothing)."""
+        self.hosts = frozenset({f"{HOST}:{port}", f"localhost:{port}"})
+
+    def handle(self, request: Request) -> Response:
+        try:
+            if request.host not in self.hosts:
+                return error_response(403, f"this server answers only {HOST} on its own port")
+            origins = {f"http://{h}" for h in self.hosts}
+            if request.method == "POST" and request.origin not in (None, *origins):
+                return error_response(403, "decisions are accepted from the review page only")
+            return self._route(request)
+        except Exception:  # the client gets a short message, the log the traceback
+            log.exception("review page: %s %s failed", request.method, request.path)
+            return error_response(500, "internal error; the server's log says what went wrong")
+
+    def _route(self, request: Request) -> Response:
+        for pattern, methods in self.routes:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            answer = methods.get(request.method)
+            if answer is None:
+                allowed = ", ".join(methods)
+                return Response(
+                    405, _JSON, json.dumps({"error": f"use {allowed}"}).encode(),
+                    headers=(("Allow", allowed),),
+                )  # fmt: skip
+            return answer(request, *(unquote(g) for g in match.groups()))
+        return error_response(404, "no such page")
+
+    def _page(self, status: int) -> Response:
+        nonce = secrets.token_urlsafe(18)
+        return Response(status, _HTML, self.page.replace(NONCE_MARK, nonce).encode(), nonce)
+
+    def _index(self, request: Request) -> Response:
+        return self._page(200)
+
+    def _feature_page(self, request: Request, feature_id: str) -> Response:
+        """The page; it shows the feature, or says it does not exist (status 404)."""
+        return self._page(200 if self.store.is_planned(feature_id) else 404)
+
+    def _session(self, request: Request) -> Response:
+        taxonomy = load_taxonomy()
+        return json_response(200, {
+            "run": str(self.run.folder),
+            "reviewer": self.reviewer,
+            "include_decided": self.include_decided,
+            "categories": {c: taxonomy.categories.get(c, "") for c in CATEGORIES},
+            "subcategories": taxonomy.subcategories,
+            "mechanisms": taxonomy.mechanisms,
+            "domain_types": taxonomy.domain_types,
+        })  # fmt: skip
+
+    def _queue(self, request: Request) -> Response:
+        include = self.include_decided
+        asked = request.query.get("include_decided")
+        if asked:
+            if asked[-1].lower() not in _TRUE + _FALSE:
+                return error_response(400, "include_decided: use 1 or 0", field="include_decided")
+            include = asked[-1].lower() in _TRUE
+        items = review_queue(self.store, self.rules, include_decided=include)
+        return json_response(200, [item.model_dump(mode="json") for item in items])
+
+    def _feature(self, request: Request, feature_id: str) -> Response:
+        try:
+            view = feature_view(self.run, self.store, feature_id, self.rules)
+        except UnknownFeature as exc:
+            return error_response(404, str(exc), feature_id=feature_id)
+        data = view.model_dump(mode="json")
+        data["disagreement"] = reviewers_disagree(view.reviews)
+        return json_response(200, data)
+
+    def _decide(self, request: Request, feature_id: str) -> Response:
+        if request.content_type.split(";")[0].strip().lower() != "application/json":
+            return error_response(415, "send the decision as JSON (Content-Type: application/json)")
+        try:
+            body = json.loads(request.body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return error_response(400, f"the body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - set(DECISION_FIELDS) - {"feature_id"})
+        if unknown:
+            return error_response(
+                400, f"unknown field {unknown[0]!r}; expected {', '.join(DECISION_FIELDS)}",
+                field=unknown[0],
+            )  # fmt: skip
+        if body.get("feature_id", feature_id) != feature_id:
+            return error_response(400, "feature_id: differs from the address", field="feature_id")
+        reviewer = body.get("reviewer") or ""
+        if not isinstance(reviewer, str):
+            return error_response(400, "reviewer: must be a name", field="reviewer")
+        reviewer = reviewer.strip() or self.reviewer
+        if not reviewer:
+            return error_response(
+                400, "reviewer: a reviewer name is needed (send one, or start the server "
+                "with --reviewer NAME)", field="reviewer",
+            )  # fmt: skip
+        fields: dict[str, object] = {k: v for k, v in body.items() if k in DECISION_FIELDS}
+        for name in _CHOICE_FIELDS:  # an unset select sends ""
+            if fields.get(name) == "":
+                fields[name] = None
+        fields |= {"feature_id": feature_id, "reviewer": reviewer}
+        try:
+            decision = record_decision(self.store, fields)
+        except UnknownFeature as exc:
+            return error_response(404, str(exc), feature_id=feature_id)
+        except UserError as exc:
+            return error_response(400, str(exc))
+        log.info("%s: %s %s by %s", feature_id, decision.action, decision.category or "", reviewer)
+        reviews = self.store.reviews(feature_id)
+        return json_response(201, {
+            "decision": decision.model_dump(mode="json"),
+            "reviews": [r.model_dump(mode="json") for r in reviews],
+            "disagreement": reviewers_disagree(reviews),
+        })  # fmt: skip
+
+
+class _OwnerThread:
+    """Runs calls, one at a time, on the thread that owns the label store."""
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Callable[[], Response], Future[Response]]] = queue.Queue()
+        self._closed = threading.Event()
+
+    def call(self, work: Callable[[], Response]) -> Response:
+        """From a server thread: the owner thread's answer (503 once it stops)."""
+        if self._closed.is_set():
+            return error_response(503, "the review server is stopping")
+        future: Future[Response] = Future()
+        self._calls.put((work, future))
+        try:
+            return future.result(timeout=REQUEST_TIMEOUT_S)
+        except (CancelledError, TimeoutError):
+            return error_response(503, "the review server is stopping or busy; try again")
+
+    def run(self, stop: threading.Event) -> None:
+        """Answer calls until ``stop`` is set; a KeyboardInterrupt ends it (raised)."""
+        while not stop.is_set():
+            try:
+                work, future = self._calls.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                response = work()
+            except BaseException:  # Ctrl-C while answering: the client hears why, then stop
+                future.set_result(error_response(503, "the review server is stopping"))
+                raise
+            future.set_result(response)
+
+    def close(self) -> None:
+        self._closed.set()
+        while True:
+            try:
+                _, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            future.cancel()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], answer: Callable[[Request], Response]) -> None:
+        super().__init__(address, _Handler)
+        self.answer = answer
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.warning("review page: connection from %s failed", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "labeler-review"
+    sys_version = ""
+    timeout = IDLE_CONNECTION_S
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_HEAD(self) -> None:
+        self._answer("GET", head=True)
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    def do_PUT(self) -> None:
+        self._answer("PUT")
+
+    def do_PATCH(self) -> None:
+        self._answer("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._answer("DELETE")
+
+    def do_OPTIONS(self) -> None:
+        self._answer("OPTIONS")
+
+    def _answer(self, method: str, head: bool = False) -> None:
+        self._send(self._read(method), head)
+
+    def _read(self, method: str) -> Response:
+        size = self.headers.get("Content-Length")
+        body = b""
+        if size is not None:
+            if not size.isdigit():
+                return error_response(400, "bad Content-Length")
+            if int(size) > MAX_BODY:
+                return error_response(413, f"the body is over {MAX_BODY} bytes")
+            body = self.rfile.read(int(size))
+        elif self.headers.get("Transfer-Encoding"):
+            return error_response(411, "send a Content-Length")
+        url = urlsplit(self.path)
+        request = Request(
+            method=method,
+            path=url.path,
+            query=parse_qs(url.query),
+            body=body,
+            host=self.headers.get("Host", ""),
+            origin=self.headers.get("Origin"),
+            content_type=self.headers.get("Content-Type", ""),
+        )
+        return cast(_Server, self.server).answer(request)
+
+    def _send(self, response: Response, head: bool = False) -> None:
+        self.send_response(response.status)
+        for name, value in [*security_headers(response.nonce), *response.headers]:
+            self.send_header(name, value)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(response.body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed requests and unknown methods: a JSON error with the same headers."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._send(error_response(code, message or phrase), head=self.command == "HEAD")
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_error(self, format: str, *args: object) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def serve(
+    run: RunData,
+    store: LabelStore,
+    rules: DisputeRules,
+    reviewer: str,
+    port: int,
+    include_decided: bool,
+    on_ready: Callable[[str], object] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve the review page on 127.0.0.1:``port`` (0: a free port) until Ctrl-C (which
+    returns normally) or until ``stop`` is set. ``on_ready`` gets the page's URL once it
+    answers. Call it from the thread that opened ``store``: all store work happens there.
+    ``reviewer`` ("" for none) is used for decisions that name no reviewer."""
+    app = ReviewApp(run, store, rules, reviewer, include_decided)
+    owner = _OwnerThread()
+    try:
+        server = _Server((HOST, port), lambda request: owner.call(lambda: app.handle(request)))
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UserError(
+            f"--port {port}: cannot serve on {HOST}:{port} ({reason}); --port 0 picks a free one"
+        ) from None
+    app.bind(server.server_port)
+    url = f"http://{HOST}:{server.server_port}/"
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="review-web", daemon=True
+    )
+    thread.start()
+    log.info("review page at %s", url)
+    try:
+        if on_ready is not None:
+            on_ready(url)
+        owner.run(stop or threading.Event())
+    except KeyboardInterrupt:
+        log.info("review page stopped")
+    finally:
+        owner.close()
+        server.shutdown()
+        server.server_close()
+        thread.join()

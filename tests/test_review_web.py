@@ -1,0 +1,433 @@
+"""The browser review: the real `labeler review RUN --web --port 0` command, driven by a
+real headless Chromium (Debian's /usr/bin/chromium through playwright) and by plain HTTP.
+
+Markup planted into a token, a judge's rationale, a note and a reviewer name must show as
+text and never run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+import pytest
+
+from collectors.run_format import EXAMPLES
+from labeler.disputes import DisputeRules
+from labeler.review import review_queue
+from labeler.schemas import ReviewDecision
+from labeler.store import LabelStore
+from tests.conftest import CollectedDemo
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Page
+
+CHROMIUM = Path(os.environ.get("LABELER_CHROMIUM", "/usr/bin/chromium"))
+LABELER = [sys.executable, "-c", "from labeler.cli import main; main()"]
+XSS_SCRIPT = "<script>window.__pwned=1</script>"
+XSS_IMG = '<img src=x onerror="window.__pwned=2">'
+XSS_RATIONALE = 'it fires on <img src=x onerror="window.__pwned=3"> everywhere'
+XSS_NAME = '<img src=x onerror="window.__pwned=4">'
+NAME_KEY = "labeler.review.reviewer"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    run: Path
+    queue: list[str]  # the disputed features at the start, most informative first
+
+    @property
+    def planted(self) -> str:
+        """The feature whose example and rationale carry markup."""
+        return self.queue[0]
+
+
+@dataclass
+class Tab:
+    page: Page
+    errors: list[str] = field(default_factory=list)
+
+    def open(self, url: str) -> None:
+        self.page.goto(url)
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def pwned(self) -> str:
+        return str(self.page.evaluate("typeof window.__pwned"))
+
+
+def _start(run: Path, *args: str, stderr: Path) -> tuple[subprocess.Popen[str], str]:
+    """`labeler review RUN --web ...` and the URL it prints once it answers."""
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [*LABELER, "review", str(run), "--web", *args],
+            stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    if found is None:
+        process.kill()
+        process.wait()
+        pytest.fail(f"no URL from `labeler review --web`: {line!r}\n{stderr.read_text()}")
+    return process, found.group(0)
+
+
+def _stop(process: subprocess.Popen[str]) -> int:
+    """Ctrl-C, as a user stops it; its exit status."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A copy of the labeled demo run with markup planted into its most disputed feature,
+    served by the real command without --reviewer."""
+    run = tmp_path_factory.mktemp("review-web") / "run"
+    shutil.copytree(labeled.run, run)
+    store = LabelStore(run / "labels.sqlite")
+    try:
+        queue = [item.feature_id for item in review_queue(store, DisputeRules())]
+        assert len(queue) >= 5, f"the demo run has too few disputed features: {queue}"
+        with store.conn:
+            store.conn.execute(
+                "UPDATE judgments SET payload = json_set(payload, '$.classification.rationale', ?)"
+                " WHERE feature_id = ? AND status = 'ok'",
+                (XSS_RATIONALE, queue[0]),
+            )
+    finally:
+        store.close()
+    examples = pl.read_parquet(run / EXAMPLES)
+    target = (pl.col("feature_id") == queue[0]) & (pl.col("kind") == "top") & (pl.col("rank") == 0)
+    row = examples.filter(target).row(0, named=True)
+    tokens = list(row["tokens"])
+    free = [i for i in range(len(tokens)) if i != row["highlight"]]
+    tokens[free[0]], tokens[free[1]] = XSS_SCRIPT, XSS_IMG
+    planted = pl.lit(pl.Series([tokens], dtype=pl.List(pl.String)))
+    examples = examples.with_columns(
+        pl.when(target).then(planted).otherwise(pl.col("tokens")).alias("tokens")
+    )
+    examples.write_parquet(run / EXAMPLES)
+    process, url = _start(run, "--port", "0", stderr=run.parent / "server.log")
+    try:
+        yield Served(url, run, queue)
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the review page is tested in a real Chromium; "
+            "apt-get install chromium (or point LABELER_CHROMIUM at one)"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "the playwright package is missing: pip install playwright (the dev extra); "
+            "no `playwright install` needed, the tests use the system Chromium"
+        )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def tab(browser: Browser) -> Iterator[Tab]:
+    """A fresh browser profile (empty localStorage) collecting script errors and CSP
+    violations (failed requests are expected: the tests make some)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    opened = Tab(page)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            opened.errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: opened.errors.append(str(exc)))
+    yield opened
+    context.close()
+
+
+def http(
+    url: str, method: str = "GET", body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = (
+        None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    )
+    sent = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=data, method=method, headers=sent | (headers or {}))
+    try:
+        with NO_PROXY.open(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def decide(
+    served: Served, feature_id: str, body: object, **headers: str
+) -> tuple[int, dict[str, Any]]:
+    status, _, raw = http(f"{served.url}api/feature/{feature_id}/decision", "POST", body, headers)
+    return status, json.loads(raw)
+
+
+def reviews(served: Served, feature_id: str) -> list[ReviewDecision]:
+    store = LabelStore(served.run / "labels.sqlite")
+    try:
+        return store.reviews(feature_id)
+    finally:
+        store.close()
+
+
+def test_decide_with_the_keyboard(served: Served, tab: Tab) -> None:
+    page = tab.page
+    tab.open(served.url)
+    rows = page.locator("#queue tbody tr")
+    assert rows.count() == len(served.queue)
+    assert rows.first.get_attribute("data-feature-id") == served.planted
+    rows.first.locator("a").click()
+    page.wait_for_selector(f"#feature-panel[data-loaded='{served.planted}']")
+    assert page.url == f"{served.url}feature/{served.planted}"
+
+    # the planted markup is text in token spans, heat-shaded, with the activation on hover
+    for markup in (XSS_SCRIPT, XSS_IMG):
+        token = page.locator(".tok").filter(has_text=markup)
+        assert token.count() == 1 and token.first.is_visible()
+        assert token.first.text_content() == markup
+        assert token.first.get_attribute("title", timeout=1000) is not None
+    assert page.locator("img").count() == 0
+    assert tab.pwned() == "undefined"
+    activating = page.locator(".example").first.locator(".tok.hl")
+    assert activating.count() == 1
+    assert "(the activating token)" in (activating.get_attribute("title") or "")
+    assert "rgb(" in activating.evaluate("e => e.style.backgroundColor")
+    assert page.locator("#top-logits .logit").count() > 0
+
+    # the judges' answers are not on the page until j
+    assert page.locator(".judge-rationale").count() == 0
+    assert XSS_RATIONALE not in page.inner_text("body")
+    page.keyboard.press("j")
+    rationale = page.locator(".judge-rationale").first
+    rationale.wait_for(state="visible")
+    assert XSS_RATIONALE in rationale.inner_text()
+    assert tab.pwned() == "undefined"
+
+    # l, Enter: the server asks for a name (no --reviewer), the page asks once, saves, moves on
+    page.keyboard.press("l")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#name-dialog[open]")
+    page.fill("#name-input", "alice")
+    page.keyboard.press("Enter")
+    toast = page.locator("#toast")
+    toast.wait_for(state="visible")
+    assert f"{served.planted} saved as language by alice" in toast.inner_text()
+    page.wait_for_url(f"{served.url}feature/{served.queue[1]}")
+    page.wait_for_selector(f"#feature-panel[data-loaded='{served.queue[1]}']")
+    assert page.locator(".judge-rationale").count() == 0  # hidden again on the next feature
+    assert [(r.reviewer, r.action, r.category) for r in reviews(served, served.planted)] == [
+        ("alice", "decide", "language")
+    ]
+    assert page.evaluate(f"localStorage.getItem('{NAME_KEY}')") == "alice"
+    assert page.locator("#reviewer-name").inner_text() == "alice"
+    assert page.locator(f"#queue tr[data-feature-id='{served.planted}']").count() == 0
+    assert tab.errors == []
+
+
+def test_skip_then_reasoning_with_selects_by_keyboard(served: Served, tab: Tab) -> None:
+    page = tab.page
+    tab.open(served.url)
+    page.evaluate(f"localStorage.setItem('{NAME_KEY}', 'dora')")
+    skipped, decided = served.queue[2], served.queue[3]
+    tab.open(f"{served.url}feature/{skipped}")
+    page.wait_for_selector(f"#feature-panel[data-loaded='{skipped}']")
+    page.keyboard.press("s")
+    page.locator("#toast", has_text=f"{skipped} skipped by dora").wait_for()
+    page.wait_for_selector(f"#feature-panel[data-loaded='{decided}']")
+    assert [(r.reviewer, r.action, r.category) for r in reviews(served, skipped)] == [
+        ("dora", "skip", None)
+    ]
+    assert page.locator(f"#queue tr[data-feature-id='{skipped}']").count() == 1  # still open
+
+    page.keyboard.press("r")
+    assert page.evaluate("document.activeElement.id") == "subcategory"
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "mechanism"
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Escape")
+    page.keyboard.press("n")
+    page.keyboard.type(f"looks like a plan {XSS_SCRIPT}")
+    page.keyboard.press("Enter")
+    page.locator("#toast", has_text=f"{decided} saved as reasoning").wait_for()
+    page.wait_for_selector(f"#feature-panel[data-loaded='{served.queue[4]}']")
+    [stored] = reviews(served, decided)
+    assert (stored.reviewer, stored.category, stored.subcategory, stored.mechanism) == (
+        "dora", "reasoning", "hesitation", "output",
+    )  # fmt: skip
+    assert stored.note == f"looks like a plan {XSS_SCRIPT}"
+
+    page.keyboard.press("ArrowLeft")  # the one before in the queue: the skipped one
+    page.wait_for_url(f"{served.url}feature/{skipped}")
+    tab.open(f"{served.url}feature/{decided}")  # the note shows as text
+    page.wait_for_selector(f"#feature-panel[data-loaded='{decided}']")
+    assert XSS_SCRIPT in page.locator("#review-list .note").inner_text()
+    page.keyboard.press("?")
+    assert page.locator("#help-dialog").is_visible()
+    page.keyboard.press("Escape")
+    assert not page.locator("#help-dialog").is_visible()
+    assert tab.pwned() == "undefined"
+    assert tab.errors == []
+
+
+def test_two_reviewers_are_both_kept_and_their_disagreement_shown(served: Served, tab: Tab) -> None:
+    feature = served.queue[4]
+    status, first = decide(served, feature, {"reviewer": "bob", "category": "language"})
+    assert status == 201, first
+    assert first["decision"]["reviewer"] == "bob" and first["disagreement"] is False
+    status, second = decide(served, feature, {
+        "reviewer": XSS_NAME, "category": "reasoning", "subcategory": "planning",
+        "mechanism": "", "note": XSS_SCRIPT,
+    })  # fmt: skip
+    assert status == 201, second
+    assert second["decision"]["mechanism"] is None
+    assert [r["reviewer"] for r in second["reviews"]] == ["bob", XSS_NAME]
+    assert second["disagreement"] is True
+    assert [(r.reviewer, r.category) for r in reviews(served, feature)] == [
+        ("bob", "language"), (XSS_NAME, "reasoning"),
+    ]  # fmt: skip
+
+    status, _, raw = http(f"{served.url}api/feature/{feature}")
+    view = json.loads(raw)
+    assert status == 200 and view["disagreement"] is True and len(view["reviews"]) == 2
+
+    tab.open(f"{served.url}feature/{feature}")
+    page = tab.page
+    page.wait_for_selector(f"#feature-panel[data-loaded='{feature}']")
+    warning = page.locator("#disagreement")
+    assert warning.is_visible()
+    assert "Reviewers disagree" in warning.inner_text()
+    assert "bob: language" in warning.inner_text()
+    assert f"{XSS_NAME}: reasoning" in warning.inner_text()
+    assert page.locator("#review-list .reviewer").all_inner_texts() == ["bob", XSS_NAME]
+    assert page.locator("img").count() == 0
+    assert tab.pwned() == "undefined"
+
+    page.check("#show-decided")  # the queue with decided features names who decided
+    row = page.locator(f"#queue tr[data-feature-id='{feature}']")
+    row.wait_for()
+    assert "bob" in row.inner_text()
+    assert tab.errors == []
+
+
+def test_unknown_features_and_bad_decisions(served: Served, tab: Tab) -> None:
+    status, headers, body = http(f"{served.url}feature/L99F99999")
+    assert status == 404 and headers["Content-Type"].startswith("text/html")
+    status, headers, body = http(f"{served.url}api/feature/L99F99999")
+    assert status == 404 and headers["Content-Type"].startswith("application/json")
+    assert "L99F99999" in json.loads(body)["error"]
+    for path in ("nope", "api/nope", "feature/a/b", "api/feature/"):
+        assert http(served.url + path)[0] == 404, path
+    assert http(f"{served.url}api/feature/{served.queue[1]}/decision")[0] == 405
+    assert http(f"{served.url}api/queue", "DELETE")[0] == 405
+
+    feature = served.queue[1]
+    before = reviews(served, feature)
+    status, answer = decide(served, feature, {"reviewer": "x", "category": "magic"})
+    assert status == 400 and "category" in answer["error"], answer
+    status, answer = decide(served, feature, {"category": "language"})
+    assert status == 400 and answer["field"] == "reviewer" and "reviewer" in answer["error"]
+    status, answer = decide(served, feature, {"reviewer": "x", "category": "language", "x": 1})
+    assert status == 400 and "'x'" in answer["error"]
+    status, answer = decide(served, feature, {"reviewer": "x", "category": "domain",
+                                              "subcategory": "planning"})  # fmt: skip
+    assert status == 400 and "subcategory" in answer["error"]
+    assert decide(served, "L99F99999", {"reviewer": "x", "category": "language"})[0] == 404
+    assert decide(served, feature, b"{not json")[0] == 400
+    assert decide(served, feature, ["language"])[0] == 400
+    ok = {"reviewer": "x", "category": "language"}
+    assert decide(served, feature, ok, Origin="http://evil.example")[0] == 403
+    assert decide(served, feature, ok, **{"Content-Type": "text/plain"})[0] == 415
+    assert http(f"{served.url}api/queue", headers={"Host": "evil.example"})[0] == 403
+    assert reviews(served, feature) == before
+
+    page = tab.page
+    response = page.goto(f"{served.url}feature/L99F99999")
+    assert response is not None and response.status == 404
+    page.wait_for_selector("#feature-panel[data-loaded='L99F99999']")
+    assert "No such feature" in page.locator("#not-found").inner_text()
+    assert "L99F99999" in page.locator("#not-found").inner_text()
+    assert not page.locator("#decision").is_visible()
+    first = page.locator("#queue tbody tr").first.get_attribute("data-feature-id")
+    page.keyboard.press("ArrowRight")  # back into the queue, at its start
+    page.wait_for_url(f"{served.url}feature/{first}")
+    assert tab.errors == []
+
+
+def test_api_queue_headers_and_no_tracebacks(served: Served) -> None:
+    status, headers, body = http(served.url)
+    assert status == 200
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    nonce = re.search(r"script-src 'nonce-([^']+)'", policy)
+    assert nonce is not None
+    page = body.decode()
+    assert page.count(f'nonce="{nonce.group(1)}"') == 2  # the one script and the one style
+    assert "__CSP_NONCE__" not in page
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+    status, headers, body = http(f"{served.url}api/queue?include_decided=1")
+    items = json.loads(body)
+    assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
+    assert {i["feature_id"] for i in items} == set(served.queue)
+    assert set(items[0]) == {"feature_id", "reasons", "score", "categories", "min_detection",
+                             "decided_by"}  # fmt: skip
+    assert http(f"{served.url}api/queue?include_decided=maybe")[0] == 400
+    status, _, body = http(f"{served.url}api/session")
+    assert status == 200 and json.loads(body)["reviewer"] == ""
+    status, _, body = http(f"{served.url}api/feature/%ZZ")
+    assert status == 404 and b"Traceback" not in body
+
+
+def test_ctrl_c_ends_it_cleanly_and_a_busy_port_is_a_clear_error(
+    served: Served, tmp_path: Path
+) -> None:
+    busy = served.url.rsplit(":", 1)[1].strip("/")
+    result = subprocess.run(
+        [*LABELER, "review", str(served.run), "--web", "--port", busy],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert f"--port {busy}" in result.stderr and "--port 0" in result.stderr
+
+    process, url = _start(served.run, "--port", "0", "--reviewer", "erin",
+                          stderr=tmp_path / "server.log")  # fmt: skip
+    try:
+        status, _, body = http(f"{url}api/session")
+        assert status == 200 and json.loads(body)["reviewer"] == "erin"
+    finally:
+        assert _stop(process) == 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
