@@ -356,9 +356,17 @@ def test_ensemble_stores_one_judgment_per_feature_and_judge(
     store.close()
     status = CliRunner().invoke(cli, ["status", str(run_copy)])
     assert status.exit_code == 0 and "anthropic:fake-claude" in status.output
-    summary = CliRunner().invoke(cli, ["summarize", str(run_copy), "--judge",
-                                       "openai:fake-model"])  # fmt: skip
+    summary = CliRunner().invoke(cli, ["summarize", str(run_copy), "--json"])
     assert summary.exit_code == 0, summary.output
+    report = json.loads(summary.output)
+    assert [j["rater"] for j in report["judges"]] == [
+        "anthropic:fake-claude", "openai:fake-model", "heuristic",
+    ]  # fmt: skip
+    assert all(j["n_labeled"] == 8 for j in report["judges"])
+    assert report["final"]["n_labeled"] == 8 and report["agreement"]["raters"] == [
+        "anthropic:fake-claude", "openai:fake-model", "heuristic",
+    ]  # fmt: skip
+    assert len(report["agreement"]["pairs"]) == 3
 
 
 def test_missing_key_fails_before_any_work(

@@ -6,6 +6,7 @@ import json
 
 import polars as pl
 
+from collectors.run_format import read_run_info
 from labeler.ground_truth import compare_with_ground_truth
 from labeler.store import LabelStore
 from labeler.summarize import summarize
@@ -55,7 +56,7 @@ def test_heuristic_recovers_planted_categories(labeled: CollectedDemo) -> None:
 
 def test_summary_interval_contains_planted_reasoning_share(labeled: CollectedDemo) -> None:
     store = LabelStore(labeled.run / "labels.sqlite")
-    summary = summarize(store, str(labeled.run))
+    summary = summarize(store, read_run_info(labeled.run), str(labeled.run)).final
     report = compare_with_ground_truth(labeled.paths.ground_truth, store, "heuristic")
     store.close()
     planted = report.planted_reasoning_share

@@ -723,7 +723,7 @@ def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Pa
 
 
 def _export(run_path: Path, out: Path | None, with_examples: bool,
-            rules_path: Path | None = None) -> Path:  # fmt: skip
+            rules_path: Path | None = None, gzip_level: int = 1) -> Path:  # fmt: skip
     from labeler.disputes import DisputeRules
     from labeler.export import export_catalog
     from labeler.label_table import planned_frame
@@ -740,7 +740,8 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
         with progress_bar(console, "exporting", "features") as progress:
             task = progress.add_task("exporting", total=planned_frame(store).height)
             n = export_catalog(run, store, target, with_examples, rules,
-                               progress=lambda k: progress.advance(task, k))  # fmt: skip
+                               progress=lambda k: progress.advance(task, k),
+                               gzip_level=gzip_level)  # fmt: skip
     finally:
         store.close()
     console.print(f"wrote {n:,} features to {target}")
@@ -759,9 +760,11 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
+@click.option("--gzip-level", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Compression of a .jsonl.gz catalog: 1 is fastest, 9 smallest.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing circuit-tracer folder.")
 def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
-           rules_path: Path | None, overwrite: bool) -> None:  # fmt: skip
+           rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
     """Write the labeled feature catalog: per feature its final label and where it came
     from, every judgment, every review decision, scores and provenance
     (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format."""
@@ -775,7 +778,7 @@ def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
             n = export_circuit_tracer(run_path, target, overwrite)
         console.print(f"wrote {n:,} feature files to {target}")
         return
-    _export(run_path, out, with_examples, rules_path)
+    _export(run_path, out, with_examples, rules_path, gzip_level)
 
 
 @cli.command()

@@ -34,6 +34,9 @@ _EXAMPLE_FIELDS = ("kind", "rank", "quantile", "activation", "tokens", "acts", "
                    "domain", "region")  # fmt: skip
 _KIND_ORDER = {"top": 0, "random": 1, "quantile": 2}
 PREPARING = 2  # layers prepared ahead, on as many threads, while one is written
+# gzip's fastest level by default: a catalog with examples shrinks about 2.9 times at
+# level 1 and 4.4 times at 6, which takes twice as long.
+GZIP_LEVEL = 1
 
 
 def _judgment_lists(judgments: pl.DataFrame) -> pl.DataFrame:
@@ -195,9 +198,11 @@ def export_catalog(
     with_examples: bool,
     rules: DisputeRules | None = None,
     progress: Callable[[int], None] | None = None,
+    gzip_level: int = GZIP_LEVEL,
 ) -> int:
-    """Write the catalog to ``out`` (.jsonl, or gzip with .gz) atomically; returns the
-    lines written. ``progress`` is told the features of each layer as it is written."""
+    """Write the catalog to ``out`` (.jsonl, or gzip with .gz at ``gzip_level``)
+    atomically; returns the lines written. ``progress`` is told the features of each
+    layer as it is written."""
     layers = [int(r[0]) for r in store.conn.execute("SELECT DISTINCT layer FROM planned")]
     reader = _LayerReader(run, store.path, with_examples)
     provenance = {
@@ -224,7 +229,7 @@ def export_catalog(
                     if i + PREPARING < len(ahead):
                         pending.append(pool.submit(reader.read, ahead[i + PREPARING]))
                     lines = _lines(parts[layer], judged, examples, provenance)
-                    lines.write_ndjson(fh, compression=compression)
+                    lines.write_ndjson(fh, compression=compression, compression_level=gzip_level)
                     if progress is not None:
                         progress(lines.height)
         tmp.replace(out)
