@@ -294,3 +294,68 @@ def test_catalog_lists_failed_features_with_their_reason(
     assert broken_summary["n_unlabeled"] == len(planned) - 1
     frame = pl.DataFrame(list(_catalog(run).values()))
     assert frame.height == len(planned)
+
+
+def test_wilson_interval_always_holds_its_share() -> None:
+    from labeler.summarize import wilson
+
+    for n in range(1, 3000):
+        for count in (0, n):
+            share = wilson(count, n)
+            assert share.ci_low <= share.share <= share.ci_high, (count, n)
+    lone = stratified({0: 1}, {0: 1}, {0: 100})  # one labeled feature: no spread known
+    assert lone.std_error == pytest.approx(0.5) and lone.ci_low < 0.5
+
+
+def test_unlabeled_layers_failed_features_and_odd_names(
+    two_judges: tuple[Path, dict[str, str]],
+) -> None:
+    run, _ = two_judges
+    store = LabelStore(run / "labels.sqlite")
+    layer3 = [fid for fid, layer, _ in store.planned() if layer == 3]
+    with store.transaction():
+        store.conn.execute("DELETE FROM judgments WHERE feature_id LIKE 'L3F%'")
+    store.put_failure(layer3[0], "heuristic", "error: ValueError: broken", "h")
+    store.close()
+    summary = json.loads(labeler("summarize", run, "--json").stdout)
+    final = summary["final"]
+    assert final["layers_without_labels"] == ["3"]
+    assert final["n_alive_covered"] == summary["n_alive"] - summary["n_alive_by_layer"]["3"]
+    text = labeler("summarize", run).stdout
+    assert "no labels yet in layer(s) 3" in " ".join(text.split())
+
+    queue = json.loads(labeler("disputes", run, "--json").stdout)
+    failed = [q for q in queue if q["feature_id"] == layer3[0]]
+    assert failed and failed[0]["reasons"] == ["all_failed"]
+    assert failed[0]["categories"] == "heuristic=failed"
+
+    # A reviewer's name is text, never terminal markup.
+    odd = "[/b][bold]x"
+    result = labeler("decide", run, layer3[0], "--reviewer", odd, "--category", "language")
+    assert result.returncode == 0, result.stderr
+    assert odd in result.stdout
+    listing = labeler("disputes", run, "--limit", "0")
+    assert listing.returncode == 0, listing.stderr
+    line = _catalog(run)[layer3[0]]
+    assert line["label_source"] == "human" and line["label_source_detail"] == odd
+    summarized = labeler("summarize", run)
+    assert summarized.returncode == 0, summarized.stderr
+
+
+def test_comparison_interval_is_honest_where_a_share_is_zero() -> None:
+    """Five sampled features, none of them reasoning, against a large census at 2.6%: the
+    standard error of the first is 0, yet it says little; the interval must cover 0."""
+    from labeler.summarize import LabelSummary, RunSummary, compare
+
+    def run(name: str, estimate: object) -> RunSummary:
+        final = LabelSummary.model_construct(reasoning=estimate, by_category={},
+                                             by_subcategory={})  # fmt: skip
+        return RunSummary.model_construct(run=name, final=final)
+
+    few = stratified({0: 0}, {0: 5}, {0: 8192})
+    many = stratified({0: 213}, {0: 8192}, {0: 8192})
+    assert few.std_error == 0.0 and few.ci_high > 0.3
+    (row,) = compare(run("sample", few), run("census", many)).differences
+    assert row.difference == pytest.approx(-213 / 8192)
+    assert row.ci_low < row.difference < 0 < row.ci_high
+    assert row.ci_high > 0.3  # as wide as what five features can tell

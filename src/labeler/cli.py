@@ -785,7 +785,13 @@ def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
-@click.option("--limit", type=int, default=50, show_default=True, help="Rows to show (0: all).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Rows to show (0: all).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print every disputed feature as JSON.")
 def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool) -> None:
     """Disputed features, most informative first: judges disagree on the category, a
@@ -858,11 +864,16 @@ def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
                   if r.action == "decide" and r.reviewer != reviewer]  # fmt: skip
     finally:
         store.close()
-    console.print(f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}")
+    console.print(
+        f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}",
+        markup=False,
+        highlight=False,
+    )
     for other in others:
         if other.category != decision.category:
             console.print(f"  note: {other.reviewer} decided {other.category} "
-                          f"({other.decided_at}); both are kept")  # fmt: skip
+                          f"({other.decided_at}); both are kept", markup=False,
+                          highlight=False)  # fmt: skip
 
 
 @cli.command()

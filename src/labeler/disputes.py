@@ -4,10 +4,13 @@ A feature is disputed when (each rule can be turned off or tuned):
 - ``judges_disagree``: its judges gave different categories;
 - ``low_confidence``: a judge's confidence is one of the listed levels;
 - ``min_detection``: a judge's detection accuracy is below the threshold;
-- ``heuristic_outvoted``: the free heuristic judge disagrees with every model judge.
+- ``heuristic_outvoted``: the free heuristic judge disagrees with every model judge;
+- ``all_failed``: every judge that tried failed, so only a person can label it.
 
-The most informative come first: the spread of the judges' votes (entropy in bits),
-then how far detection falls below the threshold, then low confidence.
+The most informative come first, by a score that adds the spread of the judges' votes
+(entropy in bits: 1 for a two-way split), how far the lowest detection accuracy falls
+below the threshold, 0.25 for each low-confidence judgment, 0.5 when the heuristic is
+outvoted, and 0.75 when every judge failed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from adapters.errors import UserError
 from labeler.label_table import HEURISTIC
 from prompts import Confidence
 
-REASONS = ("judges_disagree", "low_confidence", "low_detection", "heuristic_outvoted")
+REASONS = ("judges_disagree", "low_confidence", "low_detection", "heuristic_outvoted",
+           "all_failed")  # fmt: skip
 
 
 def _only_low() -> list[Confidence]:
@@ -44,6 +48,7 @@ class DisputeRules(BaseModel):
     heuristic_outvoted: bool = Field(
         True, description="the heuristic judge disagrees with every model judge"
     )
+    all_failed: bool = Field(True, description="every judge that tried failed")
 
     @classmethod
     def load(cls, path: Path | None) -> DisputeRules:
@@ -76,8 +81,9 @@ def find_disputes(judgments: pl.DataFrame, rules: DisputeRules) -> pl.DataFrame:
     """Disputed features, most informative first (DISPUTE_SCHEMA): the reasons, a score,
     the judges' votes (``judge=category`` joined by ``; ``) and the lowest detection."""
     ok = judgments.filter(pl.col("status") == "ok")
+    failed = _all_failed(judgments, ok) if rules.all_failed else pl.DataFrame(schema=DISPUTE_SCHEMA)
     if ok.is_empty():
-        return pl.DataFrame(schema=DISPUTE_SCHEMA)
+        return failed
     threshold = rules.min_detection
     votes = ok.group_by("feature_id", "category").agg(pl.len().alias("n"))
     entropy = (
@@ -136,9 +142,27 @@ def find_disputes(judgments: pl.DataFrame, rules: DisputeRules) -> pl.DataFrame:
         + 0.25 * pl.col("n_low_confidence")
         + 0.5 * flags["heuristic_outvoted"].cast(pl.Float64)
     )
-    return (
+    flagged = (
         per.with_columns(reasons.alias("reasons"), score.alias("score"))
         .filter(pl.col("reasons").list.len() > 0)
-        .sort(["score", "feature_id"], descending=[True, False])
         .select(DISPUTE_SCHEMA.names())
+    )
+    return pl.concat([flagged, failed]).sort(["score", "feature_id"], descending=[True, False])
+
+
+def _all_failed(judgments: pl.DataFrame, ok: pl.DataFrame) -> pl.DataFrame:
+    """Features no judge labeled though at least one tried."""
+    return (
+        judgments.filter(pl.col("status") == "failed")
+        .join(ok.select("feature_id"), on="feature_id", how="anti")
+        .sort("judge")
+        .group_by("feature_id")
+        .agg((pl.col("judge") + pl.lit("=failed")).str.join("; ").alias("categories"))
+        .select(
+            "feature_id",
+            pl.lit(["all_failed"], dtype=pl.List(pl.String)).alias("reasons"),
+            pl.lit(0.75).alias("score"),
+            "categories",
+            pl.lit(None, dtype=pl.Float64).alias("min_detection"),
+        )
     )

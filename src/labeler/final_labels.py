@@ -96,7 +96,7 @@ def judge_labels(judgments: pl.DataFrame) -> pl.DataFrame:
         )
         .select("feature_id", pl.col("category").alias("top_category"), "agreed")
     )
-    candidates = ok.join(top, on="feature_id").filter(
+    candidates = ok.join(top, on="feature_id", maintain_order="left").filter(
         ~pl.col("agreed") | (pl.col("category") == pl.col("top_category"))
     )
     best = candidates.group_by("feature_id", maintain_order=True).first()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -65,7 +66,8 @@ def _raters_table(
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for rater in raters:
-        table.add_column(rater.rater, justify="right")
+        covered = "" if not rater.layers_without_labels else " (some layers)"
+        table.add_column(escape(rater.rater) + covered, justify="right")
     for key in shares(raters[0]):
         table.add_row(key, *(_pct(shares(r)[key]) for r in raters))
     return table
@@ -75,12 +77,24 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     final = summary.final
     r = final.reasoning
     sources = ", ".join(f"{n:,} {s.replace('_', ' ')}" for s, n in final.by_source.items() if n)
-    head = (
-        f"[bold]Reasoning features: {r.share:.1%}[/bold] of {summary.n_alive:,} alive "
-        f"{summary.unit}s (95% CI {r.ci_low:.1%} to {r.ci_high:.1%}; {r.count:,} of "
-        f"{r.n:,} labeled, weighted by each layer's alive {summary.unit}s)\n"
-        f"final labels of {summary.n_planned:,} planned: {sources}"
-    )
+    if final.n_labeled == 0:
+        head = (
+            f"[bold]No feature has a label yet[/bold]: of {summary.n_planned:,} planned, "
+            f"{final.n_failed:,} failed and {final.n_unlabeled:,} are not labeled"
+        )
+    else:
+        head = (
+            f"[bold]Reasoning features: {r.share:.1%}[/bold] of {final.n_alive_covered:,} "
+            f"alive {summary.unit}s (95% CI {r.ci_low:.1%} to {r.ci_high:.1%}; {r.count:,} "
+            f"of {r.n:,} labeled, weighted by each layer's alive {summary.unit}s)\n"
+            f"final labels of {summary.n_planned:,} planned: {sources}"
+        )
+    if final.layers_without_labels and final.n_labeled:
+        head += (
+            f"\n[bold]no labels yet in layer(s) {', '.join(final.layers_without_labels)}[/bold]"
+            f": the shares are of the other layers' {final.n_alive_covered:,} alive "
+            f"{summary.unit}s, not all {summary.n_alive:,}"
+        )
     if final.n_failed or final.n_unlabeled:
         lo, hi = final.reasoning_if_missing_counted
         head += (
@@ -107,7 +121,9 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
         counts.add_column(column, justify="right" if column else "left")
     for s in raters:
         cost = "" if s.rater == "final" else _dollars(s.cost_usd)
-        counts.add_row(s.rater, f"{s.n_labeled:,}", f"{s.n_failed:,}", f"{s.n_unlabeled:,}", cost)
+        counts.add_row(
+            escape(s.rater), f"{s.n_labeled:,}", f"{s.n_failed:,}", f"{s.n_unlabeled:,}", cost
+        )
     out.append(counts)
     total = f"total cost {_dollars(summary.cost_usd)}"
     if summary.cost_per_labeled_usd is not None:
@@ -149,8 +165,8 @@ def _agreement_parts(summary: RunSummary) -> list[Table | str]:
         table.add_column(column, justify="left" if column == "rater" else "right")
     for pair in [*report.pairs, *summary.judges_vs_humans]:
         table.add_row(
-            pair.rater_a,
-            pair.rater_b,
+            escape(pair.rater_a),
+            escape(pair.rater_b),
             f"{pair.n:,}",
             _number(pair.kappa),
             "-" if pair.percent is None else f"{pair.percent:.1%}",
@@ -301,8 +317,8 @@ def queue_table(queue: list[QueueItem]) -> Table:
             q.feature_id,
             f"{q.score:.2f}",
             ", ".join(q.reasons),
-            q.categories,
+            escape(q.categories),
             detection,
-            ", ".join(q.decided_by),
+            escape(", ".join(q.decided_by)),
         )
     return table

@@ -46,6 +46,7 @@ def show_feature(view: FeatureView, console: Console, position: str) -> None:
     console.print(
         f"layer {view.layer}, index {view.index}; active on {view.count:,} tokens "
         f"({view.frequency:.3%}); disputed: {', '.join(view.reasons) or 'no'}",
+        markup=False,
         highlight=False,
     )
     console.print(Text("promotes: ") + Text(" ".join(view.top_logits), style="green"))
@@ -57,6 +58,13 @@ def show_feature(view: FeatureView, console: Console, position: str) -> None:
             console.print(f"[bold]{kind} examples[/bold]")
             for example in chosen:
                 console.print(_heat(example, peak))
+    earlier = sum(1 for r in view.reviews if r.action == "decide")
+    if earlier:
+        console.print(f"{earlier} earlier decision(s), shown with the judges (j)")
+
+
+def show_judges(view: FeatureView, console: Console) -> None:
+    """The judges' answers and earlier reviewers' decisions (hidden until asked for)."""
     for review in view.reviews:
         if review.action == "decide":
             console.print(
@@ -66,9 +74,6 @@ def show_feature(view: FeatureView, console: Console, position: str) -> None:
                     style="yellow",
                 )
             )
-
-
-def show_judges(view: FeatureView, console: Console) -> None:
     for answer in view.judges:
         if answer.status != "ok":
             console.print(Text(f"{answer.judge}: failed ({answer.failure_reason})"))
@@ -104,7 +109,7 @@ def _choose(console: Console, what: str, options: tuple[str, ...], optional: boo
             return options[int(answer) - 1]
         if answer in options:
             return answer
-        console.print(f"unknown {what} {answer!r}", highlight=False)
+        console.print(f"unknown {what} {answer!r}", markup=False, highlight=False)
 
 
 def _decide(view: FeatureView, reviewer: str, console: Console) -> dict[str, object] | None:
@@ -120,7 +125,7 @@ def _decide(view: FeatureView, reviewer: str, console: Console) -> dict[str, obj
             return None
         if key in KEYS:
             break
-        console.print(f"unknown choice {key!r}", highlight=False)
+        console.print(f"unknown choice {key!r}", markup=False, highlight=False)
     fields: dict[str, object] = {
         "feature_id": view.feature_id,
         "reviewer": reviewer,
@@ -162,10 +167,14 @@ def review_in_terminal(
             stored = record_decision(store, fields)
             decided += 1
             console.print(
-                f"saved: {stored.feature_id} {stored.category} by {reviewer}", highlight=False
+                f"saved: {stored.feature_id} {stored.category} by {reviewer}",
+                markup=False,
+                highlight=False,
             )
     except _Quit:
         pass
     console.print(
-        f"{decided} decided and {skipped} skipped by {reviewer}; decisions are in {store.path}"
+        f"{decided} decided and {skipped} skipped by {reviewer}; decisions are in {store.path}",
+        markup=False,
+        highlight=False,
     )

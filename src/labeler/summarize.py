@@ -59,7 +59,8 @@ def _wilson_bounds(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Clamped so that rounding never puts p itself outside its interval.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 class Estimate(BaseModel):
@@ -89,8 +90,11 @@ def stratified(counts: dict[int, int], labeled: dict[int, int], alive: dict[int,
         weight, n_h = alive[h] / total, labeled[h]
         p_h = counts.get(h, 0) / n_h
         share += weight * p_h
-        variance += weight * weight * p_h * (1 - p_h) / max(n_h - 1, 1)
-    effective = share * (1 - share) / variance if variance > 0 else float(n)
+        # One labeled feature says nothing of the spread: count the largest variance.
+        spread = p_h * (1 - p_h) if n_h > 1 else 0.25
+        variance += weight * weight * spread / max(n_h - 1, 1)
+    has_spread = variance > 0 and 0.0 < share < 1.0
+    effective = share * (1 - share) / variance if has_spread else float(n)
     low, high = _wilson_bounds(share, effective)
     return Estimate(
         count=count,
@@ -122,6 +126,11 @@ class LabelSummary(BaseModel):
     by_mechanism: dict[str, Estimate]
     by_domain_type: dict[str, Estimate]
     by_layer: dict[str, dict[str, int]] = Field(description="labeled features per category")
+    layers_without_labels: list[str] = Field(
+        description="planned layers none of whose features this rater labeled: the shares "
+        "are of the other layers' alive features"
+    )
+    n_alive_covered: int = Field(description="alive features of the layers with labels")
     by_source: dict[str, int] = Field(default_factory=dict, description="final labels only")
     cost_usd: float | None = None
 
@@ -210,6 +219,8 @@ def _label_summary(
         by_mechanism=breakdown("mechanism", MECHANISMS),
         by_domain_type=breakdown("domain_type", DOMAIN_TYPES),
         by_layer=by_layer,
+        layers_without_labels=[la for la in by_layer if int(la) not in labeled],
+        n_alive_covered=sum(n for h, n in alive.items() if labeled.get(h, 0) > 0),
         cost_usd=cost,
     )
 
@@ -249,9 +260,11 @@ def summarize(
     sources = dict(final.group_by("source").len().iter_rows())
     final_summary.by_source = {s: int(sources.get(s, 0)) for s in SOURCES}
     costs = judgments.group_by("judge").agg(
-        pl.col("cost_usd").sum().alias("cost"), pl.col("cost_usd").null_count().alias("unpriced")
+        pl.col("cost_usd").sum().alias("cost"),
+        pl.col("cost_usd").is_not_null().any().alias("priced"),
     )
-    cost_of = {j: (None if u else float(c)) for j, c, u in costs.iter_rows()}
+    # A judge is unpriced when none of its rows has a cost (a failure may carry none).
+    cost_of = {j: (float(c) if priced else None) for j, c, priced in costs.iter_rows()}
     per_judge = []
     for judge in judge_names(judgments):
         mine = judgments.filter(pl.col("judge") == judge)
@@ -289,7 +302,9 @@ def summarize(
         ),
         cost_usd=total_cost,
         cost_per_labeled_usd=(
-            total_cost / labeled_final.height if total_cost and labeled_final.height else None
+            total_cost / labeled_final.height
+            if total_cost is not None and labeled_final.height
+            else None
         ),
     )
 
@@ -339,7 +354,9 @@ class Comparison(BaseModel):
 
 
 def compare(this: RunSummary, other: RunSummary) -> Comparison:
-    """Differences of population shares with normal 95% intervals (independent samples)."""
+    """Differences of population shares, with Newcombe's 95% interval built from each
+    share's own interval (the two runs independent): it stays sensible where a share
+    is 0 or 1 and its standard error says nothing."""
     rows = []
     for label, mine in (
         ("reasoning", this.final.reasoning),
@@ -348,15 +365,16 @@ def compare(this: RunSummary, other: RunSummary) -> Comparison:
     ):
         theirs = _find(other.final, label)
         diff = mine.share - theirs.share
-        half = Z95 * math.hypot(mine.std_error, theirs.std_error)
+        below = math.hypot(mine.share - mine.ci_low, theirs.ci_high - theirs.share)
+        above = math.hypot(mine.ci_high - mine.share, theirs.share - theirs.ci_low)
         rows.append(
             Difference(
                 label=label,
                 share=mine.share,
                 other_share=theirs.share,
                 difference=diff,
-                ci_low=diff - half,
-                ci_high=diff + half,
+                ci_low=diff - below,
+                ci_high=diff + above,
             )
         )
     return Comparison(run=this.run, other_run=other.run, differences=rows)
