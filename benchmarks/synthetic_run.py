@@ -50,7 +50,7 @@ from collectors.run_format import (
     read_run_info,
     write_run_info,
 )
-from collectors.tables import EXAMPLE_COLUMNS, EXAMPLES_SCHEMA, token_strings
+from collectors.tables import EXAMPLE_COLUMNS, EXAMPLES_SCHEMA, sort_examples, token_strings
 from labeler.judges.metrics import detection_score
 from labeler.judges.pricing import Price, load_prices
 from labeler.schemas import Classification, DetectionScore, Judgment, Usage
@@ -752,7 +752,8 @@ def make_synthetic_run(
                                              n_examples, rng)  # fmt: skip
         features.append(frame)
         part = staging / f".examples-{layer}.parquet"
-        examples_frame(layer, stats[layer], corpus, vocab, params, rng).write_parquet(part)
+        examples = examples_frame(layer, stats[layer], corpus, vocab, params, rng)
+        sort_examples(examples).write_parquet(part)  # in the collector's order
         parts.append(part)
         active.append(
             active_in_windows(layer, stats[layer], corpus.n_tokens, widths, per_layer, rng)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -977,14 +976,7 @@ def demo(out: Path, seed: int) -> None:
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is in {out}")
 
 
-# polars' allocator (jemalloc, configured from this variable when polars first loads)
-# asks the kernel for huge pages: a catalog export moves gigabytes through short-lived
-# buffers, and faulting them in 4 KiB pages costs about a tenth of its time.
-POLARS_ALLOCATOR = ("_RJEM_MALLOC_CONF", "thp:always,metadata_thp:always")
-
-
 def main() -> None:
-    os.environ.setdefault(*POLARS_ALLOCATOR)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

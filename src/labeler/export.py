@@ -22,6 +22,7 @@ from typing import Literal
 import polars as pl
 
 from collectors.run_format import EXAMPLES, FEATURES
+from collectors.tables import sort_examples
 from labeler.disputes import DisputeRules, find_disputes
 from labeler.final_labels import final_labels
 from labeler.label_table import judgment_frame, planned_frame, review_frame
@@ -32,7 +33,6 @@ from labeler.summarize import no_labels
 
 _EXAMPLE_FIELDS = ("kind", "rank", "quantile", "activation", "tokens", "acts", "highlight",
                    "domain", "region")  # fmt: skip
-_KIND_ORDER = {"top": 0, "random": 1, "quantile": 2}
 PREPARING = 2  # layers prepared ahead, on as many threads, while one is written
 # gzip's fastest level by default: a catalog with examples shrinks about 2.9 times at
 # level 1 and 4.4 times at 6, which takes twice as long.
@@ -126,23 +126,16 @@ class _LayerReader:
     def _examples(self, layer: int) -> pl.DataFrame:
         """The examples of one layer's features as a list column, by index: top examples
         first, then random ones, then quantile samples from the highest quantile down.
-        Sorted once, so that grouping the sorted rows takes slices instead of copies."""
+        Collected runs store them in that order already; others are sorted once. Grouping
+        sorted rows takes slices instead of copies."""
         rows = (
             pl.scan_parquet(self.run.folder / EXAMPLES)
             .filter(pl.col("layer") == layer)
-            .select("feature_id", "index", *_EXAMPLE_FIELDS)
+            .select("feature_id", "layer", "index", *_EXAMPLE_FIELDS)
             .collect()
         )
-        keys = rows.select(
-            "index",
-            pl.col("kind").replace_strict(_KIND_ORDER, default=3).alias("order"),
-            pl.col("quantile").fill_null(0).alias("quantile"),
-            "rank",
-        ).with_row_index("row")
-        permutation = keys.sort("index", "order", "quantile", "rank",
-                                descending=[False, False, True, False])["row"]  # fmt: skip
         return (
-            rows[permutation]
+            sort_examples(rows)
             .lazy()
             .with_columns(pl.col("index").set_sorted())
             .group_by("index", maintain_order=True)
