@@ -21,12 +21,9 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.errors import UserError
+from adapters.errors import UserError, first_error
 from labeler.label_table import HEURISTIC
 from prompts import Confidence
-
-REASONS = ("judges_disagree", "low_confidence", "low_detection", "heuristic_outvoted",
-           "all_failed")  # fmt: skip
 
 
 def _only_low() -> list[Confidence]:
@@ -61,9 +58,8 @@ class DisputeRules(BaseModel):
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not JSON ({exc})") from None
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"{path}: {field}: {first['msg']}") from None
+            field, message = first_error(exc)
+            raise UserError(f"{path}: {field}: {message}") from None
 
 
 DISPUTE_SCHEMA = pl.Schema(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
-from adapters.errors import UserError
+from adapters.errors import UserError, first_error
 from labeler.disputes import DisputeRules, find_disputes
 from labeler.label_table import judge_names, judgment_frame, review_frame
 from labeler.run_data import RunData
@@ -120,9 +120,8 @@ def record_decision(store: LabelStore, fields: dict[str, object]) -> ReviewDecis
     try:
         decision = ReviewDecision.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"review decision: {where + ': ' if where else ''}{first['msg']}") from None
+        field, message = first_error(exc)
+        raise UserError(f"review decision: {field + ': ' if field else ''}{message}") from None
     if not store.is_planned(decision.feature_id):
         raise UnknownFeature(
             f"{decision.feature_id!r} is not a feature planned for labeling in {store.path.parent}"
