@@ -329,6 +329,20 @@ def test_unlabeled_layers_failed_features_and_odd_names(
     assert failed and failed[0]["reasons"] == ["all_failed"]
     assert failed[0]["categories"] == "heuristic=failed"
 
+    # The catalog keeps the failed and the unjudged features of the layer, each with why.
+    catalog = _catalog(run)
+    assert {fid for fid, line in catalog.items() if line["layer"] == 3} == set(layer3)
+    failure = catalog[layer3[0]]
+    assert failure["label_source"] == "none" and failure["dispute_reasons"] == ["all_failed"]
+    assert [(j["status"], j["failure_reason"]) for j in failure["judgments"]] == [  # type: ignore[union-attr]
+        ("failed", "error: ValueError: broken")
+    ]
+    for fid in layer3[1:]:
+        assert catalog[fid]["judgments"] == [] and catalog[fid]["label_source"] == "none"
+        assert catalog[fid]["final_label"] == dict.fromkeys(
+            ("category", "subcategory", "mechanism", "domain_type")
+        )
+
     # A reviewer's name is text, never terminal markup.
     odd = "[/b][bold]x"
     result = labeler("decide", run, layer3[0], "--reviewer", odd, "--category", "language")
@@ -340,6 +354,15 @@ def test_unlabeled_layers_failed_features_and_odd_names(
     assert line["label_source"] == "human" and line["label_source_detail"] == odd
     summarized = labeler("summarize", run)
     assert summarized.returncode == 0, summarized.stderr
+
+    # A layer without a single judgment is still exported, its reviews kept.
+    store = LabelStore(run / "labels.sqlite")
+    with store.transaction():
+        store.conn.execute("DELETE FROM judgments WHERE feature_id LIKE 'L3F%'")
+    store.close()
+    catalog = _catalog(run)
+    sources = {fid: line["label_source"] for fid, line in catalog.items() if line["layer"] == 3}
+    assert sources == {fid: "human" if fid == layer3[0] else "none" for fid in layer3}
 
 
 def test_comparison_interval_is_honest_where_a_share_is_zero() -> None:

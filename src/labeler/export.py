@@ -1,15 +1,16 @@
 """The labeled feature catalog as JSONL (schema: docs/catalog-schema.md).
 
-Built with polars a layer at a time: what decides each feature's final label (every
-judge's category, the reviews) is read for all features, which is small; the rest of the
-judgments and the examples are read, joined and written one layer at a time, the next
-layer being prepared on a second thread while the current one is serialized, so memory
-is bounded by a layer and both cores are kept busy.
+Built with polars a layer at a time: a feature's final label and disputes depend on its
+own judgments and reviews only, so each layer's lines (judgments, labels, disputes,
+reviews, logit lens, examples) are built on their own, on worker threads, while the main
+thread writes the layer before. Memory is bounded by a few layers and both cores are
+kept busy.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import sqlite3
 import threading
@@ -17,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
@@ -75,42 +75,26 @@ def _review_lists(reviews: pl.DataFrame) -> pl.DataFrame:
     return reviews.group_by("feature_id", maintain_order=True).agg(entry.alias("reviews"))
 
 
-def _labels_table(run: RunData, store: LabelStore, rules: DisputeRules) -> pl.DataFrame:
-    """One row per planned feature with its final label, source, dispute flags, reviews
-    and logit lens, in catalog order; judgments and examples are added a layer at a time."""
-    planned = planned_frame(store)
-    judgments = judgment_frame(store)
-    if planned.is_empty() or judgments.is_empty():
-        raise no_labels(store)
-    reviews = review_frame(store)
-    final = final_labels(planned, judgments, reviews)
-    disputes = find_disputes(judgments, rules).select(
-        "feature_id", pl.col("reasons").alias("dispute_reasons")
-    )
-    features = (
-        pl.scan_parquet(run.folder / FEATURES)
-        .select(
-            "feature_id", "frequency", "count", "top_logits", "top_logit_values", "bottom_logits"
-        )
-        .join(planned.lazy().select("feature_id"), on="feature_id")
-        .collect()
-    )
-    table = (
-        final.join(features, on="feature_id", how="left")
-        .join(_review_lists(reviews), on="feature_id", how="left")
-        .join(disputes, on="feature_id", how="left")
-    )
-    empty = {c: pl.col(c).fill_null(pl.lit([], dtype=table.schema[c]))
-             for c in ("reviews", "dispute_reasons")}  # fmt: skip
-    return table.with_columns(**empty).sort("layer", "index")
-
-
 class _LayerReader:
-    """Reads one layer's judgments and examples; runs on worker threads, each with its
-    own connection to the store (sqlite connections stay on their thread)."""
+    """Builds one layer's catalog lines: its judgments, final labels, disputes, reviews,
+    logit lens and examples. Runs on worker threads, each with its own connection to the
+    store (sqlite connections stay on their thread). Final labels and disputes depend on
+    a feature's own judgments and reviews only, so a layer is decided on its own."""
 
-    def __init__(self, run: RunData, store_path: Path, with_examples: bool) -> None:
-        self.run, self.store_path, self.with_examples = run, store_path, with_examples
+    def __init__(
+        self,
+        run: RunData,
+        store: LabelStore,
+        rules: DisputeRules,
+        with_examples: bool,
+        provenance: dict[str, str],
+        gzip_level: int | None,
+    ) -> None:
+        self.run, self.store_path, self.rules = run, store.path, rules
+        self.with_examples, self.provenance, self.gzip_level = with_examples, provenance, gzip_level
+        self.planned = planned_frame(store)
+        self.reviews = review_frame(store)
+        self.review_lists = _review_lists(self.reviews)
         self.local = threading.local()
 
     def _conn(self) -> sqlite3.Connection:
@@ -119,9 +103,43 @@ class _LayerReader:
         conn: sqlite3.Connection = self.local.conn
         return conn
 
-    def read(self, layer: int) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-        judged = _judgment_lists(judgment_frame(self._conn(), full=True, layer=layer))
-        return judged, self._examples(layer) if self.with_examples else None
+    def prepare(self, layer: int) -> tuple[int, pl.DataFrame | bytes]:
+        """The layer's line count and its lines: as a frame for the writer to serialize,
+        or, when gzipped, already compressed as one gzip member (gzip readers read
+        concatenated members as one stream), which keeps compression off the writer."""
+        lines = self.lines(layer)
+        if self.gzip_level is None:
+            return lines.height, lines
+        buffer = io.BytesIO()
+        lines.write_ndjson(buffer, compression="gzip", compression_level=self.gzip_level)
+        return lines.height, buffer.getvalue()
+
+    def lines(self, layer: int) -> pl.DataFrame:
+        """The layer's catalog lines, by feature index, columns in the documented order."""
+        planned = self.planned.filter(pl.col("layer") == layer)
+        judgments = judgment_frame(self._conn(), full=True, layer=layer)
+        final = final_labels(planned, judgments, self.reviews)
+        disputes = find_disputes(judgments, self.rules).select(
+            "feature_id", pl.col("reasons").alias("dispute_reasons")
+        )
+        features = (
+            pl.scan_parquet(self.run.folder / FEATURES)
+            .filter(pl.col("layer") == layer)
+            .select("feature_id", "frequency", "count", "top_logits", "top_logit_values",
+                    "bottom_logits")
+            .collect()
+        )  # fmt: skip
+        part = (
+            final.join(features, on="feature_id", how="left")
+            .join(self.review_lists, on="feature_id", how="left")
+            .join(disputes, on="feature_id", how="left")
+            .join(_judgment_lists(judgments), on="feature_id", how="left")
+            .sort("index")
+        )
+        empty = {c: pl.col(c).fill_null(pl.lit([], dtype=part.schema[c]))
+                 for c in ("reviews", "dispute_reasons", "judgments")}  # fmt: skip
+        examples = self._examples(layer) if self.with_examples else None
+        return _lines(part.with_columns(**empty), examples, self.provenance)
 
     def _examples(self, layer: int) -> pl.DataFrame:
         """The examples of one layer's features as a list column, by index: top examples
@@ -146,16 +164,9 @@ class _LayerReader:
 
 
 def _lines(
-    part: pl.DataFrame,
-    judged: pl.DataFrame,
-    examples: pl.DataFrame | None,
-    provenance: dict[str, str],
+    part: pl.DataFrame, examples: pl.DataFrame | None, provenance: dict[str, str]
 ) -> pl.DataFrame:
     """One layer's catalog lines, columns in the documented order."""
-    part = part.join(judged, on="feature_id", how="left", maintain_order="left")
-    part = part.with_columns(
-        pl.col("judgments").fill_null(pl.lit([], dtype=part.schema["judgments"]))
-    )
     out = part.select(
         pl.lit(CATALOG_SCHEMA_VERSION).alias("schema_version"),
         "feature_id",
@@ -196,8 +207,10 @@ def export_catalog(
     """Write the catalog to ``out`` (.jsonl, or gzip with .gz at ``gzip_level``)
     atomically; returns the lines written. ``progress`` is told the features of each
     layer as it is written."""
-    layers = [int(r[0]) for r in store.conn.execute("SELECT DISTINCT layer FROM planned")]
-    reader = _LayerReader(run, store.path, with_examples)
+    judged = store.conn.execute("SELECT 1 FROM judgments LIMIT 1").fetchone() is not None
+    if not judged or not store.conn.execute("SELECT 1 FROM planned LIMIT 1").fetchone():
+        raise no_labels(store)
+    layers = sorted(int(r[0]) for r in store.conn.execute("SELECT DISTINCT layer FROM planned"))
     provenance = {
         "run": str(run.folder),
         "adapter_hash": run.info.adapter_hash,
@@ -205,27 +218,28 @@ def export_catalog(
         "unit": run.info.unit,
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    compression: Literal["gzip", "uncompressed"] = (
-        "gzip" if out.name.endswith(".gz") else "uncompressed"
-    )
+    gzipped = out.name.endswith(".gz")
+    reader = _LayerReader(
+        run, store, rules or DisputeRules(), with_examples, provenance,
+        gzip_level if gzipped else None,
+    )  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    written = 0
     try:
-        with ThreadPoolExecutor(PREPARING, "catalog-layer") as pool:
-            # Layers are read ahead while the labels are decided and while writing.
-            ahead = sorted(layers)
-            pending = deque(pool.submit(reader.read, layer) for layer in ahead[:PREPARING])
-            table = _labels_table(run, store, rules or DisputeRules())
-            parts = {int(k[0]): part for k, part in table.group_by("layer", maintain_order=True)}  # type: ignore[call-overload]
-            with tmp.open("wb") as fh:
-                for i, layer in enumerate(ahead):
-                    judged, examples = pending.popleft().result()
-                    if i + PREPARING < len(ahead):
-                        pending.append(pool.submit(reader.read, ahead[i + PREPARING]))
-                    lines = _lines(parts[layer], judged, examples, provenance)
-                    lines.write_ndjson(fh, compression=compression, compression_level=gzip_level)
-                    if progress is not None:
-                        progress(lines.height)
+        with ThreadPoolExecutor(PREPARING, "catalog-layer") as pool, tmp.open("wb") as fh:
+            pending = deque(pool.submit(reader.prepare, layer) for layer in layers[:PREPARING])
+            for i in range(len(layers)):
+                rows, lines = pending.popleft().result()
+                if i + PREPARING < len(layers):
+                    pending.append(pool.submit(reader.prepare, layers[i + PREPARING]))
+                if isinstance(lines, bytes):
+                    fh.write(lines)
+                else:
+                    lines.write_ndjson(fh)
+                written += rows
+                if progress is not None:
+                    progress(rows)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    return table.height
+    return written

@@ -33,31 +33,38 @@ _BRIEF = (
     ("confidence", "confidence", pl.String),
     ("detection", "detection", pl.Float64),
 )
-_FULL = (
-    *_BRIEF,
-    ("prompt_hash", "prompt_hash", pl.String),
-    ("attempts", "attempts", pl.Int32),
-    ("created_at", "created_at", pl.String),
-    ("payload", "payload", pl.String),
+_SCORE_FIELDS: tuple[tuple[str, pl.DataType], ...] = (
+    ("accuracy", pl.Float64()),
+    ("precision", pl.Float64()),
+    ("recall", pl.Float64()),
+    ("n_positive", pl.Int64()),
+    ("n_negative", pl.Int64()),
+    ("auroc", pl.Float64()),
 )
-SCORE = pl.Struct(
-    {
-        "accuracy": pl.Float64,
-        "precision": pl.Float64,
-        "recall": pl.Float64,
-        "n_positive": pl.Int64,
-        "n_negative": pl.Int64,
-        "auroc": pl.Float64,
-    }
-)
-# What of a judgment's JSON the full frame keeps beyond the columns.
-_PAYLOAD = pl.Struct(
-    {
-        "explanation": pl.String,
-        "classification": pl.Struct({"rationale": pl.String}),
-        "detection": SCORE,
-        "detection_by_set": pl.Struct({"top": SCORE, "random": SCORE}),
-    }
+_POOLED = ("accuracy", "precision", "recall", "auroc")  # what the catalog keeps pooled
+_SETS = ("top", "random")
+
+
+def _json_field(path: str, name: str, dtype: pl.DataType) -> tuple[str, str, pl.DataType]:
+    sql_type = "REAL" if dtype == pl.Float64 else "INTEGER" if dtype == pl.Int64 else "TEXT"
+    return name, f"CAST(payload ->> '$.{path}' AS {sql_type})", dtype
+
+
+# The full frame pulls what it keeps out of each judgment's JSON in SQLite, whose JSON
+# functions parse a row's payload once, instead of decoding the JSON in polars.
+_SCORES = (
+    *(_json_field(f"detection.{n}", f"pooled_{n}", d) for n, d in _SCORE_FIELDS if n in _POOLED),
+    *(_json_field(f"detection_by_set.{s}.{n}", f"{s}_{n}", d)
+      for s in _SETS for n, d in _SCORE_FIELDS),
+)  # fmt: skip
+_FULL: tuple[tuple[str, str, pl.DataType], ...] = (
+    *((name, expr, dtype()) for name, expr, dtype in _BRIEF),
+    ("prompt_hash", "prompt_hash", pl.String()),
+    ("attempts", "attempts", pl.Int32()),
+    ("created_at", "created_at", pl.String()),
+    _json_field("explanation", "explanation", pl.String()),
+    _json_field("classification.rationale", "rationale", pl.String()),
+    *_SCORES,
 )
 REVIEW_SCHEMA = pl.Schema(
     {
@@ -113,16 +120,16 @@ def judgment_frame(
     frame = _read(conn, query, schema, args)
     if not full:
         return frame
-    payload = pl.col("payload").str.json_decode(_PAYLOAD)
+
+    def scores(prefix: str, names: Sequence[str]) -> pl.Expr:
+        return pl.struct(pl.col(f"{prefix}_{n}").alias(n) for n in names)
+
+    every_score = [n for n, _ in _SCORE_FIELDS]
+    scored = pl.any_horizontal(pl.col(f"{s}_n_positive").is_not_null() for s in _SETS)
+    by_set = pl.when(scored).then(pl.struct(scores(s, every_score).alias(s) for s in _SETS))
     return frame.with_columns(
-        payload.struct.field("explanation"),
-        payload.struct.field("classification").struct.field("rationale"),
-        pl.struct(
-            payload.struct.field("detection").struct.field("accuracy", "precision", "recall",
-                                                           "auroc"),
-            payload.struct.field("detection_by_set").alias("by_set"),
-        ).alias("scores"),
-    ).drop("payload")  # fmt: skip
+        pl.struct(scores("pooled", _POOLED).struct.unnest(), by_set.alias("by_set")).alias("scores")
+    ).drop(name for name, _, _ in _SCORES)
 
 
 def layer_range(layer: int) -> tuple[str, str]:
