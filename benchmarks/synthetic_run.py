@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from collectors.example_order import sort_examples
 from collectors.run_format import (
     EXAMPLES,
     FEATURES,
@@ -50,7 +51,7 @@ from collectors.run_format import (
     read_run_info,
     write_run_info,
 )
-from collectors.tables import EXAMPLE_COLUMNS, EXAMPLES_SCHEMA, sort_examples, token_strings
+from collectors.tables import EXAMPLE_COLUMNS, EXAMPLES_SCHEMA, token_strings
 from labeler.judges.metrics import detection_score
 from labeler.judges.pricing import Price, load_prices
 from labeler.schemas import Classification, DetectionScore, Judgment, Usage

@@ -6,6 +6,8 @@ import gzip
 import json
 from pathlib import Path
 
+import polars as pl
+
 from labeler.errors import JudgeFailure
 from labeler.judges.heuristic import HeuristicJudge
 from labeler.labeling import label_run, plan_features
@@ -76,6 +78,10 @@ def test_cli_label_summarize_export(run_copy: Path, tmp_path: Path) -> None:
     with gzip.open(out, "rt") as fh:
         lines = [json.loads(x) for x in fh]
     assert len(lines) == 80
+    # One gzip member per layer; readers see one stream.
+    assert gzip.decompress(out.read_bytes()).count(b"\n") == 80
+    assert pl.read_ndjson(out).height == 80
+    assert out.read_bytes().count(b"\x1f\x8b\x08") >= 4  # the members' headers
     first = lines[0]
     expected_keys = (
         "schema_version", "feature_id", "layer", "index", "activation_freq", "final_label",

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
+from collectors.example_order import sort_examples
 from collectors.run_format import EXAMPLES, FEATURES
-from collectors.tables import sort_examples
 from labeler.disputes import DisputeRules, find_disputes
 from labeler.final_labels import final_labels
 from labeler.label_table import judgment_frame, planned_frame, review_frame

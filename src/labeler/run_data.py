@@ -46,7 +46,7 @@ class RunData:
         wanted = pl.Series(feature_ids, dtype=pl.String)
         rows = (
             pl.scan_parquet(self.folder / EXAMPLES)
-            .filter(pl.col("feature_id").is_in(wanted.implode()))
+            .filter(self._index_ranges(wanted), pl.col("feature_id").is_in(wanted.implode()))
             .select("feature_id", "kind", "rank", "quantile", "activation", "tokens", "acts",
                     "highlight", "domain", "region")
             .collect()
@@ -56,6 +56,21 @@ class RunData:
             fid = row.pop("feature_id")
             out[fid].append(Example(**row))
         return out
+
+    def _index_ranges(self, feature_ids: pl.Series) -> pl.Expr:
+        """The span of feature indices asked for in each layer: the examples file is in
+        (layer, index) order, so its row groups outside these spans are skipped by their
+        statistics rather than read and filtered."""
+        spans = (
+            self.features.filter(pl.col("feature_id").is_in(feature_ids.implode()))
+            .group_by("layer")
+            .agg(pl.col("index").min().alias("lo"), pl.col("index").max().alias("hi"))
+        )
+        return pl.any_horizontal(
+            False,
+            *((pl.col("layer") == layer) & pl.col("index").is_between(lo, hi)
+              for layer, lo, hi in spans.iter_rows()),
+        )  # fmt: skip
 
     def records(self, feature_ids: list[str]) -> list[FeatureRecord]:
         """Feature records, in the order asked for."""
