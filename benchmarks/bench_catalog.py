@@ -10,6 +10,7 @@ Each command runs as the user runs it, in its own process; wall time and peak me
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -26,8 +27,11 @@ MEASURE = (
 
 
 def measured(args: list[str]) -> tuple[float, float]:
-    """(seconds, peak resident MiB) of one run of ``labeler ARGS`` in a fresh process."""
+    """(seconds, peak resident MiB) of one run of ``labeler ARGS`` in a fresh process.
+    The gigabytes the command before wrote are flushed to disk first, untimed, so that
+    their write-back does not land in this command's time."""
     labeler = str(Path(sys.executable).with_name("labeler"))
+    os.sync()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MEASURE, labeler, *args],
                           capture_output=True, text=True, check=True)  # fmt: skip
