@@ -233,9 +233,12 @@ def test_a_fleet_wide_request_limit_holds_across_two_workers(
     times = sorted(r.time for r in fake.requests)
     assert len(times) == CALLS * 40
     rate, burst = rpm / 60, rpm / 60
-    # requests reach the server up to half a second after the limiter admits them (the
-    # first connections, threads on two busy cores): windows get that much slack
-    slack = 0.5
+    # Requests reach the server some time after the limiter admits them (new connections,
+    # 16 worker threads on two busy cores); on a loaded CI machine that delay has varied by
+    # more than half a second (66 arrivals in a 5 s window once, against 65 allowed with
+    # 0.5 s), so windows get a second of slack. A limit kept per worker instead of across
+    # the fleet doubles the rate (about 120 arrivals in 5 s) and still fails by far.
+    slack = 1.0
     for width in (5.0, 10.0):
         worst = max(sum(1 for t in times[i:] if t < start + width) for i, start in enumerate(times))
         assert worst <= burst + rate * (width + slack), (width, worst)
