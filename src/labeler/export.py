@@ -207,9 +207,9 @@ def export_catalog(
     """Write the catalog to ``out`` (.jsonl, or gzip with .gz at ``gzip_level``)
     atomically; returns the lines written. ``progress`` is told the features of each
     layer as it is written."""
-    judged = store.conn.execute("SELECT 1 FROM judgments LIMIT 1").fetchone() is not None
-    if not judged or not store.conn.execute("SELECT 1 FROM planned LIMIT 1").fetchone():
-        raise no_labels(store)
+    for table in ("planned", "judgments"):
+        if store.conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None:
+            raise no_labels(store)
     layers = sorted(int(r[0]) for r in store.conn.execute("SELECT DISTINCT layer FROM planned"))
     provenance = {
         "run": str(run.folder),
