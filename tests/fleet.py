@@ -119,7 +119,10 @@ def start_driver(args: list[str], env: dict[str, str], log: Path) -> subprocess.
     return process
 
 
-def run_driver(args: list[str], env: dict[str, str], log: Path, timeout: float = 300) -> str:
+def run_driver(
+    args: list[str], env: dict[str, str], log: Path, timeout: float = 300, expect: int = 0
+) -> str:
+    """Run a driver to its end; its output, once it exited with ``expect``."""
     process = start_driver(args, env, log)
     try:
         process.wait(timeout)
@@ -127,6 +130,6 @@ def run_driver(args: list[str], env: dict[str, str], log: Path, timeout: float =
         if process.poll() is None:
             process.kill()
     text = log.read_text(errors="replace")
-    if process.returncode != 0:
+    if process.returncode != expect:
         raise AssertionError(f"driver exited {process.returncode}:\n{text[-4000:]}")
     return text

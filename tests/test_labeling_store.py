@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from labeler.errors import JudgeFailure
 from labeler.judges.heuristic import HeuristicJudge
@@ -15,6 +16,7 @@ from labeler.run_data import RunData
 from labeler.schemas import FeatureRecord, Judgment, Snippet
 from labeler.store import STORE_SCHEMA_VERSION, LabelStore
 from labeler.summarize import summarize
+from tests.conftest import CollectedDemo
 from tests.test_bad_input import labeler
 
 
@@ -169,3 +171,48 @@ def test_a_copied_store_gets_its_own_identity_so_a_fleet_never_mixes_the_two(
     with sqlite3.connect(legacy) as conn:
         conn.execute("DELETE FROM meta WHERE key='store_path'")
     assert LabelStore(legacy).store_id() == made
+
+
+def test_keys_are_redacted_by_value_and_by_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from labeler.redaction import MARK, RedactingFilter, redact
+
+    monkeypatch.setenv("MY_SERVICE_API_KEY", "plain-looking-value-77")
+    text = ("got plain-looking-value-77, sk-ant-api03-" + "x" * 30 + " and Bearer "
+            "abcdefghijklmnop; sk-short stays")  # fmt: skip
+    assert redact(text) == f"got {MARK}, {MARK} and Bearer {MARK}; sk-short stays"
+    try:
+        raise ValueError("echoed plain-looking-value-77")
+    except ValueError as exc:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s", ("sk-" + "a" * 20,),
+                                   (type(exc), exc, exc.__traceback__))  # fmt: skip
+    assert RedactingFilter().filter(record)
+    formatted = logging.Formatter().format(record)
+    assert "plain-looking-value-77" not in formatted and "a" * 20 not in formatted
+    assert formatted.startswith(f"key {MARK}") and "ValueError: echoed [REDACTED]" in formatted
+
+
+def test_a_stored_judgment_is_never_rewritten_and_a_late_failure_only_adds_its_cost(
+    labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labeled.run, run)
+    store = LabelStore(run / "labels.sqlite")
+    (fid, row), *_ = store.judgments("heuristic").items()
+    assert row.judgment is not None
+    before = store.conn.execute(
+        "SELECT payload, created_at, attempts FROM judgments WHERE feature_id=?", (fid,)
+    ).fetchone()
+    other = row.judgment.model_copy(update={"explanation": "something else entirely"})
+    store.put_ok(other)
+    store.put_failure(fid, "heuristic", "timeout: label: late", row.judgment.prompt_hash,
+                      cost_usd=0.5)  # fmt: skip
+    after = store.conn.execute(
+        "SELECT payload, created_at, attempts, status, cost_usd FROM judgments "
+        "WHERE feature_id=?", (fid,)
+    ).fetchone()  # fmt: skip
+    assert after[:3] == before and after[3] == "ok" and after[4] == pytest.approx(0.5)
+    store.close()

@@ -54,6 +54,9 @@ def cli(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from labeler.redaction import redact_handlers
+
+    redact_handlers()
 
 
 def _load_source(adapter_path: str, params: Any, device: str, dtype: str) -> Any:
@@ -248,10 +251,12 @@ def _label(
     budget_usd: float | None = None,
     dry_run: bool = False,
     limits: dict[str, Any] | None = None,
+    wait: bool = False,
 ) -> None:
     from labeler.judges import make_judge
     from labeler.judges.pricing import load_prices
-    from labeler.labeling import label_run
+    from labeler.labeling import label_judges
+    from labeler.labeling.interrupts import Interrupts
     from labeler.render import progress_bar
     from labeler.run_data import RunData
     from labeler.store import LabelStore
@@ -277,33 +282,75 @@ def _label(
                 '"output": ...}}}, dollars per million tokens)'
             )
     store = LabelStore(run_path / "labels.sqlite")
-    remaining = budget_usd
+    names = " + ".join(j.name for j in built)
     try:
-        for judge in built:
-            with progress_bar(console, f"labeling ({judge.name})", "features") as progress:
-                task = progress.add_task(f"labeling ({judge.name})", total=None)
-                report = label_run(
-                    run, store, judge, sample_per_layer=sample, concurrency=concurrency,
-                    seed=seed, budget_usd=remaining,
-                    on_start=lambda n, t=task: progress.update(t, total=n),  # type: ignore[misc]
-                    on_result=lambda _ok, t=task: progress.advance(t),  # type: ignore[misc]
-                )  # fmt: skip
-            spent = "" if report.spent_usd is None else f"; spent ${report.spent_usd:,.4f}"
-            console.print(
-                f"{judge.name}: {report.planned} planned, {report.skipped} already labeled, "
-                f"{report.labeled} labeled now, {report.failed} failed, "
-                f"{report.pending} pending{spent}"
-            )
-            if remaining is not None and report.spent_usd is not None:
-                remaining = max(0.0, remaining - report.spent_usd)
-            if report.budget_reached:
-                console.print(
-                    f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features "
-                    f"started; rerun to continue (see `labeler status {run_path}`)"
-                )
-                break
+        with (
+            Interrupts(_say_interrupt) as interrupts,
+            progress_bar(console, f"labeling ({names})", "features") as progress,
+        ):
+            task = progress.add_task(f"labeling ({names})", total=None)
+            reports = label_judges(
+                run, store, built, sample_per_layer=sample, concurrency=concurrency,
+                seed=seed, budget_usd=budget_usd,
+                on_start=lambda n: progress.update(task, total=n),
+                on_result=lambda _judge, _ok: progress.advance(task),
+                interrupts=interrupts, wait=wait,
+            )  # fmt: skip
+        _finish_labeling(run_path, store, reports, budget_usd)
     finally:
         store.close()
+
+
+def _say_interrupt(signal_name: str, exiting: bool) -> None:
+    if exiting:
+        err_console.print(f"\n{signal_name} again: exiting now; every finished result is kept")
+    else:
+        err_console.print(
+            f"\n{signal_name}: stopping; calls in flight finish and are kept "
+            "(press Ctrl-C again to exit now)"
+        )
+
+
+def _finish_labeling(
+    run_path: Path, store: Any, reports: dict[str, Any], budget_usd: float | None
+) -> None:
+    """What each judge did, then the exit: 130 after an interrupt, 2 when a judge cannot
+    work, 3 when planned features are left failed, else 0."""
+    from labeler.labeling.exits import EXIT_FAILURES, failures_by_reason
+    from labeler.labeling.interrupts import EXIT_INTERRUPTED
+
+    for judge, report in reports.items():
+        spent = "" if report.spent_usd is None else f"; spent ${report.spent_usd:,.4f}"
+        console.print(
+            f"{judge}: {report.planned} planned, {report.skipped} already labeled, "
+            f"{report.labeled} labeled now, {report.failed} failed, "
+            f"{report.pending} pending{spent}"
+        )
+    first = next(iter(reports.values()), None)
+    stopped = first.stopped if first is not None else None
+    if stopped == "interrupted":
+        err_console.print(
+            f"interrupted: everything finished is stored; rerun to label the rest (`labeler "
+            f"status {run_path}` shows what is left)"
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    if stopped is not None:
+        raise UserError(f"{stopped}; stopped before spending on the rest of the run")
+    if first is not None and first.budget_reached:
+        console.print(
+            f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features started; "
+            f"rerun to continue (see `labeler status {run_path}`)"
+        )
+    failures = failures_by_reason(store, list(reports))
+    if failures:
+        total = sum(n for _, _, n in failures)
+        err_console.print(f"{total:,} planned feature judgments are failed:", highlight=False)
+        for judge, kind, n in failures:
+            err_console.print(f"  {judge}: {n:,} {kind}", highlight=False)
+        err_console.print(
+            f"rerun to retry them; `labeler status {run_path}` gives the reasons", highlight=False
+        )
+        sys.exit(EXIT_FAILURES)
 
 
 def _limit_locally(judges: list[Any], limits: dict[str, Any]) -> None:
@@ -371,6 +418,9 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
     default=None,
     help="Start no new feature once this run of the command has spent this much.",
 )
+@click.option("--wait", is_flag=True,
+              help="If another labeler holds the run, wait for it to finish instead of "
+                   "refusing.")  # fmt: skip
 @click.option("--base-url", default=None,
               help="OpenAI-compatible server for openai: judges (vLLM, SGLang, Ollama); "
                    "default $OPENAI_BASE_URL or OpenAI.")  # fmt: skip
@@ -422,6 +472,7 @@ def label(
     tpm: tuple[str, ...],
     dry_run: bool,
     budget_usd: float | None,
+    wait: bool,
     base_url: str | None,
     openai_api: str | None,
     timeout_s: float,
@@ -433,10 +484,15 @@ def label(
     device: str,
     dtype: str,
 ) -> None:
-    """Label the features of a run; a re-run labels only what is missing or failed.
+    """Label the features of a run; a re-run labels only what is missing or failed, and
+    pays only for stages not yet stored.
 
     \b
     Keys come from OPENAI_API_KEY and ANTHROPIC_API_KEY and are never stored.
+    One labeler at a time per run folder (--wait to queue behind another).
+    Ctrl-C stops new work, keeps what finished; Ctrl-C again exits at once.
+    Exit status: 0 done; 2 a judge cannot work, the run is busy, or bad input;
+    3 finished with failed features (listed by reason); 130 interrupted.
     Examples:
       labeler label RUN --judge openai:gpt-5-mini --sample-per-layer 250 --dry-run
       labeler label RUN --judge anthropic:claude-haiku-4-5 --budget-usd 20
@@ -470,10 +526,10 @@ def label(
     limits = _rate_limits(judges, rpm, tpm)
     if executor == "celery" and not dry_run:
         _label_with_fleet(run_path, judges, sample_per_layer, seed, options, budget_usd,
-                          limits, max_inflight, requeue)  # fmt: skip
+                          limits, max_inflight, requeue, wait)  # fmt: skip
         return
     _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run,
-           limits)  # fmt: skip
+           limits, wait)  # fmt: skip
 
 
 def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, ...]) -> Any:
@@ -513,6 +569,7 @@ def _label_with_fleet(
     limits: dict[str, Any],
     max_inflight: int,
     requeue: bool,
+    wait: bool = False,
 ) -> None:
     import importlib.util
 
@@ -520,6 +577,7 @@ def _label_with_fleet(
         raise UserError(
             "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
         )
+    from labeler.labeling.interrupts import Interrupts
     from labeler.render import progress_bar
     from labeler.run_data import RunData
     from labeler.store import LabelStore
@@ -536,26 +594,20 @@ def _label_with_fleet(
     store = LabelStore(run_path / "labels.sqlite")
     console.print(f"fleet: {redacted(settings.redis_url)}; `labeler status {run_path}` shows it")
     try:
-        with progress_bar(console, "labeling (fleet)", "features") as progress:
+        with (
+            Interrupts(_say_interrupt) as interrupts,
+            progress_bar(console, "labeling (fleet)", "features") as progress,
+        ):
             task = progress.add_task("labeling (fleet)", total=None)
             reports = label_with_fleet(
                 run, store, job, settings,
                 on_start=lambda n: progress.update(task, total=n),
                 on_result=lambda _judge, _ok: progress.advance(task),
+                interrupts=interrupts, wait=wait,
             )  # fmt: skip
+        _finish_labeling(run_path, store, reports, budget_usd)
     finally:
         store.close()
-    for judge, report in reports.items():
-        console.print(
-            f"{judge}: {report.planned} planned, {report.skipped} already labeled, "
-            f"{report.labeled} labeled now, {report.failed} failed, {report.pending} pending"
-        )
-    spent = next(iter(reports.values())).spent_usd if reports else 0.0
-    if spent is not None:
-        console.print(f"spent ${spent:,.4f}")
-    if any(r.budget_reached for r in reports.values()):
-        console.print(f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features "
-                      "started; rerun to continue")  # fmt: skip
 
 
 def _check_judge_names(judges: tuple[str, ...]) -> None:
@@ -623,8 +675,9 @@ def _live_status(store: Any, statuses: list[Any]) -> tuple[list[Any], str | None
             note = "fleet state unavailable: the fleet extra is not installed"
     else:
         beat = json.loads(store.get_meta("local_running") or "{}")
-        if beat and time.time() - beat.get("at", 0) < 10:
-            counts = {beat["judge"]: {"queued": 0, "running": int(beat["running"])}}
+        running = beat.get("running") if beat and time.time() - beat.get("at", 0) < 10 else None
+        if isinstance(running, dict):
+            counts = {j: {"queued": 0, "running": int(n)} for j, n in running.items()}
     live = []
     for s in statuses:
         c = counts.get(s.judge)
@@ -997,5 +1050,8 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        from labeler.redaction import redact
+
+        err_console.print("[bold red]error:[/bold red] ", end="", highlight=False)
+        err_console.print(redact(str(exc)), markup=False, highlight=False)
         sys.exit(2)

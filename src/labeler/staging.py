@@ -30,9 +30,13 @@ STAGE_GROUPS: dict[StageName, str] = {
     "label": "label",
 }
 STAGED_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "hf": "local"}
+# Classification waits for the explanation too: it does not lengthen a feature's path
+# (detection waits for it anyway) and nothing is spent classifying a feature whose
+# explanation failed.
 DEPENDS_ON: dict[StageName, tuple[StageName, ...]] = {
     "detect_top": ("explain",),
     "detect_random": ("explain",),
+    "classify": ("explain",),
 }
 STAGE_SCHEMA_VERSION = 1
 

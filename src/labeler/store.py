@@ -1,9 +1,13 @@
 """The label store: SQLite in the run folder, one judgment per (feature, judge).
 
-Written by one thread (the executor's driver); safe to read while a labeling runs (WAL).
+Written by the one labeler that holds the run's lock (``labeling.lock``), and by review
+decisions; safe to read while a labeling runs (WAL). Every write transaction takes
+SQLite's write lock before it reads (``BEGIN IMMEDIATE``), so a read-then-write (adding a
+new attempt's cost to the earlier ones) is never interleaved with another writer's.
 A failure is a row too, with its reason, so no feature ever leaves a denominator.
 Stage results of staged judges are kept too, so a judgment interrupted between stages
-(or failed in one) reuses the stages that succeeded.
+(or failed in one) reuses the stages that succeeded. A successful judgment, once
+stored, is never rewritten. Text is stored with keys redacted (``labeler.redaction``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import UserError
+from labeler.redaction import redact, redact_optional
 from labeler.schemas import Judgment, ReviewDecision, Usage
 from labeler.staging import StageOutcome, add_costs, add_usage
 
-STORE_SCHEMA_VERSION = 5
+STORE_SCHEMA_VERSION = 6
+BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,6 +78,15 @@ CREATE TABLE IF NOT EXISTS reviews (
     decided_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reviews_feature ON reviews (feature_id);
+CREATE TABLE IF NOT EXISTS run_lock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    token TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    what TEXT NOT NULL,
+    since REAL NOT NULL,
+    beat REAL NOT NULL
+);
 """
 # The classification and detection accuracy of a judgment, copied out of its payload by
 # triggers (whoever writes the row), so that summaries read columns instead of JSON.
@@ -107,6 +122,7 @@ _MIGRATIONS = {
         "ALTER TABLE judgments ADD COLUMN detection REAL",
         "UPDATE judgments SET " + _LABEL_COLUMNS.replace("NEW.", ""),
     ),
+    6: (),  # the run_lock table is created if missing
 }
 
 
@@ -124,14 +140,14 @@ class LabelStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._in_transaction = False
-        self.conn = sqlite3.connect(path)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn = connect(path)
         self.conn.executescript(_SCHEMA)
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
-            with self.conn:
+            with self.transaction():
                 self.conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(STORE_SCHEMA_VERSION),)
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(STORE_SCHEMA_VERSION),),
                 )
         elif int(row[0]) > STORE_SCHEMA_VERSION:
             raise UserError(
@@ -143,7 +159,7 @@ class LabelStore:
         self.conn.executescript(_TRIGGERS)
 
     def _migrate(self, version: int) -> None:
-        with self.conn:
+        with self.transaction():
             for step in range(version + 1, STORE_SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
                     self.conn.execute(statement)
@@ -162,8 +178,13 @@ class LabelStore:
             return
         self._in_transaction = True
         try:
-            with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
         finally:
             self._in_transaction = False
 
@@ -215,7 +236,8 @@ class LabelStore:
         self, judgment: Judgment, charge: tuple[dict[str, Usage], float | None] | None = None
     ) -> None:
         """Store a judgment; ``charge`` (usage, cost) is what to add to the row's spending
-        when it differs from the judgment's own (stages charged by an earlier attempt)."""
+        when it differs from the judgment's own (stages charged by an earlier attempt).
+        A successful judgment already stored stays as it is."""
         usage, cost = charge if charge is not None else (judgment.usage, judgment.cost_usd)
         self._put(judgment.feature_id, judgment.judge, "ok", judgment.model_dump_json(), None,
                   judgment.prompt_hash, usage, cost)  # fmt: skip
@@ -230,7 +252,8 @@ class LabelStore:
         cost_usd: float | None = None,
     ) -> None:
         """A failure with its reason and what it still cost; a later success replaces it
-        (the attempts counter keeps counting)."""
+        (the attempts counter keeps counting). A stored success is never replaced: what
+        the failed attempt cost is added to it."""
         self._put(feature_id, judge, "failed", None, reason, prompt_hash, usage or {}, cost_usd)
 
     def _put(
@@ -245,11 +268,15 @@ class LabelStore:
         cost_usd: float | None,
     ) -> None:
         now = _now()
+        payload, reason = redact_optional(payload), redact_optional(reason)
         with self.transaction():
             before = self.conn.execute(
-                "SELECT usage, cost_usd FROM judgments WHERE feature_id=? AND judge=?",
+                "SELECT usage, cost_usd, status FROM judgments WHERE feature_id=? AND judge=?",
                 (feature_id, judge),
             ).fetchone()
+            if before is not None and before[2] == "ok":
+                self.add_cost(feature_id, judge, usage, cost_usd)
+                return
             if before is not None:  # what earlier attempts spent stays counted
                 usage = _add_usage(_read_usage(before[0]), usage)
                 if before[1] is not None:
@@ -289,7 +316,7 @@ class LabelStore:
             cursor = self.conn.execute(
                 "INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                 (outcome.feature_id, outcome.judge, outcome.prompt_hash, outcome.stage,
-                 outcome.model_dump_json(), task_id, _now()),
+                 redact(outcome.model_dump_json()), task_id, _now()),
             )  # fmt: skip
         return cursor.rowcount == 1
 
@@ -395,6 +422,15 @@ class LabelStore:
         fields = ("feature_id", "reviewer", "action", "category", "subcategory", "mechanism",
                   "domain_type", "note", "decided_at")  # fmt: skip
         return [ReviewDecision.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are begun explicitly) that waits for
+    another writer's transaction instead of failing at once."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)  # fmt: skip
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
 
 
 def _now() -> str:

@@ -8,8 +8,13 @@ one message at a time, and a task whose outcome already exists does nothing.
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
 
+from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger
+
+from labeler.redaction import redact_handlers
 from workers.settings import FleetSettings
 
 QUEUE_STAGES = ("explain", "score", "classify", "label")
@@ -45,6 +50,14 @@ def make_app(settings: FleetSettings | None = None) -> Celery:
     )
     app.conf.labeler_settings = settings
     return app
+
+
+@after_setup_logger.connect  # type: ignore[untyped-decorator]
+@after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
+    """Keys echoed in an error never reach the worker's log."""
+    redact_handlers(logger)
+    redact_handlers()
 
 
 app = make_app()

@@ -78,9 +78,12 @@ class Transport(redis.Transport):  # type: ignore[misc]
 SCAN_CHUNK = 500
 
 
-def tasks_in_broker(client: redis_py.Redis, queues: Iterable[str]) -> set[str]:
-    """Ids of the tasks waiting on ``queues`` (at any priority) or delivered to a worker
-    and not acknowledged yet (every queue's, including tasks held for a countdown)."""
+def tasks_in_broker(
+    client: redis_py.Redis, queues: Iterable[str], unacked: bool = True
+) -> set[str]:
+    """Ids of the tasks waiting on ``queues`` (at any priority) and, with ``unacked``,
+    delivered to a worker and not acknowledged yet (every queue's, including tasks held
+    for a countdown, and those of workers that died)."""
     found: set[str] = set()
     for queue in queues:
         names = [queue] + [f"{queue}{Channel.sep}{p}" for p in Channel.priority_steps if p]
@@ -88,8 +91,9 @@ def tasks_in_broker(client: redis_py.Redis, queues: Iterable[str]) -> set[str]:
             for start in range(0, int(client.llen(name)), SCAN_CHUNK):
                 for raw in client.lrange(name, start, start + SCAN_CHUNK - 1):
                     found.add(_message_id(raw))
-    for _, raw in client.hscan_iter(Channel.unacked_key, count=SCAN_CHUNK):
-        found.add(_message_id(json.loads(raw)[0]))
+    if unacked:
+        for _, raw in client.hscan_iter(Channel.unacked_key, count=SCAN_CHUNK):
+            found.add(_message_id(json.loads(raw)[0]))
     found.discard("")
     return found
 

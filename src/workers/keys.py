@@ -3,8 +3,9 @@
 Per labeling (``run`` is the label store's id, so two copies of a run never mix):
 ``results`` a stream of stage outcomes, ``done`` the finished task ids (a redelivered
 task finds its id there and does nothing), ``queued`` the ids the driver has sent
-(with their judge), ``running`` the ids a worker is running now, ``driver`` the
-driver's lock.
+(with their judge), ``running`` the ids a worker is running now. Per task: ``claim``, the
+lease of the worker running it, and ``waiting``, set while it waits out a rate limit.
+The run's lock is in its label store, not here.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ def running(run: str) -> str:
     return f"{PREFIX}:run:{run}:running"
 
 
-def driver(run: str) -> str:
-    return f"{PREFIX}:run:{run}:driver"
-
-
 def claim(task_id: str) -> str:
     return f"{PREFIX}:claim:{task_id}"
 
 
+def waiting(task_id: str) -> str:
+    """Set while a rescheduled stage waits out a rate limit on some worker."""
+    return f"{PREFIX}:wait:{task_id}"
+
+
 def run_keys(run: str) -> list[str]:
-    return [results(run), done(run), queued(run), running(run), driver(run)]
+    return [results(run), done(run), queued(run), running(run)]
 
 
 def task_id(

@@ -25,6 +25,7 @@ from labeler.judges import Judge, make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
 from labeler.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
+from workers.leases import Leases
 from workers.redis_retry import UNREACHABLE, retrying_async
 from workers.settings import FleetSettings
 from workers.task_state import TaskState
@@ -47,6 +48,7 @@ class WorkerRuntime:
         self.thread.start()
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self.state = TaskState(self.redis)
+        self.leases = Leases(redis.Redis.from_url(settings.redis_url, socket_timeout=10))
         self._async_redis: redis.asyncio.Redis | None = None
         self._judges: dict[str, Judge] = {}
         self._lock = threading.Lock()

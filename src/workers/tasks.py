@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from adapters.errors import UserError
 from labeler.errors import Reschedule
-from labeler.labeling import run_stage
+from labeler.labeling.stages import ERRORS, run_stage_safely
+from labeler.redaction import redact
 from labeler.staging import STAGE_GROUPS, StageOutcome, add_usage
 from workers import keys
 from workers.app import app
@@ -51,11 +52,15 @@ def stage(self: Task, payload: dict[str, Any]) -> str:
     until = time.time() + settings.claim_ttl
     running = json.dumps({"worker": worker, "feature": task.feature_id, "judge": task.judge,
                           "stage": task.stage, "until": until})  # fmt: skip
-    # this execution's own claim: a retry after a lost reply finds it and goes on
+    # this execution's own claim, leased: a retry after a lost reply finds it and goes on,
+    # and it lapses soon after this worker dies
     claim = f"{worker}/{uuid.uuid4().hex}"
+    rt.leases.hold(keys.claim(task_id), claim)
     begun = retrying(
-        lambda: rt.state.begin(task.run, task_id, claim, settings.claim_ttl, running), what
+        lambda: rt.state.begin(task.run, task_id, claim, rt.leases.lease_s, running), what
     )
+    if begun != "ok":
+        rt.leases.drop(keys.claim(task_id))
     if begun == "done":
         log.info("%s: already done (task %s), nothing to do", what, task_id)
         return "duplicate"
@@ -64,16 +69,18 @@ def stage(self: Task, payload: dict[str, Any]) -> str:
         return "claimed"
     started = time.monotonic()
     try:
-        outcome = _execute(task, rt, settings)
-    except Reschedule as exc:
-        _release(rt, task, task_id, what)
-        if task.reschedules >= settings.max_reschedules:
-            outcome = _failed(task, f"rate_limited: {task.stage}: gave up after "
-                                    f"{task.reschedules} reschedules ({exc})")  # fmt: skip
-        else:
-            raise _reschedule(self, task, exc, what, settings) from None
-    outcome.usage = add_usage(task.carried_usage, outcome.usage)
-    _publish(rt, task, task_id, outcome, what)
+        try:
+            outcome = _execute(task, rt, settings)
+        except Reschedule as exc:
+            if task.reschedules >= settings.max_reschedules:
+                outcome = _failed(task, f"rate_limited: {task.stage}: gave up after "
+                                        f"{task.reschedules} reschedules ({exc})")  # fmt: skip
+            else:
+                raise _reschedule(self, rt, task, task_id, exc, what, settings) from None
+        outcome.usage = add_usage(task.carried_usage, outcome.usage)
+        _publish(rt, task, task_id, outcome, what)
+    finally:
+        rt.leases.drop(keys.claim(task_id))
     status = "ok" if outcome.ok else f"failed: {outcome.reason}"
     log.info("%s: %s (%.2f s)", what, status, time.monotonic() - started)
     return "ok" if outcome.ok else "failed"
@@ -101,7 +108,8 @@ def _refuse(rt: WorkerRuntime, task_id: str, payload: Any, exc: ValidationError)
     )  # fmt: skip
     what = f"{outcome.feature_id} {outcome.judge} {outcome.stage}"
     log.error("%s: unreadable payload (%s)", what, problem)
-    retrying(lambda: rt.state.publish(fields["run"], task_id, outcome.model_dump_json()), what)
+    body = redact(outcome.model_dump_json())
+    retrying(lambda: rt.state.publish(fields["run"], task_id, body), what)
     return "invalid"
 
 
@@ -114,7 +122,7 @@ def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> Sta
         return _failed(task, f"version_mismatch: {task.stage}: this worker's prompts hash to "
                              f"{judge.prompt_hash}, the driver's to {task.prompt_hash}; run "
                              "the same labeler version everywhere")  # fmt: skip
-    coro = run_stage(judge, task.stage, task.record, task.negatives, task.explanation)
+    coro = run_stage_safely(judge, task.stage, task.record, task.negatives, task.explanation)
     try:
         return rt.run(coro, settings.task_time_limit_s)
     except StageTimeout as exc:
@@ -122,7 +130,7 @@ def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> Sta
     except Reschedule:
         raise
     except Exception as exc:  # recorded with its reason, never dropped
-        log.exception("%s %s %s raised", task.feature_id, task.judge, task.stage)
+        ERRORS.once(f"{task.feature_id} {task.judge} {task.stage}", exc)
         return _failed(task, f"error: {task.stage}: {type(exc).__name__}: {exc}")
 
 
@@ -137,7 +145,7 @@ def _publish(
 ) -> None:
     """Outcome, done mark and release at once; a retry after a lost reply finds the done
     mark and writes nothing twice."""
-    body = outcome.model_dump_json()
+    body = redact(outcome.model_dump_json())
     retrying(lambda: rt.state.publish(task.run, task_id, body), what)
 
 
@@ -146,8 +154,9 @@ def _release(rt: WorkerRuntime, task: StageTask, task_id: str, what: str) -> Non
 
 
 def _reschedule(
-    self: Task, task: StageTask, exc: Reschedule, what: str, settings: FleetSettings
-) -> Retry:
+    self: Task, rt: WorkerRuntime, task: StageTask, task_id: str, exc: Reschedule, what: str,
+    settings: FleetSettings,
+) -> Retry:  # fmt: skip
     if exc.retry_after is not None:
         delay = exc.retry_after + random.uniform(0, 0.1 * max(exc.retry_after, 1.0))
     else:
@@ -160,6 +169,11 @@ def _reschedule(
         "reschedules": task.reschedules + 1,
     })  # fmt: skip
     log.info("%s: rate limited (%s); rescheduled in %.1f s", what, exc, delay)
+    # the stage is held by nobody while it waits: this mark tells the driver it is not
+    # lost, for as long as the wait and a lease more
+    wait_s = int(delay) + rt.leases.lease_s + 1
+    retrying(lambda: rt.redis.set(keys.waiting(task_id), "1", ex=wait_s), what)
+    _release(rt, task, task_id, what)
     retry: Retry = self.retry(
         kwargs={"payload": again.model_dump(mode="json")}, countdown=delay, max_retries=None
     )

@@ -93,7 +93,10 @@ class ServerError:
 
 @dataclass(frozen=True)
 class BadRequest:
+    """A 4xx other than 429 (400, 401, 403, 404, ...) with the provider's error body."""
+
     status: int = 400
+    message: str = "bad request"
 
 
 @dataclass(frozen=True)
@@ -613,7 +616,7 @@ class FakeLLMServer:
         if isinstance(behaviour, ServerError):
             return _Reply(behaviour.status, error_body(wire, behaviour.status, "server error"))
         if isinstance(behaviour, BadRequest):
-            return _Reply(behaviour.status, error_body(wire, behaviour.status, "bad request"))
+            return _Reply(behaviour.status, error_body(wire, behaviour.status, behaviour.message))
         request = parse_request(wire, body, headers)
         delay = 0.0
         if isinstance(behaviour, Raw):

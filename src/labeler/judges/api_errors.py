@@ -7,7 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-from labeler.judges.backend import BackendError, RequestRejected, TransientError
+from labeler.judges.backend import (
+    BackendError,
+    NotFound,
+    RequestRejected,
+    TransientError,
+    Unauthorized,
+)
 from labeler.judges.retry import parse_retry_after
 
 RETRYABLE_STATUS = {408, 409, 429}
@@ -17,7 +23,8 @@ def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendErr
     """The backend error for an SDK exception, or None if ``exc`` is not the SDK's.
 
     429, 408, 409 and 5xx are transient (429 carries Retry-After); timeouts and broken
-    connections too; every other HTTP error is a rejected request."""
+    connections too; every other HTTP error is a rejected request (401 and 403:
+    unauthorized; 404: not found; both stop a labeling)."""
     if isinstance(exc, sdk.APITimeoutError):
         return TransientError(f"no reply within {timeout:g} s", kind="timeout")
     if isinstance(exc, sdk.APIConnectionError):
@@ -33,6 +40,10 @@ def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendErr
             return TransientError(
                 f"HTTP {status}: {detail}", parse_retry_after(exc.response.headers), "server_error"
             )
+        if status in (401, 403):
+            return Unauthorized(f"HTTP {status}: {detail}")
+        if status == 404:
+            return NotFound(f"HTTP {status}: {detail}")
         return RequestRejected(f"HTTP {status}: {detail}")
     return None
 

@@ -134,6 +134,26 @@ class RequestRejected(BackendError):
     kind = "rejected"
 
 
+class Unauthorized(RequestRejected):
+    """401 or 403: the key is missing, wrong or not allowed this model. No request of
+    this judge can succeed, so the labeling stops."""
+
+    kind = "auth"
+
+
+class NotFound(RequestRejected):
+    """404: no such model (or no such endpoint at the base URL). The labeling stops."""
+
+    kind = "not_found"
+
+
+class JudgeUnusable(BackendError):
+    """The judge cannot work at all (an in-process model that does not load). The
+    labeling stops."""
+
+    kind = "unusable"
+
+
 class InvalidReply(BackendError):
     """The model answered, but not with what was asked: malformed JSON, a value outside
     the schema, a refusal, an empty or cut-off reply. Re-asked once, then a failure."""

@@ -11,9 +11,11 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from labeler.judges.backend import OptionScores, Prompt, TextReply
+from adapters.errors import UserError
+from labeler.judges.backend import JudgeUnusable, OptionScores, Prompt, TextReply
 from labeler.schemas import Usage
 
 
@@ -67,14 +69,32 @@ class HFBackend:
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any] | None = None
 
+    def preflight(self) -> None:
+        """Fail before any work when the model is neither a local folder nor shaped like a
+        hub id (a hub model that cannot be fetched fails at its first call, and stops the
+        labeling there)."""
+        local = Path(self.model).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise UserError(f"{self.name}: {local} holds no config.json; not a model folder")
+        elif self.model.count("/") != 1 or self.model.startswith((".", "/", "~")):
+            raise UserError(f"{self.name}: {self.model}: no such model folder")
+
     def _load(self) -> tuple[Any, Any]:
-        """(model, tokenizer), loaded on the first call. Call with the lock held."""
+        """(model, tokenizer), loaded on the first call. Call with the lock held; a model
+        that does not load makes the judge unusable."""
         if self._loaded is None:
             from adapters.branch import load_causal_lm
             from adapters.checkpoint import resolve_checkpoint
 
-            folder = resolve_checkpoint(self.model)
-            self._loaded = load_causal_lm(folder, self.device, self.dtype)
+            try:
+                folder = resolve_checkpoint(self.model)
+                self._loaded = load_causal_lm(folder, self.device, self.dtype)
+            except Exception as exc:  # many loader errors; each means "no model here"
+                raise JudgeUnusable(
+                    f"{self.model} does not load: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
         return self._loaded
 
     async def generate(self, prompt: Prompt, max_new_tokens: int) -> TextReply:

@@ -1,0 +1,336 @@
+"""The labeling engine: what every transport shares.
+
+A transport (in-process, the Celery fleet, provider batches) only decides where a stage
+runs. Everything that must hold whatever the transport lives here:
+
+- the plan: the planned features, what each judge still lacks, in a fixed order;
+- units: one (feature, judge) in flight with its stages, starting from the stage
+  results already stored, so a re-run after any interruption pays only for stages not
+  yet stored;
+- outcomes applied exactly once: a stage result is stored as it arrives, a judgment when
+  its last stage is in, a failure with its reason; a successful judgment is never
+  rewritten, and a stage of a (feature, judge) already finished still has its cost
+  counted;
+- the budget and the accounting of what this labeling spent;
+- stopping: an interrupt, or a judge that cannot work at all (a rejected key, an
+  unknown model, a model that does not load), stops new work; such an outcome is not
+  stored as the feature's failure (the feature is not at fault) and the labeling ends
+  with that one reason.
+
+The run's lock (``labeling.lock``) is taken by :func:`locked` around all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from labeler.labeling.plan import negatives_for, plan_features, records_of
+from labeler.redaction import redact
+from labeler.run_data import RunData
+from labeler.schemas import FeatureRecord, Snippet
+from labeler.staging import (
+    StageName,
+    StageOutcome,
+    add_costs,
+    add_usage,
+    assemble,
+    ready,
+    stages_for,
+)
+from labeler.store import LabelStore
+
+log = logging.getLogger(__name__)
+
+# failure kinds that say the judge cannot work at all, not that a feature failed
+FATAL_KINDS = frozenset({"auth", "not_found", "unusable", "config"})
+# stage failures of these kinds in a row, before any stage of the judge succeeded, say
+# that the judge's server cannot be reached
+UNREACHABLE_KINDS = frozenset({"connection"})
+UNREACHABLE_IN_A_ROW = 3
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    planned: int
+    skipped: int
+    labeled: int
+    failed: int
+    pending: int = 0
+    spent_usd: float | None = 0.0
+    budget_reached: bool = False
+    stopped: str | None = None
+    """Why the labeling stopped before the end: 'interrupted', or the reason a judge
+    cannot work."""
+
+
+@dataclass
+class Tally:
+    planned: int = 0
+    skipped: int = 0
+    labeled: int = 0
+    failed: int = 0
+    started: int = 0
+
+
+@dataclass
+class Unit:
+    """One (feature, judge) in flight."""
+
+    feature_id: str
+    judge: str
+    prompt_hash: str
+    attempt: int
+    record: FeatureRecord
+    negatives: dict[str, list[Snippet]]
+    stages: list[StageName]
+    outcomes: dict[StageName, StageOutcome] = field(default_factory=dict)
+    sent: set[StageName] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.feature_id, self.judge)
+
+    def complete(self) -> bool:
+        return all(s in self.outcomes for s in self.stages)
+
+    def to_send(self) -> list[StageName]:
+        """Stages whose dependencies are done and that were not sent yet."""
+        return [s for s in ready(self.stages, set(self.outcomes)) if s not in self.sent]
+
+    def explanation(self) -> str | None:
+        explain = self.outcomes.get("explain")
+        return explain.explanation if explain is not None else None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying one outcome did: ``unit`` is still in flight and may have stages to
+    send (``finished`` None), or it ended (``finished`` True: labeled, False: failed);
+    ``unit`` None: the outcome belonged to no unit in flight."""
+
+    unit: Unit | None
+    finished: bool | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        run: RunData,
+        store: LabelStore,
+        judges: dict[str, str],
+        sample_per_layer: int | None = None,
+        seed: int = 0,
+        budget_usd: float | None = None,
+        executor: str = "local",
+    ) -> None:
+        """``judges`` maps each judge's name to the prompt hash its stages report."""
+        self.run = run
+        self.store = store
+        self.hashes = dict(judges)
+        self.sample_per_layer = sample_per_layer
+        self.seed = seed
+        self.budget_usd = budget_usd
+        self.executor = executor
+        self.active: dict[tuple[str, str], Unit] = {}
+        self.finished: set[tuple[str, str]] = set()
+        self.tally = {judge: Tally() for judge in judges}
+        self.spent: float | None = 0.0
+        self.budget_reached = False
+        self.stopped: str | None = None
+        self.fatal: str | None = None
+        self._succeeded: set[str] = set()
+        self._unreachable: dict[str, int] = {}
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(feature, judge) pairs still to label, features in plan order."""
+        self.store.add_planned(plan_features(self.run, self.sample_per_layer, self.seed))
+        planned = [fid for fid, _, _ in self.store.planned()]
+        done = {judge: self.store.done(judge) for judge in self.hashes}
+        for judge, tally in self.tally.items():
+            tally.planned, tally.skipped = len(planned), len(done[judge])
+        self.store.set_meta("executor", self.executor)
+        _ = self.run.negative_pool  # read once here
+        return [(fid, j) for fid in planned for j in self.hashes if fid not in done[j]]
+
+    def units(self, todo: list[tuple[str, str]]) -> Iterator[Unit]:
+        """Units to work on, one at a time as asked for; none once the labeling stops or
+        the budget is spent. A unit whose stages are all stored already is finished here
+        and not yielded."""
+        for fid, judge, record in records_of(self.run, todo):
+            if not self.may_start():
+                return
+            unit = self.start(fid, judge, record)
+            if unit is not None:
+                yield unit
+
+    def may_start(self) -> bool:
+        if self.stopped is not None:
+            return False
+        if self.budget_usd is not None and self.spent is not None and self.spent >= self.budget_usd:
+            self.budget_reached = True
+            return False
+        return True
+
+    def start(self, feature_id: str, judge: str, record: FeatureRecord) -> Unit | None:
+        key = (feature_id, judge)
+        if key in self.finished or key in self.active:
+            return None
+        self.tally[judge].started += 1
+        hashed = self.hashes[judge]
+        sets = [kind for kind in ("top", "random") if record.of_kind(kind)]
+        unit = Unit(
+            feature_id=feature_id, judge=judge, prompt_hash=hashed,
+            attempt=self.store.failed_attempts(feature_id, judge), record=record,
+            negatives=negatives_for(self.run, record, self.seed),
+            stages=stages_for(judge, sets),
+        )  # fmt: skip
+        for outcome in self.store.stage_outcomes(feature_id, judge, hashed):
+            if outcome.stage in unit.stages:
+                unit.outcomes[outcome.stage] = outcome
+        self.active[key] = unit
+        if unit.complete():
+            with self.store.transaction():
+                self._finish_ok(unit)
+            return None
+        return unit
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop(self, why: str) -> None:
+        """Start nothing new from now on (the first reason given is kept)."""
+        if self.stopped is None:
+            self.stopped = why
+
+    def _stop_for(self, outcome: StageOutcome) -> bool:
+        """Whether ``outcome`` says its judge cannot work; if so the labeling stops."""
+        kind = (outcome.reason or "").split(":", 1)[0]
+        judge = outcome.judge
+        if kind in UNREACHABLE_KINDS and judge not in self._succeeded:
+            self._unreachable[judge] = self._unreachable.get(judge, 0) + 1
+            if self._unreachable[judge] < UNREACHABLE_IN_A_ROW:
+                return False
+        elif kind not in FATAL_KINDS:
+            self._unreachable.pop(judge, None)
+            return False
+        if self.fatal is None:
+            self.fatal = f"{judge}: {redact(outcome.reason or kind)}"
+            log.info("stopping: %s", self.fatal)
+        self.stop(self.fatal)
+        return True
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def apply(self, outcome: StageOutcome, task_id: str | None = None,
+              unit: Unit | None = None) -> Applied:  # fmt: skip
+        """Apply one stage's outcome (in one store transaction, nested in the caller's if
+        it holds one). ``unit``: the unit the transport sent the stage for; without it, a
+        successful stage joins the (feature, judge)'s unit in flight, if any, and anything
+        else counts as late."""
+        if outcome.reason is not None:
+            outcome = outcome.model_copy(update={"reason": redact(outcome.reason)})
+        if outcome.ok:
+            self._succeeded.add(outcome.judge)
+            self._unreachable.pop(outcome.judge, None)
+        with self.store.transaction():
+            if unit is None:  # an earlier attempt's successful stage is as good as a new one
+                found = self.active.get((outcome.feature_id, outcome.judge))
+                unit = found if found is not None and outcome.ok else None
+            if unit is not None and (
+                unit.key not in self.active
+                or outcome.prompt_hash != unit.prompt_hash
+                or outcome.stage not in unit.stages
+                or outcome.stage in unit.outcomes
+            ):
+                unit = None  # finished meanwhile, or a duplicate
+            if unit is None:
+                self._apply_late(outcome, task_id)
+                return Applied(None)
+            if not outcome.ok:
+                if self._stop_for(outcome):
+                    self._drop(unit)
+                    return Applied(None)
+                self._finish_failed(unit, outcome)
+                return Applied(unit, finished=False)
+            self.store.put_stage(outcome, task_id)
+            unit.outcomes[outcome.stage] = outcome
+            if unit.complete():
+                self._finish_ok(unit)
+                return Applied(unit, finished=True)
+            return Applied(unit)
+
+    def _apply_late(self, outcome: StageOutcome, task_id: str | None) -> None:
+        """An outcome of no unit in flight: a stage of a (feature, judge) already finished
+        (its cost still counts), or of one not started yet (kept for when it starts)."""
+        fid, judge = outcome.feature_id, outcome.judge
+        row = self.store.status_of(fid, judge)
+        if outcome.ok:
+            if self.store.put_stage(outcome, task_id) and row is not None:
+                usage, cost = self.store.charge_stages(fid, judge, outcome.prompt_hash)
+                self.store.add_cost(fid, judge, usage, cost)
+                self._charge(cost)
+        elif row is not None:
+            self.store.add_cost(fid, judge, outcome.usage, outcome.cost_usd)
+            self._charge(outcome.cost_usd)
+        elif not self._stop_for(outcome):
+            self.store.put_failure(fid, judge, outcome.reason or "unknown", outcome.prompt_hash,
+                                   outcome.usage, outcome.cost_usd)  # fmt: skip
+            self.finished.add((fid, judge))
+            self._charge(outcome.cost_usd)
+
+    def _finish_ok(self, unit: Unit) -> None:
+        judgment = assemble([unit.outcomes[s] for s in unit.stages])
+        charge = self.store.charge_stages(unit.feature_id, unit.judge, unit.prompt_hash)
+        self.store.put_ok(judgment, charge)
+        self._close(unit, charge[1], ok=True)
+
+    def _finish_failed(self, unit: Unit, outcome: StageOutcome) -> None:
+        usage, cost = self.store.charge_stages(unit.feature_id, unit.judge, unit.prompt_hash)
+        total_cost = add_costs([cost, outcome.cost_usd])
+        self.store.put_failure(
+            unit.feature_id, unit.judge, outcome.reason or "unknown", unit.prompt_hash,
+            add_usage(usage, outcome.usage), total_cost,
+        )  # fmt: skip
+        self._close(unit, total_cost, ok=False)
+
+    def _drop(self, unit: Unit) -> None:
+        """A unit given up without a row: it stays pending for the next run, with the
+        stages it stored."""
+        self.active.pop(unit.key, None)
+        self.finished.add(unit.key)
+        self.tally[unit.judge].started -= 1
+
+    def _close(self, unit: Unit, cost: float | None, ok: bool) -> None:
+        self.active.pop(unit.key, None)
+        self.finished.add(unit.key)
+        tally = self.tally[unit.judge]
+        if ok:
+            tally.labeled += 1
+        else:
+            tally.failed += 1
+        self._charge(cost)
+
+    def _charge(self, cost: float | None) -> None:
+        """None once any cost is unknown (a model without a price)."""
+        self.spent = None if self.spent is None or cost is None else self.spent + cost
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def abandon_active(self) -> None:
+        """Units still in flight when the labeling stops stay pending (what they stored
+        stays for the next run)."""
+        for unit in list(self.active.values()):
+            self._drop(unit)
+
+    def reports(self) -> dict[str, LabelReport]:
+        return {judge: self._report(t) for judge, t in self.tally.items()}
+
+    def _report(self, t: Tally) -> LabelReport:
+        return LabelReport(
+            planned=t.planned, skipped=t.skipped, labeled=t.labeled, failed=t.failed,
+            pending=t.planned - t.skipped - t.labeled - t.failed, spent_usd=self.spent,
+            budget_reached=self.budget_reached, stopped=self.stopped,
+        )  # fmt: skip
