@@ -25,12 +25,12 @@ def one_round(root: Path) -> dict[str, float]:
     from collectors.corpus import read_traces, tokenize_traces
     from collectors.demo_model import build_demo
     from collectors.run_format import CollectParams
-    from labeler.export import export_catalog
+    from labeler.formats.catalog import export_catalog
     from labeler.judges import make_judge
     from labeler.labeling import label_run
-    from labeler.run_data import RunData
-    from labeler.store import LabelStore
-    from labeler.summarize import summarize
+    from labeler.labeling.store import LabelStore
+    from labeler.reporting.summarize import summarize
+    from labeler.run.data import RunData
 
     times: dict[str, float] = {}
     start = time.perf_counter()

@@ -64,8 +64,8 @@ def label_once(run: Path, wire: str, base_url: str, concurrency: int, n_per_laye
     from labeler.judges import make_judge
     from labeler.judges.base import JudgeOptions
     from labeler.labeling import label_run
-    from labeler.run_data import RunData
-    from labeler.store import LabelStore
+    from labeler.labeling.store import LabelStore
+    from labeler.run.data import RunData
 
     (run / "labels.sqlite").unlink(missing_ok=True)
     name = "anthropic:bench" if wire == "anthropic" else "openai:bench"

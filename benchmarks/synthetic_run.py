@@ -54,9 +54,9 @@ from collectors.run_format import (
 from collectors.tables import EXAMPLE_COLUMNS, EXAMPLES_SCHEMA, token_strings
 from labeler.judges.metrics import detection_score
 from labeler.judges.pricing import Price, load_prices
-from labeler.schemas import Classification, DetectionScore, Judgment, Usage
-from labeler.staging import is_staged
-from labeler.store import LabelStore
+from labeler.judges.stages import is_staged
+from labeler.labeling.store import LabelStore
+from labeler.run.schemas import Classification, DetectionScore, Judgment, Usage
 from prompts import (
     CATEGORIES,
     DOMAIN_TYPES,

@@ -42,8 +42,8 @@ def labeled(collected: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) 
     """A copy of the collected run labeled by the heuristic judge."""
     from labeler.judges import make_judge
     from labeler.labeling import label_run
-    from labeler.run_data import RunData
-    from labeler.store import LabelStore
+    from labeler.labeling.store import LabelStore
+    from labeler.run.data import RunData
 
     run = tmp_path_factory.mktemp("labeled") / "run"
     shutil.copytree(collected.run, run)

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import polars as pl
 import pytest
 
-from labeler.agreement import (
+from labeler.reporting.agreement import (
     MISSING,
     AgreementReport,
     PairAgreement,
@@ -21,7 +21,7 @@ from labeler.agreement import (
     percent_agreement,
     unit_percent_agreement,
 )
-from labeler.agreement_plot import plot_agreement
+from labeler.reporting.agreement_plot import plot_agreement
 
 M = MISSING
 IntArray = npt.NDArray[np.int64]

@@ -16,7 +16,7 @@ import redis.asyncio
 from celery import Celery
 
 from labeler.errors import Reschedule
-from labeler.ratelimit import RateLimits, RedisRateLimiter
+from labeler.judges.ratelimit import RateLimits, RedisRateLimiter
 from tests.redis_server import RedisServer
 from workers import runtime
 from workers.app import make_app

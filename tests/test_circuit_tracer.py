@@ -24,7 +24,7 @@ from collectors.run_format import (
     RunInfo,
     write_run_info,
 )
-from labeler.circuit_tracer import (
+from labeler.formats.circuit_tracer import (
     EXAMPLES_SCHEMA,
     METADATA_JSON,
     NEGATIVES_SCHEMA,
@@ -33,7 +33,7 @@ from labeler.circuit_tracer import (
     export_circuit_tracer,
     import_circuit_tracer,
 )
-from labeler.run_data import RunData
+from labeler.run.data import RunData
 
 PAPER_KEYS = ("total_tokens", "tokens_per_domain", "tokens_per_region", "tokens_per_thinking_bin",
               "features")  # fmt: skip

@@ -455,7 +455,7 @@ def test_oracle_classifies_the_planted_wait_feature_as_reasoning(
     collected: CollectedDemo,
 ) -> None:
     from labeler.judges.prompting import classify_prompt
-    from labeler.run_data import RunData
+    from labeler.run.data import RunData
 
     truth = json.loads(collected.paths.ground_truth.read_text())
     wait_id = next(

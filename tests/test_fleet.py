@@ -20,8 +20,8 @@ import pytest
 from labeler.judges import make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.labeling import label_run
-from labeler.run_data import RunData
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
 from tests.conftest import CollectedDemo
 from tests.fake_llm import BadRequest, FakeLLMServer, RateLimited, oracle
 from tests.fleet import BIN, Worker, fleet_env, reap, run_driver, start_driver

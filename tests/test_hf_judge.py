@@ -14,8 +14,8 @@ from labeler.judges.base import JudgeOptions
 from labeler.judges.hf_backend import HFBackend
 from labeler.judges.llm_judge import JudgeSettings, LLMJudge
 from labeler.labeling import label_run
-from labeler.run_data import RunData
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
 from prompts import load_taxonomy, prompt_hash
 from tests.conftest import CollectedDemo
 

@@ -12,10 +12,10 @@ import pytest
 from labeler.errors import JudgeFailure
 from labeler.judges.heuristic import HeuristicJudge
 from labeler.labeling import label_run, plan_features
-from labeler.run_data import RunData
-from labeler.schemas import FeatureRecord, Judgment, Snippet
-from labeler.store import STORE_SCHEMA_VERSION, LabelStore
-from labeler.summarize import summarize
+from labeler.labeling.store import STORE_SCHEMA_VERSION, LabelStore
+from labeler.reporting.summarize import summarize
+from labeler.run.data import RunData
+from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 from tests.conftest import CollectedDemo
 from tests.test_bad_input import labeler
 
@@ -215,4 +215,27 @@ def test_a_stored_judgment_is_never_rewritten_and_a_late_failure_only_adds_its_c
         "WHERE feature_id=?", (fid,)
     ).fetchone()  # fmt: skip
     assert after[:3] == before and after[3] == "ok" and after[4] == pytest.approx(0.5)
+    store.close()
+
+
+def test_an_unexpected_error_fails_its_feature_with_the_reason_logged_once(
+    run_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    class Broken(HeuristicJudge):
+        async def judge(
+            self, feature: FeatureRecord, negatives: dict[str, list[Snippet]]
+        ) -> Judgment:
+            raise RuntimeError("the judge's own bug")
+
+    store = LabelStore(run_copy / "labels.sqlite")
+    with caplog.at_level(logging.INFO, logger="labeler.labeling.stages"):
+        report = label_run(RunData.open(run_copy), store, Broken("heuristic"), sample_per_layer=3)
+    assert report.failed == 12 and report.labeled == 0
+    reasons = {s.reason for s in store.judgments("heuristic").values()}
+    assert reasons == {"error: label: RuntimeError: the judge's own bug"}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(warnings) == 1 and len(tracebacks) == 1 and tracebacks[0].levelno == logging.INFO
     store.close()

@@ -16,8 +16,8 @@ from labeler.cli import cli
 from labeler.judges import make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.labeling import LabelReport, label_run
-from labeler.run_data import RunData
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
 from tests.fake_llm import (
     BadRequest,
     FakeAnswer,
@@ -324,8 +324,8 @@ def test_dry_run_sends_nothing_and_writes_nothing(
 def test_dry_run_estimate_is_close_to_what_labeling_then_costs(
     run_copy: Path, fake: FakeLLMServer, prices: Path
 ) -> None:
-    from labeler.accounting import estimate
     from labeler.judges.pricing import load_prices
+    from labeler.labeling.accounting import estimate
 
     run = RunData.open(run_copy)
     judge = make_judge("openai:fake-model", _options(fake, "chat", prices))

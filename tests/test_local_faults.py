@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
 from tests.fake_llm import BadRequest, FakeLLMServer, Hang, oracle
 from tests.fleet import BIN
 
@@ -179,7 +179,7 @@ def test_concurrent_writers_lose_no_cost_update(run_copy: Path) -> None:
     """Two processes adding failed attempts to the same rows: every attempt's cost
     counts (a read before the write transaction lost some)."""
     script = (
-        "import sys\nfrom pathlib import Path\nfrom labeler.store import LabelStore\n"
+        "import sys\nfrom pathlib import Path\nfrom labeler.labeling.store import LabelStore\n"
         "store = LabelStore(Path(sys.argv[1]))\n"
         "for i in range(150):\n"
         "    store.put_failure(f'L0F{i % 5}', 'openai:x', 'server_error: explain: x', 'h',"
@@ -273,3 +273,18 @@ def test_a_key_echoed_by_a_provider_is_stored_logged_and_exported_nowhere(
     for where, text in places.items():
         assert SECRET not in text and shaped not in text, where
     assert "Incorrect API key provided: [REDACTED]" in places["catalog"]
+
+
+def test_a_failed_stage_alone_is_paid_again_on_the_next_run(
+    run_copy: Path, fake: FakeLLMServer
+) -> None:
+    fake.script(Hang(0.0), Hang(0.0), Hang(0.0), BadRequest(400))  # the first feature's last
+    first = _finish(_args(run_copy, fake))
+    assert first.returncode == EXIT_FAILURES, first.stdout + first.stderr
+    assert _rows(run_copy, "SELECT count(*) FROM stages")[0][0] == 3 + 3 * CALLS
+    again = _finish(_args(run_copy, fake))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _repaid(fake) == 0 and _paid(fake) == CALLS * FEATURES
+    assert _rows(run_copy, "SELECT status, attempts FROM judgments WHERE attempts > 1") == [
+        ("ok", 2)
+    ]

@@ -7,9 +7,9 @@ import json
 import polars as pl
 
 from collectors.run_format import read_run_info
-from labeler.ground_truth import compare_with_ground_truth
-from labeler.store import LabelStore
-from labeler.summarize import summarize
+from labeler.labeling.store import LabelStore
+from labeler.reporting.ground_truth import compare_with_ground_truth
+from labeler.reporting.summarize import summarize
 from prompts import normalize_token
 from tests.conftest import CollectedDemo
 

@@ -19,7 +19,7 @@ from labeler.judges.prompting import (
     system_prompt,
 )
 from labeler.judges.replies import ClassificationReply, DetectionReply, strict_json_schema
-from labeler.schemas import Example, FeatureRecord, Snippet
+from labeler.run.schemas import Example, FeatureRecord, Snippet
 from prompts import SUBCATEGORIES, load_taxonomy, prompt_hash, taxonomy_hash
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -25,7 +25,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from labeler.ratelimit import (
+from labeler.judges.ratelimit import (
     LocalRateLimiter,
     RateLimiter,
     RateLimits,
@@ -132,7 +132,7 @@ async def hammer(
 WORKER = """
 import asyncio, json, sys, time
 import redis.asyncio
-from labeler.ratelimit import RateLimits, RedisRateLimiter
+from labeler.judges.ratelimit import RateLimits, RedisRateLimiter
 
 url, key, rpm, start_at, duration, tasks = sys.argv[1:7]
 

@@ -12,10 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from labeler.agreement import cohen_kappa
-from labeler.schemas import Classification
-from labeler.store import LabelStore
-from labeler.summarize import stratified
+from labeler.labeling.store import LabelStore
+from labeler.reporting.agreement import cohen_kappa
+from labeler.reporting.summarize import stratified
+from labeler.run.schemas import Classification
 from tests.conftest import CollectedDemo
 from tests.test_bad_input import assert_fails, labeler
 
@@ -297,7 +297,7 @@ def test_catalog_lists_failed_features_with_their_reason(
 
 
 def test_wilson_interval_always_holds_its_share() -> None:
-    from labeler.summarize import wilson
+    from labeler.reporting.summarize import wilson
 
     for n in range(1, 3000):
         for count in (0, n):
@@ -368,7 +368,7 @@ def test_unlabeled_layers_failed_features_and_odd_names(
 def test_comparison_interval_is_honest_where_a_share_is_zero() -> None:
     """Five sampled features, none of them reasoning, against a large census at 2.6%: the
     standard error of the first is 0, yet it says little; the interval must cover 0."""
-    from labeler.summarize import LabelSummary, RunSummary, compare
+    from labeler.reporting.summarize import LabelSummary, RunSummary, compare
 
     def run(name: str, estimate: object) -> RunSummary:
         final = LabelSummary.model_construct(reasoning=estimate, by_category={},

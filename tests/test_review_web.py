@@ -24,10 +24,10 @@ import polars as pl
 import pytest
 
 from collectors.run_format import EXAMPLES
-from labeler.disputes import DisputeRules
-from labeler.review import review_queue
-from labeler.schemas import ReviewDecision
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules
+from labeler.review.queue import review_queue
+from labeler.run.schemas import ReviewDecision
 from tests.conftest import CollectedDemo
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapters.errors import UserError
-from labeler.schemas import Usage
+from labeler.run.schemas import Usage
 
 
 class UnknownJudgeError(UserError):

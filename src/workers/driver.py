@@ -35,13 +35,13 @@ from pydantic import ValidationError
 
 from adapters.errors import UserError
 from labeler.judges.base import JudgeOptions, make_judge
+from labeler.judges.ratelimit import RateLimits
+from labeler.judges.stages import StageName, StageOutcome, is_staged, queue_for, stages_for
 from labeler.labeling.engine import Engine, LabelReport, Unit
 from labeler.labeling.interrupts import Interrupts
 from labeler.labeling.lock import RunLock
-from labeler.ratelimit import RateLimits
-from labeler.run_data import RunData
-from labeler.staging import StageName, StageOutcome, is_staged, queue_for, stages_for
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
 from prompts import prompt_hash as llm_prompt_hash
 from workers import keys
 from workers.broker import tasks_in_broker

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 
-from labeler.staging import StageName
+from labeler.judges.stages import StageName
 
 PREFIX = "labeler"
 TASK_NAMESPACE = uuid.UUID("6f1c2a6e-9d7b-4c1e-8a53-2b0f4e5d7c91")

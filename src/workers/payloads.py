@@ -6,9 +6,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.judges.base import JudgeOptions
-from labeler.ratelimit import RateLimits
-from labeler.schemas import FeatureRecord, Snippet, Usage
-from labeler.staging import StageName
+from labeler.judges.ratelimit import RateLimits
+from labeler.judges.stages import StageName
+from labeler.run.schemas import FeatureRecord, Snippet, Usage
 
 PAYLOAD_SCHEMA_VERSION = 1
 N_POSITIVES = 5

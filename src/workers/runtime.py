@@ -24,7 +24,7 @@ from labeler.errors import Reschedule
 from labeler.judges import Judge, make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
-from labeler.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
+from labeler.judges.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
 from workers.leases import Leases
 from workers.redis_retry import UNREACHABLE, retrying_async
 from workers.settings import FleetSettings

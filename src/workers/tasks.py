@@ -22,9 +22,9 @@ from pydantic import ValidationError
 
 from adapters.errors import UserError
 from labeler.errors import Reschedule
+from labeler.judges.stages import STAGE_GROUPS, StageOutcome, add_usage
 from labeler.labeling.stages import ERRORS, run_stage_safely
 from labeler.redaction import redact
-from labeler.staging import STAGE_GROUPS, StageOutcome, add_usage
 from workers import keys
 from workers.app import app
 from workers.payloads import StageTask

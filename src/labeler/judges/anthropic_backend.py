@@ -19,7 +19,7 @@ from labeler.judges.api_errors import mapped_errors
 from labeler.judges.backend import InvalidReply, Prompt, Refused, Reply, T
 from labeler.judges.client_pool import ClientPool
 from labeler.judges.replies import strict_json_schema, validation_reason
-from labeler.schemas import Usage
+from labeler.run.schemas import Usage
 
 KEY_ENV = "ANTHROPIC_API_KEY"
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"

@@ -20,7 +20,7 @@ from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
-from labeler.schemas import Usage
+from labeler.run.schemas import Usage
 
 Stage = Literal["explain", "detect", "classify"]
 STAGES: tuple[Stage, ...] = ("explain", "detect", "classify")

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.errors import UnknownJudgeError
-from labeler.schemas import FeatureRecord, Judgment, Snippet
+from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 
 
 class Judge(Protocol):

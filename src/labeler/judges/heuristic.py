@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from labeler.judges import metrics
 from labeler.judges.prompting import SNIPPET_AFTER, SNIPPET_BEFORE
-from labeler.schemas import (
+from labeler.run.schemas import (
     Classification,
     DetectionScore,
     Example,

@@ -16,7 +16,7 @@ from typing import Any
 
 from adapters.errors import UserError
 from labeler.judges.backend import JudgeUnusable, OptionScores, Prompt, TextReply
-from labeler.schemas import Usage
+from labeler.run.schemas import Usage
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:

@@ -42,6 +42,7 @@ from labeler.judges.prompting import (
     likelihood_classify_prompt,
     likelihood_detect_prompt,
 )
+from labeler.judges.ratelimit import RateLimiter
 from labeler.judges.replies import (
     ClassificationReply,
     DetectionReply,
@@ -50,15 +51,14 @@ from labeler.judges.replies import (
     validation_reason,
 )
 from labeler.judges.retry import RetryPolicy, with_retries
-from labeler.ratelimit import RateLimiter
-from labeler.schemas import (
+from labeler.judges.stages import Detection, StageName, StageOutcome, add_usage, assemble
+from labeler.run.schemas import (
     Classification,
     FeatureRecord,
     Judgment,
     Snippet,
     Usage,
 )
-from labeler.staging import Detection, StageName, StageOutcome, add_usage, assemble
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, prompt_hash
 
 T = TypeVar("T", bound=BaseModel)

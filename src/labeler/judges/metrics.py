@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from labeler.schemas import DetectionScore
+from labeler.run.schemas import DetectionScore
 
 
 def auroc(labels: list[bool], scores: list[float]) -> float | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.errors import UserError
-from labeler.schemas import Usage
+from labeler.run.schemas import Usage
 
 PRICES_ENV = "LABELER_PRICES"
 

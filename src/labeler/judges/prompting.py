@@ -10,7 +10,7 @@ import random
 from functools import cache
 
 from labeler.judges.backend import Prompt
-from labeler.schemas import Example, FeatureRecord, Snippet
+from labeler.run.schemas import Example, FeatureRecord, Snippet
 from prompts import load_taxonomy, load_template
 
 CONTEXT_BEFORE = 24

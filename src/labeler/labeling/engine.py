@@ -26,11 +26,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from labeler.labeling.plan import negatives_for, plan_features, records_of
-from labeler.redaction import redact
-from labeler.run_data import RunData
-from labeler.schemas import FeatureRecord, Snippet
-from labeler.staging import (
+from labeler.judges.stages import (
     StageName,
     StageOutcome,
     add_costs,
@@ -39,7 +35,11 @@ from labeler.staging import (
     ready,
     stages_for,
 )
-from labeler.store import LabelStore
+from labeler.labeling.plan import negatives_for, plan_features, records_of
+from labeler.labeling.store import LabelStore
+from labeler.redaction import redact
+from labeler.run.data import RunData
+from labeler.run.schemas import FeatureRecord, Snippet
 
 log = logging.getLogger(__name__)
 

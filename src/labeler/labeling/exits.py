@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
 
 EXIT_FAILURES = 3
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from adapters.errors import UserError
-from labeler.store import connect
+from labeler.labeling.store import connect
 
 log = logging.getLogger(__name__)
 

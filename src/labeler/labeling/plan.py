@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from labeler.run_data import RunData
-from labeler.schemas import FeatureRecord, Snippet
+from labeler.run.data import RunData
+from labeler.run.schemas import FeatureRecord, Snippet
 
 N_NEGATIVES = 5
 RECORD_CHUNK = 128

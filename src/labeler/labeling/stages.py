@@ -8,9 +8,9 @@ import threading
 
 from labeler.errors import JudgeFailure, Reschedule
 from labeler.judges import Judge
+from labeler.judges.stages import StageName, StageOutcome
 from labeler.redaction import redact
-from labeler.schemas import FeatureRecord, Snippet
-from labeler.staging import StageName, StageOutcome
+from labeler.run.schemas import FeatureRecord, Snippet
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from labeler.judges import Judge
+from labeler.judges.stages import StageName, StageOutcome
 from labeler.labeling.engine import Engine, LabelReport, Unit
 from labeler.labeling.interrupts import Interrupts
 from labeler.labeling.lock import RunLock
 from labeler.labeling.stages import ErrorLog, run_stage_safely
-from labeler.run_data import RunData
-from labeler.staging import StageName, StageOutcome
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
 
 OnStart = Callable[[int], None]
 OnResult = Callable[[str, bool], None]
@@ -67,6 +67,7 @@ def label_judges(
                         seed, budget_usd, executor="local")  # fmt: skip
         labeling = _Local(engine, judges, concurrency, on_start, on_result, interrupts, lock)
         asyncio.run(labeling.run())
+        lock.check()  # taken over meanwhile: say so rather than report a partial labeling
         return engine.reports()
 
 
@@ -89,7 +90,8 @@ class _Local:
     def _stopping(self) -> bool:
         if self.interrupts is not None and self.interrupts.requested.is_set():
             self.engine.stop("interrupted")
-        self.lock.check()
+        if self.lock.lost.is_set():
+            self.engine.stop("lock_lost")
         return self.engine.stopped is not None
 
     async def run(self) -> None:
@@ -115,6 +117,13 @@ class _Local:
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks)
+        except BaseException:
+            # an error of the labeler's own (the store unwritable, a bug): calls in flight
+            # are cancelled before their clients close, so none ends as a false failure
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             self.engine.abandon_active()
             self.beat.update({}, force=True)

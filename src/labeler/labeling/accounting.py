@@ -19,9 +19,9 @@ from labeler.judges.prompting import (
     detection_snippets,
     explain_prompt,
 )
-from labeler.run_data import RunData
-from labeler.schemas import Snippet, Usage
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.run.data import RunData
+from labeler.run.schemas import Snippet, Usage
 
 CHARS_PER_TOKEN = 4.0
 ESTIMATE_SAMPLE = 20

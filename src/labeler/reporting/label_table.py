@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
 
 HEURISTIC = "heuristic"
 _BATCH = 100_000

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import UserError
+from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
-from labeler.schemas import Judgment, ReviewDecision, Usage
-from labeler.staging import StageOutcome, add_costs, add_usage
+from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
 STORE_SCHEMA_VERSION = 6
 BUSY_TIMEOUT_S = 60.0

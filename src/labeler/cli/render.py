@@ -21,11 +21,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from labeler.accounting import Estimate, JudgeStatus
-from labeler.ground_truth import GroundTruthReport
-from labeler.review import QueueItem
-from labeler.summarize import Comparison, LabelSummary, RunSummary, Share
-from labeler.summarize import Estimate as PopulationShare
+from labeler.labeling.accounting import Estimate, JudgeStatus
+from labeler.reporting.ground_truth import GroundTruthReport
+from labeler.reporting.summarize import Comparison, LabelSummary, RunSummary, Share
+from labeler.reporting.summarize import Estimate as PopulationShare
+from labeler.review.queue import QueueItem
 from prompts import CATEGORIES
 
 

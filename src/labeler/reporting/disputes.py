@@ -22,7 +22,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.errors import UserError, first_error
-from labeler.label_table import HEURISTIC
+from labeler.reporting.label_table import HEURISTIC
 from prompts import Confidence
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from labeler.label_table import HEURISTIC
+from labeler.reporting.label_table import HEURISTIC
 
 SOURCES = ("human", "consensus", "single_judge", "none")
 LABEL_FIELDS = ("category", "subcategory", "mechanism", "domain_type")

@@ -1,7 +1,7 @@
 """``labeler review RUN --web``: the review page, served on 127.0.0.1 only.
 
 One page (``review_page.html``, package data next to this module) and a small JSON API
-over :mod:`labeler.review`:
+over :mod:`labeler.review.queue`:
 
 - ``GET /`` and ``GET /feature/ID``: the page (status 404 for a feature not planned);
 - ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
@@ -34,11 +34,11 @@ from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from adapters.errors import UserError
-from labeler.disputes import DisputeRules
-from labeler.review import UnknownFeature, feature_view, record_decision, review_queue
-from labeler.run_data import RunData
-from labeler.schemas import ReviewDecision
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules
+from labeler.review.queue import UnknownFeature, feature_view, record_decision, review_queue
+from labeler.run.data import RunData
+from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, load_taxonomy
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
 
 def _read_page() -> str:
     try:
-        page = resources.files(__package__ or "labeler").joinpath(PAGE).read_text("utf-8")
+        page = resources.files(__package__ or "labeler.review").joinpath(PAGE).read_text("utf-8")
     except FileNotFoundError:
         raise UserError(
             f"{PAGE} is missing from the installed labeler package (package data); "

@@ -25,11 +25,11 @@ from pydantic import BaseModel, Field
 
 from adapters.errors import UserError
 from collectors.run_format import RunInfo
-from labeler.agreement import AgreementReport, PairAgreement, agreement
-from labeler.disputes import DisputeRules, find_disputes
-from labeler.final_labels import SOURCES, final_labels, human_labels
-from labeler.label_table import judge_names, judgment_frame, planned_frame, review_frame
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
+from labeler.reporting.disputes import DisputeRules, find_disputes
+from labeler.reporting.final_labels import SOURCES, final_labels, human_labels
+from labeler.reporting.label_table import judge_names, judgment_frame, planned_frame, review_frame
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
 Z95 = 1.959963984540054

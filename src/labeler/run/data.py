@@ -17,7 +17,7 @@ from collectors.run_format import (
     RunInfo,
     read_run_info,
 )
-from labeler.schemas import Example, FeatureRecord, Snippet
+from labeler.run.schemas import Example, FeatureRecord, Snippet
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labeler.summarize import RunSummary
+from labeler.reporting.summarize import RunSummary
 from prompts import CATEGORIES
 
 COLORS = {

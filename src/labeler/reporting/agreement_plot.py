@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from labeler.agreement import AgreementReport
+from labeler.reporting.agreement import AgreementReport
 
 
 def _kappa_grid(report: AgreementReport) -> tuple[list[list[float]], list[list[str]]]:

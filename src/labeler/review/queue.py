@@ -7,11 +7,11 @@ import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
 from adapters.errors import UserError, first_error
-from labeler.disputes import DisputeRules, find_disputes
-from labeler.label_table import judge_names, judgment_frame, review_frame
-from labeler.run_data import RunData
-from labeler.schemas import Example, ReviewDecision
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules, find_disputes
+from labeler.reporting.label_table import judge_names, judgment_frame, review_frame
+from labeler.run.data import RunData
+from labeler.run.schemas import Example, ReviewDecision
 
 
 class QueueItem(BaseModel):

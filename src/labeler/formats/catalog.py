@@ -23,13 +23,13 @@ import polars as pl
 
 from collectors.example_order import sort_examples
 from collectors.run_format import EXAMPLES, FEATURES
-from labeler.disputes import DisputeRules, find_disputes
-from labeler.final_labels import final_labels
-from labeler.label_table import judgment_frame, planned_frame, review_frame
-from labeler.run_data import RunData
-from labeler.schemas import CATALOG_SCHEMA_VERSION
-from labeler.store import LabelStore
-from labeler.summarize import no_labels
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules, find_disputes
+from labeler.reporting.final_labels import final_labels
+from labeler.reporting.label_table import judgment_frame, planned_frame, review_frame
+from labeler.reporting.summarize import no_labels
+from labeler.run.data import RunData
+from labeler.run.schemas import CATALOG_SCHEMA_VERSION
 
 _EXAMPLE_FIELDS = ("kind", "rank", "quantile", "activation", "tokens", "acts", "highlight",
                    "domain", "region")  # fmt: skip

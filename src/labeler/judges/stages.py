@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.judges.metrics import detection_score
-from labeler.schemas import Classification, DetectionScore, Judgment, Usage
+from labeler.run.schemas import Classification, DetectionScore, Judgment, Usage
 
 StageName = Literal["explain", "detect_top", "detect_random", "classify", "label"]
 STAGE_GROUPS: dict[StageName, str] = {

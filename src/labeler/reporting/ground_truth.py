@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
 
 INTERPRETABLE = ("reasoning", "domain", "language")
 

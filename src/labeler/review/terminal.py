@@ -8,11 +8,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from labeler.disputes import DisputeRules
-from labeler.review import FeatureView, feature_view, record_decision, review_queue
-from labeler.run_data import RunData
-from labeler.schemas import Example
-from labeler.store import LabelStore
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules
+from labeler.review.queue import FeatureView, feature_view, record_decision, review_queue
+from labeler.run.data import RunData
+from labeler.run.schemas import Example
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
 N_TOP, N_RANDOM = 8, 4

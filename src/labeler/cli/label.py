@@ -1,0 +1,465 @@
+"""``labeler label`` (every transport) and ``labeler status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapters.errors import UserError
+from labeler.cli.app import (
+    _open_labels,
+    cli,
+    console,
+    err_console,
+)
+
+
+def _label(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample: int | None,
+    concurrency: int,
+    seed: int,
+    options: Any = None,
+    budget_usd: float | None = None,
+    dry_run: bool = False,
+    limits: dict[str, Any] | None = None,
+    wait: bool = False,
+) -> None:
+    from labeler.cli.render import progress_bar
+    from labeler.judges import make_judge
+    from labeler.judges.pricing import load_prices
+    from labeler.labeling import label_judges
+    from labeler.labeling.interrupts import Interrupts
+    from labeler.labeling.store import LabelStore
+    from labeler.run.data import RunData
+
+    run = RunData.open(run_path)
+    if not run.info.negatives_checked:
+        err_console.print(
+            f"note: {run_path} was imported ({run.info.source}); its detection negatives are "
+            "checked only against the features known active in them"
+        )
+    built = [make_judge(name, options) for name in judges]  # unknown names fail before work
+    prices = load_prices(options.prices if options is not None else None)
+    if dry_run:
+        _dry_run(run, built, sample, seed, prices)
+        return
+    _limit_locally(built, limits or {})
+    for judge in built:
+        judge.preflight()
+        if budget_usd is not None and judge.calls_per_feature and prices.lookup(judge.name) is None:
+            raise UserError(
+                f"--budget-usd: no price for {judge.name}; add one with --prices FILE "
+                '({"prices": {"' + judge.name + '": {"input": ..., "cached_input": ..., '
+                '"output": ...}}}, dollars per million tokens)'
+            )
+    store = LabelStore(run_path / "labels.sqlite")
+    names = " + ".join(j.name for j in built)
+    try:
+        with (
+            Interrupts(_say_interrupt) as interrupts,
+            progress_bar(console, f"labeling ({names})", "features") as progress,
+        ):
+            task = progress.add_task(f"labeling ({names})", total=None)
+            reports = label_judges(
+                run, store, built, sample_per_layer=sample, concurrency=concurrency,
+                seed=seed, budget_usd=budget_usd,
+                on_start=lambda n: progress.update(task, total=n),
+                on_result=lambda _judge, _ok: progress.advance(task),
+                interrupts=interrupts, wait=wait,
+            )  # fmt: skip
+        _finish_labeling(run_path, store, reports, budget_usd)
+    finally:
+        store.close()
+
+
+def _say_interrupt(signal_name: str, exiting: bool) -> None:
+    if exiting:
+        err_console.print(f"\n{signal_name} again: exiting now; every finished result is kept")
+    else:
+        err_console.print(
+            f"\n{signal_name}: stopping; calls in flight finish and are kept "
+            "(press Ctrl-C again to exit now)"
+        )
+
+
+def _finish_labeling(
+    run_path: Path, store: Any, reports: dict[str, Any], budget_usd: float | None
+) -> None:
+    """What each judge did, then the exit: 130 after an interrupt, 2 when a judge cannot
+    work, 3 when planned features are left failed, else 0."""
+    from labeler.labeling.exits import EXIT_FAILURES, failures_by_reason
+    from labeler.labeling.interrupts import EXIT_INTERRUPTED
+
+    for judge, report in reports.items():
+        spent = "" if report.spent_usd is None else f"; spent ${report.spent_usd:,.4f}"
+        console.print(
+            f"{judge}: {report.planned} planned, {report.skipped} already labeled, "
+            f"{report.labeled} labeled now, {report.failed} failed, "
+            f"{report.pending} pending{spent}"
+        )
+    first = next(iter(reports.values()), None)
+    stopped = first.stopped if first is not None else None
+    if stopped == "interrupted":
+        err_console.print(
+            f"interrupted: everything finished is stored; rerun to label the rest (`labeler "
+            f"status {run_path}` shows what is left)"
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    if stopped is not None:
+        raise UserError(f"{stopped}; stopped before spending on the rest of the run")
+    if first is not None and first.budget_reached:
+        console.print(
+            f"[bold]budget of ${budget_usd:,.2f} reached[/bold]: no new features started; "
+            f"rerun to continue (see `labeler status {run_path}`)"
+        )
+    failures = failures_by_reason(store, list(reports))
+    if failures:
+        total = sum(n for _, _, n in failures)
+        err_console.print(f"{total:,} planned feature judgments are failed:", highlight=False)
+        for judge, kind, n in failures:
+            err_console.print(f"  {judge}: {n:,} {kind}", highlight=False)
+        err_console.print(
+            f"rerun to retry them; `labeler status {run_path}` gives the reasons", highlight=False
+        )
+        sys.exit(EXIT_FAILURES)
+
+
+def _limit_locally(judges: list[Any], limits: dict[str, Any]) -> None:
+    from labeler.judges.llm_judge import LLMJudge
+    from labeler.judges.ratelimit import LocalRateLimiter
+
+    for judge in judges:
+        if judge.name in limits and isinstance(judge, LLMJudge):
+            judge.limiter = LocalRateLimiter(limits[judge.name])
+
+
+def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
+    from labeler.cli.render import estimate_table
+    from labeler.labeling import plan_features
+    from labeler.labeling.accounting import estimate
+    from labeler.labeling.store import LabelStore
+
+    planned = [fid for fid, _, _ in plan_features(run, sample, seed)]
+    store_path = run.folder / "labels.sqlite"
+    store = LabelStore(store_path) if store_path.exists() else None
+    try:
+        estimates = []
+        for judge in judges:
+            done = store.done(judge.name) if store is not None else set()
+            todo = [fid for fid in planned if fid not in done]
+            estimates.append(estimate(run, judge, todo, prices, store))
+    finally:
+        if store is not None:
+            store.close()
+    console.print(estimate_table(estimates))
+    console.print("dry run: nothing was sent and nothing was written")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--judge", "judges", multiple=True, default=("heuristic",), show_default=True,
+              help="heuristic, openai:MODEL, anthropic:MODEL or hf:PATH_OR_ID; repeat for an "
+                   "ensemble (each judge labels the same features).")  # fmt: skip
+@click.option("--sample-per-layer", type=int, default=None,
+              help="Label N random alive features per layer (default: all alive).")  # fmt: skip
+@click.option("--concurrency", default=8, show_default=True,
+              help="Model requests in flight per judge.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
+@click.option("--executor", type=click.Choice(["local", "celery"]), default="local",
+              show_default=True,
+              help="local: in this process. celery: on the worker fleet behind "
+                   "LABELER_REDIS_URL (start workers with `celery -A workers worker -Q ...`; "
+                   "see the README's fleet section).")  # fmt: skip
+@click.option("--max-inflight", default=256, show_default=True,
+              help="celery: (feature, judge) pairs in flight at once.")  # fmt: skip
+@click.option("--requeue", is_flag=True,
+              help="celery: send again the stages recorded as queued (after a broker lost its "
+                   "queues); workers skip whatever already finished.")  # fmt: skip
+@click.option("--rpm", "rpm", multiple=True, metavar="[JUDGE=]N",
+              help="Requests per minute allowed to a judge's provider and model, across the "
+                   "whole fleet (in Redis) or this process (local); without JUDGE= for every "
+                   "API judge. Repeatable.")  # fmt: skip
+@click.option("--tpm", "tpm", multiple=True, metavar="[JUDGE=]N",
+              help="Tokens per minute (input and output), like --rpm.")  # fmt: skip
+@click.option("--dry-run", is_flag=True,
+              help="Print calls, tokens and dollars it would take; send nothing.")  # fmt: skip
+@click.option(
+    "--budget-usd",
+    type=float,
+    default=None,
+    help="Start no new feature once this run of the command has spent this much.",
+)
+@click.option("--wait", is_flag=True,
+              help="If another labeler holds the run, wait for it to finish instead of "
+                   "refusing.")  # fmt: skip
+@click.option("--base-url", default=None,
+              help="OpenAI-compatible server for openai: judges (vLLM, SGLang, Ollama); "
+                   "default $OPENAI_BASE_URL or OpenAI.")  # fmt: skip
+@click.option("--openai-api", type=click.Choice(["responses", "chat"]), default=None,
+              help="OpenAI API [default: responses; chat with --base-url].")  # fmt: skip
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=60.0,
+    show_default=True,
+    help="Seconds per model call before it counts as failed (and is retried).",
+)
+@click.option("--max-attempts", default=6, show_default=True,
+              help="Calls per request on 429, 5xx and timeouts (backoff with jitter, "
+                   "Retry-After honoured).")  # fmt: skip
+@click.option(
+    "--logprobs",
+    is_flag=True,
+    help="Ask chat models for token log probabilities (a detection AUROC).",
+)
+@click.option("--n-examples", default=10, show_default=True,
+              help="Top examples shown to the explainer and the classifier.")  # fmt: skip
+@click.option(
+    "--max-output-tokens",
+    type=int,
+    default=None,
+    help="Output token limit per call (reasoning models need room to think).",
+)
+@click.option(
+    "--prices",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON price table overriding the packaged one (or $LABELER_PRICES).",
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              show_default=True, help="For hf: judges.")  # fmt: skip
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16"]),
+              show_default=True, help="For hf: judges.")  # fmt: skip
+def label(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample_per_layer: int | None,
+    concurrency: int,
+    seed: int,
+    executor: str,
+    max_inflight: int,
+    requeue: bool,
+    rpm: tuple[str, ...],
+    tpm: tuple[str, ...],
+    dry_run: bool,
+    budget_usd: float | None,
+    wait: bool,
+    base_url: str | None,
+    openai_api: str | None,
+    timeout_s: float,
+    max_attempts: int,
+    logprobs: bool,
+    n_examples: int,
+    max_output_tokens: int | None,
+    prices: Path | None,
+    device: str,
+    dtype: str,
+) -> None:
+    """Label the features of a run; a re-run labels only what is missing or failed, and
+    pays only for stages not yet stored.
+
+    \b
+    Keys come from OPENAI_API_KEY and ANTHROPIC_API_KEY and are never stored.
+    One labeler at a time per run folder (--wait to queue behind another).
+    Ctrl-C stops new work, keeps what finished; Ctrl-C again exits at once.
+    Exit status: 0 done; 2 a judge cannot work, the run is busy, or bad input;
+    3 finished with failed features (listed by reason); 130 interrupted.
+    Examples:
+      labeler label RUN --judge openai:gpt-5-mini --sample-per-layer 250 --dry-run
+      labeler label RUN --judge anthropic:claude-haiku-4-5 --budget-usd 20
+      labeler label RUN --judge openai:Qwen/Qwen2.5-7B-Instruct --base-url http://gpu:8000/v1
+      labeler label RUN --judge heuristic --judge openai:gpt-5-mini   (an ensemble)
+      labeler label RUN --judge openai:gpt-5-mini --executor celery --rpm 5000 --tpm 4000000
+    """
+    from pydantic import ValidationError
+
+    from labeler.judges.base import JudgeOptions
+
+    if concurrency < 1:
+        raise UserError("--concurrency: must be at least 1")
+    if budget_usd is not None and budget_usd <= 0:
+        raise UserError("--budget-usd: must be positive")
+    api = openai_api or ("chat" if base_url else "responses")
+    try:
+        options = JudgeOptions(
+            base_url=base_url, openai_api=api, timeout_s=timeout_s, max_attempts=max_attempts,
+            logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
+            device=device, dtype=dtype, prices=prices, seed=seed,
+        )  # fmt: skip
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = {"timeout_s": "timeout"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
+    if max_inflight < 1:
+        raise UserError("--max-inflight: must be at least 1")
+    if (requeue or max_inflight != 256) and executor != "celery":
+        raise UserError("--requeue and --max-inflight apply to --executor celery only")
+    limits = _rate_limits(judges, rpm, tpm)
+    if executor == "celery" and not dry_run:
+        _label_with_fleet(run_path, judges, sample_per_layer, seed, options, budget_usd,
+                          limits, max_inflight, requeue, wait)  # fmt: skip
+        return
+    _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run,
+           limits, wait)  # fmt: skip
+
+
+def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, ...]) -> Any:
+    """``--rpm``/``--tpm`` values as limits per judge; a value without JUDGE= applies to
+    every judge that calls an API or a model server."""
+    from pydantic import ValidationError
+
+    from labeler.judges.ratelimit import RateLimits
+
+    per_judge: dict[str, dict[str, float]] = {}
+    for option, values in (("rpm", rpm), ("tpm", tpm)):
+        for value in values:
+            judge, _, number = value.rpartition("=")
+            targets = [judge] if judge else [j for j in judges if j != "heuristic"]
+            if judge and judge not in judges:
+                raise UserError(f"--{option} {value}: {judge!r} is not one of the --judge names")
+            try:
+                amount = float(number)
+            except ValueError:
+                raise UserError(f"--{option} {value}: expected [JUDGE=]NUMBER") from None
+            for target in targets:
+                per_judge.setdefault(target, {})[option] = amount
+    try:
+        return {judge: RateLimits(**given) for judge, given in per_judge.items()}
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"--{first['loc'][0]}: {first['msg']}") from None
+
+
+def _label_with_fleet(
+    run_path: Path,
+    judges: tuple[str, ...],
+    sample: int | None,
+    seed: int,
+    options: Any,
+    budget_usd: float | None,
+    limits: dict[str, Any],
+    max_inflight: int,
+    requeue: bool,
+    wait: bool = False,
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("celery") is None:
+        raise UserError(
+            "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
+        )
+    from labeler.cli.render import progress_bar
+    from labeler.labeling.interrupts import Interrupts
+    from labeler.labeling.store import LabelStore
+    from labeler.run.data import RunData
+    from workers.driver import FleetLabeling, label_with_fleet
+    from workers.settings import FleetSettings, redacted
+
+    run = RunData.open(run_path)
+    _check_judge_names(judges)
+    settings = FleetSettings.from_env()
+    job = FleetLabeling(
+        judges=list(judges), options=options, limits=limits, sample_per_layer=sample, seed=seed,
+        max_inflight=max_inflight, budget_usd=budget_usd, requeue=requeue,
+    )  # fmt: skip
+    store = LabelStore(run_path / "labels.sqlite")
+    console.print(f"fleet: {redacted(settings.redis_url)}; `labeler status {run_path}` shows it")
+    try:
+        with (
+            Interrupts(_say_interrupt) as interrupts,
+            progress_bar(console, "labeling (fleet)", "features") as progress,
+        ):
+            task = progress.add_task("labeling (fleet)", total=None)
+            reports = label_with_fleet(
+                run, store, job, settings,
+                on_start=lambda n: progress.update(task, total=n),
+                on_result=lambda _judge, _ok: progress.advance(task),
+                interrupts=interrupts, wait=wait,
+            )  # fmt: skip
+        _finish_labeling(run_path, store, reports, budget_usd)
+    finally:
+        store.close()
+
+
+def _check_judge_names(judges: tuple[str, ...]) -> None:
+    """Judge names the driver can check without building a model or needing a key."""
+    from labeler.judges import make_judge
+    from labeler.judges.stages import is_staged
+
+    for name in judges:
+        if is_staged(name):
+            if not name.partition(":")[2].strip():
+                raise UserError(
+                    f"judge {name!r} names no model; write {name.partition(':')[0]}:MODEL"
+                )
+        else:
+            make_judge(name)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_path: Path, as_json: bool) -> None:
+    """Per judge: labeled, failed (by reason), pending; tokens and cost."""
+
+    from collectors.run_format import read_run_info
+    from labeler.cli.render import status_table
+    from labeler.labeling.accounting import run_status
+
+    read_run_info(run_path)
+    store = _open_labels(run_path)
+    try:
+        statuses, note = _live_status(store, run_status(store))
+        n_planned = len(store.planned())
+        executor = store.get_meta("executor") or "local"
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([s.model_dump() for s in statuses], indent=2))
+        return
+    console.print(f"{run_path}: {n_planned:,} features planned; executor {executor}")
+    for table in status_table(statuses):
+        console.print(table)
+    if note:
+        err_console.print(note)
+
+
+def _live_status(store: Any, statuses: list[Any]) -> tuple[list[Any], str | None]:
+    """Queued and running work, throughput and ETA: from the fleet's Redis for a
+    labeling by the Celery executor, from the local executor's heartbeat otherwise."""
+
+    from labeler.labeling.accounting import throughput, with_live_state
+
+    counts: dict[str, dict[str, int]] = {}
+    note = None
+    if store.get_meta("executor") == "celery":
+        try:
+            from workers.driver import fleet_counts
+            from workers.settings import FleetSettings, redacted
+
+            settings = FleetSettings.from_env()
+            try:
+                counts = fleet_counts(store, settings)
+            except Exception as exc:  # Redis down: the store still answers
+                note = f"fleet state unavailable ({redacted(settings.redis_url)}: {exc})"
+        except ImportError:
+            note = "fleet state unavailable: the fleet extra is not installed"
+    else:
+        beat = json.loads(store.get_meta("local_running") or "{}")
+        running = beat.get("running") if beat and time.time() - beat.get("at", 0) < 10 else None
+        if isinstance(running, dict):
+            counts = {j: {"queued": 0, "running": int(n)} for j, n in running.items()}
+    live = []
+    for s in statuses:
+        c = counts.get(s.judge)
+        queued = c.get("queued", 0) if c is not None else (0 if counts or note is None else None)
+        running = c.get("running", 0) if c is not None else (0 if note is None else None)
+        live.append(with_live_state(s, queued, running, throughput(store, s.judge)))
+    return live, note

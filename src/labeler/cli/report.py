@@ -1,0 +1,161 @@
+"""``labeler summarize`` and ``labeler export``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapters.errors import UserError
+from labeler.cli.app import (
+    _RULES_HELP,
+    _open_labels,
+    cli,
+    console,
+)
+
+
+def _summarize(
+    run_path: Path,
+    as_json: bool,
+    plot: Path | None,
+    compare_with: Path | None = None,
+    rules_path: Path | None = None,
+) -> Any:
+    from collectors.run_format import read_run_info
+    from labeler.cli.render import summary_tables
+    from labeler.reporting.agreement_plot import plot_agreement
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.reporting.plots import plot_comparison, plot_layers
+    from labeler.reporting.summarize import compare, summarize
+
+    rules = DisputeRules.load(rules_path)
+
+    def load(folder: Path) -> Any:
+        info = read_run_info(folder)
+        store = _open_labels(folder)
+        try:
+            return summarize(store, info, str(folder), rules)
+        finally:
+            store.close()
+
+    summary = load(run_path)
+    other = load(compare_with) if compare_with is not None else None
+    comparison = compare(summary, other) if other is not None else None
+    (run_path / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    plot_path = plot or run_path / "summary.png"
+    plots = [plot_path]
+    plot_layers(summary, plot_path)
+    if summary.agreement is not None:
+        plots.append(plot_path.with_name(plot_path.stem + "-agreement.png"))
+        plot_agreement(summary.agreement, plots[-1])
+    if other is not None:
+        plots.append(plot_path.with_name(plot_path.stem + "-compare.png"))
+        plot_comparison(summary, other, plots[-1])
+    if as_json:
+        data = summary.model_dump(mode="json")
+        if comparison is not None:
+            data["comparison"] = comparison.model_dump(mode="json")
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for part in summary_tables(summary, comparison):
+            console.print(part)
+        console.print(f"plots: {', '.join(map(str, plots))}; JSON: {run_path / 'summary.json'}")
+    return summary
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Where to write the PNG of shares by layer (default RUN/summary.png); the "
+                   "agreement and comparison plots go beside it.")  # fmt: skip
+@click.option("--compare", "compare_with", metavar="OTHER_RUN", default=None,
+              type=click.Path(path_type=Path),
+              help="Compare the final labels with another run's (say, the neuron "
+                   "baseline).")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Path | None,
+              rules_path: Path | None) -> None:  # fmt: skip
+    """The share of reasoning features among all alive features with its 95% CI (each
+    layer's sample weighted by its alive features), the breakdown by category, for the
+    final labels and each judge side by side; judge and human agreement; disputes; cost.
+
+    \b
+    Final labels: a person's decision, else the judges' consensus, else one judge.
+    Writes RUN/summary.json and PNG plots (shares by layer; agreement; comparison).
+    """
+    _summarize(run_path, as_json, plot, compare_with, rules_path)
+
+
+# polars' bundled allocator (jemalloc) gives freed memory back to the kernel within a
+# second; an export frees and reallocates about a gigabyte per layer, which the kernel
+# then faults back in page by page, a quarter of the export's CPU time. Keeping freed
+# pages for 5 s instead costs about 0.7 GB at the peak and saves about 7% of the time
+# (BENCHMARKS.md). Read when polars loads, so set before it is imported; a value the
+# user has set wins.
+EXPORT_ALLOCATOR = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:5000,muzzy_decay_ms:5000")
+
+
+def _export(run_path: Path, out: Path | None, with_examples: bool,
+            rules_path: Path | None = None, gzip_level: int = 1) -> Path:  # fmt: skip
+    os.environ.setdefault(*EXPORT_ALLOCATOR)
+    from labeler.cli.render import progress_bar
+    from labeler.formats.catalog import export_catalog
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.reporting.label_table import planned_frame
+    from labeler.run.data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    target = out or run_path / "catalog.jsonl"
+    if not target.name.endswith((".jsonl", ".jsonl.gz")):
+        raise UserError(f"--out {target}: the catalog is written as .jsonl or .jsonl.gz")
+    store = _open_labels(run_path)
+    try:
+        with progress_bar(console, "exporting", "features") as progress:
+            task = progress.add_task("exporting", total=planned_frame(store).height)
+            n = export_catalog(run, store, target, with_examples, rules,
+                               progress=lambda k: progress.advance(task, k),
+                               gzip_level=gzip_level)  # fmt: skip
+    finally:
+        store.close()
+    console.print(f"wrote {n:,} features to {target}")
+    return target
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "circuit-tracer"]), default="jsonl",
+              show_default=True,
+              help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
+                   "folder (features/{cantor_id}.json and feature_metadata.json).")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
+                   "circuit-tracer a folder (default RUN/circuit-tracer).")  # fmt: skip
+@click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+@click.option("--gzip-level", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Compression of a .jsonl.gz catalog: 1 is fastest, 9 smallest.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing circuit-tracer folder.")
+def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
+           rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
+    """Write the labeled feature catalog: per feature its final label and where it came
+    from, every judgment, every review decision, scores and provenance
+    (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format."""
+    if fmt == "circuit-tracer":
+        from collectors.run_format import read_run_info
+        from labeler.formats.circuit_tracer import export_circuit_tracer
+
+        read_run_info(run_path)
+        target = out or run_path / "circuit-tracer"
+        with console.status(f"writing {target}"):
+            n = export_circuit_tracer(run_path, target, overwrite)
+        console.print(f"wrote {n:,} feature files to {target}")
+        return
+    _export(run_path, out, with_examples, rules_path, gzip_level)

@@ -1,0 +1,156 @@
+"""``labeler disputes``, ``decide`` and ``review``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from adapters.errors import UserError
+from labeler.cli.app import (
+    _RULES_HELP,
+    _open_labels,
+    cli,
+    console,
+)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Rows to show (0: all).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print every disputed feature as JSON.")
+def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool) -> None:
+    """Disputed features, most informative first: judges disagree on the category, a
+    judge's confidence is low, a detection score is low, or the heuristic judge
+    disagrees with every model judge."""
+    from collectors.run_format import read_run_info
+    from labeler.cli.render import queue_table
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.review.queue import review_queue
+
+    rules = DisputeRules.load(rules_path)
+    read_run_info(run_path)
+    store = _open_labels(run_path)
+    try:
+        queue = review_queue(store, rules, include_decided=True)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([q.model_dump() for q in queue], indent=2))
+        return
+    open_items = sum(1 for q in queue if not q.decided_by)
+    console.print(f"{len(queue):,} disputed features, {open_items:,} not decided by anyone")
+    console.print(queue_table(queue[:limit] if limit else queue))
+
+
+_DECISION_OPTIONS = (
+    click.option(
+        "--category", required=True, help="reasoning, domain, language or uninterpretable."
+    ),
+    click.option(
+        "--subcategory",
+        default=None,
+        help="For reasoning: hesitation, "
+        "self_correction, verification, planning, answer_template, other.",
+    ),
+    click.option(
+        "--mechanism", default=None, help="For reasoning: output, input_simple, input_abstract."
+    ),
+    click.option("--domain-type", default=None, help="For domain: math, science, code."),
+    click.option("--note", default="", help="Free text kept with the decision."),
+)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("feature_id", metavar="FEATURE")
+@click.option("--reviewer", required=True, help="Who decides (kept with the decision).")
+@_DECISION_OPTIONS[0]
+@_DECISION_OPTIONS[1]
+@_DECISION_OPTIONS[2]
+@_DECISION_OPTIONS[3]
+@_DECISION_OPTIONS[4]
+def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
+           subcategory: str | None, mechanism: str | None, domain_type: str | None,
+           note: str) -> None:  # fmt: skip
+    """Record one review decision without the interactive review (for scripts). Decisions
+    are appended: earlier ones, another reviewer's or your own, are kept."""
+    from collectors.run_format import read_run_info
+    from labeler.review.queue import record_decision
+
+    read_run_info(run_path)
+    store = _open_labels(run_path)
+    try:
+        decision = record_decision(store, {
+            "feature_id": feature_id, "reviewer": reviewer, "category": category,
+            "subcategory": subcategory, "mechanism": mechanism, "domain_type": domain_type,
+            "note": note,
+        })  # fmt: skip
+        others = [r for r in store.reviews(feature_id)
+                  if r.action == "decide" and r.reviewer != reviewer]  # fmt: skip
+    finally:
+        store.close()
+    console.print(
+        f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}",
+        markup=False,
+        highlight=False,
+    )
+    for other in others:
+        if other.category != decision.category:
+            console.print(f"  note: {other.reviewer} decided {other.category} "
+                          f"({other.decided_at}); both are kept", markup=False,
+                          highlight=False)  # fmt: skip
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--reviewer", default=None,
+              help="Who reviews (kept with each decision); required in the terminal.")  # fmt: skip
+@click.option("--web", is_flag=True, help="Serve the review page on 127.0.0.1 instead.")
+@click.option("--port", default=8765, show_default=True, help="--web: port (0: any free one).")
+@click.option("--include-decided", is_flag=True,
+              help="Also features someone already decided (a second opinion).")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_decided: bool,
+           rules_path: Path | None) -> None:  # fmt: skip
+    """Walk the disputed features, most informative first, and decide their labels:
+    examples with the activating token and activation strength highlighted, the logit
+    lens, and the judges' answers (hidden until asked for, to avoid anchoring).
+
+    \b
+    Terminal keys: r d l u (category), j (show judges), s (skip), q (quit).
+    --web: a page on 127.0.0.1 with the same queue and keyboard shortcuts.
+    Decisions are appended to RUN/labels.sqlite with the reviewer and time.
+    """
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.run.data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    store = _open_labels(run_path)
+    try:
+        if web:
+            from labeler.review.web import serve
+
+            def ready(url: str) -> None:
+                console.print(f"review page: {url} (Ctrl-C to stop)")
+
+            serve(run, store, rules, reviewer or "", port, include_decided, on_ready=ready)
+            return
+        if not reviewer:
+            raise UserError("--reviewer NAME is needed to review in the terminal")
+        from labeler.review.terminal import review_in_terminal
+
+        review_in_terminal(run, store, rules, reviewer, include_decided, console)
+    finally:
+        store.close()

@@ -1,0 +1,1 @@
+"""Reporting: final labels, disputes, agreement, stratified estimates, plots."""

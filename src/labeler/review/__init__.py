@@ -1,0 +1,2 @@
+"""Human review: the queue and decisions, the terminal review, the browser review (its
+page is package data here)."""
