@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from collectors.demo_model import DemoPaths, build_demo
+from tests.fleet import reap
+from tests.redis_server import RedisServer
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,14 @@ def run_copy(collected: CollectedDemo, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(collected.run, run)
     return run
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server; fleet processes a test left running are killed before it
+    goes (a leftover driver would wait minutes for it)."""
+    with RedisServer(tmp_path / "redis") as server:
+        try:
+            yield server
+        finally:
+            reap()

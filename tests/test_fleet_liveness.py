@@ -18,29 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CollectedDemo
 from tests.fake_llm import BadRequest, FakeLLMServer, Hang, oracle
-from tests.fleet import BIN, Worker, fleet_env, reap, run_driver, start_driver
+from tests.fleet import BIN, Worker, fleet_env, run_driver, start_driver
 from tests.redis_server import RedisServer
+from tests.test_fleet import _args
 
 pytestmark = pytest.mark.slow
-
-JUDGE = "openai:fake-model"
-CALLS = 4
-RECEIVED = re.compile(
-    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/\w+\] Task labeler\.stage\[([0-9a-f-]+)\] "
-    r"received",
-    re.M,
-)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        try:
-            yield server
-        finally:
-            reap()
 
 
 @pytest.fixture
@@ -50,17 +33,17 @@ def fake() -> Iterator[FakeLLMServer]:
 
 
 @pytest.fixture
-def run(collected: CollectedDemo, tmp_path: Path) -> Path:
-    import shutil
-
-    target = tmp_path / "run"
-    shutil.copytree(collected.run, target)
-    return target
+def run(run_copy: Path) -> Path:
+    return run_copy
 
 
-def _args(run: Path, fake: FakeLLMServer, sample: int, *extra: str) -> list[str]:
-    return [str(run), "--judge", JUDGE, "--base-url", f"{fake.base_url}/v1",
-            "--sample-per-layer", str(sample), *extra]  # fmt: skip
+JUDGE = "openai:fake-model"
+CALLS = 4
+RECEIVED = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/\w+\] Task labeler\.stage\[([0-9a-f-]+)\] "
+    r"received",
+    re.M,
+)
 
 
 def _rows(run: Path) -> list[tuple[str, str, str, int, str]]:

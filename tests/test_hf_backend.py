@@ -18,7 +18,7 @@ from adapters.errors import UserError
 from adapters.random_adapter import ModelShape, random_decoder
 from adapters.tiny_tokenizer import train_bpe_tokenizer
 from collectors.corpus import BOS, EOS, PAD, SPECIAL_TOKENS
-from labeler.judges.backend import LikelihoodBackend, Prompt
+from labeler.judges.backend import JudgeUnusable, LikelihoodBackend, Prompt
 from labeler.judges.hf_backend import HFBackend, option_token_ids, render_prompt
 
 TEXT = (
@@ -189,10 +189,14 @@ def test_concurrent_callers_never_share_the_model(tiny: TinyModel) -> None:
     assert option_token_ids(tokenizer, "yes") == tiny.tokenizer("yes")["input_ids"]
 
 
-def test_missing_model_path_is_a_user_error(tmp_path: Path) -> None:
+def test_missing_model_path_fails_the_preflight_and_makes_the_judge_unusable(
+    tmp_path: Path,
+) -> None:
     missing = tmp_path / "no_such_model"
     backend = HFBackend("hf:missing", str(missing), "cpu", "float32")
-    with pytest.raises(UserError, match="no_such_model"):
+    with pytest.raises(UserError, match=r"hf:missing: .*no_such_model: no such model folder"):
+        backend.preflight()
+    with pytest.raises(JudgeUnusable, match="no_such_model does not load"):
         asyncio.run(backend.score_options(PROMPTS[:1], ["yes"]))
 
 

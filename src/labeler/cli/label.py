@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,9 @@ def _label(
     limits: dict[str, Any] | None = None,
     wait: bool = False,
 ) -> None:
-    from labeler.cli.render import progress_bar
     from labeler.judges import make_judge
     from labeler.judges.pricing import load_prices
     from labeler.labeling import label_judges
-    from labeler.labeling.interrupts import Interrupts
-    from labeler.labeling.store import LabelStore
     from labeler.run.data import RunData
 
     run = RunData.open(run_path)
@@ -59,20 +57,36 @@ def _label(
                 '({"prices": {"' + judge.name + '": {"input": ..., "cached_input": ..., '
                 '"output": ...}}}, dollars per million tokens)'
             )
-    store = LabelStore(run_path / "labels.sqlite")
     names = " + ".join(j.name for j in built)
+    _run_labeling(
+        run_path, f"labeling ({names})", budget_usd,
+        lambda store, on_start, on_result, interrupts: label_judges(
+            run, store, built, sample_per_layer=sample, concurrency=concurrency, seed=seed,
+            budget_usd=budget_usd, on_start=on_start, on_result=on_result,
+            interrupts=interrupts, wait=wait,
+        ),
+    )  # fmt: skip
+
+
+def _run_labeling(
+    run_path: Path, title: str, budget_usd: float | None, start: Callable[..., Any]
+) -> None:
+    """``start(store, on_start, on_result, interrupts)`` labels on some transport, under a
+    progress bar and the interrupt handlers; then what it did, and the exit status."""
+    from labeler.cli.render import progress_bar
+    from labeler.labeling.interrupts import Interrupts
+    from labeler.labeling.store import LabelStore
+
+    store = LabelStore(run_path / "labels.sqlite")
     try:
         with (
             Interrupts(_say_interrupt) as interrupts,
-            progress_bar(console, f"labeling ({names})", "features") as progress,
+            progress_bar(console, title, "features") as progress,
         ):
-            task = progress.add_task(f"labeling ({names})", total=None)
-            reports = label_judges(
-                run, store, built, sample_per_layer=sample, concurrency=concurrency,
-                seed=seed, budget_usd=budget_usd,
-                on_start=lambda n: progress.update(task, total=n),
-                on_result=lambda _judge, _ok: progress.advance(task),
-                interrupts=interrupts, wait=wait,
+            task = progress.add_task(title, total=None)
+            reports = start(
+                store, lambda n: progress.update(task, total=n),
+                lambda _judge, _ok: progress.advance(task), interrupts,
             )  # fmt: skip
         _finish_labeling(run_path, store, reports, budget_usd)
     finally:
@@ -355,9 +369,6 @@ def _label_with_fleet(
         raise UserError(
             "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
         )
-    from labeler.cli.render import progress_bar
-    from labeler.labeling.interrupts import Interrupts
-    from labeler.labeling.store import LabelStore
     from labeler.run.data import RunData
     from workers.driver import FleetLabeling, label_with_fleet
     from workers.settings import FleetSettings, redacted
@@ -369,23 +380,14 @@ def _label_with_fleet(
         judges=list(judges), options=options, limits=limits, sample_per_layer=sample, seed=seed,
         max_inflight=max_inflight, budget_usd=budget_usd, requeue=requeue,
     )  # fmt: skip
-    store = LabelStore(run_path / "labels.sqlite")
     console.print(f"fleet: {redacted(settings.redis_url)}; `labeler status {run_path}` shows it")
-    try:
-        with (
-            Interrupts(_say_interrupt) as interrupts,
-            progress_bar(console, "labeling (fleet)", "features") as progress,
-        ):
-            task = progress.add_task("labeling (fleet)", total=None)
-            reports = label_with_fleet(
-                run, store, job, settings,
-                on_start=lambda n: progress.update(task, total=n),
-                on_result=lambda _judge, _ok: progress.advance(task),
-                interrupts=interrupts, wait=wait,
-            )  # fmt: skip
-        _finish_labeling(run_path, store, reports, budget_usd)
-    finally:
-        store.close()
+    _run_labeling(
+        run_path, "labeling (fleet)", budget_usd,
+        lambda store, on_start, on_result, interrupts: label_with_fleet(
+            run, store, job, settings, on_start=on_start, on_result=on_result,
+            interrupts=interrupts, wait=wait,
+        ),
+    )  # fmt: skip
 
 
 def _check_judge_names(judges: tuple[str, ...]) -> None:
