@@ -66,7 +66,12 @@ def one_repeat(base: Path, root: Path, fake: FakeLLMServer, per_layer: int) -> t
                     time.sleep(0.1)
                 doomed.kill()
                 killed_at = time.time()
-                held = set(received(doomed_log)) - set(SUCCEEDED.findall(doomed_log.read_text()))
+                client = redis_server.client()
+                done = {t.decode() for k in client.keys("labeler:run:*:done")
+                        for t in client.hkeys(k)}  # fmt: skip
+                client.close()
+                finished = set(SUCCEEDED.findall(doomed_log.read_text())) | done
+                held = set(received(doomed_log)) - finished
                 if driver.wait(300) != 0:
                     raise SystemExit((root / "driver.log").read_text()[-3000:])
         finally:
