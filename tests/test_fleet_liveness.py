@@ -271,3 +271,23 @@ def test_an_interrupted_driver_exits_130_and_the_next_run_repays_nothing(
     assert len(rows) == 80 and {r[2] for r in rows} == {"ok"} and {r[3] for r in rows} == {1}
     # stages that were on the worker at the signal finished there and were used, not repaid
     assert sum(1 for r in fake.requests if r.status == 200) == CALLS * 80
+
+
+def test_a_run_stopped_by_a_rejected_key_resumes_once_the_key_works(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.script(*[BadRequest(401, "Incorrect API key provided")] * 8)
+    env = fleet_env(redis_server.url)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=2):
+        first = run_driver(_args(run, fake, 2), env, tmp_path / "d1.log", expect=2)
+        assert "auth: explain: HTTP 401" in first
+        deadline = time.monotonic() + 60
+        while fake.pending:  # the stages already queued meet the bad key on the worker too
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)
+        # the key works now: every feature is labeled, the earlier 401s blame none of them
+        run_driver(_args(run, fake, 2), env, tmp_path / "d2.log", timeout=120)
+    rows = _rows(run)
+    assert len(rows) == 8 and {r[2] for r in rows} == {"ok"} and {r[3] for r in rows} == {1}
+    assert sum(1 for r in fake.requests if r.status == 200) == CALLS * 8

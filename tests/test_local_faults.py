@@ -288,3 +288,16 @@ def test_a_failed_stage_alone_is_paid_again_on_the_next_run(
     assert _rows(run_copy, "SELECT status, attempts FROM judgments WHERE attempts > 1") == [
         ("ok", 2)
     ]
+
+
+def test_an_unreachable_server_stops_the_run_blaming_no_feature(run_copy: Path) -> None:
+    from tests.redis_server import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    result = _finish([str(BIN / "labeler"), "label", str(run_copy), "--judge", JUDGE,
+                      "--base-url", closed, "--max-attempts", "1", "--concurrency", "1",
+                      "--sample-per-layer", "5"])  # fmt: skip
+    assert result.returncode == EXIT_USER, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "connection: explain" in errors[0], result.stderr
+    assert _rows(run_copy, "SELECT count(*) FROM judgments")[0][0] == 0

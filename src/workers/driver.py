@@ -98,6 +98,7 @@ class Driver:
         self.lock = lock
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self._missing: set[str] = set()
+        self._again: dict[tuple[str, str, StageName], int] = {}
         self.key = store.store_id()
         hashes = {judge: _prompt_hash(judge) for judge in job.judges}
         self.engine = Engine(run, store, hashes, job.sample_per_layer, job.seed, job.budget_usd,
@@ -187,9 +188,9 @@ class Driver:
     # -- units -------------------------------------------------------------------------
 
     def _task_id(self, unit: Unit, stage: StageName) -> str:
-        return keys.task_id(
-            self.key, unit.feature_id, unit.judge, unit.prompt_hash, stage, unit.attempt
-        )
+        attempt = unit.attempt + self._again.get((unit.feature_id, unit.judge, stage), 0)
+        return keys.task_id(self.key, unit.feature_id, unit.judge, unit.prompt_hash, stage,
+                            attempt)  # fmt: skip
 
     def _send_ready(self, unit: Unit) -> None:
         if self.engine.stopped is not None:
@@ -200,15 +201,23 @@ class Driver:
 
     def _send(self, unit: Unit, stage: StageName, again: bool = False) -> None:
         task_id = self._task_id(unit, stage)
-        already = not again and self._redis(
-            "checking the queue",
-            lambda: (
-                self.redis.hexists(self._queued, task_id)
-                or self.redis.hexists(keys.done(self.key), task_id)
-            ),
-        )
-        if already:  # sent by an earlier driver: queued, running, or its outcome is waiting
-            return
+        while not again:
+            queued, done = self._redis(
+                "checking the queue",
+                lambda task_id=task_id: (  # type: ignore[misc]
+                    self.redis.hexists(self._queued, task_id),
+                    self.redis.hexists(keys.done(self.key), task_id),
+                ),
+            )
+            if queued:  # sent by an earlier driver: queued, running, or its outcome waits
+                return
+            if not done:
+                break
+            # run and applied by an earlier labeling without completing the stage (a judge
+            # that could not work, a failure that came late): this is a new attempt
+            step = (unit.feature_id, unit.judge, stage)
+            self._again[step] = self._again.get(step, 0) + 1
+            task_id = self._task_id(unit, stage)
         payload = StageTask(
             run=self.key, feature_id=unit.feature_id, judge=unit.judge, stage=stage,
             prompt_hash=unit.prompt_hash, options=self.job.options,
@@ -412,7 +421,9 @@ def label_with_fleet(
         from workers.app import make_app
 
         app = make_app(settings)
-    with RunLock(store.path, "labeler label --executor celery", wait=wait) as lock:
+    cancelled = None if interrupts is None else interrupts.requested.is_set
+    with RunLock(store.path, "labeler label --executor celery", wait=wait,
+                 cancelled=cancelled) as lock:  # fmt: skip
         driver = Driver(run, store, job, app, settings, on_start, on_result, interrupts, lock)
         return driver.label()
 
@@ -420,8 +431,10 @@ def label_with_fleet(
 def fleet_counts(store: LabelStore, settings: FleetSettings) -> dict[str, dict[str, int]]:
     """Stage tasks queued and running per judge, from Redis, for ``labeler status``
     (finished tasks whose outcomes the driver has not read yet are neither)."""
+    key = store.get_meta("store_id")  # read only: status never changes the identity
+    if key is None:
+        return {}
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    key = store.store_id()
     try:
         queued = client.hgetall(keys.queued(key))
         running = client.hgetall(keys.running(key))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
@@ -19,11 +20,17 @@ log = logging.getLogger(__name__)
 LEASE_S = 15
 RENEW_S = 3.0
 
+# a claim still ours is extended; one that lapsed (Redis was unreachable for longer than
+# the lease) is taken again; one another execution holds is left to it
 _RENEW = """
 local renewed = 0
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
+  local held = redis.call('GET', key)
+  if held == ARGV[i + 1] then
     redis.call('EXPIRE', key, ARGV[1])
+    renewed = renewed + 1
+  elseif not held then
+    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
     renewed = renewed + 1
   end
 end
@@ -53,7 +60,7 @@ class Leases:
 
     def _run(self) -> None:
         while True:
-            threading.Event().wait(self.renew_s)
+            time.sleep(self.renew_s)
             with self._lock:
                 held = dict(self._held)
             if not held:

@@ -56,9 +56,13 @@ def stage(self: Task, payload: dict[str, Any]) -> str:
     # and it lapses soon after this worker dies
     claim = f"{worker}/{uuid.uuid4().hex}"
     rt.leases.hold(keys.claim(task_id), claim)
-    begun = retrying(
-        lambda: rt.state.begin(task.run, task_id, claim, rt.leases.lease_s, running), what
-    )
+    try:
+        begun = retrying(
+            lambda: rt.state.begin(task.run, task_id, claim, rt.leases.lease_s, running), what
+        )
+    except BaseException:
+        rt.leases.drop(keys.claim(task_id))
+        raise
     if begun != "ok":
         rt.leases.drop(keys.claim(task_id))
     if begun == "done":
@@ -118,6 +122,10 @@ def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> Sta
         judge = rt.judge(task.judge, task.options, task.limits)
     except UserError as exc:
         return _failed(task, f"config: {task.stage}: on {socket.gethostname()}: {exc}")
+    except Exception as exc:  # the judge cannot be built here: the labeling stops
+        ERRORS.once(f"building {task.judge}", exc)
+        return _failed(task, f"unusable: {task.stage}: on {socket.gethostname()}: "
+                             f"{type(exc).__name__}: {exc}")  # fmt: skip
     if judge.prompt_hash != task.prompt_hash:
         return _failed(task, f"version_mismatch: {task.stage}: this worker's prompts hash to "
                              f"{judge.prompt_hash}, the driver's to {task.prompt_hash}; run "

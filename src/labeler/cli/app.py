@@ -71,11 +71,16 @@ _RULES_HELP = ("JSON file of dispute rules: judges_disagree, low_confidence, min
 
 
 def main() -> None:
+    from labeler.labeling.interrupts import EXIT_INTERRUPTED, Interrupted
+
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except Interrupted:
+        err_console.print("interrupted while waiting for the run's lock; nothing was done")
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # failure kinds that say the judge cannot work at all, not that a feature failed
 FATAL_KINDS = frozenset({"auth", "not_found", "unusable", "config"})
-# stage failures of these kinds in a row, before any stage of the judge succeeded, say
-# that the judge's server cannot be reached
+# stage failures of these kinds, before the judge's server answered anything, say that
+# it cannot be reached; until it answers they are held back, not stored
 UNREACHABLE_KINDS = frozenset({"connection"})
 UNREACHABLE_IN_A_ROW = 3
 
@@ -71,7 +71,6 @@ class Tally:
     skipped: int = 0
     labeled: int = 0
     failed: int = 0
-    started: int = 0
 
 
 @dataclass
@@ -140,8 +139,9 @@ class Engine:
         self.budget_reached = False
         self.stopped: str | None = None
         self.fatal: str | None = None
-        self._succeeded: set[str] = set()
+        self._reached: set[str] = set()
         self._unreachable: dict[str, int] = {}
+        self._held: dict[str, list[tuple[Unit, StageOutcome]]] = {}
 
     # -- the plan ------------------------------------------------------------------------
 
@@ -179,7 +179,6 @@ class Engine:
         key = (feature_id, judge)
         if key in self.finished or key in self.active:
             return None
-        self.tally[judge].started += 1
         hashed = self.hashes[judge]
         sets = [kind for kind in ("top", "random") if record.of_kind(kind)]
         unit = Unit(
@@ -205,16 +204,16 @@ class Engine:
         if self.stopped is None:
             self.stopped = why
 
-    def _stop_for(self, outcome: StageOutcome) -> bool:
-        """Whether ``outcome`` says its judge cannot work; if so the labeling stops."""
-        kind = (outcome.reason or "").split(":", 1)[0]
+    def _judge_unusable(self, outcome: StageOutcome) -> bool:
+        """Whether a failed stage of a unit in flight says its judge cannot work (then the
+        labeling stops)."""
+        kind = _kind(outcome)
         judge = outcome.judge
-        if kind in UNREACHABLE_KINDS and judge not in self._succeeded:
+        if kind in UNREACHABLE_KINDS and judge not in self._reached:
             self._unreachable[judge] = self._unreachable.get(judge, 0) + 1
             if self._unreachable[judge] < UNREACHABLE_IN_A_ROW:
                 return False
         elif kind not in FATAL_KINDS:
-            self._unreachable.pop(judge, None)
             return False
         if self.fatal is None:
             self.fatal = f"{judge}: {redact(outcome.reason or kind)}"
@@ -232,9 +231,6 @@ class Engine:
         else counts as late."""
         if outcome.reason is not None:
             outcome = outcome.model_copy(update={"reason": redact(outcome.reason)})
-        if outcome.ok:
-            self._succeeded.add(outcome.judge)
-            self._unreachable.pop(outcome.judge, None)
         with self.store.transaction():
             if unit is None:  # an earlier attempt's successful stage is as good as a new one
                 found = self.active.get((outcome.feature_id, outcome.judge))
@@ -249,43 +245,91 @@ class Engine:
             if unit is None:
                 self._apply_late(outcome, task_id)
                 return Applied(None)
+            if outcome.ok or _kind(outcome) not in UNREACHABLE_KINDS | {"timeout"}:
+                self._reached_judge(outcome.judge)  # it answered, if only with an error
             if not outcome.ok:
-                if self._stop_for(outcome):
-                    self._drop(unit)
-                    return Applied(None)
-                self._finish_failed(unit, outcome)
-                return Applied(unit, finished=False)
+                return self._apply_failure(unit, outcome)
             self.store.put_stage(outcome, task_id)
             unit.outcomes[outcome.stage] = outcome
             if unit.complete():
-                self._finish_ok(unit)
-                return Applied(unit, finished=True)
+                return Applied(unit, finished=self._finish_ok(unit))
             return Applied(unit)
 
+    def _apply_failure(self, unit: Unit, outcome: StageOutcome) -> Applied:
+        if self._judge_unusable(outcome):
+            self._drop(unit)
+            for held, _ in self._held.pop(unit.judge, []):
+                self._drop(held)  # not the features' fault either: they stay pending
+            return Applied(None)
+        if _kind(outcome) in UNREACHABLE_KINDS and unit.judge not in self._reached:
+            # not stored yet: if the judge's server turns out unreachable, the feature is
+            # not at fault; stored once a call of the judge succeeds, or at the end
+            self.active.pop(unit.key, None)
+            self.finished.add(unit.key)
+            self._held.setdefault(unit.judge, []).append((unit, outcome))
+            return Applied(None)
+        self._finish_failed(unit, outcome)
+        return Applied(unit, finished=False)
+
+    def _reached_judge(self, judge: str) -> None:
+        if judge not in self._reached:
+            self._reached.add(judge)
+            self._unreachable.pop(judge, None)
+            self._flush_held(judge)
+
+    def _flush_held(self, judge: str | None = None) -> None:
+        """Store the failures held back (of ``judge``, or of every judge)."""
+        for name in [judge] if judge is not None else list(self._held):
+            for unit, outcome in self._held.pop(name, []):
+                self._finish_failed(unit, outcome)
+
     def _apply_late(self, outcome: StageOutcome, task_id: str | None) -> None:
-        """An outcome of no unit in flight: a stage of a (feature, judge) already finished
-        (its cost still counts), or of one not started yet (kept for when it starts)."""
+        """An outcome of no unit in flight: a stage of a (feature, judge) already finished,
+        a duplicate, or one of an earlier run's stages that finished while no labeler ran.
+        A success is kept (for when the feature starts) and its cost counted; a failure of
+        a feature with no row yet is stored as its failure (a judge that could not work
+        stores nothing); any other failure only adds its cost."""
         fid, judge = outcome.feature_id, outcome.judge
         row = self.store.status_of(fid, judge)
         if outcome.ok:
-            if self.store.put_stage(outcome, task_id) and row is not None:
-                usage, cost = self.store.charge_stages(fid, judge, outcome.prompt_hash)
+            inserted = self.store.put_stage(outcome, task_id)
+            if row is not None:
+                usage, cost = (
+                    self.store.charge_stages(fid, judge, outcome.prompt_hash)
+                    if inserted
+                    else (outcome.usage, outcome.cost_usd)  # a stage paid twice
+                )
                 self.store.add_cost(fid, judge, usage, cost)
                 self._charge(cost)
-        elif row is not None:
+            return
+        held = any(u.feature_id == fid for u, _ in self._held.get(judge, []))
+        if row is not None:
             self.store.add_cost(fid, judge, outcome.usage, outcome.cost_usd)
             self._charge(outcome.cost_usd)
-        elif not self._stop_for(outcome):
+        elif not held and _kind(outcome) not in FATAL_KINDS | UNREACHABLE_KINDS:
             self.store.put_failure(fid, judge, outcome.reason or "unknown", outcome.prompt_hash,
                                    outcome.usage, outcome.cost_usd)  # fmt: skip
             self.finished.add((fid, judge))
+            self.tally[judge].failed += 1
             self._charge(outcome.cost_usd)
 
-    def _finish_ok(self, unit: Unit) -> None:
-        judgment = assemble([unit.outcomes[s] for s in unit.stages])
+    def _finish_ok(self, unit: Unit) -> bool:
+        """Store the unit's judgment; False (and the unit failed) if its stages do not
+        make a valid one."""
+        try:
+            judgment = assemble([unit.outcomes[s] for s in unit.stages])
+        except (ValueError, AssertionError) as exc:  # a validation error is a ValueError
+            failure = StageOutcome(
+                feature_id=unit.feature_id, judge=unit.judge, prompt_hash=unit.prompt_hash,
+                stage=unit.stages[-1], ok=False, cost_usd=0.0,
+                reason=f"invalid_reply: assemble: {type(exc).__name__}: {exc}"[:500],
+            )  # fmt: skip
+            self._finish_failed(unit, failure)
+            return False
         charge = self.store.charge_stages(unit.feature_id, unit.judge, unit.prompt_hash)
         self.store.put_ok(judgment, charge)
         self._close(unit, charge[1], ok=True)
+        return True
 
     def _finish_failed(self, unit: Unit, outcome: StageOutcome) -> None:
         usage, cost = self.store.charge_stages(unit.feature_id, unit.judge, unit.prompt_hash)
@@ -301,7 +345,6 @@ class Engine:
         stages it stored."""
         self.active.pop(unit.key, None)
         self.finished.add(unit.key)
-        self.tally[unit.judge].started -= 1
 
     def _close(self, unit: Unit, cost: float | None, ok: bool) -> None:
         self.active.pop(unit.key, None)
@@ -320,10 +363,13 @@ class Engine:
     # -- the end ---------------------------------------------------------------------------
 
     def abandon_active(self) -> None:
-        """Units still in flight when the labeling stops stay pending (what they stored
-        stays for the next run)."""
+        """At the end: units still in flight stay pending (what they stored stays for the
+        next run); failures held back are stored, unless the judge could not work."""
         for unit in list(self.active.values()):
             self._drop(unit)
+        if self.fatal is None and self._held:
+            with self.store.transaction():
+                self._flush_held()
 
     def reports(self) -> dict[str, LabelReport]:
         return {judge: self._report(t) for judge, t in self.tally.items()}
@@ -334,3 +380,7 @@ class Engine:
             pending=t.planned - t.skipped - t.labeled - t.failed, spent_usd=self.spent,
             budget_reached=self.budget_reached, stopped=self.stopped,
         )  # fmt: skip
+
+
+def _kind(outcome: StageOutcome) -> str:
+    return (outcome.reason or "").split(":", 1)[0]

@@ -18,11 +18,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """A labeling stopped by a signal; ``report`` says what it did before."""
-
-    def __init__(self, report: object) -> None:
-        super().__init__("interrupted")
-        self.report = report
+    """A signal came while the labeling waited to start (for the run's lock)."""
 
 
 class Interrupts:

@@ -18,11 +18,13 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from adapters.errors import UserError
+from labeler.labeling.interrupts import Interrupted
 from labeler.labeling.store import connect
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,13 @@ class RunLock:
 
     def __init__(
         self, store_path: Path, what: str, wait: bool = False, ttl_s: float = TTL_S,
-        beat_s: float = BEAT_S,
+        beat_s: float = BEAT_S, cancelled: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
+        """``cancelled``: asked while waiting; True gives up with ``Interrupted``."""
         self.path = store_path
         self.what = what
         self.wait = wait
+        self.cancelled = cancelled
         self.ttl_s = ttl_s
         self.beat_s = beat_s
         self.token = uuid.uuid4().hex
@@ -89,8 +93,12 @@ class RunLock:
     ) -> None:  # fmt: skip
         self.release()
 
+    def _connect(self) -> sqlite3.Connection:
+        # a renewal must not wait on another writer for as long as the lock lives
+        return connect(self.path, timeout=self.ttl_s / 3)
+
     def acquire(self) -> None:
-        conn = connect(self.path)
+        conn = self._connect()
         try:
             announced = False
             while True:
@@ -106,6 +114,8 @@ class RunLock:
                     log.warning("waiting for %s to finish labeling %s", holder.describe(),
                                 self.path.parent)  # fmt: skip
                     announced = True
+                if self.cancelled is not None and self.cancelled():
+                    raise Interrupted()
                 time.sleep(WAIT_POLL_S)
         finally:
             conn.close()
@@ -132,7 +142,7 @@ class RunLock:
         return None
 
     def _renew(self) -> None:
-        conn = connect(self.path)
+        conn = self._connect()
         try:
             while not self._stop.wait(self.beat_s):
                 try:
@@ -165,11 +175,14 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        conn = connect(self.path)
         try:
-            conn.execute("DELETE FROM run_lock WHERE id=1 AND token=?", (self.token,))
-        finally:
-            conn.close()
+            conn = self._connect()
+            try:
+                conn.execute("DELETE FROM run_lock WHERE id=1 AND token=?", (self.token,))
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # it lapses by itself; never hide the error at hand
+            log.warning("releasing the run lock of %s: %s", self.path.parent, exc)
 
 
 def read_holder(conn: sqlite3.Connection) -> Holder | None:

@@ -424,10 +424,10 @@ class LabelStore:
         return [ReviewDecision.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are begun explicitly) that waits for
-    another writer's transaction instead of failing at once."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+def connect(path: Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are begun explicitly) that waits up
+    to ``timeout`` seconds for another writer's transaction instead of failing at once."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
                            check_same_thread=False)  # fmt: skip
     conn.execute("PRAGMA journal_mode=WAL")
     return conn

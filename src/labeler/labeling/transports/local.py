@@ -62,7 +62,8 @@ def label_judges(
     """Every judge on the planned features, holding the run's lock throughout; a report
     per judge. With ``interrupts``, a signal stops new work and the stages in flight are
     let finish (the reports then say ``stopped='interrupted'``)."""
-    with RunLock(store.path, "labeler label (local)", wait=wait) as lock:
+    cancelled = None if interrupts is None else interrupts.requested.is_set
+    with RunLock(store.path, "labeler label (local)", wait=wait, cancelled=cancelled) as lock:
         engine = Engine(run, store, {j.name: j.prompt_hash for j in judges}, sample_per_layer,
                         seed, budget_usd, executor="local")  # fmt: skip
         labeling = _Local(engine, judges, concurrency, on_start, on_result, interrupts, lock)
@@ -150,6 +151,11 @@ class _Local:
                     if applied.finished is not None and self.on_result is not None:
                         self.on_result(unit.judge, applied.finished)
                 launch()
+        except asyncio.CancelledError:
+            for stage in pending:  # asyncio.wait does not cancel what it waits for
+                stage.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
         finally:
             slots.release()
             self.beat.update(self._running())
