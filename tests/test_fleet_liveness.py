@@ -52,6 +52,16 @@ def _rows(run: Path) -> list[tuple[str, str, str, int, str]]:
         return [(str(f), str(j), str(s), int(a), str(c)) for f, j, s, a, c in rows]
 
 
+def _rows_so_far(run: Path) -> int:
+    """Judgments stored so far; none while the driver is still making the store."""
+    if not (run / "labels.sqlite").exists():
+        return 0
+    try:
+        return len(_rows(run))
+    except sqlite3.OperationalError:  # the file is there, its tables not yet
+        return 0
+
+
 def _default_env(redis_url: str) -> dict[str, str]:
     """The fleet's default settings: the time limit and the visibility timeout unset."""
     env = fleet_env(redis_url)
@@ -255,7 +265,7 @@ def test_an_interrupted_driver_exits_130_and_the_next_run_repays_nothing(
     env = fleet_env(redis_server.url)
     with Worker("w1", env, tmp_path / "w1.log", concurrency=8):
         driver = start_driver(_args(run, fake, 20), env, tmp_path / "d1.log")
-        while len(_rows(run) if (run / "labels.sqlite").exists() else []) < 10:
+        while _rows_so_far(run) < 10:
             assert driver.poll() is None
             time.sleep(0.1)
         driver.send_signal(signal.SIGINT)
