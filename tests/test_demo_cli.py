@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,16 @@ from tests.test_bad_input import labeler
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = labeler("demo", "--out", out)
+    # as a new user runs it: the installed script, from a shell without the venv on PATH
+    script = Path(sys.executable).parent / "labeler"
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([script, "demo", "--out", out], capture_output=True, text=True,
+                            timeout=600, env=env, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # it ends with what to do next, spelled so that it works in that shell
+    assert "\nnext:\n" in result.stdout, result.stdout[-2000:]
+    assert f"{script} summarize {out / 'run'}" in result.stdout
+    assert f"{script} review {out / 'run'} --reviewer YOU" in result.stdout
     assert "Reasoning features:" in result.stdout
     assert "Against the planted ground truth" in result.stdout
     for produced in ("run/run.json", "run/features.parquet", "run/examples.parquet",

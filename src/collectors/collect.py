@@ -30,6 +30,7 @@ import torch
 
 from adapters.checkpoint import checkpoint_hash
 from adapters.errors import UserError
+from adapters.outputs import writing
 from collectors.accumulator import LayerAccumulator, NegativeWindows
 from collectors.batching import WHOLE, Batch, Shard, make_batch, plan_batches
 from collectors.corpus import TokenizedCorpus
@@ -327,7 +328,9 @@ def collect_run(
         n_batches=len(plan),
     )
     staging = partial_folder(out)
-    with _exclusive(staging):
+    kept = ("the checkpoint in it is kept: run the same command again to resume"
+            if checkpoint_every else "nothing half-written is left as if complete")  # fmt: skip
+    with _exclusive(staging), writing(staging, kept):
         return _collect_into(job, out, staging, plan, fingerprint, params, layers,
                              checkpoint_every, restart, on_plan, progress)  # fmt: skip
 

@@ -174,11 +174,42 @@ def read_run_info(folder: Path) -> RunInfo:
             f"{RUN_SCHEMA_VERSION}; collect the run again with this version"
         )
     try:
-        return RunInfo.model_validate(raw)
+        info = RunInfo.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise RunFolderError(f"{path}: field '{field}': {first['msg']}") from exc
+    for name in (FEATURES, EXAMPLES, NEGATIVES):
+        check_parquet(folder / name)
+    return info
+
+
+_PARQUET_MAGIC = b"PAR1"
+
+
+def check_parquet(path: Path) -> None:
+    """Refuse a parquet file that is empty, truncated or not parquet, naming it, before
+    anything reads it (a reader's own error names neither the file nor what to do).
+    Only the two ends are read: a file cut short loses its footer."""
+    size = path.stat().st_size
+    problem = None
+    if size == 0:
+        problem = "is empty"
+    elif size < 12:
+        problem = f"is {size} bytes, too short to be parquet"
+    else:
+        with path.open("rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            tail = f.read(4)
+        if head != _PARQUET_MAGIC:
+            problem = "is not a parquet file"
+        elif tail != _PARQUET_MAGIC:
+            problem = "is truncated (its footer is missing)"
+    if problem:
+        raise RunFolderError(
+            f"{path}: {problem}; the run folder is damaged: restore it or collect it again"
+        )
 
 
 def publish(staging: Path, out: Path) -> None:

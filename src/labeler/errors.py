@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from adapters.errors import UserError
 from labeler.run.schemas import Usage
+
+# The SQLite files this process opened: SQLite never names the file an error is about,
+# so the CLI reports a corrupt or unwritable store against these.
+OPENED_STORES: list[Path] = []
+
+
+def note_store(path: Path) -> None:
+    if path not in OPENED_STORES:
+        OPENED_STORES.append(path)
 
 
 class UnknownJudgeError(UserError):

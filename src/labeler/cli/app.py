@@ -29,8 +29,26 @@ def _layers(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: expected comma-separated layer numbers") from exc
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transcoder-labeler")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+_verbose = False
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log what happens (to stderr); on an unexpected error, its traceback.",
+)
+@click.version_option(_version(), "--version", prog_name="labeler", message="%(prog)s %(version)s")
 def cli(verbose: bool) -> None:
     """Label the features of transcoder adapters.
 
@@ -46,6 +64,8 @@ def cli(verbose: bool) -> None:
       labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
     Or all of it on a planted tiny model, offline:  labeler demo
     """
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
@@ -66,27 +86,45 @@ def _open_labels(run_path: Path) -> Any:
     return LabelStore(store_path)
 
 
+def check_output(target: Path, overwrite: bool) -> None:
+    """The one policy for every output a command writes: an existing one is refused
+    unless ``--overwrite``; missing parent folders are created."""
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: already exists; pass --overwrite to replace it, "
+                        "or choose another --out")  # fmt: skip
+    for parent in reversed(target.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{target}: cannot be written, {parent} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise UserError(f"{target}: cannot create its folder ({exc.strerror})") from exc
+
+
 _RULES_HELP = ("JSON file of dispute rules: judges_disagree, low_confidence, min_detection, "
                "heuristic_outvoted (docs/review.md).")  # fmt: skip
 
 
 def main() -> None:
+    """The entry point: every error ends as one line on stderr and a non-zero exit
+    (``labeler.cli.guard``); Ctrl-C exits 130."""
     from labeler.labeling.interrupts import EXIT_INTERRUPTED, Interrupted
 
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
+        code = cli.main(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("interrupted; what finished is kept")
+        sys.exit(EXIT_INTERRUPTED)
     except Interrupted:
         err_console.print("interrupted while waiting for the run's lock; nothing was done")
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except UserError as exc:
-        from labeler.redaction import redact
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        from labeler.cli.guard import report
 
-        err_console.print("[bold red]error:[/bold red] ", end="", highlight=False)
-        err_console.print(redact(str(exc)), markup=False, highlight=False)
-        sys.exit(2)
+        sys.exit(report(exc, _verbose))
+    sys.exit(code if isinstance(code, int) else 0)

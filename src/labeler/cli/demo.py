@@ -57,3 +57,33 @@ def demo(out: Path, seed: int) -> None:
     for part in ground_truth_table(report):
         console.print(part)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is in {out}")
+    console.print(next_steps(run_path), highlight=False)
+
+
+def next_steps(run: Path) -> str:
+    """What to try after the demo, on its run folder, one command a line."""
+    labeler = _how_to_call()
+    steps = (
+        (f"{labeler} summarize {run}", "the share of reasoning features, again"),
+        (f"open {run}/summary.png", "the shares by layer, as a plot"),
+        (f"{labeler} disputes {run}", "the labels worth a second look"),
+        (f"{labeler} review {run} --reviewer YOU", "review them here (--web: in a browser)"),
+        (f"{labeler} export {run} --out my.jsonl", "a catalog of your own"),
+        (f"{labeler} label {run} --judge openai:gpt-5-mini --dry-run", "an LLM judge's cost"),
+    )
+    return "next:\n" + "\n".join(f"  {command}\n      {what}" for command, what in steps)
+
+
+def _how_to_call() -> str:
+    """``labeler`` when it is on PATH, else the path of this one (a fresh shell after
+    ``make`` has no activated virtual environment)."""
+    import shutil as sh
+    import sys
+
+    here = Path(sys.argv[0])
+    found = sh.which("labeler")
+    if found is not None and Path(found).resolve() == here.resolve():
+        return "labeler"
+    if here.name == "labeler" and here.exists():
+        return sys.argv[0]  # as it was typed: `.venv/bin/labeler`
+    return "labeler"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
+from adapters.outputs import writing
 from collectors.example_order import sort_examples
 from collectors.run_format import EXAMPLES, FEATURES
 from labeler.labeling.store import LabelStore
@@ -226,7 +227,11 @@ def export_catalog(
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     written = 0
     try:
-        with ThreadPoolExecutor(PREPARING, "catalog-layer") as pool, tmp.open("wb") as fh:
+        with (
+            writing(out),
+            ThreadPoolExecutor(PREPARING, "catalog-layer") as pool,
+            tmp.open("wb") as fh,
+        ):
             pending = deque(pool.submit(reader.prepare, layer) for layer in layers[:PREPARING])
             for i in range(len(layers)):
                 rows, lines = pending.popleft().result()

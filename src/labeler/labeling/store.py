@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import UserError
+from labeler.errors import note_store
 from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
@@ -427,6 +428,7 @@ class LabelStore:
 def connect(path: Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are begun explicitly) that waits up
     to ``timeout`` seconds for another writer's transaction instead of failing at once."""
+    note_store(path)
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
                            check_same_thread=False)  # fmt: skip
     conn.execute("PRAGMA journal_mode=WAL")

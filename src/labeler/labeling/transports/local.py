@@ -87,13 +87,21 @@ class _Local:
         self.lock = lock
         self.errors = ErrorLog()
         self.beat = Heartbeat(engine.store)
+        self.failure: BaseException | None = None  # the first error of a feature's task
 
     def _stopping(self) -> bool:
         if self.interrupts is not None and self.interrupts.requested.is_set():
             self.engine.stop("interrupted")
         if self.lock.lost.is_set():
             self.engine.stop("lock_lost")
-        return self.engine.stopped is not None
+        return self.failure is not None or self.engine.stopped is not None
+
+    def _settled(self, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
+        """A feature's task ended; an error of its own (the store unwritable, a bug) is
+        kept, to stop the run and be raised once, rather than left unretrieved."""
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
 
     async def run(self) -> None:
         todo = self.engine.plan()
@@ -115,9 +123,11 @@ class _Local:
                     break
                 task = asyncio.create_task(self._unit(unit, slots))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda t: self._settled(t, tasks))
             if tasks:
-                await asyncio.gather(*tasks)
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if self.failure is not None:
+                raise self.failure
         except BaseException:
             # an error of the labeler's own (the store unwritable, a bug): calls in flight
             # are cancelled before their clients close, so none ends as a false failure
