@@ -13,6 +13,7 @@ import pytest
 
 from labeler.reporting.agreement import (
     MISSING,
+    SMALL_N,
     AgreementReport,
     PairAgreement,
     agreement,
@@ -323,6 +324,29 @@ def test_agreement_end_to_end_against_hand_computation() -> None:
     assert report.alpha == pytest.approx(2 / 3)
     # Per unit share of agreeing pairs: f1 1, f2 1/3, f3 1; f4 has one rating.
     assert report.percent == pytest.approx(7 / 9)
+    # What alpha and percent compare: f1-f3, not f4, which only the heuristic labeled.
+    assert report.n_compared == 3
+    assert report.small_sample and all(p.small_sample for p in report.pairs)
+
+
+def test_figures_on_fewer_than_small_n_features_are_flagged() -> None:
+    def labels(n: int) -> pl.DataFrame:
+        rows = [(f"L0F{i}", rater, "reasoning" if i % 3 else "domain")
+                for i in range(n) for rater in (GPT, HEUR)]  # fmt: skip
+        rows.append(("L1F0", HEUR, "language"))  # rated once: counted in no figure
+        return pl.DataFrame(rows, schema=["feature_id", "rater", "category"], orient="row")
+
+    few, enough = agreement(labels(SMALL_N - 1)), agreement(labels(SMALL_N))
+    assert SMALL_N == 30  # the documented threshold (docs/review.md)
+    assert (few.n_units, few.n_compared, few.pairs[0].n) == (SMALL_N, SMALL_N - 1, SMALL_N - 1)
+    assert few.small_sample and few.pairs[0].small_sample
+    assert (enough.n_compared, enough.pairs[0].n) == (SMALL_N, SMALL_N)
+    assert not enough.small_sample and not enough.pairs[0].small_sample
+    # The flag follows n whatever a caller or a file says, and survives a round trip.
+    assert PairAgreement(rater_a="a", rater_b="b", n=1, kappa=1.0, percent=1.0).small_sample
+    stale = few.model_dump() | {"small_sample": False}
+    assert AgreementReport.model_validate(stale).small_sample
+    assert AgreementReport.model_validate_json(enough.model_dump_json()) == enough
 
 
 def test_agreement_reproduces_krippendorff_2011_from_long_form() -> None:
@@ -374,7 +398,7 @@ def test_agreement_of_nothing_and_of_one_rater() -> None:
         schema={"feature_id": pl.String, "rater": pl.String, "category": pl.String}
     )
     assert agreement(empty) == AgreementReport(
-        raters=[], n_units=0, pairs=[], alpha=None, percent=None
+        raters=[], n_units=0, n_compared=0, pairs=[], alpha=None, percent=None
     )
     alone = agreement(small_labels().filter(pl.col("rater") == HEUR))
     assert (alone.raters, alone.n_units, alone.pairs, alone.alpha) == ([HEUR], 4, [], None)
@@ -432,7 +456,7 @@ def test_plot_agreement_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_plot_agreement_refuses_an_empty_report(tmp_path: Path) -> None:
-    empty = AgreementReport(raters=[], n_units=0, pairs=[], alpha=None, percent=None)
+    empty = AgreementReport(raters=[], n_units=0, n_compared=0, pairs=[], alpha=None, percent=None)
     with pytest.raises(ValueError, match="no raters"):
         plot_agreement(empty, tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()

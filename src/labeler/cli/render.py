@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from labeler.labeling.accounting import Estimate, JudgeStatus
+from labeler.reporting.agreement import SMALL_N
 from labeler.reporting.ground_truth import GroundTruthReport
 from labeler.reporting.summarize import Comparison, LabelSummary, RunSummary, Share
 from labeler.reporting.summarize import Estimate as PopulationShare
@@ -73,10 +74,24 @@ def _raters_table(
     return table
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and the word, plural unless n is 1: "1 skip", "2 skips", "0 skips"."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+SOURCE_WORDS = {
+    "human": "decided by a person",
+    "consensus": "the judges' consensus",
+    "single_judge": "from a single judge",
+    "none": "without a label",
+}
+
+
 def summary_tables(summary: RunSummary, comparison: Comparison | None = None) -> list[Table | str]:
     final = summary.final
     r = final.reasoning
-    sources = ", ".join(f"{n:,} {s.replace('_', ' ')}" for s, n in final.by_source.items() if n)
+    unit = summary.unit
+    sources = ", ".join(f"{n:,} {SOURCE_WORDS.get(s, s)}" for s, n in final.by_source.items() if n)
     if final.n_labeled == 0:
         head = (
             f"[bold]No feature has a label yet[/bold]: of {summary.n_planned:,} planned, "
@@ -84,22 +99,25 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
         )
     else:
         head = (
-            f"[bold]Reasoning features: {r.share:.1%}[/bold] of {final.n_alive_covered:,} "
-            f"alive {summary.unit}s (95% CI {r.ci_low:.1%} to {r.ci_high:.1%}; {r.count:,} "
-            f"of {r.n:,} labeled, weighted by each layer's alive {summary.unit}s)\n"
-            f"final labels of {summary.n_planned:,} planned: {sources}"
+            f"[bold]Reasoning features: {r.share:.1%} of {final.n_alive_covered:,} alive "
+            f"{unit}s[/bold] (95% CI {r.ci_low:.1%} to {r.ci_high:.1%}), estimated from "
+            f"{r.count:,} reasoning of {plural(r.n, 'labeled ' + unit)} "
+            f"({r.sample_share:.1%} of the labeled), each layer weighted by its alive "
+            f"{unit}s\n"
+            f"final labels of the {plural(summary.n_planned, 'planned ' + unit)}: {sources}"
         )
     if final.layers_without_labels and final.n_labeled:
         head += (
             f"\n[bold]no labels yet in layer(s) {', '.join(final.layers_without_labels)}[/bold]"
             f": the shares are of the other layers' {final.n_alive_covered:,} alive "
-            f"{summary.unit}s, not all {summary.n_alive:,}"
+            f"{unit}s, not all {summary.n_alive:,}"
         )
     if final.n_failed or final.n_unlabeled:
         lo, hi = final.reasoning_if_missing_counted
         head += (
-            f"\n{final.n_failed:,} failed and {final.n_unlabeled:,} unlabeled; if every one "
-            f"were non-reasoning: {lo:.1%} of the sample; if all were: {hi:.1%}"
+            f"\n{final.n_failed:,} failed and {final.n_unlabeled:,} unlabeled of the "
+            f"{summary.n_planned:,} planned; were all of them non-reasoning, reasoning would be "
+            f"{lo:.1%} of the planned {unit}s; were all reasoning, {hi:.1%}"
         )
         for reason, n in final.failures_by_reason.items():
             head += f"\n  failed ({n:,}): {reason}"
@@ -107,7 +125,7 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     raters = [final, *summary.judges]
     out.append(
         _raters_table(
-            "share of alive features by category [95% CI]", raters, lambda s: s.by_category
+            f"share of alive {unit}s by category [95% CI]", raters, lambda s: s.by_category
         )
     )
     for title, pick in (
@@ -115,8 +133,8 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
         ("reasoning mechanism", lambda s: s.by_mechanism),
         ("domain type", lambda s: s.by_domain_type),
     ):
-        out.append(_raters_table(f"share of alive features by {title}", raters, pick))
-    counts = Table(title="labels and cost by judge", title_justify="left")
+        out.append(_raters_table(f"share of alive {unit}s by {title} [95% CI]", raters, pick))
+    counts = Table(title=f"{unit}s labeled and cost by judge", title_justify="left")
     for column in ("", "labeled", "failed", "unlabeled", "cost"):
         counts.add_column(column, justify="right" if column else "left")
     for s in raters:
@@ -127,57 +145,80 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     out.append(counts)
     total = f"total cost {_dollars(summary.cost_usd)}"
     if summary.cost_per_labeled_usd is not None:
-        total += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled feature)"
+        total += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled {unit})"
     out.append(total)
     out.extend(_agreement_parts(summary))
-    d, rv = summary.disputes, summary.reviews
-    reasons = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in d.by_reason.items())
-    out.append(
-        f"disputed: {d.n_disputed:,} ({reasons or 'none'}); {d.n_reviewed:,} decided by a "
-        f"person. Reviews: {rv.n_decisions:,} decisions and {rv.n_skips:,} skips on "
-        f"{rv.n_features:,} features by {len(rv.reviewers)} reviewers"
-        + (
-            f"; reviewers disagree on {rv.n_reviewers_disagree:,}"
-            if rv.n_reviewers_disagree
-            else ""
-        )
+    out.append(_disputes_and_reviews(summary))
+    layers = Table(
+        title=f"final labels by layer: alive and labeled {unit}s, labeled ones by category",
+        title_justify="left",
     )
-    layers = Table(title="final labels by layer (counts)", title_justify="left")
-    layers.add_column("layer", justify="right")
-    layers.add_column("alive", justify="right")
-    for category in CATEGORIES:
-        layers.add_column(category, justify="right")
+    for column in ("layer", "alive", "labeled", *CATEGORIES):
+        layers.add_column(column, justify="right")
     for layer, by_category in final.by_layer.items():
         alive = summary.n_alive_by_layer.get(layer, 0)
-        layers.add_row(layer, f"{alive:,}", *(f"{by_category[c]:,}" for c in CATEGORIES))
+        layers.add_row(
+            layer,
+            f"{alive:,}",
+            f"{sum(by_category.values()):,}",
+            *(f"{by_category[c]:,}" for c in CATEGORIES),
+        )
     out.append(layers)
     if comparison is not None:
         out.append(comparison_table(comparison))
     return out
 
 
+def _disputes_and_reviews(summary: RunSummary) -> str:
+    d, rv = summary.disputes, summary.reviews
+    reasons = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in d.by_reason.items())
+    line = (
+        f"disputed: {plural(d.n_disputed, summary.unit)} ({reasons or 'none'}); "
+        f"{d.n_reviewed:,} decided by a person. "
+    )
+    if not rv.n_decisions and not rv.n_skips:
+        return line + "Reviews: none yet"
+    line += (
+        f"Reviews by {plural(len(rv.reviewers), 'reviewer')}: "
+        f"{plural(rv.n_decisions, 'decision')} on {plural(rv.n_features, summary.unit)}, "
+        f"{plural(rv.n_skips, 'skip')}"
+    )
+    if rv.n_reviewers_disagree:
+        line += f"; reviewers disagree on {plural(rv.n_reviewers_disagree, summary.unit)}"
+    return line
+
+
 def _agreement_parts(summary: RunSummary) -> list[Table | str]:
     report = summary.agreement
+    unit = summary.unit
     if report is None:
         return ["agreement: a single rater, nothing to compare"]
     table = Table(title="agreement on the category", title_justify="left")
-    for column in ("rater", "rater", "features", "Cohen's kappa", "agreement"):
+    for column in ("rater", "rater", f"{unit}s compared", "Cohen's kappa", "agreement"):
         table.add_column(column, justify="left" if column == "rater" else "right")
-    for pair in [*report.pairs, *summary.judges_vs_humans]:
+    pairs = [*report.pairs, *summary.judges_vs_humans]
+    for pair in pairs:
+        few = " *" if pair.small_sample else ""
         table.add_row(
             escape(pair.rater_a),
             escape(pair.rater_b),
             f"{pair.n:,}",
-            _number(pair.kappa),
-            "-" if pair.percent is None else f"{pair.percent:.1%}",
+            _number(pair.kappa) + few,
+            ("-" if pair.percent is None else f"{pair.percent:.1%}") + few,
         )
     alpha = _number(report.alpha)
     percent = "-" if report.percent is None else f"{report.percent:.1%}"
-    return [
-        table,
-        f"Krippendorff's alpha (nominal, all raters): {alpha}; percent agreement "
-        f"{percent} over {report.n_units:,} features",
-    ]
+    n = report.n_compared
+    overall = (
+        f"all raters: Krippendorff's alpha (nominal) {alpha}, percent agreement {percent}, "
+        f"over the {plural(n, unit)} labeled by two raters or more"
+    )
+    if report.small_sample:
+        overall += f" (under {SMALL_N}: too few to rely on)"
+    parts: list[Table | str] = [table, overall]
+    if any(p.small_sample for p in pairs):
+        parts.append(f"* fewer than {SMALL_N} {unit}s compared: too few to rely on")
+    return parts
 
 
 def _number(value: float | None) -> str:
@@ -277,30 +318,51 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
     return [progress, spending]
 
 
+def compact_count(n: int) -> str:
+    """A count in at most 6 characters: exact below 10,000, else three significant
+    digits with k, M or B (thousand, million, billion)."""
+    if n < 10_000:
+        return f"{n:,}"
+    value = float(n)
+    for suffix in ("k", "M", "B"):
+        value = float(f"{value / 1000:.3g}")
+        if value < 1000 or suffix == "B":
+            digits = 2 if value < 10 else 1 if value < 100 else 0
+            return f"{value:.{digits}f}{suffix}"
+    raise AssertionError("unreachable")
+
+
 def estimate_table(estimates: list[Estimate]) -> Table:
-    table = Table(title="estimate (nothing sent)", title_justify="left")
-    for column in (
-        "judge",
-        "features",
-        "calls",
-        "tokens in",
-        "of them cached",
-        "tokens out",
-        "dollars",
-    ):
-        table.add_column(
-            column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
-        )
+    """What a dry run would send, per judge. Fits an 80-column terminal: token counts are
+    compact, the numbers and dollars never wrap or shorten, a long judge name folds."""
+    typical = any(not e.output_measured and e.output_tokens for e in estimates)
+    unpriced = any(e.cost_usd is None for e in estimates)
+    notes = [
+        *(["* output tokens: a typical count per call, none measured on this run yet"]
+          if typical else []),
+        *(["unpriced: the model is not in the price table; give its prices with --prices"]
+          if unpriced else []),
+    ]  # fmt: skip
+    table = Table(
+        title="estimate (nothing sent)",
+        title_justify="left",
+        caption="\n".join(notes) or None,
+        caption_justify="left",
+    )
+    table.add_column("judge", overflow="fold", min_width=9)
+    for column in ("features", "calls", "tokens\nin", "of them\ncached", "tokens\nout",
+                   "dollars"):  # fmt: skip
+        table.add_column(column, justify="right", no_wrap=True)
     for e in estimates:
-        out = f"{e.output_tokens:,}" + ("" if e.output_measured else " (typical)")
+        guessed = not e.output_measured and e.output_tokens
         table.add_row(
-            e.judge,
+            escape(e.judge),
             f"{e.features:,}",
             f"{e.calls:,}",
-            f"{e.input_tokens + e.cached_tokens:,}",
-            f"{e.cached_tokens:,}",
-            out,
-            _dollars(e.cost_usd),
+            compact_count(e.input_tokens + e.cached_tokens),
+            compact_count(e.cached_tokens),
+            compact_count(e.output_tokens) + ("*" if guessed else ""),
+            "unpriced" if e.cost_usd is None else _dollars(e.cost_usd),
         )
     return table
 
@@ -317,7 +379,7 @@ def queue_table(queue: list[QueueItem]) -> Table:
             q.feature_id,
             f"{q.score:.2f}",
             ", ".join(q.reasons),
-            escape(q.categories),
+            escape("; ".join(q.categories)),
             detection,
             escape(", ".join(q.decided_by)),
         )

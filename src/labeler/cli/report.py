@@ -10,9 +10,11 @@ from typing import Any
 import click
 
 from adapters.errors import UserError
+from adapters.outputs import replacing, write_text_atomic
 from labeler.cli.app import (
     _RULES_HELP,
     _open_labels,
+    check_output,
     cli,
     console,
 )
@@ -45,16 +47,21 @@ def _summarize(
     summary = load(run_path)
     other = load(compare_with) if compare_with is not None else None
     comparison = compare(summary, other) if other is not None else None
-    (run_path / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    write_text_atomic(run_path / "summary.json", summary.model_dump_json(indent=2) + "\n")
     plot_path = plot or run_path / "summary.png"
+    if plot is not None:
+        check_output(plot_path, overwrite=True)  # its folder made; a plot is redrawn
     plots = [plot_path]
-    plot_layers(summary, plot_path)
+    with replacing(plot_path) as tmp:
+        plot_layers(summary, tmp)
     if summary.agreement is not None:
         plots.append(plot_path.with_name(plot_path.stem + "-agreement.png"))
-        plot_agreement(summary.agreement, plots[-1])
+        with replacing(plots[-1]) as tmp:
+            plot_agreement(summary.agreement, tmp)
     if other is not None:
         plots.append(plot_path.with_name(plot_path.stem + "-compare.png"))
-        plot_comparison(summary, other, plots[-1])
+        with replacing(plots[-1]) as tmp:
+            plot_comparison(summary, other, tmp)
     if as_json:
         data = summary.model_dump(mode="json")
         if comparison is not None:
@@ -102,7 +109,8 @@ EXPORT_ALLOCATOR = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:5000,muzzy_decay_ms:500
 
 
 def _export(run_path: Path, out: Path | None, with_examples: bool,
-            rules_path: Path | None = None, gzip_level: int = 1) -> Path:  # fmt: skip
+            rules_path: Path | None = None, gzip_level: int = 1,
+            overwrite: bool = False) -> Path:  # fmt: skip
     os.environ.setdefault(*EXPORT_ALLOCATOR)
     from labeler.cli.render import progress_bar
     from labeler.formats.catalog import export_catalog
@@ -115,6 +123,7 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
     target = out or run_path / "catalog.jsonl"
     if not target.name.endswith((".jsonl", ".jsonl.gz")):
         raise UserError(f"--out {target}: the catalog is written as .jsonl or .jsonl.gz")
+    check_output(target, overwrite)
     store = _open_labels(run_path)
     try:
         with progress_bar(console, "exporting", "features") as progress:
@@ -124,7 +133,9 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
                                gzip_level=gzip_level)  # fmt: skip
     finally:
         store.close()
-    console.print(f"wrote {n:,} features to {target}")
+    contents = ("with their examples" if with_examples
+                else "labels only; --with-examples adds each feature's examples")  # fmt: skip
+    console.print(f"wrote {n:,} features to {target} ({contents})")
     return target
 
 
@@ -142,7 +153,8 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
               help=_RULES_HELP)  # fmt: skip
 @click.option("--gzip-level", type=click.IntRange(1, 9), default=1, show_default=True,
               help="Compression of a .jsonl.gz catalog: 1 is fastest, 9 smallest.")  # fmt: skip
-@click.option("--overwrite", is_flag=True, help="Replace an existing circuit-tracer folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output (else an existing one is refused).")  # fmt: skip
 def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
            rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
     """Write the labeled feature catalog: per feature its final label and where it came
@@ -154,8 +166,9 @@ def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
 
         read_run_info(run_path)
         target = out or run_path / "circuit-tracer"
+        check_output(target, overwrite)
         with console.status(f"writing {target}"):
             n = export_circuit_tracer(run_path, target, overwrite)
         console.print(f"wrote {n:,} feature files to {target}")
         return
-    _export(run_path, out, with_examples, rules_path, gzip_level)
+    _export(run_path, out, with_examples, rules_path, gzip_level, overwrite)

@@ -7,6 +7,11 @@ rated"; :func:`agreement` takes the long table of labels and encodes it.
 Degenerate cases are resolved the same way throughout: a statistic with nothing to compare
 is ``None``; a chance-corrected statistic whose expected agreement is perfect (every value
 the same single category) is ``1.0``, since there is then no disagreement to correct for.
+
+Every figure carries its ``n``, the number of units it compares (for a pair, the units both
+rated; for all raters, the units rated at least twice), and ``small_sample`` when that is
+below :data:`SMALL_N` (30): a kappa of 1.0 over one feature says nothing, and over fewer
+than 30 the sampling error of any of these figures is too large to rely on.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from itertools import combinations
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MISSING = -1
 """The code for "this rater did not rate this unit"."""
 
 IntArray = npt.NDArray[np.int64]
+
+SMALL_N = 30
+"""Below this many units compared, a figure is flagged as resting on too few."""
 
 _DENSE_LIMIT = 1 << 16
 """Codes below this index count arrays directly; larger ones are renumbered first."""
@@ -34,9 +42,17 @@ class PairAgreement(BaseModel):
 
     rater_a: str
     rater_b: str
-    n: int = Field(description="units rated by both")
+    n: int = Field(description="units rated by both: what kappa and percent compare")
     kappa: float | None = Field(description="Cohen's kappa; None when n is 0")
     percent: float | None = Field(description="share of common units with equal labels")
+    small_sample: bool = Field(
+        False, description=f"n is below {SMALL_N}: too few units to rely on (set from n)"
+    )
+
+    @model_validator(mode="after")
+    def _flag_small(self) -> PairAgreement:
+        self.small_sample = self.n < SMALL_N
+        return self
 
 
 class AgreementReport(BaseModel):
@@ -46,6 +62,9 @@ class AgreementReport(BaseModel):
 
     raters: list[str] = Field(description="in order of first appearance in the labels")
     n_units: int = Field(description="units rated by at least one rater")
+    n_compared: int = Field(
+        description="units rated at least twice: what alpha and percent compare"
+    )
     pairs: list[PairAgreement] = Field(description="every unordered pair of raters")
     alpha: float | None = Field(
         description="Krippendorff's nominal alpha; None when no unit has two ratings"
@@ -53,6 +72,15 @@ class AgreementReport(BaseModel):
     percent: float | None = Field(
         description="mean over units rated at least twice of the share of agreeing rater pairs"
     )
+    small_sample: bool = Field(
+        False,
+        description=f"n_compared is below {SMALL_N}: too few units to rely on (set from it)",
+    )
+
+    @model_validator(mode="after")
+    def _flag_small(self) -> AgreementReport:
+        self.small_sample = self.n_compared < SMALL_N
+        return self
 
 
 def _codes(x: npt.ArrayLike, ndim: int, name: str) -> IntArray:
@@ -243,6 +271,7 @@ def agreement(labels: pl.DataFrame) -> AgreementReport:
     return AgreementReport(
         raters=raters,
         n_units=n_units,
+        n_compared=int(np.count_nonzero((matrix != MISSING).sum(axis=1) >= 2)),
         pairs=pairs,
         alpha=krippendorff_alpha_nominal(matrix),
         percent=unit_percent_agreement(matrix),

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.errors import UserError, first_error
 from labeler.reporting.label_table import HEURISTIC
+from labeler.run.feature_ids import feature_order
 from prompts import Confidence
 
 
@@ -67,15 +68,16 @@ DISPUTE_SCHEMA = pl.Schema(
         "feature_id": pl.String,
         "reasons": pl.List(pl.String),
         "score": pl.Float64,
-        "categories": pl.String,
+        "categories": pl.List(pl.String),
         "min_detection": pl.Float64,
     }
 )
 
 
 def find_disputes(judgments: pl.DataFrame, rules: DisputeRules) -> pl.DataFrame:
-    """Disputed features, most informative first (DISPUTE_SCHEMA): the reasons, a score,
-    the judges' votes (``judge=category`` joined by ``; ``) and the lowest detection."""
+    """Disputed features, most informative first, ties by feature id in numeric order
+    (DISPUTE_SCHEMA): the reasons, a score, the judges' votes (a list of
+    ``judge=category``, by judge) and the lowest detection."""
     ok = judgments.filter(pl.col("status") == "ok")
     failed = _all_failed(judgments, ok) if rules.all_failed else pl.DataFrame(schema=DISPUTE_SCHEMA)
     if ok.is_empty():
@@ -102,9 +104,7 @@ def find_disputes(judgments: pl.DataFrame, rules: DisputeRules) -> pl.DataFrame:
             pl.col("category").n_unique().alias("n_categories"),
             pl.col("confidence").is_in(rules.low_confidence).sum().alias("n_low_confidence"),
             pl.col("detection").min().alias("min_detection"),
-            pl.concat_str(pl.col("judge"), pl.lit("="), pl.col("category"))
-            .str.join("; ")
-            .alias("categories"),
+            pl.concat_str(pl.col("judge"), pl.lit("="), pl.col("category")).alias("categories"),
         )
         .join(entropy, on="feature_id")
         .join(model_cats, on="feature_id", how="left")
@@ -143,7 +143,8 @@ def find_disputes(judgments: pl.DataFrame, rules: DisputeRules) -> pl.DataFrame:
         .filter(pl.col("reasons").list.len() > 0)
         .select(DISPUTE_SCHEMA.names())
     )
-    return pl.concat([flagged, failed]).sort(["score", "feature_id"], descending=[True, False])
+    keys = [pl.col("score"), *feature_order()]
+    return pl.concat([flagged, failed]).sort(keys, descending=[True] + [False] * (len(keys) - 1))
 
 
 def _all_failed(judgments: pl.DataFrame, ok: pl.DataFrame) -> pl.DataFrame:
@@ -153,7 +154,7 @@ def _all_failed(judgments: pl.DataFrame, ok: pl.DataFrame) -> pl.DataFrame:
         .join(ok.select("feature_id"), on="feature_id", how="anti")
         .sort("judge")
         .group_by("feature_id")
-        .agg((pl.col("judge") + pl.lit("=failed")).str.join("; ").alias("categories"))
+        .agg((pl.col("judge") + pl.lit("=failed")).alias("categories"))
         .select(
             "feature_id",
             pl.lit(["all_failed"], dtype=pl.List(pl.String)).alias("reasons"),

@@ -93,8 +93,9 @@ def _read(
 
 
 def planned_frame(store: LabelStore) -> pl.DataFrame:
-    """The features planned for labeling: feature_id, layer, index."""
-    return _read(store.conn, "SELECT feature_id, layer, idx FROM planned", PLANNED_SCHEMA)
+    """The features planned for labeling: feature_id, layer, index, by layer and index."""
+    query = "SELECT feature_id, layer, idx FROM planned ORDER BY layer, idx"
+    return _read(store.conn, query, PLANNED_SCHEMA)
 
 
 def judgment_frame(

@@ -17,6 +17,7 @@ the share would take if all of them went one way or the other is reported beside
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections import Counter
 
@@ -24,14 +25,18 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from adapters.errors import UserError
-from collectors.run_format import RunInfo
+from collectors.run_format import RunInfo, package_versions
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.final_labels import SOURCES, final_labels, human_labels
 from labeler.reporting.label_table import judge_names, judgment_frame, planned_frame, review_frame
+from labeler.run.feature_ids import feature_order
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
+SUMMARY_SCHEMA_VERSION = 1
+"""The version of ``summary.json``'s layout (docs/review.md), raised when it changes."""
+DISTRIBUTION = "transcoder-labeler"
 Z95 = 1.959963984540054
 FINAL = "final"
 HUMAN = "human"
@@ -151,6 +156,13 @@ class ReviewCounts(BaseModel):
 
 
 class RunSummary(BaseModel):
+    """What ``labeler summarize`` reports, written as ``summary.json``."""
+
+    schema_version: int = Field(
+        SUMMARY_SCHEMA_VERSION, description="the layout of this record (docs/review.md)"
+    )
+    tool_version: str = Field(description=f"the installed {DISTRIBUTION} that made it")
+    created_at: str = Field(description="when it was made, UTC, ISO 8601")
     run: str
     unit: str
     n_alive: int
@@ -278,6 +290,8 @@ def summarize(
     known_costs = [c for c in cost_of.values() if c is not None]
     total_cost = sum(known_costs) if known_costs else None
     return RunSummary(
+        tool_version=package_versions((DISTRIBUTION,))[DISTRIBUTION],
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         run=run_name,
         unit=info.unit,
         n_alive=sum(alive.values()),
@@ -395,4 +409,4 @@ def _in_rater_order(long: pl.DataFrame) -> pl.DataFrame:
     rank = {name: i for i, name in enumerate(names)}
     people = sorted(set(long["rater"].to_list()) - set(names))
     rank |= {name: len(names) + i for i, name in enumerate(people)}
-    return long.sort(pl.col("rater").replace_strict(rank), "feature_id")
+    return long.sort(pl.col("rater").replace_strict(rank), *feature_order())
