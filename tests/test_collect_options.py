@@ -23,9 +23,9 @@ from tests.test_bad_input import assert_fails, labeler
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(collected: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer
+    from adapters.tokenizer_loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(collected.paths.checkpoint)
+    tokenizer = load_tokenizer(collected.paths.checkpoint)  # as collect loads it
     shape = ModelShape(arch="llama", n_layers=3, d_model=64, intermediate=128, n_features=256,
                        vocab_size=len(tokenizer))  # fmt: skip
     calibration = tokenize_traces(list(read_traces(collected.paths.corpus))[:16], tokenizer, 128)
@@ -170,9 +170,9 @@ def test_corpus_with_mixed_formats(collected: CollectedDemo, tmp_path: Path) -> 
 def test_unembedding_rows_beyond_the_tokenizer(collected: CollectedDemo, tmp_path: Path) -> None:
     """Real models pad the unembedding past the tokenizer's vocabulary (Qwen2: 152,064
     rows for 151,665 tokens); the logit lens names such rows instead of failing."""
-    from transformers import AutoTokenizer
+    from adapters.tokenizer_loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(collected.paths.checkpoint)
+    tokenizer = load_tokenizer(collected.paths.checkpoint)  # as collect loads it
     shape = ModelShape(n_layers=2, d_model=64, intermediate=128, n_features=64,
                        vocab_size=len(tokenizer) + 64)  # fmt: skip
     ids = torch.tensor([tokenizer.encode("Wait, let me check: 3 * 5 = 15.")] * 2)

@@ -66,9 +66,9 @@ def compared(
     collected: CollectedDemo,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Compared:
-    from transformers import AutoTokenizer
+    from adapters.tokenizer_loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(collected.paths.checkpoint)
+    tokenizer = load_tokenizer(collected.paths.checkpoint)  # as collect loads it
     root = tmp_path_factory.mktemp(f"naive-{request.param}")
     corpus_path = root / "corpus.jsonl"
     write_corpus(corpus_path, 60, seed=3)

@@ -1,5 +1,6 @@
-"""Corpus formats (conversations, prompt/response, text), chat layouts (deepseek, qwen),
-regions, think bins, truncation, and the errors for bad records and tokenizers.
+"""Corpus formats (conversations, prompt/response, text, pre-formatted text), chat layouts
+(deepseek, qwen), regions, think bins, truncation, and the errors for bad records, chat
+markers in the wrong place and tokenizers.
 
 Tokenizers are tiny byte-level BPEs trained here, so the special-token handling is real."""
 
@@ -15,17 +16,23 @@ import pytest
 
 from adapters.tiny_tokenizer import train_bpe_tokenizer
 from collectors.corpus import (
+    ASSISTANT,
     BOS,
     EOS,
     IM_END,
     IM_START,
+    LONG_PIECE_CHARS_PER_TOKEN,
+    LONG_PIECE_MIN_CHARS,
     PAD,
     QWEN_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
+    USER,
     TokenizedCorpus,
     Trace,
+    _count_tokens,
+    check_layouts,
     read_traces,
     segments,
     tokenize_traces,
@@ -404,3 +411,232 @@ def test_extra_special_tokens_are_single_tokens(tokenizer: Any) -> None:
     assert all(special in specials for special in QWEN_SPECIAL_TOKENS)
     again = _train(SPECIAL_TOKENS, (BOS, *QWEN_SPECIAL_TOKENS))  # repeats are dropped
     assert again.get_vocab() == tokenizer.get_vocab()
+
+
+# --- pre-formatted traces and chat markers ------------------------------------------------
+
+
+def preformatted(prompt: str, response: str, chat_format: str, head: str = "") -> str:
+    """A trace laid out by hand in ``chat_format``, as the paper's attribution prompts are."""
+    if chat_format == "deepseek":
+        return f"{head or BOS}{USER}{prompt}{ASSISTANT}{response}"
+    return f"{head}{IM_START}user\n{prompt}{IM_END}\n{IM_START}assistant\n{response}"
+
+
+PREFORMATTED_RESPONSES = [
+    RESPONSE,
+    "no thinking here",
+    f"{THINK_START}cut off",
+    f"{THINKING}{THINK_END} four",
+    "",
+]
+
+
+@pytest.mark.parametrize("chat_format", ["deepseek", "qwen"])
+def test_preformatted_text_equals_conversation(
+    tmp_path: Path, tokenizer: Any, chat_format: str
+) -> None:
+    conv = load(
+        tmp_path,
+        [conversation(PROMPT, r, domain="math") for r in PREFORMATTED_RESPONSES],
+        tokenizer,
+        chat_format=chat_format,
+        name="conv.jsonl",
+    )
+    text = load(
+        tmp_path,
+        [
+            {"text": preformatted(PROMPT, r, chat_format), "domain": "math"}
+            for r in PREFORMATTED_RESPONSES
+        ],
+        tokenizer,
+        chat_format=chat_format,
+        name="text.jsonl",
+    )
+    for field in ("token_ids", "regions", "think_bins", "offsets", "domains", "unterminated"):
+        np.testing.assert_array_equal(getattr(conv, field), getattr(text, field), err_msg=field)
+    assert text.unterminated.tolist() == [False, False, True, False, False]
+    assert REGIONS.index("text") not in text.regions
+    assert region_runs(text, 0, tokenizer) == region_runs(conv, 0, tokenizer)
+
+
+def test_preformatted_markers_are_kept_as_written(tmp_path: Path, tokenizer: Any) -> None:
+    system = "You are a careful assistant."
+    records: list[dict[str, Any] | str | None] = [
+        {"text": f"{USER}{PROMPT}{ASSISTANT}four"},  # no BOS: none is added
+        {"text": preformatted(PROMPT, "four", "deepseek", head=f"{BOS}{system}")},
+    ]
+    corpus = load(tmp_path, records, tokenizer)
+    assert region_runs(corpus, 0, tokenizer) == [
+        (USER, "user_marker"),
+        (PROMPT, "question"),
+        (ASSISTANT, "assistant_marker"),
+        ("four", "answer"),
+    ]
+    assert region_runs(corpus, 1, tokenizer)[:3] == [
+        (BOS, "bos"),
+        (system, "question"),
+        (USER, "user_marker"),
+    ]
+    qwen_system = f"{IM_START}system\n{system}{IM_END}\n"
+    qwen = load(
+        tmp_path,
+        [{"text": preformatted(PROMPT, f"four{IM_END}\n", "qwen", head=qwen_system)}],
+        tokenizer,
+        chat_format="qwen",
+        name="qwen.jsonl",
+    )
+    assert region_runs(qwen, 0, tokenizer) == [
+        (qwen_system, "question"),
+        (f"{IM_START}user\n", "user_marker"),
+        (PROMPT, "question"),
+        (f"{IM_END}\n{IM_START}assistant\n", "assistant_marker"),
+        (f"four{IM_END}\n", "answer"),  # an end-of-turn marker after the answer is allowed
+    ]
+
+
+def layout_error(tmp_path: Path, records: list[dict[str, Any] | str | None], chat_format: str,
+                 tokenizer: Any) -> str:  # fmt: skip
+    """The message of the layout error, from the check (with the path) and from tokenizing
+    (the line only); both must raise it."""
+    path = write_jsonl(tmp_path / "bad.jsonl", records)
+    traces = list(read_traces(path))
+    with pytest.raises(CorpusError) as checked:
+        check_layouts(traces, chat_format, path)
+    with pytest.raises(CorpusError) as tokenized:
+        tokenize_traces(traces, tokenizer, 4096, chat_format)
+    message = str(checked.value)
+    assert message.startswith(f"{path}:")
+    assert str(tokenized.value).split(": ", 1)[1] == message.split(": ", 1)[1]
+    return message
+
+
+@pytest.mark.parametrize(
+    ("record", "chat_format", "needles"),
+    [
+        (
+            {"text": preformatted(PROMPT, RESPONSE, "qwen")},
+            "deepseek",
+            ["laid out in the qwen chat format", "pass --chat-format qwen"],
+        ),
+        (
+            {"text": preformatted(PROMPT, RESPONSE, "deepseek")},
+            "qwen",
+            ["laid out in the deepseek chat format", "pass --chat-format deepseek"],
+        ),
+        (
+            {
+                "text": preformatted(
+                    PROMPT, RESPONSE + preformatted("again", "r", "deepseek"), "deepseek"
+                )
+            },
+            "deepseek",
+            ["pre-formatted deepseek trace", "holds them 2 and 2 times", "one user turn"],
+        ),
+        (
+            {"text": f"{BOS}{ASSISTANT}{RESPONSE}{USER}{PROMPT}"},
+            "deepseek",
+            ["holds the assistant marker first"],
+        ),
+        (
+            {"text": f"{IM_START}user\n{PROMPT}{IM_START}assistant\n{RESPONSE}"},
+            "qwen",
+            ["holds them 1 and 0 times", repr(f"{IM_END}\n{IM_START}assistant\n")],
+        ),
+    ],
+)
+def test_malformed_preformatted_text_names_file_and_line(
+    tmp_path: Path,
+    tokenizer: Any,
+    record: dict[str, Any],
+    chat_format: str,
+    needles: list[str],
+) -> None:
+    fine = {"text": preformatted(PROMPT, RESPONSE, chat_format)}
+    message = layout_error(tmp_path, [fine, None, record], chat_format, tokenizer)
+    for needle in ["bad.jsonl:3: field 'text'", *needles]:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize(
+    ("record", "needles"),
+    [
+        (
+            {"prompt": "", "response": preformatted(PROMPT, RESPONSE, "deepseek")},
+            [
+                "field 'response' already holds the chat marker",
+                f"'{BOS}'",
+                '{"text": ...} with --chat-format deepseek',
+            ],
+        ),
+        (
+            {"prompt": "", "response": preformatted(PROMPT, RESPONSE, "qwen")},
+            ["field 'response'", f"'{IM_START}'", "--chat-format qwen"],
+        ),
+        (
+            {"prompt": f"{USER}{PROMPT}", "response": RESPONSE},
+            ["field 'prompt'", f"'{USER}'"],
+        ),
+        (
+            conversation(PROMPT, f"{RESPONSE}{ASSISTANT}"),
+            ["the assistant turn of field 'conversations'", f"'{ASSISTANT}'"],
+        ),
+        (
+            conversation(preformatted(PROMPT, "", "qwen"), RESPONSE),
+            ["the user turn of field 'conversations'", f"'{IM_START}'"],
+        ),
+    ],
+)
+def test_chat_markers_inside_a_prompt_or_response_are_an_error(
+    tmp_path: Path, tokenizer: Any, record: dict[str, Any], needles: list[str]
+) -> None:
+    fine = record | (
+        {"conversations": conversation(PROMPT, RESPONSE)["conversations"]}
+        if "conversations" in record
+        else {"prompt": PROMPT, "response": RESPONSE}
+    )
+    message = layout_error(tmp_path, [fine, record], "deepseek", tokenizer)
+    for needle in ["bad.jsonl:2: ", "the layout adds the markers itself", *needles]:
+        assert needle in message, message
+
+
+def test_preformatted_and_plain_text_do_not_mix(tmp_path: Path, tokenizer: Any) -> None:
+    records: list[dict[str, Any] | str | None] = [
+        {"text": preformatted(PROMPT, RESPONSE, "deepseek")},
+        {"text": TEXT},
+    ]
+    message = layout_error(tmp_path, records, "deepseek", tokenizer)
+    assert (
+        "bad.jsonl:2: a plain 'text' record, but line 1 is a pre-formatted 'text' record" in message
+    )
+
+
+# --- a very long line is encoded only as far as the sequence keeps it -------------------------
+
+
+@pytest.mark.parametrize("terminated", [True, False])
+def test_a_long_thinking_is_encoded_only_as_far_as_kept(
+    tmp_path: Path, tokenizer: Any, terminated: bool
+) -> None:
+    thinking = THINKING * 8_000  # 1.2 MB, far over 64 characters a token of max_length 64
+    assert len(thinking) > 16 * LONG_PIECE_MIN_CHARS
+    response = f"{THINK_START}{thinking}" + (f"{THINK_END}\nfour." if terminated else "")
+    records: list[dict[str, Any] | str | None] = [
+        conversation(PROMPT, response),
+        conversation(PROMPT, RESPONSE),
+    ]
+    whole = load(tmp_path, records, tokenizer, max_length=10**7, name="whole.jsonl")
+    kept = load(tmp_path, records, tokenizer, max_length=64, name="kept.jsonl")
+    # the same first 64 tokens, regions and tenths as encoding it all, flagged the same way
+    np.testing.assert_array_equal(kept.sequence(0), whole.sequence(0)[:64])
+    np.testing.assert_array_equal(kept.regions[:64], whole.regions[:64])
+    np.testing.assert_array_equal(kept.think_bins[:64], whole.think_bins[:64])
+    assert kept.truncated.tolist() == [True, True]
+    assert kept.unterminated.tolist() == [not terminated, False]
+    # the whole thinking is counted, a chunk at a time, off by at most a token an edge
+    n_whole = len(tokenizer.encode(thinking, add_special_tokens=False))
+    n_chunks = len(thinking) // (LONG_PIECE_CHARS_PER_TOKEN * 64) + 1
+    assert (
+        abs(_count_tokens(tokenizer, thinking, 64 * LONG_PIECE_CHARS_PER_TOKEN) - n_whole)
+        <= 2 * n_chunks
+    )

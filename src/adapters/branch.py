@@ -28,6 +28,7 @@ from adapters.checkpoint import (
     resolve_checkpoint,
 )
 from adapters.errors import CheckpointError
+from adapters.tokenizer_loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +213,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_causal_lm(folder: Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+def load_causal_lm(
+    folder: Path, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None
+) -> tuple[Any, Any]:
     """A Hugging Face causal LM and its tokenizer from a local folder, in eval mode on
-    ``device``; the transcoder tensors of an adapter checkpoint are left out quietly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``device``; the transcoder tensors of an adapter checkpoint are left out quietly.
+
+    The tokenizer is the folder's own as saved (``adapters.tokenizer_loading``), or the one
+    at ``tokenizer`` (a folder or hub id) when given."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     torch_device = resolve_device(device)
@@ -225,18 +231,21 @@ def load_causal_lm(folder: Path, device: str = "auto", dtype: str = "auto") -> t
         model: Any = AutoModelForCausalLM.from_pretrained(
             folder, dtype=resolve_dtype(dtype, torch_device)
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: the model could not be loaded: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    return model.to(torch_device).eval(), tokenizer
+    loaded_tokenizer = load_tokenizer(tokenizer if tokenizer is not None else folder)
+    return model.to(torch_device).eval(), loaded_tokenizer
 
 
 def load_adapter(
-    path_or_id: str, device: str = "auto", dtype: str = "auto"
+    path_or_id: str, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None
 ) -> tuple[AdapterModel, Any, Path]:
-    """Load a checkpoint in the paper's format: (adapter model, tokenizer, local folder)."""
+    """Load a checkpoint in the paper's format: (adapter model, tokenizer, local folder).
+
+    The tokenizer is the checkpoint's own as saved, or the one at ``tokenizer`` (a folder
+    or hub id) when given."""
     folder = resolve_checkpoint(path_or_id)
     config, raw = read_config(folder)
     weights = load_layer_weights(folder, config)
@@ -244,8 +253,8 @@ def load_adapter(
         log.info(
             "%s: architectures is %s (not the paper's Qwen2)", folder, raw.get("architectures")
         )
-    model, tokenizer = load_causal_lm(folder, device, dtype)
-    return attach_branch(model, config, weights), tokenizer, folder
+    model, loaded_tokenizer = load_causal_lm(folder, device, dtype, tokenizer)
+    return attach_branch(model, config, weights), loaded_tokenizer, folder
 
 
 def save_adapter(adapter: AdapterModel, tokenizer: Any, folder: Path) -> None:

@@ -4,7 +4,9 @@ For tests and benchmarks: a model of a given shape (Qwen2 or Llama, tiny or the 
 28 x 3584 x 8192) whose features fire about ``l0`` times per token per layer, as real
 adapters do (the released ones have L0 between 0.1 and 10). Each encoder bias is set
 from the measured pre-activations of a calibration batch so that the feature is active
-on a ``l0 / n_features`` share of its tokens.
+on a ``l0 / n_features`` share of its tokens. The calibration ids must come from the
+tokenizer as ``collect`` will load it from the saved folder
+(``adapters.tokenizer_loading.load_tokenizer``), or the adapter fires at another rate there.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ formats, decided by which key it holds (checked in this order):
     equivalent conversation.
 ``text``
     ``{"text": TEXT, "domain": "web"}``: plain text, tokenized as is (no chat layout, no BOS);
-    every token is in region ``text``.
+    every token is in region ``text``. A text already laid out in the chat format (it holds
+    the format's user marker: ``<｜User｜>`` for ``deepseek``, ``<|im_start|>user\\n`` for
+    ``qwen``) is a *pre-formatted* trace, split at its markers into the regions below.
 
 ``domain`` is optional (``"unknown"`` when absent) and must be a non-empty string when present.
 All records of one corpus must have the same format; a mix, a record that matches no format
@@ -33,6 +35,16 @@ and every token is tagged with its region (``REGIONS`` in ``run_format``): ``bos
 ``</think>`` is kept, all thinking after ``<think>``, and flagged ``unterminated``. Each
 thinking token also gets a think bin, its relative position in the trace's whole thinking
 (before truncation) in tenths; tokens outside the thinking get -1.
+
+A pre-formatted text record gets exactly the tokens and regions of the equivalent
+conversation: it must hold the format's user marker once and, after it, the assistant marker
+(``<｜Assistant｜>``, or ``<|im_end|>\\n<|im_start|>assistant\\n``) once; a leading BOS is
+``bos``, any text before the user marker (a system prompt) is ``question``, and what follows
+the assistant marker is the response. Its markers are kept as written: a text without BOS
+gets none. A text record laid out in the other chat format, with the wrong number of
+markers, or mixed with plain text records in one corpus is an error. The layout adds the
+markers of conversation and prompt/response records itself, so a prompt or response that
+already holds a turn marker (``TURN_MARKERS``) is an error, never laid out twice.
 
 The tokenizer must encode each special marker string of the layout (and ``<think>``,
 ``</think>`` when the corpus uses them) as exactly one token, or tokenizing raises.
@@ -65,6 +77,9 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 QWEN_SPECIAL_TOKENS = (IM_START, IM_END, ENDOFTEXT)
+# Markers that open a turn in some chat format: a prompt or response holding one is
+# already laid out (end-of-turn markers such as a trailing <|im_end|> are allowed).
+TURN_MARKERS = {BOS: "deepseek", USER: "deepseek", ASSISTANT: "deepseek", IM_START: "qwen"}
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
@@ -85,6 +100,31 @@ class ChatLayout:
     before_prompt: tuple[tuple[str, str], ...]
     after_prompt: tuple[tuple[str, str], ...]
     specials: tuple[str, ...]  # marker strings that must each be a single token
+
+    def _marker(self, region: str) -> str | None:
+        for text, piece_region in (*self.before_prompt, *self.after_prompt):
+            if piece_region == region:
+                return text
+        return None
+
+    @property
+    def bos(self) -> str | None:
+        """The BOS piece the layout starts with, if any."""
+        return self._marker("bos")
+
+    @property
+    def user_marker(self) -> str:
+        """The piece before the prompt that opens the user turn."""
+        marker = self._marker("user_marker")
+        assert marker is not None
+        return marker
+
+    @property
+    def assistant_marker(self) -> str:
+        """The piece between the prompt and the response."""
+        marker = self._marker("assistant_marker")
+        assert marker is not None
+        return marker
 
 
 CHAT_LAYOUTS: dict[str, ChatLayout] = {
@@ -240,6 +280,17 @@ def parse_trace(raw: str, path: Path, line: int) -> Trace:
     )
 
 
+def _decode_line(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1].hex().upper()
+        raise CorpusError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{bad} at byte {exc.start + 1} of the "
+            "line); the corpus must be UTF-8 JSONL: re-encode the file, e.g. with iconv"
+        ) from exc
+
+
 def read_traces(path: Path) -> Iterator[Trace]:
     """Yield the traces of a JSONL corpus; blank lines are skipped, bad lines raise.
 
@@ -249,8 +300,9 @@ def read_traces(path: Path) -> Iterator[Trace]:
     if not path.is_file():
         raise CorpusError(f"{path}: corpus file not found")
     first: Trace | None = None
-    with path.open(encoding="utf-8") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for line_no, raw_bytes in enumerate(fh, start=1):
+            raw = _decode_line(raw_bytes, path, line_no)
             if not raw.strip():
                 continue
             trace = parse_trace(raw, path, line_no)
@@ -273,18 +325,33 @@ def _layout(chat_format: str) -> ChatLayout:
     return layout
 
 
-def segments(trace: Trace, *, chat_format: str = "deepseek") -> tuple[list[tuple[str, str]], bool]:
+def _where(trace: Trace, path: Path | None) -> str:
+    return f"{path}:{trace.line}" if path is not None else f"line {trace.line}"
+
+
+def segments(
+    trace: Trace, *, chat_format: str = "deepseek", path: Path | None = None
+) -> tuple[list[tuple[str, str]], bool]:
     """The layout of a trace as (text, region) pieces, and whether the thinking is
     unterminated (``<think>`` without ``</think>``).
 
-    Conversation and prompt/response records are laid out in ``chat_format``; a text record is
-    one ``text`` piece whatever the chat format. Pieces may be empty strings.
+    Conversation and prompt/response records are laid out in ``chat_format``; a plain text
+    record is one ``text`` piece whatever the chat format, a pre-formatted one is split at its
+    markers (see the module docstring). Pieces may be empty strings. Errors name ``path``
+    and the record's line (only the line without ``path``).
     """
     if trace.kind == "text":
-        return [(trace.text, "text")], False
+        return _text_segments(trace, chat_format, path)
     layout = _layout(chat_format)
+    _check_no_turn_markers(trace, path)
     pieces = [*layout.before_prompt, (trace.prompt, "question"), *layout.after_prompt]
-    response = trace.response
+    response, unterminated = _response_segments(trace.response)
+    return pieces + response, unterminated
+
+
+def _response_segments(response: str) -> tuple[list[tuple[str, str]], bool]:
+    """A response's pieces: answer, think start, thinking, think end, answer."""
+    pieces: list[tuple[str, str]] = []
     start = response.find(THINK_START)
     if start < 0:
         end = response.find(THINK_END)
@@ -307,6 +374,80 @@ def segments(trace: Trace, *, chat_format: str = "deepseek") -> tuple[list[tuple
     pieces.append((THINK_END, "think_end"))
     pieces.append((rest[end + len(THINK_END) :], "answer"))
     return pieces, False
+
+
+def _turn_fields(trace: Trace) -> tuple[tuple[str, str], tuple[str, str]]:
+    if trace.kind == "conversations":
+        return (
+            ("the user turn of field 'conversations'", trace.prompt),
+            ("the assistant turn of field 'conversations'", trace.response),
+        )
+    return (("field 'prompt'", trace.prompt), ("field 'response'", trace.response))
+
+
+def _check_no_turn_markers(trace: Trace, path: Path | None) -> None:
+    for name, value in _turn_fields(trace):
+        for marker, chat_format in TURN_MARKERS.items():
+            if marker in value:
+                raise CorpusError(
+                    f"{_where(trace, path)}: {name} already holds the chat marker "
+                    f"'{marker}', and the layout adds the markers itself; give the prompt "
+                    "and the response without chat markers, or the whole laid-out trace as "
+                    f'{{"text": ...}} with --chat-format {chat_format}'
+                )
+
+
+def is_preformatted(trace: Trace) -> bool:
+    """Whether a record is a text already laid out in some chat format."""
+    return trace.kind == "text" and any(
+        layout.user_marker in trace.text for layout in CHAT_LAYOUTS.values()
+    )
+
+
+def _text_segments(
+    trace: Trace, chat_format: str, path: Path | None
+) -> tuple[list[tuple[str, str]], bool]:
+    text = trace.text
+    found = [layout for layout in CHAT_LAYOUTS.values() if layout.user_marker in text]
+    if not found:
+        return [(text, "text")], False
+    layout = _layout(chat_format)
+    if layout not in found:
+        other = found[0]
+        raise CorpusError(
+            f"{_where(trace, path)}: field 'text' is laid out in the {other.name} chat format "
+            f"(it holds {other.user_marker!r}), not the {layout.name} one; "
+            f"pass --chat-format {other.name}"
+        )
+    user, assistant = layout.user_marker, layout.assistant_marker
+    n_user, n_assistant = text.count(user), text.count(assistant)
+    user_at = text.find(user)
+    assistant_at = text.find(assistant, user_at + len(user))
+    if n_user != 1 or n_assistant != 1 or assistant_at < 0:
+        found_as = (
+            f"holds them {n_user} and {n_assistant} times"
+            if n_user != 1 or n_assistant != 1
+            else "holds the assistant marker first"
+        )
+        raise CorpusError(
+            f"{_where(trace, path)}: field 'text' is a pre-formatted {layout.name} trace, so it "
+            f"must hold {user!r} once and after it {assistant!r} once (it {found_as}); "
+            "give one user turn and one assistant turn a record"
+        )
+    pieces: list[tuple[str, str]] = []
+    head = text[:user_at]
+    if layout.bos is not None and head.startswith(layout.bos):
+        pieces.append((layout.bos, "bos"))
+        head = head[len(layout.bos) :]
+    if head:
+        pieces.append((head, "question"))  # a system prompt
+    pieces += [
+        (user, "user_marker"),
+        (text[user_at + len(user) : assistant_at], "question"),
+        (assistant, "assistant_marker"),
+    ]
+    response, unterminated = _response_segments(text[assistant_at + len(assistant) :])
+    return pieces + response, unterminated
 
 
 def _encode_texts(tokenizer: Encoder, texts: list[str]) -> list[list[int]]:
@@ -355,14 +496,92 @@ class _Markers:
             )
 
 
-def _check_one_kind(traces: Sequence[Trace]) -> None:
+def _describe(trace: Trace) -> str:
+    if trace.kind == "text":
+        return "pre-formatted 'text'" if is_preformatted(trace) else "plain 'text'"
+    return f"'{trace.kind}'"
+
+
+def _check_one_kind(traces: Sequence[Trace], path: Path | None = None) -> None:
+    """All traces of one format; text records all pre-formatted or all plain."""
     first = traces[0]
+    first_preformatted = is_preformatted(first)
     for trace in traces:
-        if trace.kind != first.kind:
+        if trace.kind != first.kind or is_preformatted(trace) != first_preformatted:
             raise CorpusError(
-                f"the traces mix formats: line {first.line} is a '{first.kind}' record, "
-                f"line {trace.line} a '{trace.kind}' record"
+                f"{_where(trace, path)}: a {_describe(trace)} record, but line {first.line} is "
+                f"a {_describe(first)} record; all records of a corpus must have one format"
             )
+
+
+def check_layouts(
+    traces: Sequence[Trace], chat_format: str, path: Path | None = None
+) -> frozenset[str]:
+    """Raise the first layout error of the corpus (what :func:`tokenize_traces` would raise
+    on the way), naming ``path`` and the line, without tokenizing anything; return the
+    regions the corpus's pieces fall in."""
+    if not traces:
+        raise CorpusError(f"{path or 'the corpus'}: holds no traces")
+    _layout(chat_format)
+    _check_one_kind(traces, path)
+    regions: set[str] = set()
+    for trace in traces:
+        pieces, _ = segments(trace, chat_format=chat_format, path=path)
+        regions.update(region for text, region in pieces if text)
+    return frozenset(regions)
+
+
+# A piece of text longer than this many characters per token of --max-length (and at
+# least LONG_PIECE_MIN_CHARS) is encoded only as far as the sequence can keep: a fast
+# tokenizer holds ~150 bytes per character of what it encodes, so a 50 MB line would
+# take 7.5 GB to keep 1,024 tokens. A thinking piece is also counted whole, a chunk at
+# a time, for its thinking tenths.
+LONG_PIECE_CHARS_PER_TOKEN = 64
+LONG_PIECE_MIN_CHARS = 1 << 16
+_COUNT_BATCH = 16  # chunks of a long piece counted in one call
+
+
+def _head(text: str, limit: int) -> str:
+    """``text`` up to about ``limit`` characters, cut before a space or newline where
+    one is near the limit (so the words before the cut tokenize as in the whole)."""
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(" ", limit * 9 // 10, limit), text.rfind("\n", limit * 9 // 10, limit))
+    return text[: cut if cut > 0 else limit]
+
+
+def _count_tokens(tokenizer: Encoder, text: str, limit: int) -> int:
+    """The tokens of a long ``text``, counted a chunk of about ``limit`` characters at a
+    time (exact but for a token or two at each chunk's edge)."""
+    chunks = []
+    start = 0
+    while start < len(text):
+        head = _head(text[start : start + limit + 1], limit)
+        chunks.append(head)
+        start += len(head)
+    return sum(
+        len(ids)
+        for i in range(0, len(chunks), _COUNT_BATCH)
+        for ids in _encode_texts(tokenizer, chunks[i : i + _COUNT_BATCH])
+    )
+
+
+def _long_piece(
+    tokenizer: Encoder,
+    text: str,
+    head_ids: list[int],
+    limit: int,
+    max_length: int,
+    count_whole: bool,
+) -> tuple[list[int], int]:
+    """A piece's ids as far as a sequence can keep them, and its whole token count
+    (counted only when ``count_whole``: the thinking, whose tenths need it)."""
+    if len(text) <= limit:
+        return head_ids, len(head_ids)
+    if len(head_ids) <= max_length + 16:  # more than 64 characters a token: encode it all
+        ids = _encode_texts(tokenizer, [text])[0]
+        return ids, len(ids)
+    return head_ids, _count_tokens(tokenizer, text, limit) if count_whole else len(head_ids)
 
 
 def tokenize_traces(
@@ -370,18 +589,20 @@ def tokenize_traces(
     tokenizer: Encoder,
     max_length: int,
     chat_format: str = "deepseek",
+    path: Path | None = None,
 ) -> TokenizedCorpus:
     """Tokenize traces piece by piece (see :func:`segments`) so that every token's region is
     exact; marker pieces are encoded once, the others in batches.
 
     Sequences longer than ``max_length`` are truncated (and flagged), never dropped; think bins
-    are relative to the whole thinking, truncated or not.
+    are relative to the whole thinking, truncated or not. Layout errors name ``path`` (the
+    corpus file) when given.
     """
     if not traces:
         raise CorpusError("the corpus holds no traces")
     if max_length < 1:
         raise CorpusError(f"max_length must be at least 1, not {max_length}")
-    _check_one_kind(traces)
+    _check_one_kind(traces, path)
     markers = _Markers(tokenizer, _layout(chat_format))
     ids_parts: list[np.ndarray] = []
     region_parts: list[np.ndarray] = []
@@ -391,25 +612,32 @@ def tokenize_traces(
     unterminated: list[bool] = []
     for chunk_start in range(0, len(traces), _ENCODE_CHUNK):
         chunk = traces[chunk_start : chunk_start + _ENCODE_CHUNK]
-        laid_out = [segments(trace, chat_format=chat_format) for trace in chunk]
-        texts = [
-            text
+        laid_out = [segments(trace, chat_format=chat_format, path=path) for trace in chunk]
+        pieces_in_order = [
+            (text, region)
             for pieces, _ in laid_out
             for text, region in pieces
             if text and region not in MARKER_REGIONS
         ]
-        encoded = iter(_encode_texts(tokenizer, texts))
+        long_limit = max(LONG_PIECE_CHARS_PER_TOKEN * max_length, LONG_PIECE_MIN_CHARS)
+        heads = [_head(text, long_limit) for text, _ in pieces_in_order]
+        encoded = iter(_encode_texts(tokenizer, heads))
         for pieces, is_unterminated in laid_out:
             ids: list[int] = []
             codes: list[int] = []
             counts: list[int] = []
-            think_start = think_count = 0
+            think_start = think_count = think_total = 0
             for text, region in pieces:
                 if not text:
                     continue
-                piece_ids = markers.ids(text, region) if region in MARKER_REGIONS else next(encoded)
+                if region in MARKER_REGIONS:
+                    piece_ids = markers.ids(text, region)
+                    total = len(piece_ids)
+                else:
+                    piece_ids, total = _long_piece(tokenizer, text, next(encoded), long_limit,
+                                                   max_length, region == "thinking")  # fmt: skip
                 if region == "thinking":
-                    think_start, think_count = len(ids), len(piece_ids)
+                    think_start, think_count, think_total = len(ids), len(piece_ids), total
                 ids.extend(piece_ids)
                 codes.append(REGION_CODE[region])
                 counts.append(len(piece_ids))
@@ -417,7 +645,7 @@ def tokenize_traces(
             bins = np.full(len(ids), -1, dtype=np.int8)
             if think_count:
                 think_end = think_start + think_count
-                bins[think_start:think_end] = THINK_BINS * np.arange(think_count) // think_count
+                bins[think_start:think_end] = THINK_BINS * np.arange(think_count) // think_total
             cut = len(ids) > max_length
             ids_parts.append(np.asarray(ids[:max_length], dtype=np.int64))
             region_parts.append(regions[:max_length])

@@ -1,7 +1,10 @@
 """The planted demo: a synthetic corpus, a locally trained tokenizer, and a tiny Qwen2
 decoder with a transcoder adapter whose features have a known meaning.
 
-Everything is deterministic from the seed and takes seconds on a CPU. The random-weight
+Everything is deterministic from the seed and takes seconds on a CPU. The ground truth
+(trigger tokens, measured precision and recall) is planted and measured on the corpus as
+tokenized by the tokenizer ``collect`` loads from the saved checkpoint folder, not by the
+one trained in memory (they agree; the builder does not rely on it). The random-weight
 decoder is built with large token embeddings, so the residual stream at every layer is
 dominated by the current token: features planted on token sets fire exactly there. A
 random-weight model carries little context, so the demo's ``input_abstract`` reasoning
@@ -40,6 +43,7 @@ from adapters.planted import (
 from adapters.random_adapter import ModelShape
 from adapters.random_adapter import random_decoder as random_causal_lm
 from adapters.tiny_tokenizer import train_bpe_tokenizer
+from adapters.tokenizer_loading import load_tokenizer
 from collectors.batching import make_batch, plan_batches
 from collectors.corpus import (
     BOS,
@@ -47,6 +51,7 @@ from collectors.corpus import (
     PAD,
     SPECIAL_TOKENS,
     TokenizedCorpus,
+    Trace,
     read_traces,
     segments,
     tokenize_traces,
@@ -247,6 +252,23 @@ def _random_token_pool(words: dict[str, list[int]], corpus: TokenizedCorpus) -> 
     return sorted(pool)
 
 
+def train_demo_tokenizer(traces: list[Trace], shape: DemoShape) -> Any:
+    """The demo's byte-level BPE, trained in memory on the laid-out corpus."""
+    texts = [text for trace in traces for text, _ in segments(trace)[0]]
+    return train_bpe_tokenizer(texts, SPECIAL_TOKENS, shape.vocab_size, BOS, EOS, PAD)
+
+
+def _saved_and_reloaded(adapter: AdapterModel, tokenizer: Any, folder: Path) -> Any:
+    """Save the checkpoint and load its tokenizer back exactly as ``collect`` will."""
+    save_adapter(adapter, tokenizer, folder)
+    reloaded = load_tokenizer(folder)
+    if len(reloaded) != len(tokenizer):
+        raise ValueError(
+            f"{folder}: the tokenizer reloads with {len(reloaded)} tokens, not {len(tokenizer)}"
+        )
+    return reloaded
+
+
 def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> DemoPaths:
     """Write ``corpus.jsonl``, ``model/`` (a checkpoint in the paper's format) and
     ``ground_truth.json`` under ``out``."""
@@ -255,12 +277,12 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
     paths = DemoPaths(out / "corpus.jsonl", out / "model", out / GROUND_TRUTH)
     write_corpus(paths.corpus, shape.n_traces, seed)
     traces = list(read_traces(paths.corpus))
-    texts = [text for trace in traces for text, _ in segments(trace)[0]]
-    tokenizer = train_bpe_tokenizer(texts, SPECIAL_TOKENS, shape.vocab_size, BOS, EOS, PAD)
-    corpus = tokenize_traces(traces, tokenizer, shape.max_length)
-    model = _tiny_qwen2(shape, len(tokenizer), seed)
+    trained = train_demo_tokenizer(traces, shape)
+    model = _tiny_qwen2(shape, len(trained), seed)
     config = TranscoderConfig(shape.n_features, True, shape.n_layers, shape.d_model)
     adapter = attach_branch(model, config)
+    tokenizer = _saved_and_reloaded(adapter, trained, paths.checkpoint)
+    corpus = tokenize_traces(traces, tokenizer, shape.max_length)
     words = _word_ids(tokenizer)
     pool = _random_token_pool(words, corpus)
     unembedding = adapter.unembedding()

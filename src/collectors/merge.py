@@ -146,15 +146,11 @@ def merge_runs(
 
 
 def load_tokenizer(path_or_id: str) -> Any:
-    """The shards' tokenizer, from the checkpoint folder recorded in run.json."""
-    from transformers import AutoTokenizer
+    """The shards' tokenizer, from the checkpoint folder recorded in run.json (loaded as
+    ``collect`` loads it: ``adapters.tokenizer_loading``)."""
+    from adapters.tokenizer_loading import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(path_or_id)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"{path_or_id}: cannot load the tokenizer ({exc}); pass --tokenizer"
-        ) from exc
+    return load(path_or_id)
 
 
 def _lens_vocabulary_size(lenses: dict[int, LogitLens]) -> int:

@@ -111,12 +111,20 @@ class NeuronModel:
 
 
 def load_neuron_model(
-    path_or_id: str, n_per_layer: int, seed: int, device: str = "auto", dtype: str = "auto"
+    path_or_id: str,
+    n_per_layer: int,
+    seed: int,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer: str | None = None,
 ) -> tuple[NeuronModel, Any, Path]:
     """Load any Hugging Face causal LM (an adapter checkpoint loads as its plain model,
-    the branch left out) for the neuron baseline: (model, tokenizer, local folder)."""
+    the branch left out) for the neuron baseline: (model, tokenizer, local folder).
+
+    The tokenizer is the folder's own as saved, or the one at ``tokenizer`` (a folder or
+    hub id) when given."""
     if n_per_layer <= 0:
         raise CheckpointError(f"--neurons {n_per_layer}: must be a positive number per layer")
     folder = resolve_checkpoint(path_or_id)
-    model, tokenizer = load_causal_lm(folder, device, dtype)
-    return NeuronModel(model, n_per_layer, seed), tokenizer, folder
+    model, loaded_tokenizer = load_causal_lm(folder, device, dtype, tokenizer)
+    return NeuronModel(model, n_per_layer, seed), loaded_tokenizer, folder

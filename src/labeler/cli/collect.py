@@ -10,29 +10,50 @@ import click
 from adapters.errors import UserError
 from labeler.cli.app import (
     _layers,
+    check_output,
     cli,
     console,
 )
 
 
-def _load_source(adapter_path: str, params: Any, device: str, dtype: str) -> Any:
-    """The model to collect from: the adapter, or with ``params.neurons`` a plain model."""
+def _load_source(
+    adapter_path: str, params: Any, device: str, dtype: str, tokenizer: str | None = None
+) -> Any:
+    """The model to collect from: the adapter, or with ``params.neurons`` a plain model;
+    ``tokenizer`` (a folder or hub id) replaces the checkpoint's own tokenizer."""
     if params.neurons is not None:
         from collectors.neurons import load_neuron_model
 
-        return load_neuron_model(adapter_path, params.neurons, params.seed, device, dtype)
+        return load_neuron_model(
+            adapter_path, params.neurons, params.seed, device, dtype, tokenizer=tokenizer
+        )
     from adapters.branch import load_adapter
 
-    return load_adapter(adapter_path, device=device, dtype=dtype)
+    return load_adapter(adapter_path, device=device, dtype=dtype, tokenizer=tokenizer)
 
 
-def _read_corpus(corpus_path: Path, tokenizer: Any, params: Any) -> Any:
-    from collectors.corpus import read_traces, tokenize_traces
+def _read_traces(corpus_path: Path) -> list[Any]:
+    """Every record of the corpus, validated (before any model is loaded)."""
+    from collectors.corpus import read_traces
+    from collectors.errors import CorpusError
 
-    with console.status(f"reading and tokenizing {corpus_path}"):
-        corpus = tokenize_traces(
-            list(read_traces(corpus_path)), tokenizer, params.max_length, params.chat_format
-        )
+    with console.status(f"reading {corpus_path}"):
+        traces = list(read_traces(corpus_path))
+    if not traces:
+        raise CorpusError(f"{corpus_path}: the corpus holds no traces (no non-blank line)")
+    return traces
+
+
+def _read_corpus(
+    corpus_path: Path, tokenizer: Any, params: Any, traces: list[Any] | None = None
+) -> Any:
+    from collectors.corpus import tokenize_traces
+    from collectors.tokenizer_check import check_tokenizer
+
+    traces = traces if traces is not None else _read_traces(corpus_path)
+    with console.status(f"tokenizing {corpus_path}"):
+        check_tokenizer(tokenizer, traces, params.chat_format, corpus_path)
+        corpus = tokenize_traces(traces, tokenizer, params.max_length, params.chat_format)
     console.print(
         f"corpus {corpus_path}: {corpus.n_sequences:,} sequences, {corpus.n_tokens:,} tokens "
         f"({corpus.n_truncated:,} truncated to {params.max_length}, "
@@ -52,15 +73,21 @@ def _collect(
     shard: str | None = None,
     checkpoint_every: int | None = None,
     restart: bool = False,
+    tokenizer_path: str | None = None,
 ) -> Any:
     from collectors.batching import WHOLE, Shard
     from collectors.collect import CollectJob, collect_run
     from labeler.cli.render import progress_bar
 
-    parsed_shard = Shard.parse(shard) if shard else WHOLE  # bad specs fail before loading
+    # Everything that can be checked without the model is checked before loading it.
+    parsed_shard = Shard.parse(shard) if shard else WHOLE
+    check_output(out, overwrite)
+    traces = _read_traces(corpus_path)
     with console.status("loading the model"):
-        source, tokenizer, folder = _load_source(adapter_path, params, device, dtype)
-    corpus = _read_corpus(corpus_path, tokenizer, params)
+        source, tokenizer, folder = _load_source(
+            adapter_path, params, device, dtype, tokenizer_path
+        )
+    corpus = _read_corpus(corpus_path, tokenizer, params, traces)
     job = CollectJob(
         source=source, tokenizer=tokenizer, corpus=corpus, params=params, adapter_folder=folder,
         corpus_path=corpus_path, unit="neuron" if params.neurons else "feature",
@@ -94,7 +121,11 @@ def _collect(
               help="JSONL: `conversations`, `prompt`/`response` or `text` records.")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @click.option("--chat-format", default="deepseek", type=click.Choice(["deepseek", "qwen"]),
-              show_default=True, help="Chat layout of conversation records.")  # fmt: skip
+              show_default=True, help="Chat layout of conversation records, and of `text` "
+                   "records already laid out in it.")  # fmt: skip
+@click.option("--tokenizer", "tokenizer_path", default=None, metavar="PATH_OR_ID",
+              help="Folder or hub id of the tokenizer to use instead of the checkpoint's own "
+                   "(default: its tokenizer.json as saved).")  # fmt: skip
 @click.option("--max-length", default=1024, show_default=True,
               help="Truncate longer sequences (they are counted, never dropped).")  # fmt: skip
 @click.option("--batch-tokens", default=8192, show_default=True,
@@ -129,6 +160,7 @@ def collect(
     corpus_path: Path,
     out: Path,
     chat_format: str,
+    tokenizer_path: str | None,
     max_length: int,
     batch_tokens: int,
     top_k: int,
@@ -169,7 +201,7 @@ def collect(
         name = {"n_quantiles": "quantiles"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
     _collect(adapter_path, corpus_path, out, params, device, dtype, overwrite, shard,
-             checkpoint_every, restart)  # fmt: skip
+             checkpoint_every, restart, tokenizer_path)  # fmt: skip
 
 
 @cli.command("merge-runs")
