@@ -68,7 +68,10 @@ def test_export_makes_missing_folders_and_never_replaces_silently(
 
     # the same policy for the circuit-tracer folder, and for the default catalog path
     folder = tmp_path / "deep" / "ct"
-    assert labeler("export", labeled_copy, "--format", "circuit-tracer", "--out", folder).returncode == 0
+    assert (
+        labeler("export", labeled_copy, "--format", "circuit-tracer", "--out", folder).returncode
+        == 0
+    )
     again = labeler("export", labeled_copy, "--format", "circuit-tracer", "--out", folder)
     one_line_error(again, str(folder), "already exists", "--overwrite")
     assert labeler("export", labeled_copy).returncode == 0

@@ -53,7 +53,7 @@ def two_judges(labeled: CollectedDemo, tmp_path: Path) -> tuple[Path, dict[str, 
 
 
 def _catalog(run: Path) -> dict[str, dict[str, object]]:
-    result = labeler("export", run, "--out", run / "catalog.jsonl")
+    result = labeler("export", run, "--out", run / "catalog.jsonl", "--overwrite")
     assert result.returncode == 0, result.stderr
     lines = (run / "catalog.jsonl").read_text().splitlines()
     return {line["feature_id"]: line for line in map(json.loads, lines)}
@@ -118,7 +118,7 @@ def test_terminal_review_hides_the_judges_until_asked(
     run, _ = two_judges
     first = json.loads(labeler("disputes", run, "--json").stdout)[0]["feature_id"]
 
-    skipped = labeler_input(run, "ann", "s\nq\n")
+    skipped = labeler_input(run, "ann", "s\ny\nq\n")  # a skip is confirmed
     assert skipped.returncode == 0, skipped.stderr
     assert first in skipped.stdout and "the planted truth says so" not in skipped.stdout
     assert "1 skipped" in skipped.stdout
@@ -327,7 +327,7 @@ def test_unlabeled_layers_failed_features_and_odd_names(
     queue = json.loads(labeler("disputes", run, "--json").stdout)
     failed = [q for q in queue if q["feature_id"] == layer3[0]]
     assert failed and failed[0]["reasons"] == ["all_failed"]
-    assert failed[0]["categories"] == "heuristic=failed"
+    assert failed[0]["categories"] == ["heuristic=failed"]
 
     # The catalog keeps the failed and the unjudged features of the layer, each with why.
     catalog = _catalog(run)

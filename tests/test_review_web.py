@@ -403,7 +403,7 @@ def test_api_queue_headers_and_no_tracebacks(served: Served) -> None:
     assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
     assert {i["feature_id"] for i in items} == set(served.queue)
     assert set(items[0]) == {"feature_id", "reasons", "score", "categories", "min_detection",
-                             "decided_by"}  # fmt: skip
+                             "decided_by", "explanation"}  # fmt: skip
     assert http(f"{served.url}api/queue?include_decided=maybe")[0] == 400
     status, _, body = http(f"{served.url}api/session")
     assert status == 200 and json.loads(body)["reviewer"] == ""
@@ -426,8 +426,153 @@ def test_ctrl_c_ends_it_cleanly_and_a_busy_port_is_a_clear_error(
     process, url = _start(served.run, "--port", "0", "--reviewer", "erin",
                           stderr=tmp_path / "server.log")  # fmt: skip
     try:
+        assert process.stdout is not None
+        port = url.rstrip("/").rsplit(":", 1)[1]  # how to reach it from another machine
+        assert f"ssh -L {port}:127.0.0.1:{port} " in process.stdout.readline()
         status, _, body = http(f"{url}api/session")
         assert status == 200 and json.loads(body)["reviewer"] == "erin"
     finally:
         assert _stop(process) == 0
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def _contrast(color: str, background: str) -> float:
+    """The WCAG contrast ratio of two CSS ``rgb(...)`` colours."""
+
+    def luminance(css: str) -> float:
+        r, g, b = (int(x) / 255 for x in re.findall(r"[\d.]+", css)[:3])
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted((luminance(color), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+_COLOURS = """k => {
+  let e = k, bg = "rgba(0, 0, 0, 0)";
+  while (e && /rgba\\(.*, 0\\)$/.test(bg = getComputedStyle(e).backgroundColor)) {
+    e = e.parentElement;
+  }
+  return [getComputedStyle(k).color, bg];
+}"""
+
+
+def test_the_chosen_category_keeps_readable_key_hints(served: Served, tab: Tab) -> None:
+    page = tab.page
+    feature = served.queue[-1]
+    tab.open(f"{served.url}feature/{feature}")
+    page.wait_for_selector(f"#feature-panel[data-loaded='{feature}']")
+    for key, category, number in (("l", "language", "3"), ("u", "uninterpretable", "4")):
+        page.keyboard.press(key)
+        pressed = page.locator(".cat[aria-pressed=true]")
+        assert pressed.count() == 1 and pressed.get_attribute("data-category") == category
+        hints = pressed.locator("kbd")
+        assert hints.all_inner_texts() == [key, number]
+        for hint in hints.all():
+            color, background = hint.evaluate(_COLOURS)
+            assert _contrast(color, background) >= 4.5, (category, color, background)
+    assert reviews(served, feature) == []  # choosing is not saving
+    assert tab.errors == []
+
+
+def test_enter_pressed_before_the_queue_loads_starts_the_review(served: Served, tab: Tab) -> None:
+    page = tab.page
+    held: list[Any] = []
+    page.route("**/api/queue*", lambda route: held.append(route))
+    page.goto(served.url)  # loaded; the queue's request is held back
+    for _ in range(500):
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the page never asked for the queue"
+    page.keyboard.press("Enter")
+    assert page.locator("#toast").is_hidden()  # not "The queue is empty"
+    assert page.get_attribute("body", "data-ready") is None
+    held[0].continue_()
+    page.wait_for_selector("body[data-ready=true]")
+    first = page.locator("#queue tbody tr").first.get_attribute("data-feature-id")
+    page.wait_for_selector(f"#feature-panel[data-loaded='{first}']")  # Enter took effect
+    assert page.url == f"{served.url}feature/{first}"
+    toast = page.locator("#toast")
+    assert toast.is_hidden() or "empty" not in toast.inner_text()
+    assert tab.errors == []
+
+
+def test_special_and_byte_tokens_read_as_names_and_bytes(served: Served, tab: Tab) -> None:
+    """The demo's tokens are decoded one at a time: its examples hold the DeepSeek markers
+    and its logit lens lone bytes of multi-byte characters (``�``) and control bytes."""
+    raw_bytes = re.compile("[\ufffd\x00-\x08\x0b-\x1f\x7f]")
+    chosen = None
+    for feature in served.queue:
+        view = json.loads(http(f"{served.url}api/feature/{feature}")[2])
+        lens = view["top_logits"] + view["bottom_logits"]
+        tokens = {t for e in view["examples"] for t in e["tokens"]}
+        if "<｜begin▁of▁sentence｜>" in tokens and any(raw_bytes.search(t) for t in lens):
+            chosen = view
+            break
+    assert chosen is not None, "no disputed demo feature with a marker and a byte token"
+    shown_lens = chosen["top_logits_shown"] + chosen["bottom_logits_shown"]
+    assert not any(raw_bytes.search(t) for t in shown_lens)
+    assert any(re.search(r"<0x[0-9A-F]{2}>", t) for t in shown_lens), shown_lens
+
+    page = tab.page
+    tab.open(f"{served.url}feature/{chosen['feature_id']}")
+    page.wait_for_selector(f"#feature-panel[data-loaded='{chosen['feature_id']}']")
+    texts = page.locator(".tok").all_text_contents()
+    assert "‹bos›" in texts and "‹Assistant›" in texts and "‹think›" in texts
+    assert not any("｜" in t or "▁" in t or raw_bytes.search(t) for t in texts)
+    bos = page.locator(".tok.special", has_text="‹bos›").first
+    assert 'stored as "<｜begin▁of▁sentence｜>"' in (bos.get_attribute("title") or "")
+    chips = page.locator(".lens .logit").all_text_contents()
+    assert chips == shown_lens
+    assert not any(raw_bytes.search(t) for t in chips)
+    assert page.locator(".lens .logit.bytes").count() >= 1
+    assert tab.errors == []
+
+
+def test_the_queue_has_an_explanation_column_once_asked_for(served: Served, tab: Tab) -> None:
+    items = json.loads(http(f"{served.url}api/queue?include_decided=1")[2])
+    store = LabelStore(served.run / "labels.sqlite")
+    try:
+        judged = store.judgments("heuristic")  # the demo run's only judge
+    finally:
+        store.close()
+    for item in items:
+        stored = judged[item["feature_id"]].judgment
+        assert stored is not None and item["explanation"] == stored.explanation
+
+    page = tab.page
+    tab.open(served.url)
+    header = page.locator("#queue th.explanation-col")
+    assert header.is_hidden()  # the judges' words stay out of sight until asked for
+    page.check("#show-explanations")
+    assert header.is_visible()
+    explained = {item["feature_id"]: item["explanation"] for item in items}
+    rows = page.locator("#queue tbody tr")
+    assert rows.count() > 0
+    for row in rows.all():
+        cell = row.locator("td.explanation")
+        assert cell.is_visible()
+        assert cell.text_content() == explained[row.get_attribute("data-feature-id") or ""]
+    tab.open(served.url)  # remembered in this browser
+    assert page.locator("#queue th.explanation-col").is_visible()
+    assert tab.errors == []
+
+
+def test_deep_nesting_and_oversized_bodies_are_refused_in_one_line(served: Served) -> None:
+    feature = served.queue[1]
+    before = reviews(served, feature)
+    deep = b"[" * 60_000 + b"]" * 4_000
+    in_note = b'{"reviewer": "x", "category": "language", "note": ' + b"[" * 30_000 + b"}"
+    for body in (deep, in_note):
+        status, answer = decide(served, feature, body)
+        assert status == 400, answer
+        assert "nested too deeply" in answer["error"] and "\n" not in answer["error"]
+    status, answer = decide(served, feature, {"reviewer": "x", "category": "language",
+                                              "note": {"a": [1]}})  # fmt: skip
+    assert status == 400 and answer["field"] == "note" and "an object" in answer["error"]
+    big = {"reviewer": "x", "category": "language", "note": "a" * 70_000}
+    status, answer = decide(served, feature, big)
+    assert status == 413 and "\n" not in answer["error"], answer
+    assert reviews(served, feature) == before
+    assert http(f"{served.url}api/session")[0] == 200  # still serving

@@ -113,7 +113,7 @@ def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err_console.print("interrupted; what finished is kept")
+        err_console.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except Interrupted:
         err_console.print("interrupted while waiting for the run's lock; nothing was done")

@@ -128,8 +128,12 @@ def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_d
     lens, and the judges' answers (hidden until asked for, to avoid anchoring).
 
     \b
-    Terminal keys: r d l u (category), j (show judges), s (skip), q (quit).
-    --web: a page on 127.0.0.1 with the same queue and keyboard shortcuts.
+    Terminal keys, single keys without Enter (from a pipe, one a line): r d l u
+    (category), j (show or hide the judges), s (skip, confirmed with s or y), b or ←
+    (back to the previous feature, to change its decision), n or → (next, nothing
+    recorded), q (quit).
+    --web: a page on 127.0.0.1 with the same queue and keyboard shortcuts; on a remote
+    machine, forward its port first: ssh -L 8765:127.0.0.1:8765 HOST.
     Decisions are appended to RUN/labels.sqlite with the reviewer and time.
     """
     from labeler.reporting.disputes import DisputeRules
@@ -144,6 +148,9 @@ def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_d
 
             def ready(url: str) -> None:
                 console.print(f"review page: {url} (Ctrl-C to stop)")
+                port = url.rstrip("/").rsplit(":", 1)[1]
+                console.print(f"from another machine: ssh -L {port}:127.0.0.1:{port} THIS_HOST, "
+                              "then open the same address there", markup=False)  # fmt: skip
 
             serve(run, store, rules, reviewer or "", port, include_decided, on_ready=ready)
             return

@@ -5,10 +5,12 @@ over :mod:`labeler.review.queue`:
 
 - ``GET /`` and ``GET /feature/ID``: the page (status 404 for a feature not planned);
 - ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
-- ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative first;
+- ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative
+  first, each with its preferred judge's explanation;
 - ``GET /api/feature/ID``: everything about one feature, with ``disagreement``;
-- ``POST /api/feature/ID/decision``: append a decision; answers it, every decision on
-  the feature and whether the reviewers disagree.
+- ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
+  ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it,
+  every decision on the feature and whether the reviewers disagree.
 
 The label store's SQLite connection belongs to the thread that opened it, so the HTTP
 server reads requests on threads of its own (an idle connection a browser opens ahead of
@@ -47,6 +49,7 @@ HOST = "127.0.0.1"
 PAGE = "review_page.html"
 NONCE_MARK = "__CSP_NONCE__"
 MAX_BODY = 64 * 1024
+DISCARD_LIMIT = 16 * MAX_BODY  # a larger refused body is not read: the connection closes
 REQUEST_TIMEOUT_S = 120.0
 IDLE_CONNECTION_S = 30
 DECISION_FIELDS = ("action", "category", "subcategory", "mechanism", "domain_type", "note",
@@ -242,6 +245,10 @@ class ReviewApp:
             body = json.loads(request.body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return error_response(400, f"the body is not JSON: {exc}")
+        except RecursionError:
+            return error_response(
+                400, "the body is nested too deeply; a decision is one flat JSON object"
+            )
         if not isinstance(body, dict):
             return error_response(400, "the body must be a JSON object")
         unknown = sorted(set(body) - set(DECISION_FIELDS) - {"feature_id"})
@@ -250,6 +257,12 @@ class ReviewApp:
                 400, f"unknown field {unknown[0]!r}; expected {', '.join(DECISION_FIELDS)}",
                 field=unknown[0],
             )  # fmt: skip
+        nested = next((k for k, v in body.items() if isinstance(v, dict | list)), None)
+        if nested is not None:
+            kind = "an object" if isinstance(body[nested], dict) else "an array"
+            return error_response(
+                400, f"{nested}: must be a string or null, not {kind}", field=nested
+            )
         if body.get("feature_id", feature_id) != feature_id:
             return error_response(400, "feature_id: differs from the address", field="feature_id")
         reviewer = body.get("reviewer") or ""
@@ -374,11 +387,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = b""
         if size is not None:
             if not size.isdigit():
+                self.close_connection = True
                 return error_response(400, "bad Content-Length")
             if int(size) > MAX_BODY:
+                self._discard(int(size))
                 return error_response(413, f"the body is over {MAX_BODY} bytes")
             body = self.rfile.read(int(size))
         elif self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
             return error_response(411, "send a Content-Length")
         url = urlsplit(self.path)
         request = Request(
@@ -391,6 +407,18 @@ class _Handler(BaseHTTPRequestHandler):
             content_type=self.headers.get("Content-Type", ""),
         )
         return cast(_Server, self.server).answer(request)
+
+    def _discard(self, size: int) -> None:
+        """Read and drop a refused body up to DISCARD_LIMIT, so that the client reads the
+        answer rather than a reset connection; past it, close the connection."""
+        if size > DISCARD_LIMIT:
+            self.close_connection = True
+            return
+        while size > 0:
+            chunk = self.rfile.read(min(size, MAX_BODY))
+            if not chunk:
+                break
+            size -= len(chunk)
 
     def _send(self, response: Response, head: bool = False) -> None:
         self.send_response(response.status)
