@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-run
+# test files run on this many processes (each builds the planted model once)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck check install browser clean
 
@@ -21,7 +23,7 @@ demo: install
 	$(BIN)/labeler demo --out $(DEMO_OUT)
 
 test: install browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The review page is tested in a real headless Chromium (Debian's package, not a browser
 # downloaded by a test tool); installed here when missing and we may, else explained.

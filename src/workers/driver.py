@@ -213,6 +213,10 @@ class Driver:
                 return
             if not done:
                 break
+            if self._outcome_waits(task_id):
+                # run for a driver that stopped between sending it and recording the send:
+                # its outcome is on the stream, to be applied, not paid for again
+                return
             # run and applied by an earlier labeling without completing the stage (a judge
             # that could not work, a failure that came late): this is a new attempt
             step = (unit.feature_id, unit.judge, stage)
@@ -235,6 +239,13 @@ class Driver:
         self._redis(
             "recording the send", lambda: self.redis.hset(self._queued, task_id, unit.judge)
         )
+
+    def _outcome_waits(self, task_id: str) -> bool:
+        """Whether an outcome of ``task_id`` is on the stream, not yet applied (the stream
+        holds only those, so it is short)."""
+        wanted = task_id.encode()
+        entries: Any = self._redis("reading outcomes", lambda: self.redis.xrange(self._results))
+        return any(fields.get(b"task_id") == wanted for _, fields in entries)
 
     def _resend_lost(self) -> None:
         """Send again the stages sent but found nowhere in Redis by this look and the one
