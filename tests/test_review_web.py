@@ -68,12 +68,22 @@ class Tab:
         return str(self.page.evaluate("typeof window.__pwned"))
 
 
-def _start(run: Path, *args: str, stderr: Path) -> tuple[subprocess.Popen[str], str]:
-    """`labeler review RUN --web ...` and the URL it prints once it answers."""
+def _start(
+    run: Path, *args: str, stderr: Path, deaf: bool = False
+) -> tuple[subprocess.Popen[str], str]:
+    """`labeler review RUN --web ...` and the URL it prints once it answers; ``deaf``:
+    started with SIGINT ignored and blocked, as a script's background job or a thread
+    that blocks signals would start it."""
+
+    def deafen() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
     with stderr.open("w") as err:
         process = subprocess.Popen(
             [*LABELER, "review", str(run), "--web", *args],
             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "COLUMNS": "200"},
+            preexec_fn=deafen if deaf else None,
         )  # fmt: skip
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -89,7 +99,7 @@ def _stop(process: subprocess.Popen[str]) -> int:
     """Ctrl-C, as a user stops it; its exit status."""
     process.send_signal(signal.SIGINT)
     try:
-        return process.wait(timeout=10)
+        return process.wait(timeout=30)  # slack for a loaded machine
     finally:
         if process.poll() is None:
             process.kill()
@@ -576,3 +586,11 @@ def test_deep_nesting_and_oversized_bodies_are_refused_in_one_line(served: Serve
     assert status == 413 and "\n" not in answer["error"], answer
     assert reviews(served, feature) == before
     assert http(f"{served.url}api/session")[0] == 200  # still serving
+
+
+def test_ctrl_c_stops_it_even_when_started_with_sigint_ignored_and_blocked(
+    served: Served, tmp_path: Path
+) -> None:
+    process, url = _start(served.run, "--port", "0", stderr=tmp_path / "server.log", deaf=True)
+    assert http(f"{url}api/session")[0] == 200
+    assert _stop(process) == 0

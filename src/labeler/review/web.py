@@ -25,6 +25,7 @@ import logging
 import queue
 import re
 import secrets
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -446,6 +447,17 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
+def _hear_ctrl_c() -> None:
+    """Make Ctrl-C stop the server even when the process that started this one ignored
+    or blocked SIGINT (both are inherited: a script's background job, a test runner's
+    worker); only the main thread can install the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def serve(
     run: RunData,
     store: LabelStore,
@@ -462,6 +474,7 @@ def serve(
     ``reviewer`` ("" for none) is used for decisions that name no reviewer."""
     app = ReviewApp(run, store, rules, reviewer, include_decided)
     owner = _OwnerThread()
+    _hear_ctrl_c()
     try:
         server = _Server((HOST, port), lambda request: owner.call(lambda: app.handle(request)))
     except (OSError, OverflowError) as exc:
