@@ -65,6 +65,14 @@ def run_copy(collected: CollectedDemo, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def labeled_copy(labeled: CollectedDemo, tmp_path: Path) -> Path:
+    """A private copy of the run the heuristic judge labeled."""
+    run = tmp_path / "labeled"
+    shutil.copytree(labeled.run, run)
+    return run
+
+
+@pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server; fleet processes a test left running are killed before it
     goes (a leftover driver would wait minutes for it)."""

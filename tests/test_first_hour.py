@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,13 +28,6 @@ def one_line_error(result: subprocess.CompletedProcess[str], *needles: str, code
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
-
-
-@pytest.fixture
-def labeled_copy(labeled: CollectedDemo, tmp_path: Path) -> Path:
-    run = tmp_path / "labeled"
-    shutil.copytree(labeled.run, run)
-    return run
 
 
 def test_version() -> None:

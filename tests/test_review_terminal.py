@@ -9,7 +9,6 @@ import fcntl
 import os
 import re
 import select
-import shutil
 import struct
 import subprocess
 import termios
@@ -27,7 +26,6 @@ from labeler.reporting.final_labels import human_labels
 from labeler.reporting.label_table import review_frame
 from labeler.review.queue import FeatureView, feature_view, review_queue
 from labeler.run.data import RunData
-from tests.conftest import CollectedDemo
 from tests.test_bad_input import LABELER
 
 ROWS, COLS = 24, 80
@@ -111,15 +109,8 @@ class Terminal:
 
 
 @pytest.fixture
-def review_run(labeled: CollectedDemo, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(labeled.run, run)
-    return run
-
-
-@pytest.fixture
-def terminal(review_run: Path) -> Iterator[Terminal]:
-    term = Terminal([*LABELER, "review", str(review_run), "--reviewer", "ann"], ROWS, COLS)
+def terminal(labeled_copy: Path) -> Iterator[Terminal]:
+    term = Terminal([*LABELER, "review", str(labeled_copy), "--reviewer", "ann"], ROWS, COLS)
     try:
         yield term
     finally:
@@ -178,8 +169,8 @@ def check_layout(screen: str, view: FeatureView, position: str) -> list[str]:
     return lines
 
 
-def test_single_keys_in_a_pseudo_terminal_fit_80x24(terminal: Terminal, review_run: Path) -> None:
-    views = _views(review_run)
+def test_single_keys_in_a_pseudo_terminal_fit_80x24(terminal: Terminal, labeled_copy: Path) -> None:
+    views = _views(labeled_copy)
     assert len(views) >= 4
     first, second, third = views[0].feature_id, views[1].feature_id, views[2].feature_id
     n = len(views)
@@ -246,7 +237,7 @@ def test_single_keys_in_a_pseudo_terminal_fit_80x24(terminal: Terminal, review_r
     output = terminal.finish()
     assert "1 decided and 1 skipped by ann" in output
 
-    store = LabelStore(review_run / "labels.sqlite")
+    store = LabelStore(labeled_copy / "labels.sqlite")
     try:
         assert [(r.action, r.category, r.domain_type, r.note) for r in store.reviews(first)] == [
             ("decide", "language", None, "looks like plain text"),
@@ -261,11 +252,11 @@ def test_single_keys_in_a_pseudo_terminal_fit_80x24(terminal: Terminal, review_r
     assert (row["category"], row["reviewers_disagree"]) == ("domain", False)  # the later one
 
 
-def test_keys_piped_one_a_line_still_work(review_run: Path) -> None:
-    views = _views(review_run)
+def test_keys_piped_one_a_line_still_work(labeled_copy: Path) -> None:
+    views = _views(labeled_copy)
     first = views[0].feature_id
     result = subprocess.run(
-        [*LABELER, "review", str(review_run), "--reviewer", "bo"],
+        [*LABELER, "review", str(labeled_copy), "--reviewer", "bo"],
         input="s\ny\nb\nr\n4\n\na plan\nq\n", capture_output=True, text=True,
         timeout=120, check=False, env={**os.environ, "COLUMNS": str(COLS)},
     )  # fmt: skip
@@ -273,7 +264,7 @@ def test_keys_piped_one_a_line_still_work(review_run: Path) -> None:
     drawn = [line for line in result.stdout.splitlines() if "decisions are in" not in line]
     assert all(cell_len(line) <= COLS for line in drawn), result.stdout
     assert "1 decided and 0 skipped by bo" in result.stdout
-    store = LabelStore(review_run / "labels.sqlite")
+    store = LabelStore(labeled_copy / "labels.sqlite")
     try:
         reviews = [(r.action, r.category, r.subcategory, r.mechanism, r.note)
                    for r in store.reviews(first)]  # fmt: skip
