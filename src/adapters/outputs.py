@@ -51,17 +51,6 @@ def writing(
         ) from exc
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then a rename."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with writing(path):
-            tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix, so writers that go by it still
@@ -74,3 +63,9 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
