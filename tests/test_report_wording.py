@@ -202,8 +202,9 @@ def test_the_dry_run_table_fits_80_columns_with_the_dollars_whole(
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, result.stdout
     assert "…" not in result.stdout
-    rows = [line for line in lines if re.search(r"\$\d[\d,]*\.\d{4} │$", line)]
-    assert len(rows) == 3, result.stdout  # each judge's dollars, whole
+    dollars = r"\$\d[\d,]*\.\d{4}"
+    rows = [line for line in lines if re.search(rf"{dollars} │ +({dollars}|-) │$", line)]
+    assert len(rows) == 3, result.stdout  # each judge's dollars, synchronous and batch, whole
     assert "nothing was sent" in result.stdout
     assert not (run_copy / "labels.sqlite").exists()
 

@@ -25,6 +25,7 @@ from labeler.judges import Judge, make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
+from labeler.judges.requests import folder_cache_from_env
 from workers.leases import Leases
 from workers.redis_retry import UNREACHABLE, retrying_async
 from workers.settings import FleetSettings
@@ -80,6 +81,8 @@ class WorkerRuntime:
         if isinstance(judge, LLMJudge):
             # a 429 goes back to the queue with its Retry-After instead of waiting here
             judge.retry = dataclasses.replace(judge.retry, reschedule_rate_limits=True)
+            # a worker cannot read the run's store; a shared cache folder it can
+            judge.replies = folder_cache_from_env()
             if limits is not None and limits.active:
                 if self._async_redis is None:
                     self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)

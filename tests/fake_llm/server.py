@@ -11,6 +11,10 @@ server runs its event loop in a daemon thread; tests drive it from the outside:
 
 Replies simulate usage (tokens ~ ceil(chars / 4)) with prompt caching of the system
 text, and token log probabilities for the ``true``/``false`` literals of the reply.
+
+The providers' batch APIs (OpenAI Files + Batches, Anthropic Message Batches) are served
+by ``tests.fake_llm.batches`` through ``server.batches``; this module only routes their
+requests (GET routes, path parameters, multipart bodies, non-JSON replies) to it.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import math
 import re
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from tests.fake_llm.batches import BatchSettings, FakeBatches
 
 Wire = Literal["chat", "responses", "anthropic"]
 ROUTES: dict[str, Wire] = {
@@ -81,9 +89,12 @@ Responder = Callable[[FakeRequest], FakeAnswer]
 
 @dataclass(frozen=True)
 class RateLimited:
-    """429 with a ``retry-after`` header (seconds) and the provider's error body."""
+    """429 with a ``retry-after`` header (seconds) and the provider's error body; an
+    OpenAI ``code`` other than the default (``resource_unavailable``: flex processing out
+    of capacity)."""
 
     retry_after: float
+    code: str = "rate_limit_exceeded"
 
 
 @dataclass(frozen=True)
@@ -335,6 +346,11 @@ _ERROR_TYPES_ANTHROPIC = {
 }
 
 
+def _tier(body: dict[str, Any]) -> str:
+    """The tier that served a request: flex when asked for, else the default one."""
+    return "flex" if body.get("service_tier") == "flex" else "default"
+
+
 def error_body(wire: str, status: int, message: str) -> dict[str, Any]:
     if wire == "anthropic":
         kind = _ERROR_TYPES_ANTHROPIC.get(status, "api_error" if status >= 500 else "error")
@@ -346,10 +362,89 @@ def error_body(wire: str, status: int, message: str) -> dict[str, Any]:
 
 @dataclass
 class _Reply:
+    """An HTTP reply: ``body`` serialized as JSON, or ``raw`` bytes sent as they are with
+    ``content_type``; ``delay``: seconds to wait before sending it."""
+
     status: int
     body: dict[str, Any]
     headers: list[tuple[str, str]] = field(default_factory=list)
     delay: float = 0.0
+    raw: bytes | None = None
+    content_type: str = "application/json"
+
+
+# --- routes beyond the three model endpoints ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request as a ``Route`` handler sees it: ``query`` keeps the last value of each
+    parameter, ``params`` the path parameters (the route pattern's named groups),
+    ``body`` the raw bytes; ``arrival`` is ``time.monotonic()`` once the body was in."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    arrival: float
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method`` on the paths ``pattern`` matches whole, answered by ``handler``;
+    ``wire``: whose error body a 405 on these paths gets."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[[HttpRequest], _Reply]
+    wire: Wire = "chat"
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One field of a ``multipart/form-data`` body."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_DISPOSITION_PARAM = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict[str, FormField]:
+    """The fields of a ``multipart/form-data`` body by name (the last one of a repeated
+    name wins); ValueError when the content type has no boundary or a part is malformed."""
+    match = _BOUNDARY.search(content_type)
+    if not content_type.lower().startswith("multipart/form-data") or match is None:
+        raise ValueError("not a multipart/form-data body with a boundary")
+    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    fields: dict[str, FormField] = {}
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, data = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a multipart part without a header block")
+        part_headers: dict[str, str] = {}
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, colon, value = line.partition(":")
+            if colon:
+                part_headers[name.strip().lower()] = value.strip()
+        params = dict(_DISPOSITION_PARAM.findall(part_headers.get("content-disposition", "")))
+        if "name" not in params:
+            raise ValueError("a multipart part without a name")
+        fields[params["name"]] = FormField(
+            name=params["name"],
+            data=data.removesuffix(b"\r\n"),
+            filename=params.get("filename"),
+            content_type=part_headers.get("content-type"),
+        )
+    return fields
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -364,7 +459,10 @@ class FakeLLMServer:
         latency: float = 0.0,
         port: int = 0,
         host: str = "127.0.0.1",
+        batch_settings: BatchSettings | None = None,
     ) -> None:
+        from tests.fake_llm.batches import FakeBatches  # it builds on this module
+
         self.responder = responder
         self.latency = latency
         self.host = host
@@ -381,6 +479,9 @@ class FakeLLMServer:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stopping: asyncio.Event | None = None
+        self.batches: FakeBatches = FakeBatches(self, batch_settings)
+        """The batch APIs: their settings, records and scripts (``tests.fake_llm.batches``)."""
+        self._routes: list[Route] = self.batches.routes()
 
     # lifecycle
 
@@ -448,11 +549,24 @@ class FakeLLMServer:
             return list(self._records)
 
     def reset(self) -> None:
-        """Forget the recorded requests, the script and the prompt cache."""
+        """Forget the recorded requests, the script and the prompt cache, and the batch
+        state (``FakeBatches.reset``)."""
         with self._lock:
             self._records.clear()
             self._script.clear()
             self._seen_system.clear()
+        self.batches.reset()  # not under self._lock: the batches take it while answering
+
+    def answer_line(
+        self, wire: Wire, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body the synchronous endpoint of ``wire`` would answer for
+        ``body``, consuming the next scripted behaviour (a ``Hang`` answers at once) and
+        sharing the prompt cache, but not recorded in ``requests``: for batch lines."""
+        with self._lock:
+            behaviour = self._script.popleft() if self._script else None
+        reply = self._answer(wire, body, headers, behaviour)
+        return reply.status, reply.body
 
     # the event loop
 
@@ -524,7 +638,8 @@ class FakeLLMServer:
         # Stamped once the whole request is in and recorded without an await in between,
         # so records (and scripted behaviours) follow arrival order.
         arrival = time.monotonic()
-        reply = self._respond(method, target.split("?", 1)[0], headers, raw, arrival)
+        path, _, query = target.partition("?")
+        reply = self._respond(method, path, query, headers, raw, arrival)
         delay = reply.delay + self.latency
         if delay > 0:
             await asyncio.sleep(delay)
@@ -551,11 +666,11 @@ class FakeLLMServer:
 
     @staticmethod
     async def _write(writer: asyncio.StreamWriter, reply: _Reply, keep_alive: bool = False) -> None:
-        payload = json.dumps(reply.body).encode("utf-8")
+        payload = reply.raw if reply.raw is not None else json.dumps(reply.body).encode("utf-8")
         phrase = _PHRASES.get(reply.status, "Status")
         lines = [
             f"HTTP/1.1 {reply.status} {phrase}",
-            "content-type: application/json",
+            f"content-type: {reply.content_type}",
             f"content-length: {len(payload)}",
             f"connection: {'keep-alive' if keep_alive else 'close'}",
             *(f"{name}: {value}" for name, value in reply.headers),
@@ -576,13 +691,40 @@ class FakeLLMServer:
         with self._lock:
             self._records.append(RecordedRequest(arrival, wire, path, body, headers, status))
 
+    def _routed(
+        self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes,
+        arrival: float,
+    ) -> _Reply | None:  # fmt: skip
+        """The reply of the extra route serving ``path`` (405 when none takes ``method``),
+        or None when none matches it."""
+        matched: Route | None = None
+        for route in self._routes:
+            match = route.pattern.fullmatch(path)
+            if match is None:
+                continue
+            matched = route
+            if route.method == method:
+                pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+                request = HttpRequest(
+                    method, path, dict(pairs), headers, raw, arrival, match.groupdict()
+                )
+                return route.handler(request)
+        if matched is not None:
+            message = f"{method} not allowed on {path}"
+            return _Reply(405, error_body(matched.wire, 405, message))
+        return None
+
     def _respond(
-        self, method: str, path: str, headers: dict[str, str], raw: bytes, arrival: float
-    ) -> _Reply:
+        self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes,
+        arrival: float,
+    ) -> _Reply:  # fmt: skip
         if path in HEALTH_PATHS and method == "GET":
             return _Reply(200, {"status": "ok"})
         wire = ROUTES.get(path)
         if wire is None:
+            routed = self._routed(method, path, query, headers, raw, arrival)
+            if routed is not None:
+                return routed
             reply = _Reply(404, error_body("chat", 404, f"no route for {method} {path}"))
             self._record(arrival, "unknown", path, {}, headers, reply.status)
             return reply
@@ -608,11 +750,10 @@ class FakeLLMServer:
         self, wire: Wire, body: dict[str, Any], headers: dict[str, str], behaviour: Behaviour | None
     ) -> _Reply:
         if isinstance(behaviour, RateLimited):
-            return _Reply(
-                429,
-                error_body(wire, 429, "Rate limit reached; please try again later."),
-                [("retry-after", str(behaviour.retry_after))],
-            )
+            error = error_body(wire, 429, "Rate limit reached; please try again later.")
+            if wire != "anthropic":
+                error["error"]["code"] = behaviour.code
+            return _Reply(429, error, [("retry-after", str(behaviour.retry_after))])
         if isinstance(behaviour, ServerError):
             return _Reply(behaviour.status, error_body(wire, behaviour.status, "server error"))
         if isinstance(behaviour, BadRequest):
@@ -702,7 +843,7 @@ class FakeLLMServer:
                     "rejected_prediction_tokens": 0,
                 },
             },
-            "service_tier": "default",
+            "service_tier": _tier(request.body),
             "system_fingerprint": "fp_fake",
         }
 
@@ -750,6 +891,7 @@ class FakeLLMServer:
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": bool(body.get("store", True)),
+            "service_tier": _tier(body),
             "temperature": 1.0,
             "text": body.get("text") or {"format": {"type": "text"}},
             "tool_choice": "auto",
@@ -825,16 +967,20 @@ __all__ = [
     "FakeAnswer",
     "FakeLLMServer",
     "FakeRequest",
+    "FormField",
     "Hang",
+    "HttpRequest",
     "RateLimited",
     "Raw",
     "RecordedRequest",
     "Refusal",
     "Responder",
+    "Route",
     "ServerError",
     "Wire",
     "error_body",
     "n_tokens",
+    "parse_multipart",
     "parse_request",
     "split_logprobs",
 ]

@@ -31,7 +31,9 @@ def _label(
     dry_run: bool = False,
     limits: dict[str, Any] | None = None,
     wait: bool = False,
+    batch: Any = None,
 ) -> None:
+    """Label in this process, or through provider batches with ``batch`` (settings)."""
     from labeler.judges import make_judge
     from labeler.judges.pricing import load_prices
     from labeler.labeling import label_judges
@@ -58,6 +60,10 @@ def _label(
                 '"output": ...}}}, dollars per million tokens)'
             )
     names = " + ".join(j.name for j in built)
+    if batch is not None:
+        _label_in_batches(run_path, run, built, names, sample, seed, budget_usd, batch, wait,
+                          prices)  # fmt: skip
+        return
     _run_labeling(
         run_path, f"labeling ({names})", budget_usd,
         lambda store, on_start, on_result, interrupts: label_judges(
@@ -65,14 +71,43 @@ def _label(
             budget_usd=budget_usd, on_start=on_start, on_result=on_result,
             interrupts=interrupts, wait=wait,
         ),
+        prices,
     )  # fmt: skip
 
 
+def _label_in_batches(
+    run_path: Path, run: Any, built: list[Any], names: str, sample: int | None, seed: int,
+    budget_usd: float | None, settings: Any, wait: bool, prices: Any,
+) -> None:  # fmt: skip
+    from labeler.labeling.transports.batch import batch_apis, label_in_batches
+
+    batch_apis(built)  # a judge without a batch API is refused before the lock is taken
+    left: list[Any] = []
+
+    def start(store: Any, on_start: Any, on_result: Any, interrupts: Any) -> Any:
+        reports, report = label_in_batches(
+            run, store, built, settings, sample_per_layer=sample, seed=seed,
+            budget_usd=budget_usd, on_start=on_start, on_result=on_result,
+            interrupts=interrupts, wait=wait,
+        )  # fmt: skip
+        left.append(report)
+        if report.in_flight:
+            err_console.print(
+                f"{report.in_flight:,} batches still in flight at the provider (they run and "
+                f"are paid either way); run the same command again to collect them"
+            )
+        return reports
+
+    _run_labeling(run_path, f"labeling in batches ({names})", budget_usd, start, prices)
+
+
 def _run_labeling(
-    run_path: Path, title: str, budget_usd: float | None, start: Callable[..., Any]
-) -> None:
+    run_path: Path, title: str, budget_usd: float | None, start: Callable[..., Any],
+    prices: Any = None,
+) -> None:  # fmt: skip
     """``start(store, on_start, on_result, interrupts)`` labels on some transport, under a
-    progress bar and the interrupt handlers; then what it did, and the exit status."""
+    progress bar and the interrupt handlers; then what it did, and the exit status.
+    ``prices``: the table the costs are counted with, named in the store for reports."""
     from labeler.cli.render import progress_bar
     from labeler.labeling.interrupts import Interrupts
     from labeler.labeling.store import LabelStore
@@ -84,9 +119,14 @@ def _run_labeling(
             progress_bar(console, title, "features") as progress,
         ):
             task = progress.add_task(title, total=None)
+
+            def started(n: int) -> None:  # under the run's lock, once planned
+                if prices is not None:
+                    store.set_meta("prices", prices.source)
+                progress.update(task, total=n)
+
             reports = start(
-                store, lambda n: progress.update(task, total=n),
-                lambda _judge, _ok: progress.advance(task), interrupts,
+                store, started, lambda _judge, _ok: progress.advance(task), interrupts
             )  # fmt: skip
         _finish_labeling(run_path, store, reports, budget_usd)
     finally:
@@ -186,13 +226,27 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
 @click.option("--concurrency", default=8, show_default=True,
               help="Model requests in flight per judge.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
-@click.option("--executor", type=click.Choice(["local", "celery"]), default="local",
+@click.option("--executor", type=click.Choice(["local", "celery", "batch"]), default="local",
               show_default=True,
               help="local: in this process. celery: on the worker fleet behind "
                    "LABELER_REDIS_URL (start workers with `celery -A workers worker -Q ...`; "
-                   "see the README's fleet section).")  # fmt: skip
-@click.option("--max-inflight", default=256, show_default=True,
-              help="celery: (feature, judge) pairs in flight at once.")  # fmt: skip
+                   "see docs/fleet.md). batch: the providers' batch APIs at half price, "
+                   "replies within 24 h (openai: and anthropic: judges; see "
+                   "docs/batches.md).")  # fmt: skip
+@click.option("--max-inflight", type=int, default=None,
+              help="celery: (feature, judge) pairs in flight at once [default: 256]; batch: "
+                   "features in flight at once [default: 20000].")  # fmt: skip
+@click.option(
+    "--poll-s",
+    type=float,
+    default=None,
+    help="batch: seconds between looks at the batches in flight [default: 30].",
+)
+@click.option("--service-tier", type=click.Choice(["default", "flex"]), default="default",
+              show_default=True,
+              help="openai: judges: flex processing gives batch prices on ordinary calls, "
+                   "with slower replies (15 min timeout) and 429s when OpenAI lacks capacity "
+                   "(retried after a wait).")  # fmt: skip
 @click.option("--requeue", is_flag=True,
               help="celery: send again the stages recorded as queued (after a broker lost its "
                    "queues); workers skip whatever already finished.")  # fmt: skip
@@ -258,7 +312,9 @@ def label(
     concurrency: int,
     seed: int,
     executor: str,
-    max_inflight: int,
+    max_inflight: int | None,
+    poll_s: float | None,
+    service_tier: str,
     requeue: bool,
     rpm: tuple[str, ...],
     tpm: tuple[str, ...],
@@ -291,6 +347,8 @@ def label(
       labeler label RUN --judge openai:Qwen/Qwen2.5-7B-Instruct --base-url http://gpu:8000/v1
       labeler label RUN --judge heuristic --judge openai:gpt-5-mini   (an ensemble)
       labeler label RUN --judge openai:gpt-5-mini --executor celery --rpm 5000 --tpm 4000000
+      labeler label RUN --judge openai:gpt-5-mini --executor batch   (half price, <= 24 h)
+      labeler label RUN --judge openai:gpt-5-mini --service-tier flex
     """
     from pydantic import ValidationError
 
@@ -305,23 +363,38 @@ def label(
         options = JudgeOptions(
             base_url=base_url, openai_api=api, timeout_s=timeout_s, max_attempts=max_attempts,
             logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
-            device=device, dtype=dtype, prices=prices, seed=seed,
+            device=device, dtype=dtype, prices=prices, seed=seed, service_tier=service_tier,
         )  # fmt: skip
     except ValidationError as exc:
         first = exc.errors()[0]
         name = {"timeout_s": "timeout"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
-    if max_inflight < 1:
+    if max_inflight is not None and max_inflight < 1:
         raise UserError("--max-inflight: must be at least 1")
-    if (requeue or max_inflight != 256) and executor != "celery":
-        raise UserError("--requeue and --max-inflight apply to --executor celery only")
+    if requeue and executor != "celery":
+        raise UserError("--requeue applies to --executor celery only")
+    if max_inflight is not None and executor == "local":
+        raise UserError("--max-inflight applies to --executor celery and batch")
+    if poll_s is not None and (executor != "batch" or poll_s <= 0):
+        raise UserError("--poll-s: a positive number of seconds, with --executor batch")
+    if executor == "batch" and (service_tier == "flex" or rpm or tpm):
+        raise UserError("--executor batch: --service-tier flex, --rpm and --tpm are for "
+                        "synchronous calls (batches have their own limits)")  # fmt: skip
     limits = _rate_limits(judges, rpm, tpm)
     if executor == "celery" and not dry_run:
         _label_with_fleet(run_path, judges, sample_per_layer, seed, options, budget_usd,
-                          limits, max_inflight, requeue, wait)  # fmt: skip
+                          limits, max_inflight or 256, requeue, wait)  # fmt: skip
         return
+    batch = None
+    if executor == "batch":
+        from labeler.labeling.transports.batch import BatchSettings
+
+        batch = BatchSettings(
+            poll_s=poll_s or BatchSettings.poll_s, max_attempts=max_attempts,
+            max_active=max_inflight or BatchSettings.max_active,
+        )  # fmt: skip
     _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run,
-           limits, wait)  # fmt: skip
+           limits, wait, batch)  # fmt: skip
 
 
 def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, ...]) -> Any:
@@ -369,6 +442,7 @@ def _label_with_fleet(
         raise UserError(
             "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
         )
+    from labeler.judges.pricing import load_prices
     from labeler.run.data import RunData
     from workers.driver import FleetLabeling, label_with_fleet
     from workers.settings import FleetSettings, redacted
@@ -387,6 +461,7 @@ def _label_with_fleet(
             run, store, job, settings, on_start=on_start, on_result=on_result,
             interrupts=interrupts, wait=wait,
         ),
+        load_prices(options.prices if options is not None else None),
     )  # fmt: skip
 
 
@@ -412,8 +487,10 @@ def status(run_path: Path, as_json: bool) -> None:
     """Per judge: labeled, failed (by reason), pending; tokens and cost."""
 
     from collectors.run_format import read_run_info
-    from labeler.cli.render import status_table
+    from labeler.cli.render import batches_table, status_table
+    from labeler.judges.pricing import load_prices
     from labeler.labeling.accounting import run_status
+    from labeler.labeling.batch_records import BatchRecords
 
     read_run_info(run_path)
     store = _open_labels(run_path)
@@ -421,6 +498,8 @@ def status(run_path: Path, as_json: bool) -> None:
         statuses, note = _live_status(store, run_status(store))
         n_planned = len(store.planned())
         executor = store.get_meta("executor") or "local"
+        batches = BatchRecords(store).open()
+        priced_with = store.get_meta("prices") or load_prices().source
     finally:
         store.close()
     if as_json:
@@ -429,6 +508,9 @@ def status(run_path: Path, as_json: bool) -> None:
     console.print(f"{run_path}: {n_planned:,} features planned; executor {executor}")
     for table in status_table(statuses):
         console.print(table)
+    if batches:
+        console.print(batches_table(batches, time.time()))
+    console.print(f"prices: {priced_with}", highlight=False)
     if note:
         err_console.print(note)
 

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from labeler.labeling.accounting import Estimate, JudgeStatus
+from labeler.labeling.batch_records import Submission
 from labeler.reporting.agreement import SMALL_N
 from labeler.reporting.ground_truth import GroundTruthReport
 from labeler.reporting.summarize import Comparison, LabelSummary, RunSummary, Share
@@ -146,6 +147,8 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     total = f"total cost {_dollars(summary.cost_usd)}"
     if summary.cost_per_labeled_usd is not None:
         total += f" ({_dollars(summary.cost_per_labeled_usd)} per labeled {unit})"
+    if summary.prices:
+        total += f"; prices: {escape(summary.prices)}"
     out.append(total)
     out.extend(_agreement_parts(summary))
     out.append(_disputes_and_reviews(summary))
@@ -318,6 +321,24 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
     return [progress, spending]
 
 
+def batches_table(batches: list[Submission], now: float) -> Table:
+    """Provider batches not ended: what each holds, how far it is, how old."""
+    table = Table(title="batches in flight at the providers", title_justify="left")
+    for column in ("judge", "batch", "state", "requests", "done", "age"):
+        table.add_column(column, justify="right" if column in ("requests", "done", "age")
+                         else "left", overflow="fold", no_wrap=column == "batch")  # fmt: skip
+    for b in batches:
+        counts = b.counts
+        done = counts.get("completed", 0) + counts.get("failed", 0) or (
+            counts.get("succeeded", 0) + counts.get("errored", 0) + counts.get("expired", 0)
+            + counts.get("canceled", 0)
+        )  # fmt: skip
+        state = b.provider_status or ("being submitted" if b.state == "submitting" else b.state)
+        table.add_row(escape(b.judge), escape(b.batch_id or "-"), escape(state),
+                      f"{b.n_requests:,}", f"{done:,}", _duration(now - b.made_at))  # fmt: skip
+    return table
+
+
 def compact_count(n: int) -> str:
     """A count in at most 6 characters: exact below 10,000, else three significant
     digits with k, M or B (thousand, million, billion)."""
@@ -342,6 +363,8 @@ def estimate_table(estimates: list[Estimate]) -> Table:
           if typical else []),
         *(["unpriced: the model is not in the price table; give its prices with --prices"]
           if unpriced else []),
+        *(["batch dollars: with --executor batch (replies within 24 h); -: no batch API"]
+          if any(e.batch_cost_usd is not None for e in estimates) else []),
     ]  # fmt: skip
     table = Table(
         title="estimate (nothing sent)",
@@ -351,7 +374,7 @@ def estimate_table(estimates: list[Estimate]) -> Table:
     )
     table.add_column("judge", overflow="fold", min_width=9)
     for column in ("features", "calls", "tokens\nin", "of them\ncached", "tokens\nout",
-                   "dollars"):  # fmt: skip
+                   "dollars", "batch\ndollars"):  # fmt: skip
         table.add_column(column, justify="right", no_wrap=True)
     for e in estimates:
         guessed = not e.output_measured and e.output_tokens
@@ -363,6 +386,7 @@ def estimate_table(estimates: list[Estimate]) -> Table:
             compact_count(e.cached_tokens),
             compact_count(e.output_tokens) + ("*" if guessed else ""),
             "unpriced" if e.cost_usd is None else _dollars(e.cost_usd),
+            "-" if e.batch_cost_usd is None else _dollars(e.batch_cost_usd),
         )
     return table
 

@@ -17,6 +17,7 @@ from labeler.judges.backend import (
 from labeler.judges.retry import parse_retry_after
 
 RETRYABLE_STATUS = {408, 409, 429}
+FLEX_UNAVAILABLE = "resource_unavailable"  # OpenAI's 429 code when flex has no capacity
 
 
 def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendError | None:
@@ -33,6 +34,8 @@ def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendErr
         status = int(exc.status_code)
         detail = _message(exc)
         if status == 429:
+            if _code(exc) == FLEX_UNAVAILABLE:  # flex processing out of capacity: not charged
+                detail = f"flex capacity unavailable: {detail}"
             return TransientError(
                 f"HTTP 429: {detail}", parse_retry_after(exc.response.headers), "rate_limited"
             )
@@ -46,6 +49,13 @@ def backend_error(exc: Exception, sdk: ModuleType, timeout: float) -> BackendErr
             return NotFound(f"HTTP {status}: {detail}")
         return RequestRejected(f"HTTP {status}: {detail}")
     return None
+
+
+def _code(exc: Exception) -> str | None:
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _message(exc: Exception) -> str:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
+from labeler.judges.pricing import Tier
+from labeler.judges.requests import ApiRequest
 from labeler.run.schemas import Usage
 
 Stage = Literal["explain", "detect", "classify"]
@@ -66,14 +68,39 @@ class OptionScores:
 
 @runtime_checkable
 class ChatBackend(Protocol):
+    """A provider API: a request is built as data, posted, and its JSON reply read back,
+    so the same request can also travel in a provider batch or be answered from the
+    reply cache."""
+
     name: str
     provider: str
     model: str
 
+    @property
+    def tier(self) -> Tier:
+        """The price tier of its synchronous calls."""
+        ...
+
+    def request(self, prompt: Prompt, schema: type[T], *, logprobs: bool = False) -> ApiRequest:
+        """The request asking for a JSON object following ``schema``."""
+        ...
+
+    async def send(self, request: ApiRequest) -> dict[str, Any]:
+        """Post it; the provider's JSON reply (errors raised as the errors below)."""
+        ...
+
+    def parse(self, request: ApiRequest, reply: dict[str, Any], schema: type[T]) -> Reply[T]:
+        """The validated answer in ``reply``; ``InvalidReply`` when it has none."""
+        ...
+
+    def tier_of(self, reply: dict[str, Any]) -> Tier:
+        """The tier a synchronous reply was billed at."""
+        ...
+
     async def complete(
         self, prompt: Prompt, schema: type[T], *, logprobs: bool = False
     ) -> Reply[T]:
-        """Ask for a JSON object following ``schema``; the reply is validated."""
+        """Build, send and parse in one."""
         ...
 
     async def aclose(self) -> None: ...

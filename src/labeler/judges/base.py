@@ -58,6 +58,9 @@ class JudgeOptions(BaseModel):
     logprobs: bool = Field(False, description="ask for token log probabilities (AUROC)")
     n_examples: int = Field(10, ge=1, le=50, description="top examples shown to the model")
     max_output_tokens: int | None = Field(None, ge=1)
+    service_tier: Literal["default", "flex"] = Field(
+        "default", description="openai: judges: 'flex' for flex processing (batch prices)"
+    )
     device: str = Field("auto", description="hf: judges: auto, cpu or cuda")
     dtype: str = Field("auto", description="hf: judges: auto, float32 or bfloat16")
     prices: Path | None = Field(None, description="price table overriding the packaged one")

@@ -18,14 +18,23 @@ def _model_of(name: str) -> str:
     return model
 
 
+# Flex capacity comes back in minutes rather than seconds: its 429s wait longer.
+FLEX_BASE_DELAY_S = 10.0
+FLEX_MAX_DELAY_S = 300.0
+
+
 def _llm_judge(name: str, backend: object, options: JudgeOptions) -> LLMJudge:
     settings = JudgeSettings(n_examples=options.n_examples, logprobs=options.logprobs,
                              seed=options.seed)  # fmt: skip
+    retry = RetryPolicy(max_attempts=options.max_attempts)
+    if options.service_tier == "flex":
+        retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=FLEX_BASE_DELAY_S,
+                            max_delay=FLEX_MAX_DELAY_S)  # fmt: skip
     return LLMJudge(
         name,
         backend,  # type: ignore[arg-type]
         settings,
-        RetryPolicy(max_attempts=options.max_attempts),
+        retry,
         load_prices(options.prices),
     )
 
@@ -52,6 +61,7 @@ def openai_judge(name: str, options: JudgeOptions) -> Judge:
     backend = OpenAIBackend(
         name, _model_of(name), api=options.openai_api, base_url=options.base_url,
         timeout=options.timeout_s, max_output_tokens=options.max_output_tokens,
+        service_tier=options.service_tier,
     )  # fmt: skip
     return _llm_judge(name, backend, options)
 
@@ -60,6 +70,8 @@ def anthropic_judge(name: str, options: JudgeOptions) -> Judge:
     from labeler.judges.anthropic_backend import AnthropicBackend
 
     _require("anthropic", name)
+    if options.service_tier == "flex":
+        raise UserError(f"judge {name!r}: --service-tier flex is OpenAI's; Anthropic has none")
     backend = AnthropicBackend(
         name, _model_of(name), timeout=options.timeout_s,
         max_output_tokens=options.max_output_tokens,

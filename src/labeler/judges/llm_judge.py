@@ -17,7 +17,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,7 +33,7 @@ from labeler.judges.backend import (
     Stage,
     TransientError,
 )
-from labeler.judges.pricing import PriceTable
+from labeler.judges.pricing import PriceTable, Tier
 from labeler.judges.prompting import (
     classify_prompt,
     detect_prompt,
@@ -50,6 +50,7 @@ from labeler.judges.replies import (
     check_explanation,
     validation_reason,
 )
+from labeler.judges.requests import ApiRequest, BatchReplies, KeptReply, ReplyCache
 from labeler.judges.retry import RetryPolicy, with_retries
 from labeler.judges.stages import Detection, StageName, StageOutcome, add_usage, assemble
 from labeler.run.schemas import (
@@ -89,14 +90,23 @@ class JudgeSettings:
     count is known."""
 
 
+Pricer = Callable[[Usage, Tier], "float | None"]
+
+
 @dataclass
 class Ledger:
-    """Tokens one feature's calls used, per stage."""
+    """What one stage's calls used, per stage, what they cost (None once a price is
+    unknown), and the replies it accepted (for the reply cache)."""
 
+    price: Pricer
     usage: dict[str, Usage] = field(default_factory=dict)
+    cost: float | None = 0.0
+    kept: list[KeptReply] = field(default_factory=list)
 
-    def add(self, stage: Stage, usage: Usage) -> None:
+    def add(self, stage: Stage, usage: Usage, tier: Tier = "standard") -> None:
         self.usage[stage] = self.usage.get(stage, Usage()) + usage
+        part = self.price(usage, tier)
+        self.cost = None if self.cost is None or part is None else self.cost + part
 
 
 class LLMJudge:
@@ -121,6 +131,10 @@ class LLMJudge:
         self._gate: asyncio.Semaphore | None = None
         self.limiter: RateLimiter | None = None
         """Shared requests- and tokens-per-minute limits (set by the executor)."""
+        self.replies: ReplyCache | None = None
+        """Replies kept earlier, answering a request at no cost (set by the transport)."""
+        self.batch: BatchReplies | None = None
+        """Set by the batch transport: requests are answered from provider batches."""
 
     def limit_requests(self, n: int) -> None:
         """At most ``n`` requests in flight from now on (call inside the running loop)."""
@@ -171,7 +185,7 @@ class LLMJudge:
     ) -> StageOutcome:
         """One stage of one feature; a failure is returned with its reason and usage. With
         a policy that reschedules rate limits, a 429 raises ``Reschedule`` instead."""
-        ledger = Ledger()
+        ledger = Ledger(self._price)
         out = StageOutcome(feature_id=feature.feature_id, judge=self.name,
                            prompt_hash=self.prompt_hash, stage=stage, ok=True)  # fmt: skip
         try:
@@ -197,14 +211,24 @@ class LLMJudge:
         except BackendError as exc:
             out.ok, out.reason = False, f"{exc.kind}: {exc.stage}: {exc.reason}"
         out.usage = ledger.usage
-        out.cost_usd = self.cost(ledger.usage)
+        out.cost_usd = ledger.cost
+        out.kept = ledger.kept if out.ok else []
         return out
 
-    def cost(self, usage: dict[str, Usage]) -> float | None:
+    def cost(self, usage: dict[str, Usage], tier: Tier = "standard") -> float | None:
+        return self._price(sum(usage.values(), Usage()), tier)
+
+    def _price(self, usage: Usage, tier: Tier) -> float | None:
         if self.prices is None:
             return None
-        total = sum(usage.values(), Usage())
-        return self.prices.cost(self.name, total)
+        if usage == Usage(calls=usage.calls, cached_replies=usage.cached_replies):
+            return 0.0  # no tokens: a reply from the cache, or a call refused before use
+        return self.prices.cost(self.name, usage, tier)
+
+    @property
+    def tier(self) -> Tier:
+        """The price tier of this judge's synchronous calls."""
+        return self.backend.tier if isinstance(self.backend, ChatBackend) else "standard"
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -242,7 +266,7 @@ class LLMJudge:
         try:
             return await with_retries(gated, self.retry, f"{self.name} {stage}")
         except BackendError as exc:
-            ledger.add(stage, exc.usage)
+            ledger.add(stage, exc.usage, self.tier)
             exc.stage = stage
             raise
 
@@ -255,30 +279,62 @@ class LLMJudge:
         logprobs: bool = False,
     ) -> V:
         """A structured call whose reply passes ``check``; an invalid reply is asked once
-        more, then raised."""
+        more, then raised. A reply kept in the reply cache answers at no cost; an
+        accepted reply is kept in the ledger for the cache."""
         assert isinstance(self.backend, ChatBackend)
         backend = self.backend
-        last: InvalidReply | None = None
-        for _ in range(2):
+        request = backend.request(prompt, schema, logprobs=logprobs)
+        if self.replies is not None and (cached := self.replies.get(request.key)) is not None:
             try:
-                reply = await self._call(
-                    prompt.stage,
-                    ledger,
-                    lambda: backend.complete(prompt, schema, logprobs=logprobs),
-                    self._estimate(prompt),
-                )
+                answer = check(backend.parse(request, cached, schema))
+            except (InvalidReply, ValueError, ValidationError):
+                pass  # an entry that no longer passes (a changed check): ask the model
+            else:
+                ledger.add(prompt.stage, Usage(cached_replies=1))
+                return answer
+        last: InvalidReply | None = None
+        for ask in range(2):
+            raw, tier = await self._fetch(request, ask, prompt, ledger)
+            try:
+                reply = backend.parse(request, raw, schema)
             except InvalidReply as exc:
+                ledger.add(prompt.stage, exc.usage, tier)
                 last = exc
                 continue
-            ledger.add(prompt.stage, reply.usage)
+            ledger.add(prompt.stage, reply.usage, tier)
             try:
-                return check(reply)
+                answer = check(reply)
             except (ValueError, ValidationError) as exc:
                 last = InvalidReply(_first_error(exc))
+                continue
+            ledger.kept.append(
+                KeptReply(key=request.key, provider=request.provider, model=request.model,
+                          endpoint=request.endpoint, reply=raw)
+            )  # fmt: skip
+            return answer
         assert last is not None
         again = type(last)(f"invalid reply twice; last: {last.reason}")
         again.stage = prompt.stage
         raise again
+
+    async def _fetch(
+        self, request: ApiRequest, ask: int, prompt: Prompt, ledger: Ledger
+    ) -> tuple[dict[str, Any], Tier]:
+        """The provider's reply to the ``ask``-th asking of ``request`` and the tier it is
+        billed at: from the batch transport's results, or from a call now."""
+        assert isinstance(self.backend, ChatBackend)
+        backend = self.backend
+        if self.batch is not None:
+            try:
+                return self.batch.reply(request, ask), "batch"
+            except BackendError as exc:
+                ledger.add(prompt.stage, exc.usage, "batch")
+                exc.stage = prompt.stage
+                raise
+        raw = await self._call(
+            prompt.stage, ledger, lambda: backend.send(request), self._estimate(prompt)
+        )
+        return raw, backend.tier_of(raw)
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -420,6 +476,16 @@ class LLMJudge:
 
 
 def _tokens_used(result: object) -> int:
+    """Tokens a call's result used: a reply object's usage, or the usage counts of a
+    provider's JSON reply (their input counts include the cached part, except
+    Anthropic's, whose cache reads and writes are counted apart)."""
+    if isinstance(result, dict):
+        counts = result.get("usage")
+        if not isinstance(counts, dict):
+            return 0
+        fields = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+                  "cache_read_input_tokens", "cache_creation_input_tokens")  # fmt: skip
+        return sum(int(v) for k, v in counts.items() if k in fields and isinstance(v, int))
     usage = getattr(result, "usage", None)
     return usage.total_input + usage.output_tokens if isinstance(usage, Usage) else 0
 

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.judges.metrics import detection_score
+from labeler.judges.requests import KeptReply
 from labeler.run.schemas import Classification, DetectionScore, Judgment, Usage
 
 StageName = Literal["explain", "detect_top", "detect_random", "classify", "label"]
@@ -74,6 +75,10 @@ class StageOutcome(BaseModel):
     detection: Detection | None = None
     classification: Classification | None = None
     judgment: Judgment | None = Field(None, description="the whole judgment ('label' stage)")
+    kept: list[KeptReply] = Field(
+        default_factory=list,
+        description="replies the stage accepted, for the reply cache (not stored with it)",
+    )
 
 
 def provider_of(judge: str) -> str:

@@ -118,6 +118,9 @@ class Estimate(BaseModel):
     output_tokens: int
     cost_usd: float | None
     output_measured: bool
+    batch_cost_usd: float | None = Field(
+        None, description="the same through the provider's batch API (None: it has none)"
+    )
 
 
 def _tokens(text: str) -> int:
@@ -196,6 +199,13 @@ def estimate(
         input_tokens=usage.input_tokens,
         cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens,
-        cost_usd=prices.cost(judge.name, usage),
+        cost_usd=prices.cost(judge.name, usage, judge.tier),
         output_measured=measured is not None,
+        batch_cost_usd=prices.cost(judge.name, usage, "batch") if _batchable(judge) else None,
     )
+
+
+def _batchable(judge: LLMJudge) -> bool:
+    from labeler.judges.batch_api import batch_api
+
+    return batch_api(judge.backend) is not None

@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
     StageName,
     StageOutcome,
@@ -40,6 +42,10 @@ from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
 from labeler.run.data import RunData
 from labeler.run.schemas import FeatureRecord, Snippet
+
+if TYPE_CHECKING:
+    from labeler.labeling.interrupts import Interrupts
+    from labeler.labeling.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +148,7 @@ class Engine:
         self._reached: set[str] = set()
         self._unreachable: dict[str, int] = {}
         self._held: dict[str, list[tuple[Unit, StageOutcome]]] = {}
+        self.shared = folder_cache_from_env()
 
     # -- the plan ------------------------------------------------------------------------
 
@@ -197,7 +204,20 @@ class Engine:
             return None
         return unit
 
+    def reply_cache(self) -> ReplyCache:
+        """What answers a request before any call: the run's store, then the shared
+        cache folder (``$LABELER_CACHE_DIR``) if one is set."""
+        return Layered([self.store] if self.shared is None else [self.store, self.shared])
+
     # -- stopping ------------------------------------------------------------------------
+
+    def heed(self, interrupts: Interrupts | None, lock: RunLock) -> bool:
+        """Stop on an interrupt or on the run's lock lost; whether the labeling stops."""
+        if interrupts is not None and interrupts.requested.is_set():
+            self.stop("interrupted")
+        if lock.lost.is_set():
+            self.stop("lock_lost")
+        return self.stopped is not None
 
     def stop(self, why: str) -> None:
         """Start nothing new from now on (the first reason given is kept)."""
@@ -250,6 +270,7 @@ class Engine:
             if not outcome.ok:
                 return self._apply_failure(unit, outcome)
             self.store.put_stage(outcome, task_id)
+            self._share(outcome)
             unit.outcomes[outcome.stage] = outcome
             if unit.complete():
                 return Applied(unit, finished=self._finish_ok(unit))
@@ -293,6 +314,7 @@ class Engine:
         row = self.store.status_of(fid, judge)
         if outcome.ok:
             inserted = self.store.put_stage(outcome, task_id)
+            self._share(outcome)
             if row is not None:
                 usage, cost = (
                     self.store.charge_stages(fid, judge, outcome.prompt_hash)
@@ -312,6 +334,13 @@ class Engine:
             self.finished.add((fid, judge))
             self.tally[judge].failed += 1
             self._charge(outcome.cost_usd)
+
+    def _share(self, outcome: StageOutcome) -> None:
+        """Put the replies a stage accepted in the shared cache folder, if one is set
+        (the run's store keeps them with the stage)."""
+        if self.shared is not None:
+            for kept in outcome.kept:
+                self.shared.put(kept)
 
     def _finish_ok(self, unit: Unit) -> bool:
         """Store the unit's judgment; False (and the unit failed) if its stages do not

@@ -8,6 +8,7 @@ import threading
 
 from labeler.errors import JudgeFailure, Reschedule
 from labeler.judges import Judge
+from labeler.judges.requests import AwaitingReply
 from labeler.judges.stages import StageName, StageOutcome
 from labeler.redaction import redact
 from labeler.run.schemas import FeatureRecord, Snippet
@@ -53,7 +54,7 @@ async def run_stage_safely(
     its reason (its traceback logged once per distinct error, at INFO: with ``-v``)."""
     try:
         return await run_stage(judge, stage, record, negatives, explanation)
-    except Reschedule:
+    except (Reschedule, AwaitingReply):  # for the transport to handle
         raise
     except Exception as exc:  # recorded with its reason, never dropped
         (errors or ERRORS).once(f"{record.feature_id} {judge.name} {stage}", exc)

@@ -20,14 +20,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters.errors import UserError
 from labeler.errors import note_store
+from labeler.judges.requests import KeptReply, pack, unpack
 from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
-STORE_SCHEMA_VERSION = 6
+STORE_SCHEMA_VERSION = 7
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -79,6 +81,42 @@ CREATE TABLE IF NOT EXISTS reviews (
     decided_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reviews_feature ON reviews (feature_id);
+CREATE TABLE IF NOT EXISTS replies (
+    key TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    reply BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    local_id TEXT PRIMARY KEY,
+    judge TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('submitting', 'submitted', 'ended')),
+    batch_id TEXT,
+    input_file_id TEXT,
+    provider_status TEXT,
+    n_requests INTEGER NOT NULL,
+    counts TEXT,
+    made_at REAL NOT NULL,
+    submitted_at REAL,
+    ended_at REAL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    custom_id TEXT PRIMARY KEY,
+    local_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    ask INTEGER NOT NULL,
+    try INTEGER NOT NULL,
+    outcome TEXT CHECK (outcome IN ('ok', 'error', 'expired', 'cancelled')),
+    reply BLOB,
+    error TEXT,
+    done_at REAL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS batch_requests_key ON batch_requests (key, ask);
 CREATE TABLE IF NOT EXISTS run_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     token TEXT NOT NULL,
@@ -124,6 +162,7 @@ _MIGRATIONS = {
         "UPDATE judgments SET " + _LABEL_COLUMNS.replace("NEW.", ""),
     ),
     6: (),  # the run_lock table is created if missing
+    7: (),  # the replies, batches and batch_requests tables are created if missing
 }
 
 
@@ -312,14 +351,32 @@ class LabelStore:
         return 0 if row is None or row[0] == "ok" else int(row[1])
 
     def put_stage(self, outcome: StageOutcome, task_id: str | None = None) -> bool:
-        """Keep a successful stage's result; False if it was already kept."""
+        """Keep a successful stage's result (and the replies it accepted, in the reply
+        cache); False if it was already kept."""
         with self.transaction():
+            self.put_replies(outcome.kept)
             cursor = self.conn.execute(
                 "INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                 (outcome.feature_id, outcome.judge, outcome.prompt_hash, outcome.stage,
-                 redact(outcome.model_dump_json()), task_id, _now()),
+                 redact(outcome.model_dump_json(exclude={"kept"})), task_id, _now()),
             )  # fmt: skip
         return cursor.rowcount == 1
+
+    def put_replies(self, kept: Iterable[KeptReply]) -> None:
+        """Keep accepted replies by their request's key (a key kept already stays)."""
+        rows = [(k.key, k.provider, k.model, k.endpoint, pack(k.reply), _now()) for k in kept]
+        if rows:
+            with self.transaction():
+                self.conn.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
+                                      rows)  # fmt: skip
+
+    def reply(self, key: str) -> dict[str, Any] | None:
+        """A kept reply (the store as a reply cache)."""
+        row = self.conn.execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
+        return None if row is None else unpack(row[0])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.reply(key)
 
     def stage_outcomes(self, feature_id: str, judge: str, prompt_hash: str) -> list[StageOutcome]:
         rows = self.conn.execute(

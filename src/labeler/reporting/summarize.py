@@ -180,6 +180,9 @@ class RunSummary(BaseModel):
     reviews: ReviewCounts
     cost_usd: float | None
     cost_per_labeled_usd: float | None
+    prices: str | None = Field(
+        None, description="the price table the costs were counted with, and its date"
+    )
 
 
 def reason_group(reason: str | None) -> str:
@@ -315,6 +318,7 @@ def summarize(
             n_reviewers_disagree=int(final["reviewers_disagree"].sum()),
         ),
         cost_usd=total_cost,
+        prices=store.get_meta("prices"),
         cost_per_labeled_usd=(
             total_cost / labeled_final.height
             if total_cost is not None and labeled_final.height

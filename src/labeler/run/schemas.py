@@ -116,10 +116,14 @@ class Usage(BaseModel):
     cached_tokens: int = Field(0, description="input tokens read from the provider's cache")
     cache_write_tokens: int = Field(0, description="input tokens written to the cache")
     output_tokens: int = Field(0, description="output tokens, reasoning tokens included")
+    cached_replies: int = Field(
+        0, description="requests answered from the reply cache, at no cost (not in calls)"
+    )
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             calls=self.calls + other.calls,
+            cached_replies=self.cached_replies + other.cached_replies,
             input_tokens=self.input_tokens + other.input_tokens,
             cached_tokens=self.cached_tokens + other.cached_tokens,
             cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,

@@ -90,11 +90,7 @@ class _Local:
         self.failure: BaseException | None = None  # the first error of a feature's task
 
     def _stopping(self) -> bool:
-        if self.interrupts is not None and self.interrupts.requested.is_set():
-            self.engine.stop("interrupted")
-        if self.lock.lost.is_set():
-            self.engine.stop("lock_lost")
-        return self.failure is not None or self.engine.stopped is not None
+        return self.engine.heed(self.interrupts, self.lock) or self.failure is not None
 
     def _settled(self, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
         """A feature's task ended; an error of its own (the store unwritable, a bug) is
@@ -109,6 +105,8 @@ class _Local:
             self.on_start(len(todo))
         for judge in self.judges.values():
             judge.limit_requests(self.concurrency)
+            if hasattr(judge, "replies"):
+                judge.replies = self.engine.reply_cache()
         # as many features as requests per judge: a feature has up to three calls in flight
         # at once, so the request limit stays the binding one
         slots = asyncio.Semaphore(self.concurrency * len(self.judges))
