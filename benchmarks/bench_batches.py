@@ -11,6 +11,7 @@ loopback fake through the real SDKs.
    and its submissions per 1,000 features.
 
 .venv/bin/python benchmarks/bench_batches.py [--run RUN] [--seconds 2 10] [--repeats 3]
+    [--max-active 50000 240]
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def cache(run: Path, root: Path, fake: Any) -> None:
           f"from the cache ({cached / max(first, 1):.0%} of the requests saved)")  # fmt: skip
 
 
-def batches(run: Path, root: Path, fake: Any, seconds: list[float], repeats: int) -> None:
+def batches(run: Path, root: Path, fake: Any, seconds: list[float], repeats: int,
+            actives: list[int]) -> None:  # fmt: skip
     from tests.fake_llm import BatchSettings as Simulated
 
     from labeler.labeling.store import LabelStore
@@ -120,10 +122,10 @@ def batches(run: Path, root: Path, fake: Any, seconds: list[float], repeats: int
     from labeler.run.data import RunData
 
     print("## batch transport: wall time with every batch taking S s at the provider")
-    print("| S (s) | features | submissions | per 1,000 features | requests | wall (s), "
-          "median | wall / S |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for s in seconds:
+    print("| S (s) | features in flight | features | submissions | per 1,000 features | "
+          "requests | wall (s), median | wall / S |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for s, active in [(s, a) for a in actives for s in seconds]:
         walls: list[float] = []
         subs = requests = features = 0
         for i in range(repeats):
@@ -134,15 +136,16 @@ def batches(run: Path, root: Path, fake: Any, seconds: list[float], repeats: int
             start = time.perf_counter()
             reports, _ = label_in_batches(RunData.open(copy), store,
                                           [judge("openai:gpt-5-mini", fake.base_url)],
-                                          BatchSettings(poll_s=min(1.0, s / 4)))  # fmt: skip
+                                          BatchSettings(poll_s=min(1.0, s / 4),
+                                                        max_active=active))  # fmt: skip
             walls.append(time.perf_counter() - start)
             store.close()
             features = reports["openai:gpt-5-mini"].labeled
             subs = len(fake.batches.created)
             requests = sum(b.n_requests for b in fake.batches.created)
         wall = statistics.median(walls)
-        print(f"| {s:g} | {features} | {subs} | {1000 * subs / features:.1f} | {requests:,} | "
-              f"{wall:.1f} | {wall / s:.2f} |")  # fmt: skip
+        print(f"| {s:g} | {active:,} | {features} | {subs} | {1000 * subs / features:.1f} | "
+              f"{requests:,} | {wall:.1f} | {wall / s:.2f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -151,6 +154,8 @@ def main() -> None:
                         "the demo's, built here)")  # fmt: skip
     parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 10.0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-active", type=int, nargs="+", default=[50_000, 240],
+                        help="features in flight at once (--max-inflight)")  # fmt: skip
     args = parser.parse_args()
     from tests.fake_llm import FakeLLMServer, oracle
 
@@ -166,7 +171,7 @@ def main() -> None:
             run = build_run(root / "demo")
         costs(run, root, fake.base_url)
         cache(run, root, fake)
-        batches(run, root, fake, args.seconds, args.repeats)
+        batches(run, root, fake, args.seconds, args.repeats, args.max_active)
 
 
 if __name__ == "__main__":

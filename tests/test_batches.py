@@ -297,6 +297,13 @@ def test_flex_tier_retries_unavailable_capacity_and_prices_at_flex(
     flex = load_prices().cost("openai:gpt-5-mini", usage, "flex")
     assert flex is not None and spent == pytest.approx(flex, rel=1e-6)
     store.close()
+    # the reports name the price table the costs were counted with, and its date
+    source = load_prices().source
+    assert source.startswith("genai-prices ") and load_prices().as_of is not None
+    for command in ("status", "summarize"):
+        shown = CliRunner().invoke(cli, [command, str(run_copy)], terminal_width=200)
+        assert shown.exit_code == 0, shown.output
+        assert f"prices: {source}" in shown.output
 
 
 def test_dry_run_sets_synchronous_and_batch_cost_side_by_side(run_copy: Path) -> None:
@@ -320,3 +327,122 @@ def test_dry_run_sets_synchronous_and_batch_cost_side_by_side(run_copy: Path) ->
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "judge 'heuristic' has no batch API" in lines[0], lines
+
+
+def test_ctrl_c_leaves_the_batches_running_and_the_next_run_collects_them(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    fake.batches.settings = BatchSettings(in_progress_s=3.0)
+    args, env, log = _command(run_copy, fake, "responses"), _env(fake), tmp_path / "labeler.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=out)
+    try:
+        _wait_for("the first batch recorded", lambda: _recorded(run_copy) >= 1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    assert "1 batch still in flight at the provider" in text, text
+    assert "interrupted" in text
+    text = _run_to_end(args, env, log)
+    store = LabelStore(run_copy / "labels.sqlite")
+    assert len(store.done(NAMES["responses"])) == 32
+    store.close()
+    counts = _submitted_once(fake)
+    assert sum(counts.values()) == 32 * 4
+
+
+def test_batch_options_that_do_not_apply_are_refused(run_copy: Path) -> None:
+    for extra, needle in [
+        (["--budget-usd", "5"], "--budget-usd: not with --executor batch"),
+        (["--service-tier", "flex"], "--service-tier flex, --rpm and --tpm are for"),
+        (["--poll-s", "0"], "--poll-s: a positive number"),
+    ]:
+        refused = subprocess.run(
+            [str(BIN / "labeler"), "label", str(run_copy), "--judge", "openai:gpt-5-mini",
+             "--executor", "batch", *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert needle in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("wire", ["chat", "anthropic"])
+def test_a_batch_cancelled_at_the_provider_is_sent_again(
+    wire: str, run_copy: Path, fake: FakeLLMServer
+) -> None:
+    import anthropic
+    import openai
+
+    fake.batches.settings = BatchSettings(in_progress_s=2.0, partial=True)
+    thread, out = _in_thread(lambda: _label(run_copy, fake, wire))
+    _wait_for("the first batch", lambda: len(fake.batches.created) >= 1)
+    first = fake.batches.created[0].batch_id
+    fake.batches.settings = BatchSettings()
+    if wire == "anthropic":  # someone cancels it in the provider's console
+        anthropic.Anthropic(base_url=fake.base_url, api_key=KEY).messages.batches.cancel(first)
+    else:
+        openai.OpenAI(base_url=f"{fake.base_url}/v1", api_key=KEY).batches.cancel(first)
+    thread.join(120)
+    assert not thread.is_alive() and not isinstance(out[0], BaseException), out
+    report, store = out[0]
+    assert (report.labeled, report.failed) == (32, 0)
+    counts = _submitted_once(fake)
+    retried = [c for c in fake.batches.created[1].custom_ids if c.endswith("-0-1")]
+    assert retried, "the cancelled requests went out again under their next try"
+    assert sum(counts.values()) == 32 * 4 + len(retried)
+    store.close()
+
+
+def test_a_round_is_split_to_the_providers_limits(
+    run_copy: Path, fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labeler.judges.batch_api import OpenAIBatches
+
+    monkeypatch.setattr(OpenAIBatches, "max_requests", 10)
+    report, store = _label(run_copy, fake, "chat")
+    assert report.labeled == 32
+    sizes = [b.n_requests for b in fake.batches.created]
+    assert sizes[:4] == [10, 10, 10, 2] and max(sizes) == 10 and sum(sizes) == 32 * 4
+    store.close()
+    _submitted_once(fake)
+
+
+def test_a_submission_stays_under_the_byte_limit(fake: FakeLLMServer) -> None:
+    from labeler.judges.batch_api import OpenAIBatches
+    from labeler.judges.requests import ApiRequest
+    from labeler.labeling.batch_records import Waiting
+    from labeler.labeling.transports.batch import _chunk
+
+    api = OpenAIBatches(make_judge(NAMES["chat"], _options(fake, "chat")).backend)
+    queued = [
+        Waiting(ApiRequest("openai", "m", "/v1/chat/completions", {"n": i, "pad": "x" * 900}),
+                f"r{i:048d}-0-0", 0, 0)
+        for i in range(10)
+    ]  # fmt: skip
+    size = api.line_size(queued[0].custom_id, queued[0].request.endpoint, queued[0].request.body)
+    api.max_bytes = 3 * size + size // 2
+    assert [w.custom_id for w in _chunk(api, queued)] == [w.custom_id for w in queued[:3]]
+
+
+def test_a_stage_that_ends_after_its_feature_failed_still_counts_its_cost(
+    run_copy: Path, fake: FakeLLMServer
+) -> None:
+    fake.batches.settings = BatchSettings(in_progress_s=1.5)
+    thread, out = _in_thread(lambda: _label(run_copy, fake, "chat", sample=1))
+    _wait_for("the second round", lambda: len(fake.batches.created) >= 2)
+    fake.script(BadRequest(400, "bad field"))  # the second round's first line: a detection
+    thread.join(120)
+    assert not thread.is_alive() and not isinstance(out[0], BaseException), out
+    report, store = out[0]
+    assert (report.labeled, report.failed) == (3, 1)
+    failed = next(s for s in store.judgments(NAMES["chat"]).values() if s.status == "failed")
+    assert failed.reason is not None and failed.reason.startswith("rejected: detect")
+    usage = next(u for status, _, u, _ in store.accounting(NAMES["chat"]) if status == "failed")
+    # the explanation, and the other detection set and the classification answered in the
+    # same round as the failed detection, are all counted on the failed feature
+    assert usage["explain"].calls == 1 and usage["classify"].calls == 1
+    assert usage["detect"].calls == 1
+    store.close()

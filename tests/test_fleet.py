@@ -401,3 +401,25 @@ def test_a_driver_whose_lock_was_taken_over_stops(
     _hold_run(run, "elsewhere", 7)  # as a second labeler after a long stall of this one
     assert driver.wait(30) == 2
     assert "another labeler took this run's lock" in (tmp_path / "d.log").read_text()
+
+
+def test_a_fleet_answers_from_the_shared_reply_cache(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path,
+    collected: CollectedDemo,
+) -> None:  # fmt: skip
+    env = fleet_env(redis_server.url) | {"LABELER_CACHE_DIR": str(tmp_path / "cache")}
+    copy = tmp_path / "copy"
+    shutil.copytree(collected.run, copy)
+    with Worker("w1", env, tmp_path / "w1.log"):
+        run_driver(_args(run, fake, 1), env, tmp_path / "d1.log")
+        paid = len(fake.requests)
+        assert paid == 4 * CALLS
+        # the same labeling on a copy of the run: the workers read every reply from the
+        # shared folder the driver filled
+        run_driver(_args(copy, fake, 1), env, tmp_path / "d2.log")
+    assert len(fake.requests) == paid
+    _assert_complete_once(copy, [JUDGE])
+    with sqlite3.connect(copy / "labels.sqlite") as conn:
+        usage = [json.loads(u) for (u,) in conn.execute("SELECT usage FROM judgments")]
+    assert sum(s["cached_replies"] for u in usage for s in u.values()) == 4 * CALLS
+    assert sum(s["calls"] for u in usage for s in u.values()) == 0

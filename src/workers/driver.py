@@ -226,7 +226,7 @@ class Driver:
             run=self.key, feature_id=unit.feature_id, judge=unit.judge, stage=stage,
             prompt_hash=unit.prompt_hash, options=self.job.options,
             limits=self.job.limits.get(unit.judge),
-            record=trimmed(unit.record, stage, self.job.options.n_examples),
+            record=trimmed(unit.feature(), stage, self.job.options.n_examples),
             negatives=unit.negatives,
             explanation=unit.explanation(),
         )  # fmt: skip

@@ -93,8 +93,9 @@ def _label_in_batches(
         left.append(report)
         if report.in_flight:
             err_console.print(
-                f"{report.in_flight:,} batches still in flight at the provider (they run and "
-                f"are paid either way); run the same command again to collect them"
+                f"{report.in_flight:,} {'batch' if report.in_flight == 1 else 'batches'} still "
+                "in flight at the provider (they run and are paid either way); run the same "
+                "command again to collect them"
             )
         return reports
 
@@ -235,7 +236,7 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                    "docs/batches.md).")  # fmt: skip
 @click.option("--max-inflight", type=int, default=None,
               help="celery: (feature, judge) pairs in flight at once [default: 256]; batch: "
-                   "features in flight at once [default: 20000].")  # fmt: skip
+                   "features in flight at once [default: 50000].")  # fmt: skip
 @click.option(
     "--poll-s",
     type=float,
@@ -377,6 +378,10 @@ def label(
         raise UserError("--max-inflight applies to --executor celery and batch")
     if poll_s is not None and (executor != "batch" or poll_s <= 0):
         raise UserError("--poll-s: a positive number of seconds, with --executor batch")
+    if executor == "batch" and budget_usd is not None:
+        raise UserError("--budget-usd: not with --executor batch (a batch's cost is known only "
+                        "when it ends); --dry-run gives the batch cost and --sample-per-layer "
+                        "bounds it")  # fmt: skip
     if executor == "batch" and (service_tier == "flex" or rpm or tpm):
         raise UserError("--executor batch: --service-tier flex, --rpm and --tpm are for "
                         "synchronous calls (batches have their own limits)")  # fmt: skip

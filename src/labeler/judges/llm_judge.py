@@ -17,7 +17,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -124,6 +124,9 @@ class LLMJudge:
     ) -> None:
         self.name = name
         self.backend = backend
+        # a runtime protocol check costs tens of microseconds: made once here
+        self._chat = backend if isinstance(backend, ChatBackend) else None
+        self._likely = None if self._chat is not None else cast(LikelihoodBackend, backend)
         self.settings = settings or JudgeSettings()
         self.retry = retry or RetryPolicy()
         self.prices = prices
@@ -228,7 +231,7 @@ class LLMJudge:
     @property
     def tier(self) -> Tier:
         """The price tier of this judge's synchronous calls."""
-        return self.backend.tier if isinstance(self.backend, ChatBackend) else "standard"
+        return self._chat.tier if self._chat is not None else "standard"
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -281,8 +284,8 @@ class LLMJudge:
         """A structured call whose reply passes ``check``; an invalid reply is asked once
         more, then raised. A reply kept in the reply cache answers at no cost; an
         accepted reply is kept in the ledger for the cache."""
-        assert isinstance(self.backend, ChatBackend)
-        backend = self.backend
+        backend = self._chat
+        assert backend is not None
         request = backend.request(prompt, schema, logprobs=logprobs)
         if self.replies is not None and (cached := self.replies.get(request.key)) is not None:
             try:
@@ -322,8 +325,8 @@ class LLMJudge:
     ) -> tuple[dict[str, Any], Tier]:
         """The provider's reply to the ``ask``-th asking of ``request`` and the tier it is
         billed at: from the batch transport's results, or from a call now."""
-        assert isinstance(self.backend, ChatBackend)
-        backend = self.backend
+        backend = self._chat
+        assert backend is not None
         if self.batch is not None:
             try:
                 return self.batch.reply(request, ask), "batch"
@@ -340,15 +343,15 @@ class LLMJudge:
 
     async def _explain(self, feature: FeatureRecord, ledger: Ledger) -> str:
         prompt = explain_prompt(feature, self.settings.n_examples)
-        if isinstance(self.backend, LikelihoodBackend):
+        if self._likely is not None:
             return await self._generate_explanation(prompt, ledger)
         return await self._ask(
             prompt, ExplanationReply, ledger, lambda r: check_explanation(r.parsed.explanation)
         )
 
     async def _generate_explanation(self, prompt: Prompt, ledger: Ledger) -> str:
-        assert isinstance(self.backend, LikelihoodBackend)
-        backend = self.backend
+        backend = self._likely
+        assert backend is not None
         last = ""
         for _ in range(2):
             reply = await self._call(
@@ -384,8 +387,8 @@ class LLMJudge:
     async def _detect(
         self, explanation: str, snippets: list[Snippet], ledger: Ledger
     ) -> tuple[list[bool], list[float] | None]:
-        if isinstance(self.backend, LikelihoodBackend):
-            backend = self.backend
+        if self._likely is not None:
+            backend = self._likely
             prompts = [likelihood_detect_prompt(explanation, s) for s in snippets]
             scores = await self._call(
                 "detect", ledger, lambda: backend.score_options(prompts, [" yes", " no"])
@@ -412,7 +415,7 @@ class LLMJudge:
         )
 
     async def _classify(self, feature: FeatureRecord, ledger: Ledger) -> Classification:
-        if isinstance(self.backend, LikelihoodBackend):
+        if self._likely is not None:
             return await self._classify_by_likelihood(feature, ledger)
         prompt = classify_prompt(feature, self.settings.n_examples, self.settings.n_logits)
 
@@ -425,8 +428,8 @@ class LLMJudge:
         self, feature: FeatureRecord, question: str, options: tuple[str, ...], ledger: Ledger
     ) -> list[tuple[str, float]]:
         """The options by probability (softmax of each option's mean token log-probability)."""
-        assert isinstance(self.backend, LikelihoodBackend)
-        backend = self.backend
+        backend = self._likely
+        assert backend is not None
         prompt = likelihood_classify_prompt(
             feature, self.settings.n_examples, self.settings.n_logits, question
         )

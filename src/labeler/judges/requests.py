@@ -20,6 +20,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +41,7 @@ class ApiRequest:
     '/v1/responses', '/v1/messages'."""
     body: dict[str, Any] = field(hash=False, compare=False)
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The request's content address (hex SHA-256 of its canonical JSON)."""
         canonical = json.dumps(

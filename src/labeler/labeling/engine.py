@@ -87,7 +87,8 @@ class Unit:
     judge: str
     prompt_hash: str
     attempt: int
-    record: FeatureRecord
+    record: FeatureRecord | None
+    """None while parked by a transport that waits long (batches): reloaded before use."""
     negatives: dict[str, list[Snippet]]
     stages: list[StageName]
     outcomes: dict[StageName, StageOutcome] = field(default_factory=dict)
@@ -96,6 +97,11 @@ class Unit:
     @property
     def key(self) -> tuple[str, str]:
         return (self.feature_id, self.judge)
+
+    def feature(self) -> FeatureRecord:
+        if self.record is None:
+            raise RuntimeError(f"{self.feature_id}: its record is parked; reload it first")
+        return self.record
 
     def complete(self) -> bool:
         return all(s in self.outcomes for s in self.stages)

@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 OnStart = Callable[[int], None]
 OnResult = Callable[[str, bool], None]
 DEFAULT_POLL_S = 30.0
-DEFAULT_MAX_ACTIVE = 20_000
+DEFAULT_MAX_ACTIVE = 50_000
+APPLY_PER_TRANSACTION = 256
+RELOAD_CHUNK = 1024  # records read back at once when a batch's results are in
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,6 @@ class _Batches:
         self.errors = ErrorLog()
         self.waiting: dict[str, list[tuple[Unit, StageName]]] = {}
         self.queued: dict[str, dict[str, Waiting]] = {name: {} for name in self.judges}
-        self.requests: dict[str, tuple[str, Waiting]] = {}
         self.submitted = 0
 
     def report(self) -> BatchReport:
@@ -161,6 +162,7 @@ class _Batches:
                         exhausted = True
                         break
                     await self._advance(unit)
+                    self._park([unit])
                 if not self._stopping():
                     await self._submit_queued()
                 open_ = self.records.open()
@@ -191,6 +193,32 @@ class _Batches:
 
     # -- stages ------------------------------------------------------------------------
 
+    def _park(self, units: list[Unit]) -> None:
+        """Drop the records of units that now only wait on batches (most of a feature's
+        memory); :meth:`_rerun` reloads them, many at a time, when results are in."""
+        for unit in units:
+            if unit.key in self.engine.active:
+                unit.record = None
+
+    async def _rerun(self, waiters: list[tuple[Unit, StageName]]) -> None:
+        """Run again the stages waiting on results now stored, their records reloaded a
+        chunk at a time and the outcomes applied a few hundred per transaction (short
+        transactions leave the run's lock free to be renewed)."""
+        for start in range(0, len(waiters), RELOAD_CHUNK):
+            part = waiters[start : start + RELOAD_CHUNK]
+            parked = list(dict.fromkeys(u.feature_id for u, _ in part if u.record is None))
+            records = {r.feature_id: r for r in self.engine.run.records(parked)} if parked else {}
+            for unit, _ in part:
+                if unit.record is None:
+                    unit.record = records[unit.feature_id]
+            for first in range(0, len(part), APPLY_PER_TRANSACTION):
+                with self.engine.store.transaction():
+                    for unit, stage in part[first : first + APPLY_PER_TRANSACTION]:
+                        # a unit that ended meanwhile still gets the result: the engine
+                        # keeps a late stage and counts what it cost
+                        await self._run(unit, stage)
+            self._park([u for u, _ in part])
+
     async def _advance(self, unit: Unit) -> None:
         for stage in unit.to_send():
             if unit.key not in self.engine.active:
@@ -202,12 +230,13 @@ class _Batches:
         judge = self.judges[unit.judge]
         self.replies.consulted.clear()
         try:
-            outcome = await run_stage_safely(judge, stage, unit.record, unit.negatives,
+            outcome = await run_stage_safely(judge, stage, unit.feature(), unit.negatives,
                                              unit.explanation(), self.errors)  # fmt: skip
         except AwaitingReply as wait:
             assert isinstance(wait, Awaiting)
+            if unit.key not in self.engine.active:
+                return  # the unit ended meanwhile (another stage failed): ask nothing more
             self.waiting.setdefault(wait.custom_id, []).append((unit, stage))
-            self.requests[wait.custom_id] = (unit.judge, wait.waiting)
             if not self.records.has(wait.custom_id):
                 self.queued[unit.judge][wait.custom_id] = wait.waiting
             return
@@ -277,10 +306,9 @@ class _Batches:
             if found == "wait":
                 continue
             if found is None:
-                for custom_id in self.records.never_made(sub.local_id):
-                    if custom_id in self.requests:
-                        judge, waiting = self.requests[custom_id]
-                        self.queued[judge][custom_id] = waiting
+                # asked again, the waiting stages queue their requests anew
+                forgotten = self.records.never_made(sub.local_id)
+                await self._rerun([w for c in forgotten for w in self.waiting.pop(c, [])])
                 log.info("%s: a cut-off submission of %d never reached the provider; "
                          "sending it again", sub.judge, sub.n_requests)  # fmt: skip
             else:
@@ -318,11 +346,9 @@ class _Batches:
             log.info("%s: batch %s %s: %d results", sub.judge, sub.batch_id, state.status,
                      len(results))  # fmt: skip
             ended_any = True
-            for custom_id in answered:
-                self.requests.pop(custom_id, None)
-                for unit, stage in self.waiting.pop(custom_id, []):
-                    if unit.key in self.engine.active:
-                        await self._run(unit, stage)
+            # the results are stored: a labeler stopped while applying them applies the
+            # rest next time
+            await self._rerun([w for cid in answered for w in self.waiting.pop(cid, [])])
         return ended_any
 
 

@@ -175,7 +175,7 @@ class _Local:
         return running
 
     async def _stage(self, judge: Judge, unit: Unit, stage: StageName) -> StageOutcome:
-        return await run_stage_safely(judge, stage, unit.record, unit.negatives,
+        return await run_stage_safely(judge, stage, unit.feature(), unit.negatives,
                                       unit.explanation(), self.errors)  # fmt: skip
 
 
