@@ -24,6 +24,7 @@ from labeler.errors import Reschedule
 from labeler.judges import Judge, make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
+from labeler.judges.openai_backend import OpenAIBackend
 from labeler.judges.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
 from labeler.judges.requests import folder_cache_from_env
 from workers.leases import Leases
@@ -83,6 +84,12 @@ class WorkerRuntime:
             judge.retry = dataclasses.replace(judge.retry, reschedule_rate_limits=True)
             # a worker cannot read the run's store; a shared cache folder it can
             judge.replies = folder_cache_from_env()
+            # a flex call may wait 15 minutes: it must end well inside the stage's time
+            # limit, which has room for a re-ask and a retry
+            backend = judge.backend
+            limit = self.settings.task_time_limit_s / 3
+            if isinstance(backend, OpenAIBackend) and backend.service_tier == "flex":
+                backend.timeout = min(backend.timeout, limit)
             if limits is not None and limits.active:
                 if self._async_redis is None:
                     self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)
