@@ -446,3 +446,37 @@ def test_a_stage_that_ends_after_its_feature_failed_still_counts_its_cost(
     assert usage["explain"].calls == 1 and usage["classify"].calls == 1
     assert usage["detect"].calls == 1
     store.close()
+
+
+def test_a_batch_failed_as_a_whole_is_sent_again(run_copy: Path, fake: FakeLLMServer) -> None:
+    # OpenAI refuses a batch before it runs (its token queue full, say): sent again
+    fake.batches.settings = BatchSettings(in_progress_s=1.0, fail="enqueued token limit reached")
+    thread, out = _in_thread(lambda: _label(run_copy, fake, "chat"))
+    _wait_for("the first batch", lambda: len(fake.batches.created) >= 1)
+    fake.batches.settings = BatchSettings()
+    thread.join(120)
+    assert not thread.is_alive() and not isinstance(out[0], BaseException), out
+    report, store = out[0]
+    assert (report.labeled, report.failed) == (32, 0)
+    assert [b.n_requests for b in fake.batches.created] == [32, 32, 96]
+    assert all(c.endswith("-0-1") for c in fake.batches.created[1].custom_ids)
+    _submitted_once(fake)
+    store.close()
+
+
+def test_another_judges_batches_in_flight_do_not_hold_up_this_labeling(
+    run_copy: Path, fake: FakeLLMServer
+) -> None:
+    from labeler.judges.requests import ApiRequest
+    from labeler.labeling.batch_records import BatchRecords, Waiting
+
+    store = LabelStore(run_copy / "labels.sqlite")
+    other = Waiting(ApiRequest("anthropic", "m", "/v1/messages", {}), "r0-0-0", 0, 0)
+    BatchRecords(store).begin("elsewhere", "anthropic:claude-haiku-4-5", "anthropic",
+                              "/v1/messages", [other])  # fmt: skip
+    BatchRecords(store).submitted("elsewhere", "msgbatch_of_another_labeling")
+    store.close()
+    report, store = _label(run_copy, fake, "chat", sample=1)
+    assert (report.labeled, report.pending) == (4, 0)
+    assert [s.batch_id for s in BatchRecords(store).open()] == ["msgbatch_of_another_labeling"]
+    store.close()

@@ -30,6 +30,7 @@ BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 TOOL_NAME = "record_answer"
 DEFAULT_MAX_TOKENS = 1024
 ENDPOINT = "/v1/messages"
+DEFAULT_ORIGIN = "https://api.anthropic.com"
 
 
 class AnthropicBackend:
@@ -85,7 +86,8 @@ class AnthropicBackend:
             ],
             "tool_choice": {"type": "tool", "name": TOOL_NAME},
         }
-        return ApiRequest(self.provider, self.model, ENDPOINT, body)
+        origin = self.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_ORIGIN
+        return ApiRequest(self.provider, self.model, ENDPOINT, body, origin)
 
     async def send(self, request: ApiRequest) -> dict[str, Any]:
         """Post the request; the provider's JSON reply."""

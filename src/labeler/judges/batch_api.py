@@ -137,7 +137,7 @@ class OpenAIBatches(_OnTheSdk):
     provider = "openai"
     sdk = "openai"
     max_requests = 50_000
-    max_bytes = 200 * 1024 * 1024
+    max_bytes = 200_000_000  # 200 MB
 
     def _line(self, custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
         line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
@@ -179,12 +179,16 @@ class OpenAIBatches(_OnTheSdk):
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
                 content = await self._content(file_id)
-                out += [_openai_line(json.loads(t)) for t in content.text.splitlines() if t]
-        if batch.status == "failed":  # refused as a whole (validation): every request failed
+                out += [r for t in content.text.splitlines() if (r := _openai_line(t))]
+        if batch.status == "failed":
+            # refused as a whole before it ran (a validation error, or the organisation's
+            # queue of batch tokens full): its requests go out again, at most three times
             errors = getattr(getattr(batch, "errors", None), "data", None) or []
-            message = "; ".join(str(getattr(e, "message", e)) for e in errors)[:300]
+            message = "; ".join(
+                f"{getattr(e, 'code', '')}: {getattr(e, 'message', e)}" for e in errors
+            )[:300]
             reason = f"batch failed: {message or 'no reason given'}"
-            out.append(LineResult("*", "error", status=400, message=reason))
+            out.append(LineResult("*", "expired", message=reason))
         return out
 
     async def _content(self, file_id: str) -> Any:
@@ -205,8 +209,16 @@ class OpenAIBatches(_OnTheSdk):
         return None
 
 
-def _openai_line(line: dict[str, Any]) -> LineResult:
-    custom_id = str(line.get("custom_id"))
+def _openai_line(text: str) -> LineResult | None:
+    """A result file's line; None for a blank or unreadable one (its request then counts
+    as having no result, and goes out again)."""
+    try:
+        line = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        return None
+    custom_id = str(line["custom_id"])
     response = line.get("response")
     error = line.get("error")
     if isinstance(response, dict) and response.get("status_code") == 200:
@@ -231,7 +243,7 @@ class AnthropicBatches(_OnTheSdk):
     provider = "anthropic"
     sdk = "anthropic"
     max_requests = 100_000
-    max_bytes = 256 * 1024 * 1024
+    max_bytes = 256_000_000  # 256 MB
 
     def line_size(self, custom_id: str, endpoint: str, body: dict[str, Any]) -> int:
         return len(json.dumps({"custom_id": custom_id, "params": body}).encode("utf-8")) + 1
@@ -274,12 +286,16 @@ class AnthropicBatches(_OnTheSdk):
             async for batch in client.messages.batches.list(limit=100):
                 if _timestamp(batch.created_at) < made_at - FIND_SLACK_S:
                     break
-                if batch.id not in known:
+                counts = batch.request_counts
+                total = (counts.processing + counts.succeeded + counts.errored
+                         + counts.canceled + counts.expired)  # fmt: skip
+                if batch.id not in known and total == len(custom_ids):
                     candidates.append((str(batch.id), batch.processing_status == "ended"))
         if any(not ended for _, ended in candidates):
             return "wait"  # its results, the only way to tell it is ours, are not out yet
         for batch_id, _ in candidates:
-            if any(r.custom_id in custom_ids for r in await self.results(batch_id)):
+            # only a batch unknown to this store that holds exactly our requests is ours
+            if {r.custom_id for r in await self.results(batch_id)} == custom_ids:
                 return batch_id
         return None
 

@@ -38,7 +38,8 @@ BASE_URL_ENV = "OPENAI_BASE_URL"
 NO_KEY = "no-key"
 TOP_LOGPROBS = 5
 ENDPOINTS: dict[OpenAIApi, str] = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
-FLEX_TIMEOUT_S = 900.0  # OpenAI's advice for flex: wait up to 15 minutes for a reply
+FLEX_TIMEOUT_S = 900.0
+DEFAULT_ORIGIN = "https://api.openai.com/v1"  # OpenAI's advice for flex: wait up to 15 minutes for a reply
 
 
 class OpenAIBackend:
@@ -126,7 +127,8 @@ class OpenAIBackend:
                 body["max_output_tokens"] = self.max_output_tokens
         if self.service_tier == "flex":
             body["service_tier"] = "flex"
-        return ApiRequest(self.provider, self.model, ENDPOINTS[self.api], body)
+        origin = self.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_ORIGIN
+        return ApiRequest(self.provider, self.model, ENDPOINTS[self.api], body, origin)
 
     async def send(self, request: ApiRequest) -> dict[str, Any]:
         """Post the request; the provider's JSON reply."""

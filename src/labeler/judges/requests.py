@@ -40,12 +40,15 @@ class ApiRequest:
     """The provider's path, as batch files name it: '/v1/chat/completions',
     '/v1/responses', '/v1/messages'."""
     body: dict[str, Any] = field(hash=False, compare=False)
+    origin: str = ""
+    """Where it goes (the API's base URL): a self-hosted server with a model of the same
+    name as the provider's is another source of replies."""
 
     @cached_property
     def key(self) -> str:
         """The request's content address (hex SHA-256 of its canonical JSON)."""
         canonical = json.dumps(
-            [CACHE_FORMAT, self.provider, self.model, self.endpoint, self.body],
+            [CACHE_FORMAT, self.provider, self.origin, self.model, self.endpoint, self.body],
             sort_keys=True, separators=(",", ":"), ensure_ascii=False,
         )  # fmt: skip
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -29,6 +29,7 @@ from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
 
 MAX_UNRUN = 3
+LINES_PER_TRANSACTION = 2_000
 """Submissions of one request that may expire or be cancelled before it fails."""
 
 
@@ -123,16 +124,19 @@ class BatchRecords:
         request with no result line counts as expired)."""
         now = time.time()
         whole = next((r for r in results if r.custom_id == "*"), None)
-        with self.store.transaction():
-            for r in results:
-                if r.custom_id == "*":
-                    continue
-                self.conn.execute(
+        lines = [r for r in results if r.custom_id != "*"]
+        # a few thousand lines a transaction, so the run's lock is renewed meanwhile; a
+        # labeler stopped in between stores the rest from the same results next time
+        for start in range(0, len(lines), LINES_PER_TRANSACTION):
+            with self.store.transaction():
+                self.conn.executemany(
                     "UPDATE batch_requests SET outcome=?, reply=?, error=?, done_at=? "
                     "WHERE custom_id=? AND local_id=? AND outcome IS NULL",
-                    (r.outcome, None if r.reply is None else pack(r.reply),
-                     _error(r), now, r.custom_id, local_id),
+                    [(r.outcome, None if r.reply is None else pack(r.reply), _error(r), now,
+                      r.custom_id, local_id)
+                     for r in lines[start : start + LINES_PER_TRANSACTION]],
                 )  # fmt: skip
+        with self.store.transaction():
             missing = whole or LineResult("", "expired", message="no result line for it")
             self.conn.execute(
                 "UPDATE batch_requests SET outcome=?, error=?, done_at=? "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from adapters.errors import UserError
 from labeler.judges import Judge
 from labeler.judges.backend import BackendError
-from labeler.judges.batch_api import BatchApi, batch_api
+from labeler.judges.batch_api import BatchApi, LineResult, batch_api
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.requests import AwaitingReply
 from labeler.judges.stages import StageName
@@ -54,6 +55,7 @@ OnResult = Callable[[str, bool], None]
 DEFAULT_POLL_S = 30.0
 DEFAULT_MAX_ACTIVE = 50_000
 APPLY_PER_TRANSACTION = 256
+CUT_OFF_GRACE_S = 60.0
 RELOAD_CHUNK = 1024  # records read back at once when a batch's results are in
 
 
@@ -135,10 +137,16 @@ class _Batches:
         self.errors = ErrorLog()
         self.waiting: dict[str, list[tuple[Unit, StageName]]] = {}
         self.queued: dict[str, dict[str, Waiting]] = {name: {} for name in self.judges}
+        self.spent: set[str] = set()
         self.submitted = 0
 
     def report(self) -> BatchReport:
-        return BatchReport(in_flight=len(self.records.open()), submitted=self.submitted)
+        return BatchReport(in_flight=len(self._open()), submitted=self.submitted)
+
+    def _open(self) -> list[Submission]:
+        """This labeling's submissions not ended (another judge's are left to a labeling
+        with that judge)."""
+        return [s for s in self.records.open() if s.judge in self.apis]
 
     def _stopping(self) -> bool:
         return self.engine.heed(self.interrupts, self.lock)
@@ -165,7 +173,8 @@ class _Batches:
                     self._park([unit])
                 if not self._stopping():
                     await self._submit_queued()
-                open_ = self.records.open()
+                self._forget_spent()
+                open_ = self._open()
                 if self._stopping() or (not open_ and exhausted and not self._any_queued()):
                     break
                 if not open_:
@@ -176,9 +185,14 @@ class _Batches:
                 if not await self._poll(open_):
                     await self._sleep(self.settings.poll_s)
         finally:
+            self._forget_spent()
             self.engine.abandon_active()
             for judge in self.judges.values():
                 await judge.aclose()
+
+    def _grace(self) -> float:
+        """How long a cut-off submission is left to the provider before it is looked for."""
+        return min(CUT_OFF_GRACE_S, 2 * self.settings.poll_s)
 
     def _any_queued(self) -> bool:
         return any(self.queued.values())
@@ -218,6 +232,14 @@ class _Batches:
                         # keeps a late stage and counts what it cost
                         await self._run(unit, stage)
             self._park([u for u, _ in part])
+        self._forget_spent()
+
+    def _forget_spent(self) -> None:
+        """Mark the results that ended stages' failures as used up, once every stage
+        waiting on them has read them (two features may share a request)."""
+        if self.spent:
+            self.replies.used_up(self.spent)
+            self.spent = set()
 
     async def _advance(self, unit: Unit) -> None:
         for stage in unit.to_send():
@@ -240,8 +262,8 @@ class _Batches:
             if not self.records.has(wait.custom_id):
                 self.queued[unit.judge][wait.custom_id] = wait.waiting
             return
-        if not outcome.ok:
-            self.replies.used_up(set(self.replies.consulted))
+        if not outcome.ok:  # asked afresh by a later labeling, once this round is done
+            self.spent |= self.replies.consulted
         applied = self.engine.apply(outcome, unit=unit)
         if applied.finished is not None and self.on_result is not None:
             self.on_result(unit.judge, applied.finished)
@@ -269,9 +291,15 @@ class _Batches:
                 lambda file_id: self.records.file_uploaded(local_id, file_id),
             )  # fmt: skip
         except BackendError as exc:
-            if exc.kind in FATAL_KINDS or exc.kind == "rejected":
+            if exc.kind in FATAL_KINDS:
                 self.records.never_made(local_id)  # refused: nothing was made
                 self._judge_cannot(judge, f"submitting a batch: {exc.reason}")
+                return
+            if exc.kind == "rejected":  # the batch refused (a 400): its requests fail with it
+                refused = LineResult("*", "error", status=400, message=f"batch refused: "
+                                     f"{exc.reason}")  # fmt: skip
+                answered = self.records.ended(local_id, "refused", [refused])
+                await self._rerun([w for c in answered for w in self.waiting.pop(c, [])])
                 return
             # cut off (a timeout, a broken connection, a 5xx): the batch may exist; it is
             # looked for before its requests go out again
@@ -291,16 +319,17 @@ class _Batches:
         call was cut off, in between): adopt the batch the provider made, or send the
         requests again if it made none."""
         known = self.records.known_batch_ids()
-        for sub in self.records.open():
-            if sub.state != "submitting":
-                continue
-            api = self.apis.get(sub.judge)
-            if api is None:
-                continue  # a judge not in this labeling: left for a labeling with it
+        for sub in self._open():
+            if sub.state != "submitting" or time.time() - sub.made_at < self._grace():
+                continue  # the provider may still be making it
+            api = self.apis[sub.judge]
             ids = set(self.records.custom_ids(sub.local_id))
             try:
                 found = await api.find(sub.local_id, sub.made_at, ids, known)
             except BackendError as exc:
+                if exc.kind in FATAL_KINDS:
+                    self._judge_cannot(sub.judge, f"looking for a batch: {exc.reason}")
+                    return
                 log.warning("%s: looking for a cut-off batch: %s", sub.judge, exc.reason)
                 continue
             if found == "wait":
@@ -323,7 +352,7 @@ class _Batches:
         if any(s.state == "submitting" for s in open_):
             await self._resolve_cut_off()
         ended_any = False
-        for sub in self.records.open():
+        for sub in self._open():
             if sub.state != "submitted" or sub.batch_id is None or self._stopping():
                 continue
             api = self.apis.get(sub.judge)
