@@ -38,8 +38,8 @@ BASE_URL_ENV = "OPENAI_BASE_URL"
 NO_KEY = "no-key"
 TOP_LOGPROBS = 5
 ENDPOINTS: dict[OpenAIApi, str] = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
-FLEX_TIMEOUT_S = 900.0
-DEFAULT_ORIGIN = "https://api.openai.com/v1"  # OpenAI's advice for flex: wait up to 15 minutes for a reply
+FLEX_TIMEOUT_S = 900.0  # OpenAI's advice for flex: wait up to 15 minutes for a reply
+DEFAULT_ORIGIN = "https://api.openai.com/v1"
 
 
 class OpenAIBackend:
