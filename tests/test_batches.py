@@ -34,6 +34,7 @@ from tests.fake_llm import (
     BadRequest,
     BatchSettings,
     FakeLLMServer,
+    Hang,
     RateLimited,
     Raw,
     ServerError,
@@ -433,7 +434,9 @@ def test_a_stage_that_ends_after_its_feature_failed_still_counts_its_cost(
     fake.batches.settings = BatchSettings(in_progress_s=1.5)
     thread, out = _in_thread(lambda: _label(run_copy, fake, "chat", sample=1))
     _wait_for("the second round", lambda: len(fake.batches.created) >= 2)
-    fake.script(BadRequest(400, "bad field"))  # the second round's first line: a detection
+    # the second round's first three lines are one feature's: its top detection is
+    # refused, its random one answered, its classification not JSON (to be asked again)
+    fake.script(BadRequest(400, "bad field"), Hang(0.0), Raw("no"))
     thread.join(120)
     assert not thread.is_alive() and not isinstance(out[0], BaseException), out
     report, store = out[0]
@@ -441,10 +444,12 @@ def test_a_stage_that_ends_after_its_feature_failed_still_counts_its_cost(
     failed = next(s for s in store.judgments(NAMES["chat"]).values() if s.status == "failed")
     assert failed.reason is not None and failed.reason.startswith("rejected: detect")
     usage = next(u for status, _, u, _ in store.accounting(NAMES["chat"]) if status == "failed")
-    # the explanation, and the other detection set and the classification answered in the
-    # same round as the failed detection, are all counted on the failed feature
+    # the explanation, the other detection set answered in the same round as the failed
+    # one, and the classification's invalid reply (not asked again once the feature
+    # failed) are all counted on the failed feature
     assert usage["explain"].calls == 1 and usage["classify"].calls == 1
     assert usage["detect"].calls == 1
+    assert len(fake.batches.created) == 2  # no re-ask for a feature already failed
     store.close()
 
 

@@ -50,7 +50,13 @@ from labeler.judges.replies import (
     check_explanation,
     validation_reason,
 )
-from labeler.judges.requests import ApiRequest, BatchReplies, KeptReply, ReplyCache
+from labeler.judges.requests import (
+    ApiRequest,
+    AwaitingReply,
+    BatchReplies,
+    KeptReply,
+    ReplyCache,
+)
 from labeler.judges.retry import RetryPolicy, with_retries
 from labeler.judges.stages import Detection, StageName, StageOutcome, add_usage, assemble
 from labeler.run.schemas import (
@@ -207,6 +213,9 @@ class LLMJudge:
                 raise ValueError(f"an LLM judge has no stage {stage!r}")
         except Reschedule as exc:  # from a rate limiter: what the stage used so far goes too
             raise Reschedule(exc.retry_after, ledger.usage, str(exc)) from exc
+        except AwaitingReply as wait:  # what the replies in so far cost goes with it
+            wait.usage, wait.cost_usd = ledger.usage, ledger.cost
+            raise
         except TransientError as exc:
             if exc.kind == "rate_limited" and self.retry.reschedule_rate_limits:
                 raise Reschedule(exc.retry_after, ledger.usage, exc.reason) from exc

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from adapters.outputs import replacing
+from labeler.run.schemas import Usage
 
 CACHE_DIR_ENV = "LABELER_CACHE_DIR"
 CACHE_FORMAT = 1
@@ -75,6 +76,9 @@ class AwaitingReply(Exception):
         super().__init__(custom_id)
         self.request = request
         self.custom_id = custom_id
+        self.usage: dict[str, Usage] = {}
+        """What the stage's replies in so far used (an invalid reply before a re-ask)."""
+        self.cost_usd: float | None = 0.0
 
 
 class BatchReplies(Protocol):

@@ -33,7 +33,7 @@ from labeler.judges.backend import BackendError
 from labeler.judges.batch_api import BatchApi, LineResult, batch_api
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.requests import AwaitingReply
-from labeler.judges.stages import StageName
+from labeler.judges.stages import StageName, StageOutcome
 from labeler.labeling.batch_records import (
     Awaiting,
     BatchRecords,
@@ -257,7 +257,16 @@ class _Batches:
         except AwaitingReply as wait:
             assert isinstance(wait, Awaiting)
             if unit.key not in self.engine.active:
-                return  # the unit ended meanwhile (another stage failed): ask nothing more
+                # the unit ended meanwhile (another stage failed): ask nothing more, but
+                # count what its replies in so far cost on the feature's row
+                if wait.usage and self.engine.store.status_of(*unit.key) is not None:
+                    self.engine.apply(StageOutcome(
+                        feature_id=unit.feature_id, judge=unit.judge,
+                        prompt_hash=unit.prompt_hash, stage=stage, ok=False,
+                        reason=f"abandoned: {stage}: its feature ended first",
+                        usage=wait.usage, cost_usd=wait.cost_usd,
+                    ))  # fmt: skip
+                return
             self.waiting.setdefault(wait.custom_id, []).append((unit, stage))
             if not self.records.has(wait.custom_id):
                 self.queued[unit.judge][wait.custom_id] = wait.waiting
