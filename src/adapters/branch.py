@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from adapters.checkpoint import (
 )
 from adapters.errors import CheckpointError
 from adapters.tokenizer_loading import load_tokenizer
+
+if TYPE_CHECKING:
+    from adapters.interventions import LayerEdit
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class _BranchState:
     recording: frozenset[int] = frozenset()
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     sink: FeatureSink | None = None
+    edits: dict[int, LayerEdit] | None = None
+    """An intervention's work per layer (``adapters.interventions``); while set, it
+    decides the branch's scale, not ``enabled``."""
 
     def record(self, layer: int, features: torch.Tensor) -> None:
         if self.sink is not None:
@@ -151,6 +157,14 @@ class AdapterModel:
 def _make_hook(layer: int, state: _BranchState) -> Any:
     def hook(module: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
         record = layer in state.recording
+        if state.edits is not None:
+            work = state.edits[layer]
+            features = None
+            if record or work.branch != 0.0:
+                features = torch.relu(module.transcoder_enc(args[0]))
+                if record:
+                    state.record(layer, features)
+            return work.apply(output, args[0], features, module.transcoder_dec)
         if not (record or state.enabled):
             return None
         features = torch.relu(module.transcoder_enc(args[0]))
