@@ -1,5 +1,5 @@
 """The package tree keeps its shape: inside ``labeler``, subpackages import only the
-ones below them (cli → formats, review → reporting → labeling → judges → run)."""
+ones below them (cli → formats, review → reporting, causal → labeling → judges → run)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import labeler
 
-RANK = {"run": 0, "judges": 1, "labeling": 2, "reporting": 3, "review": 4, "formats": 4, "cli": 5}
+RANK = {"run": 0, "judges": 1, "labeling": 2, "reporting": 3, "causal": 3, "review": 4,
+        "formats": 4, "cli": 5}  # fmt: skip
 
 
 def test_labeler_subpackages_import_only_downward() -> None:

@@ -1,0 +1,166 @@
+"""What the causal check counts in a model's responses, and how two conditions compare.
+
+- The rate of a word set per 1,000 generated tokens, counted on decoded words (so "Wait",
+  " wait," and "wait" split over two tokens all count once), not on token ids.
+- Whether a response closes its thinking (``</think>``).
+- Accuracy against a reference answer: the response's last ``\\boxed{...}`` (braces
+  balanced) compared with the reference after normalisation.
+- Effect sizes: the difference of pooled rates between two conditions with a bootstrap
+  confidence interval over responses, and a permutation p-value of a selection's effect
+  against the effects of random control selections.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+HESITATION_WORDS = ("wait", "hmm", "alternatively")
+"""The paper's hesitation words (its study counts "wait"; "hmm" and "alternatively" are
+the other hesitation tokens its attribution graphs trace)."""
+THINK_CLOSE = "</think>"
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One generation: its decoded text, how many tokens were generated, and the
+    reference answer of its prompt, if any."""
+
+    text: str
+    n_tokens: int
+    reference: str | None = None
+
+
+def words_of(text: str) -> list[str]:
+    """The text's words, lowercased (letters, with an inner apostrophe)."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def count_words(text: str, words: Iterable[str]) -> int:
+    wanted = {w.lower() for w in words}
+    return sum(1 for w in words_of(text) if w in wanted)
+
+
+def rate_per_1000(responses: Sequence[Response], words: Iterable[str] = HESITATION_WORDS) -> float:
+    """Occurrences of the words per 1,000 generated tokens, pooled over the responses."""
+    wanted = tuple(words)
+    tokens = sum(r.n_tokens for r in responses)
+    if tokens == 0:
+        return 0.0
+    return 1000.0 * sum(count_words(r.text, wanted) for r in responses) / tokens
+
+
+def closes_thinking(text: str, close: str = THINK_CLOSE) -> bool:
+    return close in text
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces kept, escaped ones
+    literal), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    j = i
+    while j < len(text):
+        if text[j] == "\\":  # an escaped character (\{ is a literal brace): skipped
+            j += 2
+            continue
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+        j += 1
+    return None  # unbalanced: cut off before it closed
+
+
+_UNWRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", " ")
+
+
+def normalise(answer: str) -> str:
+    """An answer as compared: text wrappers unwrapped, spacing and sizing commands and
+    dollar signs dropped, ``\\dfrac``/``\\tfrac`` as ``\\frac``, a leading ``x =`` and a
+    trailing period removed."""
+    out = answer.strip()
+    while (unwrapped := _UNWRAP.sub(r"\1", out)) != out:
+        out = unwrapped
+    for piece in _DROP:
+        out = out.replace(piece, "")
+    out = out.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    out = re.sub(r"^[a-zA-Z]=", "", out)
+    return out.rstrip(".").strip()
+
+
+def is_correct(response: Response) -> bool | None:
+    """Whether the last boxed answer equals the reference; None without a reference."""
+    if response.reference is None:
+        return None
+    boxed = last_boxed(response.text)
+    return boxed is not None and normalise(boxed) == normalise(response.reference)
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A condition against the baseline: the difference of pooled rates, its bootstrap
+    confidence interval, and their ratio."""
+
+    baseline: float
+    condition: float
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def ratio(self) -> float | None:
+        return self.condition / self.baseline if self.baseline else None
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def rate_effect(
+    baseline: Sequence[Response], condition: Sequence[Response],
+    words: Iterable[str] = HESITATION_WORDS, n_boot: int = 2000, level: float = 0.95,
+    seed: int = 0,
+) -> Effect:  # fmt: skip
+    """The condition's rate minus the baseline's, with a percentile bootstrap interval:
+    responses resampled with replacement within each condition (prompts are shared, but
+    sampled responses differ, so the two are resampled independently)."""
+    wanted = tuple(words)
+    if not baseline or not condition:
+        raise ValueError("rate_effect: each condition needs at least one response")
+    rng = random.Random(seed)
+    counts = [[count_words(r.text, wanted) for r in rs] for rs in (baseline, condition)]
+    tokens = [[r.n_tokens for r in rs] for rs in (baseline, condition)]
+
+    def pooled(k: int, picks: Sequence[int]) -> float:
+        n = sum(tokens[k][i] for i in picks)
+        return 1000.0 * sum(counts[k][i] for i in picks) / n if n else 0.0
+
+    diffs = []
+    for _ in range(n_boot):
+        a = [rng.randrange(len(baseline)) for _ in baseline]
+        b = [rng.randrange(len(condition)) for _ in condition]
+        diffs.append(pooled(1, b) - pooled(0, a))
+    diffs.sort()
+    tail = (1 - level) / 2
+    low, high = diffs[int(tail * (n_boot - 1))], diffs[int((1 - tail) * (n_boot - 1))]
+    base = rate_per_1000(baseline, wanted)
+    cond = rate_per_1000(condition, wanted)
+    return Effect(base, cond, cond - base, low, high)
+
+
+def permutation_p(effect: float, controls: Sequence[float]) -> float:
+    """How often a random control selection moves the measure as far as the selection
+    did (two-sided, with the selection counted among them): ``(1 + k) / (1 + K)``."""
+    if not controls:
+        raise ValueError("permutation_p: no control effects")
+    beyond = sum(1 for c in controls if abs(c) >= abs(effect))
+    return (1 + beyond) / (1 + len(controls))
