@@ -1,5 +1,5 @@
 """The package tree keeps its shape: inside ``labeler``, subpackages import only the
-ones below them (cli → formats, review → reporting, causal → labeling → judges → run)."""
+ones below them (cli → formats, review, causal → reporting → labeling → judges → run)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import labeler
 
-RANK = {"run": 0, "judges": 1, "labeling": 2, "reporting": 3, "causal": 3, "review": 4,
+RANK = {"run": 0, "judges": 1, "labeling": 2, "reporting": 3, "causal": 4, "review": 4,
         "formats": 4, "cli": 5}  # fmt: skip
 
 
