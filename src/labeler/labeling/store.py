@@ -370,13 +370,10 @@ class LabelStore:
                 self.conn.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
                                       rows)  # fmt: skip
 
-    def reply(self, key: str) -> dict[str, Any] | None:
-        """A kept reply (the store as a reply cache)."""
+    def get(self, key: str) -> dict[str, Any] | None:
+        """A kept reply by its request's key (the store as a reply cache)."""
         row = self.conn.execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
         return None if row is None else unpack(row[0])
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.reply(key)
 
     def stage_outcomes(self, feature_id: str, judge: str, prompt_hash: str) -> list[StageOutcome]:
         rows = self.conn.execute(
