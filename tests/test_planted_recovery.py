@@ -13,6 +13,8 @@ from labeler.reporting.summarize import summarize
 from prompts import normalize_token
 from tests.conftest import CollectedDemo
 
+TOKEN_TRIGGERED = ("token_set", "template", "hesitation_output")
+
 
 def _truth(demo: CollectedDemo) -> list[dict[str, object]]:
     return json.loads(demo.paths.ground_truth.read_text())
@@ -27,7 +29,7 @@ def test_planted_token_features_top_example_highlights_their_token(
         .select("feature_id", "tokens", "highlight")
     )
     by_id = {r["feature_id"]: r for r in top1.iter_rows(named=True)}
-    token_features = [t for t in _truth(collected) if t["kind"] == "token_set"]
+    token_features = [t for t in _truth(collected) if t["kind"] in TOKEN_TRIGGERED]
     assert len(token_features) == 640
     for truth in token_features:
         row = by_id[truth["feature_id"]]

@@ -4,10 +4,10 @@ Given the MLP inputs ``X`` [n_tokens, d_model] a layer sees on a corpus and the 
 each position, a *token-set* feature gets an encoder direction pointing at the centroids
 of its trigger tokens and a bias at the threshold that best separates those positions
 from the rest, so it fires on the trigger tokens and (almost) nowhere else. Its measured
-precision and recall on the corpus go into the ground truth. An *output* feature's decoder
-column points along the unembedding rows of the tokens it should promote, so the logit
-lens shows them first. *Random-direction* features fire on whatever projects highest on a
-random direction; *dead* features never fire.
+precision and recall on the corpus go into the ground truth. A *circuit* feature reads
+both its trigger tokens and a direction an earlier feature writes there.
+*Random-direction* features fire on whatever projects highest on a random direction;
+*dead* features never fire.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,28 @@ def token_set_encoder(
     return _encoder(direction, threshold, x, positive, amplitude)
 
 
+def circuit_encoder(
+    x: np.ndarray, tokens: np.ndarray, centroids: np.ndarray, trigger_ids: np.ndarray,
+    circuit: np.ndarray, amplitude: float, boost: float,
+) -> PlantedEncoder:  # fmt: skip
+    """An encoder row that fires on the trigger tokens by itself, and ``1 + boost`` times
+    as strongly where an earlier layer has written ``circuit`` there: it reads the
+    triggers' centroid direction (``circuit`` projected out) with the threshold that best
+    separates them, plus the circuit direction."""
+    positive = np.isin(tokens, trigger_ids)
+    if not positive.any():
+        raise ValueError("none of the trigger tokens occurs in the corpus")
+    unit = _unit(circuit)
+    own = centroids[np.unique(tokens[positive])].mean(axis=0)
+    own = _unit(own - (own @ unit) * unit)
+    scores = x @ own
+    threshold = _best_threshold(scores, positive)
+    alone = float((scores[positive] - threshold).mean())
+    written = float((x[positive] @ unit).mean())
+    weight = own + (boost * alone / written if written > 0 else 0.0) * unit
+    return _encoder(weight, threshold, x, positive, amplitude)
+
+
 def random_direction_encoder(
     x: np.ndarray, rng: np.random.Generator, fire_rate: float, amplitude: float
 ) -> PlantedEncoder:
@@ -106,19 +127,6 @@ def dead_encoder(x: np.ndarray, rng: np.random.Generator) -> PlantedEncoder:
     direction = _unit(rng.standard_normal(x.shape[1]))
     threshold = float((x @ direction).max()) * 2 + 10.0
     return PlantedEncoder(direction, -threshold, 0.0, 0.0, 0.0)
-
-
-def output_decoder(
-    unembedding: torch.Tensor, promoted_ids: list[int], rng: np.random.Generator, norm: float
-) -> np.ndarray:
-    """A decoder column along the unembedding rows of ``promoted_ids`` (plus a little noise)."""
-    rows = unembedding[promoted_ids].detach().double().numpy()
-    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    column = rows.sum(axis=0)
-    column = column / np.linalg.norm(column) + 0.05 * rng.standard_normal(column.shape) / np.sqrt(
-        len(column)
-    )
-    return norm * _unit(column)
 
 
 def random_decoder(d_model: int, rng: np.random.Generator, norm: float) -> np.ndarray:

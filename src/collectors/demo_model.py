@@ -11,8 +11,22 @@ random-weight model carries little context, so the demo's ``input_abstract`` rea
 features fire on many different tokens that share one reasoning function (hedges,
 checking words) rather than on a context.
 
-Per layer of 256 features: 20 reasoning (about 8% of the alive ones), 70 domain,
-70 language, 80 uninterpretable (random token sets and random directions), 16 dead.
+The decoder's unembedding is then fitted to the corpus as a next-token predictor
+(``fit_unembedding``), so the model writes corpus-like text, except the hesitation words
+("Wait", "Hmm"), which the hybrid model (branch off) never learned to say. A planted
+hesitation circuit says them, as in the paper's hesitation study: *template* features in
+the first half of the layers fire on newlines and write a circuit direction; *hesitation
+output* features in the second half fire on newlines, twice as strongly where the
+circuit direction is written, and write a direction that only the hesitation words'
+unembedding rows read. The adapter model starts about a third of its lines with "Wait"
+or "Hmm" (about 40 per 1,000 generated tokens); ablating the output features brings
+that near the hybrid's rate, and only both groups added to the hybrid bring it back.
+Every output feature promotes its words this way, through a direction reserved for
+them, so its logit lens shows exactly those words.
+
+Per layer of 256 features: 20 reasoning (about 8% of the alive ones, the circuit's among
+them), 70 domain, 70 language, 80 uninterpretable (random token sets and random
+directions), 16 dead.
 """
 
 from __future__ import annotations
@@ -33,8 +47,8 @@ from adapters.branch import AdapterModel, attach_branch, mlp_of, save_adapter
 from adapters.checkpoint import TranscoderConfig
 from adapters.planted import (
     PlantedEncoder,
+    circuit_encoder,
     dead_encoder,
-    output_decoder,
     random_decoder,
     random_direction_encoder,
     token_centroids,
@@ -98,7 +112,6 @@ REASONING = [
     _r("hesitation", "input_abstract", ("maybe", "perhaps", "probably", "possibly", "seems")),
     _r("verification", "input_abstract", ("check", "verify", "confirm", "double", "sanity")),
     _r("self_correction", "input_abstract", ("actually", "mistake", "wrong", "oops", "instead")),
-    _r("hesitation", "output", (".",), ("wait", "hmm")),
     _r("verification", "output", (":",), ("check", "verify")),
     _r("self_correction", "output", (",",), ("actually", "mistake")),
 ]
@@ -139,8 +152,33 @@ LANGUAGE = [
         ("for",), ("?",),
     ]
 ]  # fmt: skip
+HESITATION_WORDS = ("wait", "hmm")
+"""The words the hybrid model (branch off) never learned to say: only the planted
+hesitation circuit below makes the adapter model say them."""
+NEWLINE = "\n"
+TEMPLATE = Spec("reasoning", "hesitation", "input_abstract", None, (NEWLINE,), kind="template")
+HESITATION_OUTPUT = Spec(
+    "reasoning", "hesitation", "output", None, (NEWLINE,), HESITATION_WORDS,
+    kind="hesitation_output",
+)  # fmt: skip
 PER_LAYER = {"reasoning": 20, "domain": 70, "language": 70, "uninterpretable": 80, "dead": 16}
 RANDOM_DIRECTIONS_PER_LAYER = 10
+TEMPLATES_PER_LAYER = 1
+OUTPUTS_PER_LAYER = 2
+TEMPLATE_WRITE = 1.5
+"""The norm of a template feature's decoder column (its write along the circuit's
+direction), against a residual stream of norm about sqrt(d_model)."""
+HESITATION_WRITE = 2.5
+"""The norm of a hesitation output feature's decoder column (along the direction only
+the hesitation words' unembedding rows read, ``fit_unembedding``)."""
+OUTPUT_LOGIT = 1.0
+"""How much the promoted words' logits rise per unit of their reserved direction in the
+final normed hidden state."""
+CIRCUIT_BOOST = 1.5
+"""How much more strongly a hesitation output feature fires where the template features
+have written the circuit direction than on its trigger alone."""
+OUTPUT_WRITE = 0.5
+"""The norm of the other output features' decoder columns."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +260,92 @@ def _mlp_inputs(adapter: AdapterModel, corpus: TokenizedCorpus, layer: int) -> n
     return out.numpy()
 
 
-def plan_layer(rng: random.Random) -> list[Spec]:
+def hesitation_circuit(layer: int, n_layers: int) -> list[Spec]:
+    """The planted hesitation circuit's features at ``layer``: template features in the
+    first half of the layers (they fire on the newline before a paragraph and write one
+    direction), hesitation output features in the second half (they read that direction
+    and promote the hesitation words)."""
+    if n_layers == 1:
+        return [HESITATION_OUTPUT] * OUTPUTS_PER_LAYER
+    if layer < n_layers // 2:
+        return [TEMPLATE] * TEMPLATES_PER_LAYER
+    return [HESITATION_OUTPUT] * OUTPUTS_PER_LAYER
+
+
+def fit_unembedding(
+    adapter: AdapterModel, corpus: TokenizedCorpus, promoted: dict[tuple[str, ...], list[int]],
+    unsaid: list[int], seed: int, steps: int = 300,
+) -> dict[tuple[str, ...], np.ndarray]:  # fmt: skip
+    """Train the random decoder's unembedding as a next-token predictor of the corpus
+    (on the final hidden states, the branch off), so that the hybrid model writes
+    corpus-like text, and return the directions it reserves: the circuit's under ``()``
+    (no token reads it) and one per group of ``promoted`` words (only those words'
+    rows read it: an output feature writing it promotes exactly them).
+
+    They are the directions the hidden states vary least along; the fit never sees them,
+    so every token's row is orthogonal to all of them before the groups' rows gain
+    theirs. The ``unsaid`` targets are left out of the fit, so the hybrid model (almost)
+    never says them."""
+    hidden, targets = _final_states(adapter, corpus)
+    centred = hidden - hidden.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred[:: max(1, len(centred) // 20000)], full_matrices=False)
+    names: list[tuple[str, ...]] = [(), *promoted]
+    directions = {name: vt[-1 - k].astype(np.float64) for k, name in enumerate(names)}
+    reserved = torch.from_numpy(np.stack([directions[n] for n in names])).float()
+    keep = ~np.isin(targets, unsaid)
+    h = torch.from_numpy(hidden[keep]).float()
+    h = h - (h @ reserved.T) @ reserved
+    y = torch.from_numpy(targets[keep])
+    head = adapter.model.get_output_embeddings()
+    weight = torch.zeros(head.weight.shape, dtype=torch.float32, requires_grad=True)
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam([weight], lr=0.05)
+    for _ in range(steps):
+        rows = torch.randint(0, len(h), (min(8192, len(h)),), generator=generator)
+        loss = torch.nn.functional.cross_entropy(h[rows] @ weight.T, y[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        fitted = weight.detach()
+        fitted = fitted - (fitted @ reserved.T) @ reserved
+        for k, name in enumerate(names[1:], 1):
+            fitted[promoted[name]] += OUTPUT_LOGIT * reserved[k]
+        head.weight.copy_(fitted.to(head.weight.dtype))
+    log.info("unembedding fit: cross-entropy %.3f on %d positions", loss.item(), len(h))
+    return directions
+
+
+def _final_states(adapter: AdapterModel, corpus: TokenizedCorpus) -> tuple[np.ndarray, np.ndarray]:
+    """The final (normed) hidden state at every corpus token that has a next token in
+    its sequence, and that next token."""
+    ends = np.repeat(corpus.offsets[1:], corpus.lengths())
+    has_next = np.arange(corpus.n_tokens) + 1 < ends
+    out = np.zeros((corpus.n_tokens, adapter.config.d_model), dtype=np.float32)
+    decoder = adapter.model.get_decoder()
+    adapter.set_enabled(False)
+    try:
+        with torch.no_grad():
+            for sequences in plan_batches(corpus.lengths(), 16384):
+                batch = make_batch(corpus, sequences, adapter.device)
+                states = decoder(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                ).last_hidden_state
+                x = states.reshape(-1, states.shape[-1])
+                real = batch.positions >= 0
+                out[batch.positions[real].cpu().numpy()] = x[real].float().cpu().numpy()
+    finally:
+        adapter.set_enabled(True)
+    positions = np.flatnonzero(has_next)
+    return out[positions], corpus.token_ids[positions + 1]
+
+
+def plan_layer(rng: random.Random, layer: int = 0, n_layers: int = 1) -> list[Spec]:
     """The shuffled list of specs for one layer."""
-    specs: list[Spec] = []
+    specs: list[Spec] = hesitation_circuit(layer, n_layers)
     start = rng.randrange(len(REASONING))
-    specs += [REASONING[(start + i) % len(REASONING)] for i in range(PER_LAYER["reasoning"])]
+    n_cycled = PER_LAYER["reasoning"] - len(specs)
+    specs += [REASONING[(start + i) % len(REASONING)] for i in range(n_cycled)]
     specs += [DOMAIN[i % len(DOMAIN)] for i in range(PER_LAYER["domain"])]
     specs += [LANGUAGE[i % len(LANGUAGE)] for i in range(PER_LAYER["language"])]
     n_random_tokens = PER_LAYER["uninterpretable"] - RANDOM_DIRECTIONS_PER_LAYER
@@ -285,14 +404,18 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
     corpus = tokenize_traces(traces, tokenizer, shape.max_length)
     words = _word_ids(tokenizer)
     pool = _random_token_pool(words, corpus)
-    unembedding = adapter.unembedding()
+    groups = {spec.promotes for spec in [*REASONING, HESITATION_OUTPUT] if spec.promotes}
+    promoted = {g: [i for w in g for i in words[w]] for g in sorted(groups)}
+    reserved = fit_unembedding(adapter, corpus, promoted, promoted[HESITATION_WORDS], seed)
+    circuit = reserved[()]
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     truth: list[dict[str, Any]] = []
     for layer in range(shape.n_layers):
         x = _mlp_inputs(adapter, corpus, layer)
         centroids = token_centroids(x, corpus.token_ids, len(tokenizer))
-        specs = plan_layer(rng)
+        specs = plan_layer(rng, layer, shape.n_layers)
+        reads_circuit = layer >= shape.n_layers // 2 and shape.n_layers > 1
         enc_w = np.zeros((shape.n_features, shape.d_model))
         enc_b = np.zeros(shape.n_features)
         dec_w = np.zeros((shape.d_model, shape.n_features))
@@ -300,11 +423,22 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
             triggers = spec.triggers
             if spec.kind == "random_tokens":
                 triggers = tuple(rng.sample(pool, 8))
-            enc = _plant_encoder(spec, triggers, words, x, corpus.token_ids, centroids, np_rng)
+            if spec.kind == "hesitation_output" and reads_circuit:
+                ids = np.asarray([i for w in triggers for i in words[w]])
+                amplitude = float(np_rng.uniform(2.0, 4.0))
+                enc = circuit_encoder(
+                    x, corpus.token_ids, centroids, ids, circuit, amplitude, CIRCUIT_BOOST
+                )
+            else:
+                enc = _plant_encoder(spec, triggers, words, x, corpus.token_ids, centroids, np_rng)
             enc_w[index], enc_b[index] = enc.weight, enc.bias
-            if spec.promotes:
-                promoted = [i for w in spec.promotes for i in words[w]]
-                dec_w[:, index] = output_decoder(unembedding, promoted, np_rng, norm=0.5)
+            if spec.kind == "template":
+                dec_w[:, index] = TEMPLATE_WRITE * circuit
+            elif spec.promotes:
+                noise = 0.05 * np_rng.standard_normal(shape.d_model) / np.sqrt(shape.d_model)
+                column = reserved[spec.promotes] + noise
+                norm = HESITATION_WRITE if spec.kind == "hesitation_output" else OUTPUT_WRITE
+                dec_w[:, index] = norm * column / np.linalg.norm(column)
             else:
                 dec_w[:, index] = random_decoder(shape.d_model, np_rng, norm=0.05)
             truth.append(

@@ -1,7 +1,14 @@
 """The ``labeler`` command line: ``cli`` is the click group, ``main`` the entry point.
 Importing this package registers every command (and imports no torch)."""
 
-from labeler.cli import collect, demo, label, report, review  # noqa: F401  (registers them)
+from labeler.cli import (  # noqa: F401  (registers them)
+    collect,
+    demo,
+    intervene,
+    label,
+    report,
+    review,
+)
 from labeler.cli.app import cli, main
 
 __all__ = ["cli", "main"]

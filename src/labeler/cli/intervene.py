@@ -1,0 +1,334 @@
+"""``labeler intervene``: test labels causally, by intervening on the features they name."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from adapters.errors import UserError
+from labeler.cli.app import _open_labels, cli, console, err_console
+
+DEFAULT_WORDS = "wait,hmm,alternatively"
+
+
+def _selected(run: Path, groups: tuple[str, ...], ids_file: Path | None) -> list[tuple[int, int]]:
+    """The features a study acts on: by final label, from a file of ids, or both."""
+    from collectors.run_format import parse_feature_id
+
+    if not groups and ids_file is None:
+        raise UserError("choose the features: --select FIELD=VALUE[,...] (repeatable) "
+                        "or --features FILE (one feature id a line)")  # fmt: skip
+    chosen: set[tuple[int, int]] = set()
+    if groups:
+        from labeler.causal.selection import parse_group, select
+        from labeler.reporting.final_labels import final_labels
+        from labeler.reporting.label_table import judgment_frame, planned_frame, review_frame
+
+        parsed = [parse_group(g) for g in groups]  # errors before the store is read
+        store = _open_labels(run)
+        try:
+            planned = planned_frame(store)
+            judgments = judgment_frame(store).join(
+                planned.select("feature_id", "layer"), on="feature_id"
+            )
+            final = final_labels(planned, judgments, review_frame(store))
+        finally:
+            store.close()
+        picked = select(final, parsed)
+        chosen |= {
+            (int(la), int(i)) for la, i in zip(picked["layer"], picked["index"], strict=True)
+        }
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise UserError(f"{ids_file}: no such file of feature ids")
+        for number, line in enumerate(ids_file.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                chosen.add(parse_feature_id(text))
+            except ValueError as exc:
+                raise UserError(f"{ids_file}:{number}: {exc}") from exc
+    if not chosen:
+        what = " or ".join(filter(None, [", ".join(groups) if groups else "",
+                                         str(ids_file) if ids_file else ""]))  # fmt: skip
+        raise UserError(f"{run}: no feature matches {what}")
+    return sorted(chosen)
+
+
+def _words(value: str) -> list[str]:
+    from labeler.causal.measures import words_of
+
+    words = [w.strip().lower() for w in value.split(",") if w.strip()]
+    bad = [w for w in words if words_of(w) != [w]]
+    if not words or bad:
+        raise click.BadParameter(f"{value!r}: expected comma-separated words (letters only)")
+    return words
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--select", "groups", multiple=True, metavar="FIELD=VALUE[,...]",
+              help="Features whose final label meets every condition; repeat for more groups "
+                   "(a feature in any group is selected). Fields: category, subcategory, "
+                   "mechanism, domain_type.")  # fmt: skip
+@click.option("--features", "ids_file", type=click.Path(path_type=Path), default=None,
+              help="A file of feature ids (L{layer}F{index}, one a line, # comments), added "
+                   "to the selection.")  # fmt: skip
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), default=None,
+              help="JSONL of prompts (corpus formats; optional 'answer' per record) to "
+                   "sample responses to. Not needed with --teacher-forced.")  # fmt: skip
+@click.option("--teacher-forced", is_flag=True,
+              help="No sampling: the expected rate of the words under the next-token "
+                   "distribution over the run's corpus (or --corpus).")  # fmt: skip
+@click.option(
+    "--corpus",
+    "corpus_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The corpus read with --teacher-forced (default: the run's).",
+)
+@click.option(
+    "--controls",
+    default=5,
+    show_default=True,
+    help="Random control selections, matched per layer and in activation frequency.",
+)
+@click.option("--modes", default="ablated,added", show_default=True,
+              help="ablated: the selection ablated in the adapter model; added: only the "
+                   "selection added to the hybrid model (branch off).")  # fmt: skip
+@click.option(
+    "--words",
+    default=DEFAULT_WORDS,
+    show_default=True,
+    help="The word set counted (decoded words, any case).",
+)
+@click.option("--samples", default=1, show_default=True, help="Responses per prompt.")
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts (or traces).")
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option(
+    "--temperature", default=0.6, show_default=True, help="Sampling temperature (0: greedy)."
+)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, help="Responses generated together.")
+@click.option(
+    "--batch-tokens",
+    default=8192,
+    show_default=True,
+    help="Token budget of a teacher-forced forward pass.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seeds the controls and every response's sampling."
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              show_default=True)  # fmt: skip
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16"]),
+              show_default=True)  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="The study's folder (default RUN/interventions/sampled or teacher-forced); "
+                   "a stopped study there resumes.")  # fmt: skip
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the figure here (default: study.png in the study's folder).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Discard a study with other settings there.")
+def intervene(
+    run: Path, groups: tuple[str, ...], ids_file: Path | None, prompts_path: Path | None,
+    teacher_forced: bool, corpus_path: Path | None, controls: int, modes: str, words: str,
+    samples: int, limit: int | None, max_new_tokens: int, temperature: float, top_p: float,
+    batch_size: int, batch_tokens: int, seed: int, device: str, dtype: str, out: Path | None,
+    plot_path: Path | None, as_json: bool, overwrite: bool,
+) -> None:  # fmt: skip
+    """Test labels causally: intervene on the features they name and measure what the
+    model then does, against random controls.
+
+    \b
+    Conditions: the adapter model (baseline); the selection ablated; the hybrid model
+    (branch off); the selection added to the hybrid; the same for each control.
+    Measured: the word set per 1,000 generated tokens, response length, the share of
+    responses that close their thinking, accuracy against 'answer' (the last \\boxed{}).
+    Effects come with 95% bootstrap intervals and a permutation p-value among the
+    controls. Results are stored as they finish; run it again to resume.
+
+    \b
+      labeler intervene RUN --prompts prompts.jsonl \\
+          --select category=reasoning,subcategory=hesitation,mechanism=output
+      labeler intervene RUN --teacher-forced --features hesitation.txt
+    """
+    from collectors.run_format import read_run_info
+    from labeler.causal.selection import parse_group
+
+    for group in groups:  # a malformed selection is named before anything else
+        parse_group(group)
+    word_set = _words(words)
+    chosen_modes = [m.strip() for m in modes.split(",") if m.strip()]
+    if not chosen_modes or any(m not in ("ablated", "added") for m in chosen_modes):
+        raise click.BadParameter(f"{modes!r}: choose from ablated, added", param_hint="--modes")
+    for name, value in (
+        ("--samples", samples),
+        ("--batch-size", batch_size),
+        ("--max-new-tokens", max_new_tokens),
+        ("--batch-tokens", batch_tokens),
+    ):
+        if value < 1:
+            raise click.BadParameter("must be at least 1", param_hint=name)  # fmt: skip
+    if controls < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--controls")
+    if not 0 < top_p <= 1 or temperature < 0:
+        raise click.BadParameter("temperature >= 0 and 0 < top-p <= 1")
+    if not teacher_forced and prompts_path is None:
+        raise UserError("--prompts FILE is needed to sample responses (or pass --teacher-forced)")
+    info = read_run_info(run)
+    selected = _selected(run, groups, ids_file)
+    from labeler.causal.conditions import conditions as study_conditions
+    from labeler.causal.selection import matched_controls
+    from labeler.run.data import RunData
+
+    try:
+        drawn = matched_controls(RunData.open(run).features, selected, controls, seed)
+    except ValueError as exc:
+        raise UserError(f"{run}: {exc}") from exc
+    plan_conditions = study_conditions(selected, drawn, chosen_modes)  # type: ignore[arg-type]
+    folder = out or run / "interventions" / ("teacher-forced" if teacher_forced else "sampled")
+    chatter = err_console if as_json else console  # --json keeps stdout for the report
+    study = _Study(run, info, folder, plan_conditions, word_set, seed, device, dtype, overwrite,
+                   chatter)  # fmt: skip
+    if teacher_forced:
+        report = study.teacher_forced(corpus_path, limit, batch_tokens)
+    else:
+        assert prompts_path is not None
+        from labeler.causal.generation import SamplingSettings
+
+        settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+        report = study.sampled(prompts_path, limit, samples, settings, batch_size)
+    (folder / "report.json").write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    from labeler.causal.plot import plot_study
+
+    figure = plot_path or folder / "study.png"
+    plot_study(report, f"{run.name}: {len(selected)} selected features", figure)
+    if as_json:
+        click.echo(report.model_dump_json(indent=1))
+        return
+    from labeler.cli.render_study import render_study
+
+    render_study(console, report)
+    console.print(f"study in {folder}; figure {figure}")
+
+
+class _Study:
+    def __init__(
+        self, run: Path, info: Any, folder: Path, conditions: list[Any], words: list[str],
+        seed: int, device: str, dtype: str, overwrite: bool, console: Console,
+    ) -> None:  # fmt: skip
+        self.run, self.info, self.folder = run, info, folder
+        self.conditions, self.words, self.seed = conditions, words, seed
+        self.device, self.dtype, self.overwrite = device, dtype, overwrite
+        self.console = console
+
+    def _plan(self, **extra: Any) -> dict[str, Any]:
+        return {"adapter_hash": self.info.adapter_hash, "words": self.words, "seed": self.seed,
+                "conditions": [c.to_json() for c in self.conditions], **extra}  # fmt: skip
+
+    def _load(self) -> tuple[Any, Any]:
+        from adapters.branch import load_adapter
+
+        with self.console.status("loading the model"):
+            adapter, tokenizer, _ = load_adapter(self.info.adapter_path, self.device, self.dtype)
+        adapter.model.eval()
+        return adapter, tokenizer
+
+    def sampled(
+        self, prompts_path: Path, limit: int | None, samples: int, settings: Any, batch_size: int
+    ) -> Any:
+        from dataclasses import asdict
+
+        from labeler.causal.prompts import prompts_hash, read_prompts
+        from labeler.causal.records import ResultLog, open_plan
+        from labeler.causal.results import sampled_report
+        from labeler.causal.study import GENERATION_KEY, run_sampled, sampled_work
+
+        prompts = read_prompts(prompts_path, self.info.params.chat_format, limit)
+        plan = self._plan(measure="sampled", prompts=prompts_hash(prompts), samples=samples,
+                          sampling=asdict(settings))  # fmt: skip
+        resuming = open_plan(self.folder, plan, self.overwrite)
+        log = ResultLog(self.folder / "generations.jsonl", GENERATION_KEY)
+        work = sampled_work(self.conditions, prompts, samples, log, batch_size)
+        total = len(self.conditions) * len(prompts) * samples
+        if resuming and len(log):
+            self.console.print(f"resuming: {len(log):,} of {total:,} responses already generated")
+        if work:
+            adapter, tokenizer = self._load()
+            with _Progress(self.console, "generating", "responses", total, len(log)) as progress:
+                run_sampled(adapter, tokenizer, work, settings, log, progress.advance)
+        references = {p.id: p.reference for p in prompts}
+        return sampled_report(self.conditions, list(log), self.words, references,
+                              len(prompts) * samples, self.seed)  # fmt: skip
+
+    def teacher_forced(self, corpus_path: Path | None, limit: int | None, batch_tokens: int) -> Any:
+        from collectors.corpus import read_traces, tokenize_traces
+        from labeler.causal.records import ResultLog, open_plan
+        from labeler.causal.results import teacher_forced_report
+        from labeler.causal.study import TEACHER_FORCED_KEY, run_teacher_forced
+        from labeler.causal.teacher_forced import word_tokens
+
+        path = corpus_path or Path(self.info.corpus_path)
+        if not path.is_file():
+            raise UserError(f"{path}: the corpus is not there; pass --corpus FILE")
+        traces = list(read_traces(path))[:limit]
+        adapter, tokenizer = self._load()
+        params = self.info.params
+        corpus = tokenize_traces(traces, tokenizer, params.max_length, params.chat_format, path)
+        spelled = word_tokens(tokenizer, self.words)
+        if not spelled.ids:
+            raise UserError(f"no token of the tokenizer spells any of {', '.join(self.words)}")
+        from collectors.collect import tokens_hash
+
+        plan = self._plan(measure="teacher_forced", corpus=tokens_hash(corpus), limit=limit)
+        resuming = open_plan(self.folder, plan, self.overwrite)
+        log = ResultLog(self.folder / "teacher_forced.jsonl", TEACHER_FORCED_KEY)
+        total = len(self.conditions) * corpus.n_sequences
+        if resuming and len(log):
+            self.console.print(f"resuming: {len(log):,} of {total:,} traces already read")
+        if spelled.unspelled:
+            self.console.print(f"not counted (no single token spells them): "
+                          f"{', '.join(spelled.unspelled)}")  # fmt: skip
+        with _Progress(self.console, "reading the corpus", "traces", total, len(log)) as progress:
+            run_teacher_forced(adapter, corpus, self.conditions, spelled.ids, log, batch_tokens,
+                               progress.advance)  # fmt: skip
+        return teacher_forced_report(self.conditions, list(log), self.words, spelled.unspelled,
+                                     corpus.n_sequences, self.seed)  # fmt: skip
+
+
+class _Progress:
+    """A bar over responses (or traces) with the tokens per second in its description."""
+
+    def __init__(self, console: Console, label: str, unit: str, total: int, done: int) -> None:
+        self.console = console
+        self.label, self.unit, self.total, self.done = label, unit, total, done
+        self.tokens = 0
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _Progress:
+        from labeler.cli.render import progress_bar
+
+        self._bar = progress_bar(self.console, self.label, self.unit)
+        self.progress = self._bar.__enter__()
+        self.task = self.progress.add_task(self.label, total=self.total, completed=self.done)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)  # type: ignore[arg-type]
+
+    def advance(self, units: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        self.progress.update(self.task, advance=units,
+                             description=f"{self.label} ({rate:,.0f} tokens/s)")  # fmt: skip
