@@ -66,7 +66,7 @@ def _words(value: str) -> list[str]:
     words = [w.strip().lower() for w in value.split(",") if w.strip()]
     bad = [w for w in words if words_of(w) != [w]]
     if not words or bad:
-        raise click.BadParameter(f"{value!r}: expected comma-separated words (letters only)")
+        raise UserError(f"--words {value!r}: expected comma-separated words (letters only)")
     return words
 
 
@@ -171,7 +171,7 @@ def intervene(
     word_set = _words(words)
     chosen_modes = [m.strip() for m in modes.split(",") if m.strip()]
     if not chosen_modes or any(m not in ("ablated", "added") for m in chosen_modes):
-        raise click.BadParameter(f"{modes!r}: choose from ablated, added", param_hint="--modes")
+        raise UserError(f"--modes {modes!r}: choose from ablated, added")
     for name, value in (
         ("--samples", samples),
         ("--batch-size", batch_size),
@@ -179,11 +179,12 @@ def intervene(
         ("--batch-tokens", batch_tokens),
     ):
         if value < 1:
-            raise click.BadParameter("must be at least 1", param_hint=name)  # fmt: skip
+            raise UserError(f"{name} {value}: must be at least 1")  # fmt: skip
     if controls < 0:
-        raise click.BadParameter("must be 0 or more", param_hint="--controls")
+        raise UserError(f"--controls {controls}: must be 0 or more")
     if not 0 < top_p <= 1 or temperature < 0:
-        raise click.BadParameter("temperature >= 0 and 0 < top-p <= 1")
+        raise UserError(f"--temperature {temperature}, --top-p {top_p}: the temperature must be "
+                        "at least 0 and the top-p in (0, 1]")  # fmt: skip
     if not teacher_forced and prompts_path is None:
         raise UserError("--prompts FILE is needed to sample responses (or pass --teacher-forced)")
     info = read_run_info(run)
