@@ -135,6 +135,11 @@ def served(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> 
         pl.when(target).then(planted).otherwise(pl.col("tokens")).alias("tokens")
     )
     examples.write_parquet(run / EXAMPLES)
+    ids = run.parent / "scored.txt"
+    ids.write_text(f"{queue[0]}\n", encoding="utf-8")
+    scored = subprocess.run([*LABELER, "score-outputs", str(run), "--features", str(ids)],
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
     process, url = _start(run, "--port", "0", stderr=run.parent / "server.log")
     try:
         yield Served(url, run, queue)
@@ -594,3 +599,19 @@ def test_ctrl_c_stops_it_even_when_started_with_sigint_ignored_and_blocked(
     process, url = _start(served.run, "--port", "0", stderr=tmp_path / "server.log", deaf=True)
     assert http(f"{url}api/session")[0] == 200
     assert _stop(process) == 0
+
+
+def test_the_feature_page_shows_its_output_score(served: Served, tab: Tab) -> None:
+    """The planted feature was steered (`labeler score-outputs`); another was not."""
+    tab.open(f"{served.url}feature/{served.planted}")
+    shown = tab.page.locator("#output-score")
+    shown.wait_for()
+    words = shown.inner_text()
+    assert words.startswith("Steering: "), words
+    assert "changes the log-probability of its tokens by" in words
+    assert shown.locator("span.logit").count() == 5  # the tokens it promotes most
+    status, _, body = http(f"{served.url}api/feature/{served.planted}")
+    score = json.loads(body)["output_score"]
+    assert status == 200 and score["promoted"] and 0 < score["p_value"] <= 1
+    tab.open(f"{served.url}feature/{served.queue[1]}")
+    assert "No output score yet" in tab.page.locator("#output-score").inner_text()

@@ -168,16 +168,17 @@ OUTPUTS_PER_LAYER = 2
 TEMPLATE_WRITE = 1.5
 """The norm of a template feature's decoder column (its write along the circuit's
 direction), against a residual stream of norm about sqrt(d_model)."""
-HESITATION_WRITE = 2.5
+HESITATION_WRITE = 0.15
 """The norm of a hesitation output feature's decoder column (along the direction only
 the hesitation words' unembedding rows read, ``fit_unembedding``)."""
-OUTPUT_LOGIT = 1.0
+UNSAID_WEIGHT = 0.01
+OUTPUT_LOGIT = 5.0
 """How much the promoted words' logits rise per unit of their reserved direction in the
 final normed hidden state."""
-CIRCUIT_BOOST = 1.5
+CIRCUIT_BOOST = 3.0
 """How much more strongly a hesitation output feature fires where the template features
 have written the circuit direction than on its trigger alone."""
-OUTPUT_WRITE = 0.5
+OUTPUT_WRITE = 0.15
 """The norm of the other output features' decoder columns."""
 
 
@@ -284,25 +285,26 @@ def fit_unembedding(
 
     They are the directions the hidden states vary least along; the fit never sees them,
     so every token's row is orthogonal to all of them before the groups' rows gain
-    theirs. The ``unsaid`` targets are left out of the fit, so the hybrid model (almost)
-    never says them."""
+    theirs. The ``unsaid`` targets weigh ``UNSAID_WEIGHT`` in the fit, so the hybrid model
+    says them about that many times less often than the corpus does."""
     hidden, targets = _final_states(adapter, corpus)
     centred = hidden - hidden.mean(axis=0)
     _, _, vt = np.linalg.svd(centred[:: max(1, len(centred) // 20000)], full_matrices=False)
     names: list[tuple[str, ...]] = [(), *promoted]
     directions = {name: vt[-1 - k].astype(np.float64) for k, name in enumerate(names)}
     reserved = torch.from_numpy(np.stack([directions[n] for n in names])).float()
-    keep = ~np.isin(targets, unsaid)
-    h = torch.from_numpy(hidden[keep]).float()
+    h = torch.from_numpy(hidden).float()
     h = h - (h @ reserved.T) @ reserved
-    y = torch.from_numpy(targets[keep])
+    y = torch.from_numpy(targets)
+    weights = torch.where(torch.from_numpy(np.isin(targets, unsaid)), UNSAID_WEIGHT, 1.0)
     head = adapter.model.get_output_embeddings()
     weight = torch.zeros(head.weight.shape, dtype=torch.float32, requires_grad=True)
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam([weight], lr=0.05)
     for _ in range(steps):
         rows = torch.randint(0, len(h), (min(8192, len(h)),), generator=generator)
-        loss = torch.nn.functional.cross_entropy(h[rows] @ weight.T, y[rows])
+        losses = torch.nn.functional.cross_entropy(h[rows] @ weight.T, y[rows], reduction="none")
+        loss = (losses * weights[rows]).sum() / weights[rows].sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -408,6 +410,7 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
     promoted = {g: [i for w in g for i in words[w]] for g in sorted(groups)}
     reserved = fit_unembedding(adapter, corpus, promoted, promoted[HESITATION_WORDS], seed)
     circuit = reserved[()]
+    reserved_basis = np.stack(list(reserved.values()))  # orthonormal rows
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     truth: list[dict[str, Any]] = []
@@ -439,8 +442,10 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
                 column = reserved[spec.promotes] + noise
                 norm = HESITATION_WRITE if spec.kind == "hesitation_output" else OUTPUT_WRITE
                 dec_w[:, index] = norm * column / np.linalg.norm(column)
-            else:
-                dec_w[:, index] = random_decoder(shape.d_model, np_rng, norm=0.05)
+            else:  # off the reserved directions: no random column promotes planted words
+                column = random_decoder(shape.d_model, np_rng, norm=1.0)
+                column -= reserved_basis.T @ (reserved_basis @ column)
+                dec_w[:, index] = 0.05 * column / np.linalg.norm(column)
             truth.append(
                 asdict(spec)
                 | {

@@ -8,6 +8,7 @@ from labeler.cli import (  # noqa: F401  (registers them)
     label,
     report,
     review,
+    score_outputs,
 )
 from labeler.cli.app import cli, main
 

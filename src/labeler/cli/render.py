@@ -151,6 +151,20 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
         total += f"; prices: {escape(summary.prices)}"
     out.append(total)
     out.extend(_agreement_parts(summary))
+    if summary.steering is not None:
+        steering = Table(
+            title=f"output scores: {unit}s whose steering promotes the tokens they point at "
+            "beyond random directions of their size",
+            title_justify="left",
+        )
+        for column in ("final mechanism", "scored", "significant", "share"):
+            steering.add_column(column, justify="right" if column != "final mechanism" else "left")
+        for mechanism, share in summary.steering.by_mechanism.items():
+            steering.add_row(
+                mechanism, f"{share.n_scored:,}", f"{share.n_significant:,}",
+                "-" if share.share is None else f"{share.share:.0%}",
+            )  # fmt: skip
+        out.append(steering)
     out.append(_disputes_and_reviews(summary))
     layers = Table(
         title=f"final labels by layer: alive and labeled {unit}s, labeled ones by category",

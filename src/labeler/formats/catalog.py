@@ -137,10 +137,24 @@ class _LayerReader:
             .join(_judgment_lists(judgments), on="feature_id", how="left")
             .sort("index")
         )
+        part = part.join(self._output_scores(layer), on="feature_id", how="left")
         empty = {c: pl.col(c).fill_null(pl.lit([], dtype=part.schema[c]))
                  for c in ("reviews", "dispute_reasons", "judgments")}  # fmt: skip
         examples = self._examples(layer) if self.with_examples else None
         return _lines(part.with_columns(**empty), examples, self.provenance)
+
+    def _output_scores(self, layer: int) -> pl.DataFrame:
+        """The layer's output scores (``labeler score-outputs``) as a struct column."""
+        rows = (
+            self._conn()
+            .execute("SELECT feature_id, payload FROM output_scores WHERE layer=?", (layer,))
+            .fetchall()
+        )
+        frame = pl.DataFrame(rows, schema={"feature_id": pl.String, "payload": pl.String},
+                             orient="row")  # fmt: skip
+        return frame.select(
+            "feature_id", pl.col("payload").str.json_decode(OUTPUT_SCORE).alias("output_score")
+        )
 
     def _examples(self, layer: int) -> pl.DataFrame:
         """The examples of one layer's features as a list column, by index: top examples
@@ -162,6 +176,15 @@ class _LayerReader:
             .select("feature_id", "examples")
             .collect()
         )
+
+
+OUTPUT_SCORE = pl.Struct({
+    "size": pl.Float64, "tokens": pl.List(pl.String), "logprob_change": pl.Float64,
+    "lens_change": pl.Float64, "mass_change": pl.Float64, "kl": pl.Float64,
+    "null_high": pl.Float64, "p_value": pl.Float64, "significant": pl.Boolean,
+    "promoted": pl.List(pl.String),
+})  # fmt: skip
+"""What the catalog keeps of a feature's output score (``labeler.causal.output_score``)."""
 
 
 def _lines(
@@ -186,6 +209,7 @@ def _lines(
         "top_logits",
         "top_logit_values",
         "bottom_logits",
+        "output_score",
         pl.struct([pl.lit(v).alias(k) for k, v in provenance.items()]).alias("provenance"),
     )
     if examples is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
-STORE_SCHEMA_VERSION = 7
+STORE_SCHEMA_VERSION = 8
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -117,6 +118,13 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     used INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS batch_requests_key ON batch_requests (key, ask);
+CREATE TABLE IF NOT EXISTS output_scores (
+    feature_id TEXT PRIMARY KEY,
+    layer INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    significant INTEGER NOT NULL,
+    made_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS run_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     token TEXT NOT NULL,
@@ -163,6 +171,7 @@ _MIGRATIONS = {
     ),
     6: (),  # the run_lock table is created if missing
     7: (),  # the replies, batches and batch_requests tables are created if missing
+    8: (),  # the output_scores table is created if missing
 }
 
 
@@ -463,6 +472,27 @@ class LabelStore:
                  decision.decided_at),
             )  # fmt: skip
         return decision
+
+    def put_output_scores(self, rows: list[tuple[str, int, str, bool]]) -> None:
+        """Steering scores (``labeler.causal.output_score``): (feature_id, layer, JSON
+        payload, significant), replacing a feature's earlier score."""
+        now = time.time()
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO output_scores VALUES (?, ?, ?, ?, ?)",
+                [(fid, layer, payload, int(sig), now) for fid, layer, payload, sig in rows],
+            )
+
+    def output_scores(self) -> dict[str, str]:
+        """Each scored feature's JSON payload."""
+        rows = self.conn.execute("SELECT feature_id, payload FROM output_scores").fetchall()
+        return {str(fid): str(payload) for fid, payload in rows}
+
+    def output_score(self, feature_id: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT payload FROM output_scores WHERE feature_id=?", (feature_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def reviews(self, feature_id: str | None = None) -> list[ReviewDecision]:
         """Decisions in the order they were made, of one feature or of all."""

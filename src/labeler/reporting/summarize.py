@@ -18,6 +18,7 @@ the share would take if all of them went one way or the other is reported beside
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections import Counter
 
@@ -155,6 +156,42 @@ class ReviewCounts(BaseModel):
     n_reviewers_disagree: int
 
 
+class SteeringShare(BaseModel):
+    n_scored: int
+    n_significant: int
+    share: float | None
+
+
+class SteeringSummary(BaseModel):
+    """Output scores (``labeler score-outputs``) by the final label's mechanism: how many
+    features of each kind steer the model toward the tokens they point at more than
+    random directions of their size do."""
+
+    n_scored: int
+    by_mechanism: dict[str, SteeringShare] = Field(
+        description="output, input_simple, input_abstract (reasoning features), and "
+        "'other' (every feature without a mechanism)"
+    )
+
+
+def steering_summary(final: pl.DataFrame, payloads: dict[str, str]) -> SteeringSummary | None:
+    if not payloads:
+        return None
+    significant = {fid: bool(json.loads(p)["significant"]) for fid, p in payloads.items()}
+    groups: dict[str, list[bool]] = {}
+    for fid, mechanism in final.select("feature_id", "mechanism").iter_rows():
+        if fid in significant:
+            groups.setdefault(mechanism or "other", []).append(significant[fid])
+    return SteeringSummary(
+        n_scored=len(significant),
+        by_mechanism={
+            m: SteeringShare(n_scored=len(v), n_significant=sum(v),
+                             share=sum(v) / len(v) if v else None)
+            for m, v in sorted(groups.items())
+        },
+    )  # fmt: skip
+
+
 class RunSummary(BaseModel):
     """What ``labeler summarize`` reports, written as ``summary.json``."""
 
@@ -182,6 +219,9 @@ class RunSummary(BaseModel):
     cost_per_labeled_usd: float | None
     prices: str | None = Field(
         None, description="the price table the costs were counted with, and its date"
+    )
+    steering: SteeringSummary | None = Field(
+        None, description="output scores by mechanism, when `labeler score-outputs` ran"
     )
 
 
@@ -319,6 +359,7 @@ def summarize(
         ),
         cost_usd=total_cost,
         prices=store.get_meta("prices"),
+        steering=steering_summary(final, store.output_scores()),
         cost_per_labeled_usd=(
             total_cost / labeled_final.height
             if total_cost is not None and labeled_final.height

@@ -49,6 +49,18 @@ class ShownExample(Example):
     shown: list[str] = Field(description="each token as a reviewer reads it (review.tokens)")
 
 
+class OutputScoreView(BaseModel):
+    """A feature's output score (``labeler score-outputs``), as the page shows it."""
+
+    size: float
+    tokens: list[str]
+    logprob_change: float
+    kl: float
+    p_value: float
+    significant: bool
+    promoted: list[str]
+
+
 class FeatureView(BaseModel):
     feature_id: str
     layer: int
@@ -64,6 +76,7 @@ class FeatureView(BaseModel):
     reasons: list[str] = Field(description="why it is disputed (empty if it is not)")
     judges: list[JudgeAnswer]
     reviews: list[ReviewDecision]
+    output_score: OutputScoreView | None = None
 
 
 class UnknownFeature(UserError):
@@ -188,7 +201,13 @@ def feature_view(
         reasons=disputes["reasons"].to_list()[0] if disputes.height else [],
         judges=answers,
         reviews=store.reviews(feature_id),
+        output_score=_output_score(store, feature_id),
     )
+
+
+def _output_score(store: LabelStore, feature_id: str) -> OutputScoreView | None:
+    payload = store.output_score(feature_id)
+    return None if payload is None else OutputScoreView.model_validate_json(payload)
 
 
 def record_decision(store: LabelStore, fields: dict[str, object]) -> ReviewDecision:

@@ -1,0 +1,164 @@
+"""``labeler score-outputs``: each feature's output score, by steering it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from adapters.errors import UserError
+from labeler.cli.app import _layers, _open_labels, cli, console
+
+
+@cli.command("score-outputs")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--select",
+    "groups",
+    multiple=True,
+    metavar="FIELD=VALUE[,...]",
+    help="Only features whose final label meets every condition (repeatable).",
+)
+@click.option(
+    "--features",
+    "ids_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Only these feature ids (one a line).",
+)
+@click.option("--layers", default=None, help="Only these layers (comma-separated).")
+@click.option(
+    "--contexts",
+    default=16,
+    show_default=True,
+    help="Corpus windows (the run's detection negatives) steered over.",
+)
+@click.option(
+    "--strength",
+    default=1.0,
+    show_default=True,
+    help="The multiple of a feature's mean activation added along its decoder.",
+)
+@click.option(
+    "--null",
+    "null_directions",
+    default=19,
+    show_default=True,
+    help="Random directions per layer the change is judged against.",
+)
+@click.option(
+    "--lens-tokens",
+    default=5,
+    show_default=True,
+    help="Logit-lens tokens named per feature (with the explanation's quoted words).",
+)
+@click.option(
+    "--rows",
+    "rows_per_batch",
+    default=256,
+    show_default=True,
+    help="Steered windows per forward pass.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rescore", is_flag=True, help="Score again features scored with these settings.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              show_default=True)  # fmt: skip
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16"]),
+              show_default=True)  # fmt: skip
+def score_outputs(
+    run: Path, groups: tuple[str, ...], ids_file: Path | None, layers: str | None,
+    contexts: int, strength: float, null_directions: int, lens_tokens: int,
+    rows_per_batch: int, seed: int, rescore: bool, device: str, dtype: str,
+) -> None:  # fmt: skip
+    """Score what each feature does to the model's output: steer it (add its decoder
+    column at its mean activation) over corpus windows and measure the change in
+    log-probability of the tokens its logit lens and explanation name, and the KL of the
+    next-token distribution, against random directions of the same size.
+
+    \b
+    Scores are stored with the labels, a batch at a time (a stopped run resumes), and
+    shown by `labeler summarize`, `labeler export` and the review page.
+      labeler score-outputs RUN --select mechanism=output
+    """
+    import json
+
+    import polars as pl
+
+    from collectors.run_format import read_run_info
+    from labeler.causal.output_score import ScoreSettings, score_features, windows
+    from labeler.cli.intervene import _selected
+    from labeler.cli.render import progress_bar
+    from labeler.reporting.label_table import judgment_frame
+    from labeler.run.data import RunData
+
+    for name, value in (
+        ("--contexts", contexts),
+        ("--null", null_directions),
+        ("--lens-tokens", lens_tokens),
+        ("--rows", rows_per_batch),
+    ):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")  # fmt: skip
+    if strength <= 0:
+        raise UserError(f"--strength {strength}: must be above 0")
+    settings = ScoreSettings(contexts, strength, lens_tokens, null_directions, seed=seed)
+    info = read_run_info(run)
+    if info.unit != "feature":
+        raise UserError(f"{run}: output scores steer adapter features; this run has {info.unit}s")
+    data = RunData.open(run)
+    features = data.alive()
+    if groups or ids_file is not None:
+        chosen = set(_selected(run, groups, ids_file))
+        keys = pl.DataFrame({"layer": [f[0] for f in chosen], "index": [f[1] for f in chosen]},
+                            schema={"layer": features["layer"].dtype,
+                                    "index": features["index"].dtype})  # fmt: skip
+        features = features.join(keys, on=["layer", "index"])
+    wanted_layers = _layers(layers)
+    if wanted_layers is not None:
+        features = features.filter(pl.col("layer").is_in(wanted_layers))
+    store = _open_labels(run)
+    try:
+        done = {
+            fid for fid, payload in store.output_scores().items()
+            if json.loads(payload).get("settings") == settings.key()
+        } if not rescore else set()  # fmt: skip
+        explanations = dict(
+            judgment_frame(store, full=True)
+            .filter(pl.col("explanation").is_not_null())
+            .group_by("feature_id").agg(pl.col("explanation").first())
+            .iter_rows()
+        )  # fmt: skip
+        todo = features.filter(~pl.col("feature_id").is_in(list(done)))
+        if todo.is_empty():
+            console.print(f"{run}: every selected feature ({len(features):,}) is scored already")
+            return
+        if done:
+            console.print(f"resuming: {len(features) - len(todo):,} of {len(features):,} "
+                          "features already scored")  # fmt: skip
+        from adapters.branch import load_adapter
+        from prompts import normalize_token
+
+        with console.status("loading the model"):
+            adapter, tokenizer, _ = load_adapter(info.adapter_path, device, dtype)
+        adapter.model.eval()
+        vocabulary: dict[str, list[int]] = {}
+        for token_id in range(len(tokenizer)):
+            key = normalize_token(tokenizer.decode([token_id]))
+            if key:
+                vocabulary.setdefault(key, []).append(token_id)
+        context_ids = windows(data.negatives, contexts)
+
+        def decode(i: int) -> str:
+            return str(tokenizer.decode([i]))
+
+        with progress_bar(console, "steering", "features") as progress:
+            task = progress.add_task("steering", total=len(todo))
+            for scores in score_features(adapter, todo, explanations, vocabulary, context_ids,
+                                         settings, decode, rows_per_batch):  # fmt: skip
+                store.put_output_scores(
+                    [(s.feature_id, s.layer, s.model_dump_json(), s.significant) for s in scores]
+                )
+                progress.advance(task, len(scores))
+    finally:
+        store.close()
+    console.print(f"scored {len(todo):,} features; `labeler summarize {run}` shows the shares")

@@ -1,0 +1,102 @@
+"""The output score on the planted demo: steering the planted output features promotes
+the words they were planted to promote, far more than steering input features does, and
+the score reaches the summary, the catalog and a resumed run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labeler.causal.output_score import auroc
+from labeler.labeling.store import LabelStore
+from tests.conftest import CollectedDemo
+
+LABELER = [sys.executable, "-c", "from labeler.cli import main; main()"]
+
+
+def labeler(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LABELER, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scored(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run = tmp_path_factory.mktemp("scored") / "run"
+    shutil.copytree(labeled.run, run)
+    result = labeler("score-outputs", run)
+    assert result.returncode == 0, result.stderr
+    store = LabelStore(run / "labels.sqlite")
+    try:
+        scores = {fid: json.loads(p) for fid, p in store.output_scores().items()}
+    finally:
+        store.close()
+    truth = {t["feature_id"]: t for t in json.loads(labeled.paths.ground_truth.read_text())}
+    return {"run": run, "scores": scores, "truth": truth}
+
+
+def _split(scored: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    output, inputs = [], []
+    for fid, score in scored["scores"].items():
+        mechanism = scored["truth"][fid]["mechanism"]
+        if mechanism == "output":
+            output.append(score[key])
+        elif mechanism in ("input_simple", "input_abstract"):
+            inputs.append(score[key])
+    return output, inputs
+
+
+def test_every_alive_feature_is_scored(scored: dict[str, Any]) -> None:
+    alive = [t for t in scored["truth"].values() if t["kind"] != "dead"]
+    assert len(scored["scores"]) == len(alive) == 960
+    for score in scored["scores"].values():
+        assert score["size"] > 0 and score["kl"] >= 0 and 0 < score["p_value"] <= 1
+        assert len(score["promoted"]) == 5 and score["tokens"]
+
+
+def test_the_score_separates_planted_output_from_input_features(scored: dict[str, Any]) -> None:
+    output, inputs = _split(scored, "logprob_change")
+    assert len(output) >= 12 and len(inputs) >= 60
+    assert auroc(output, inputs) >= 0.9
+    significant_output, significant_input = _split(scored, "significant")
+    assert sum(significant_output) / len(significant_output) >= 0.75
+    assert sum(significant_input) / len(significant_input) <= 0.1
+
+
+def test_steering_a_planted_output_feature_promotes_its_planted_words(
+    scored: dict[str, Any],
+) -> None:
+    for fid, truth in scored["truth"].items():
+        if truth["mechanism"] == "output" and truth["kind"] != "dead":
+            promoted = [t.strip().lower() for t in scored["scores"][fid]["promoted"][:2]]
+            assert set(promoted) <= set(truth["promotes"]), (fid, promoted)
+
+
+def test_summary_and_catalog_carry_the_scores(scored: dict[str, Any], tmp_path: Path) -> None:
+    run = scored["run"]
+    summary = labeler("summarize", run, "--json")
+    assert summary.returncode == 0, summary.stderr
+    steering = json.loads(summary.stdout)["steering"]
+    assert steering["n_scored"] == 960
+    output = steering["by_mechanism"]["output"]
+    assert output["n_scored"] >= 12 and output["share"] >= 0.75
+    catalog = tmp_path / "catalog.jsonl"
+    exported = labeler("export", run, "--out", catalog)
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(x) for x in catalog.read_text().splitlines()]
+    by_id = {line["feature_id"]: line for line in lines}
+    for fid, score in scored["scores"].items():
+        assert by_id[fid]["output_score"]["logprob_change"] == pytest.approx(
+            score["logprob_change"]
+        )
+
+
+def test_a_second_run_scores_nothing_again(scored: dict[str, Any]) -> None:
+    again = labeler("score-outputs", scored["run"])
+    assert again.returncode == 0, again.stderr
+    assert "every selected feature (960) is scored already" in again.stdout
