@@ -135,6 +135,7 @@ def served(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> 
         pl.when(target).then(planted).otherwise(pl.col("tokens")).alias("tokens")
     )
     examples.write_parquet(run / EXAMPLES)
+    _plant_byte_tokens(run, queue)
     ids = run.parent / "scored.txt"
     ids.write_text(f"{queue[0]}\n", encoding="utf-8")
     scored = subprocess.run([*LABELER, "score-outputs", str(run), "--features", str(ids)],
@@ -145,6 +146,30 @@ def served(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> 
         yield Served(url, run, queue)
     finally:
         _stop(process)
+
+
+def _plant_byte_tokens(run: Path, features: list[str]) -> None:
+    """The demo's fitted unembedding leaves byte tokens (never in the corpus) out of every
+    logit lens: put a lone continuation byte and a control byte at the end of these
+    features' promoted tokens, as a model with a byte-level vocabulary shows them."""
+    from adapters.tokenizer_loading import load_tokenizer
+    from collectors.run_format import FEATURES, read_run_info
+
+    tokenizer = load_tokenizer(Path(read_run_info(run).adapter_path))
+    lone = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")
+    control = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\x07")
+    table = pl.read_parquet(run / FEATURES)
+    planted = pl.col("feature_id").is_in(features)
+    table = table.with_columns(
+        pl.when(planted).then(pl.col("top_logits").list.head(8).list.concat(
+            pl.lit(pl.Series([[tokenizer.decode([lone]), tokenizer.decode([control])]])))
+        ).otherwise(pl.col("top_logits")).alias("top_logits"),
+        pl.when(planted).then(pl.col("top_logit_ids").list.head(8).list.concat(
+            pl.lit(pl.Series([[lone, control]], dtype=pl.List(pl.Int64))).cast(
+                table.schema["top_logit_ids"]))
+        ).otherwise(pl.col("top_logit_ids")).alias("top_logit_ids"),
+    )  # fmt: skip
+    table.write_parquet(run / FEATURES)
 
 
 @pytest.fixture(scope="module")
@@ -515,7 +540,8 @@ def test_enter_pressed_before_the_queue_loads_starts_the_review(served: Served, 
 
 def test_special_and_byte_tokens_read_as_names_and_bytes(served: Served, tab: Tab) -> None:
     """The demo's tokens are decoded one at a time: its examples hold the DeepSeek markers
-    and its logit lens lone bytes of multi-byte characters (``�``) and control bytes."""
+    and (planted by the fixture) its logit lens lone bytes of multi-byte characters (``�``)
+    and control bytes."""
     raw_bytes = re.compile("[\ufffd\x00-\x08\x0b-\x1f\x7f]")
     chosen = None
     for feature in served.queue:
@@ -604,7 +630,7 @@ def test_ctrl_c_stops_it_even_when_started_with_sigint_ignored_and_blocked(
 def test_the_feature_page_shows_its_output_score(served: Served, tab: Tab) -> None:
     """The planted feature was steered (`labeler score-outputs`); another was not."""
     tab.open(f"{served.url}feature/{served.planted}")
-    shown = tab.page.locator("#output-score")
+    shown = tab.page.locator(".steer #output-score")
     shown.wait_for()
     words = shown.inner_text()
     assert words.startswith("Steering: "), words

@@ -114,10 +114,16 @@ def circuit_encoder(
 
 
 def random_direction_encoder(
-    x: np.ndarray, rng: np.random.Generator, fire_rate: float, amplitude: float
-) -> PlantedEncoder:
-    """A random direction that fires on the top ``fire_rate`` share of positions."""
-    direction = _unit(rng.standard_normal(x.shape[1]))
+    x: np.ndarray, rng: np.random.Generator, fire_rate: float, amplitude: float,
+    avoid: np.ndarray | None = None,
+) -> PlantedEncoder:  # fmt: skip
+    """A random direction that fires on the top ``fire_rate`` share of positions, made
+    orthogonal to the orthonormal rows of ``avoid`` (directions that other features
+    write, which would pile positions up at one score)."""
+    direction = rng.standard_normal(x.shape[1])
+    if avoid is not None:
+        direction -= avoid.T @ (avoid @ direction)
+    direction = _unit(direction)
     threshold = float(np.quantile(x @ direction, 1.0 - fire_rate))
     return _encoder(direction, threshold, x, np.zeros(len(x), dtype=bool), amplitude)
 

@@ -16,11 +16,12 @@ The decoder's unembedding is then fitted to the corpus as a next-token predictor
 ("Wait", "Hmm"), which the hybrid model (branch off) never learned to say. A planted
 hesitation circuit says them, as in the paper's hesitation study: *template* features in
 the first half of the layers fire on newlines and write a circuit direction; *hesitation
-output* features in the second half fire on newlines, twice as strongly where the
+output* features in the second half fire on newlines, four times as strongly where the
 circuit direction is written, and write a direction that only the hesitation words'
-unembedding rows read. The adapter model starts about a third of its lines with "Wait"
-or "Hmm" (about 40 per 1,000 generated tokens); ablating the output features brings
-that near the hybrid's rate, and only both groups added to the hybrid bring it back.
+unembedding rows read. The adapter model starts many of its lines with "Wait" or "Hmm"
+(about 55 per 1,000 tokens sampled at temperature 1); ablating the output features
+brings that to the hybrid's rate (about 1), the output features alone added to the
+hybrid bring back a fifth of it, and both groups all of it.
 Every output feature promotes its words this way, through a direction reserved for
 them, so its logit lens shows exactly those words.
 
@@ -433,7 +434,9 @@ def build_demo(out: Path, seed: int = 0, shape: DemoShape | None = None) -> Demo
                     x, corpus.token_ids, centroids, ids, circuit, amplitude, CIRCUIT_BOOST
                 )
             else:
-                enc = _plant_encoder(spec, triggers, words, x, corpus.token_ids, centroids, np_rng)
+                enc = _plant_encoder(
+                    spec, triggers, words, x, corpus.token_ids, centroids, np_rng, reserved_basis
+                )
             enc_w[index], enc_b[index] = enc.weight, enc.bias
             if spec.kind == "template":
                 dec_w[:, index] = TEMPLATE_WRITE * circuit
@@ -478,11 +481,12 @@ def _plant_encoder(
     tokens: np.ndarray,
     centroids: np.ndarray,
     rng: np.random.Generator,
+    avoid: np.ndarray | None = None,
 ) -> PlantedEncoder:
     amplitude = float(rng.uniform(1.0, 5.0))
     planters: dict[str, Callable[[], PlantedEncoder]] = {
         "dead": lambda: dead_encoder(x, rng),
-        "random_direction": lambda: random_direction_encoder(x, rng, 0.03, amplitude),
+        "random_direction": lambda: random_direction_encoder(x, rng, 0.03, amplitude, avoid),
     }
     if spec.kind in planters:
         return planters[spec.kind]()

@@ -19,6 +19,9 @@ from typing import Any
 from adapters.errors import UserError
 
 PLAN = "plan.json"
+GENERATIONS = "generations.jsonl"
+TEACHER_FORCED = "teacher_forced.jsonl"
+LOGS = (GENERATIONS, TEACHER_FORCED)
 
 
 def open_plan(folder: Path, plan: dict[str, Any], overwrite: bool) -> bool:
@@ -39,9 +42,8 @@ def open_plan(folder: Path, plan: dict[str, Any], overwrite: bool) -> bool:
             )
         return True
     folder.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(folder):
-        if name.endswith(".jsonl"):
-            (folder / name).unlink()
+    for name in LOGS:  # an overwritten study's results go with it; nothing else does
+        (folder / name).unlink(missing_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
     temporary.replace(path)

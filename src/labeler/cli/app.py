@@ -62,6 +62,9 @@ def cli(verbose: bool) -> None:
       labeler review RUN --reviewer NAME [--web]
       labeler summarize RUN [--json] [--compare OTHER_RUN]
       labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
+    Test labels causally:
+      labeler intervene RUN --prompts P.jsonl --select mechanism=output [--teacher-forced]
+      labeler score-outputs RUN
     Or all of it on a planted tiny model, offline:  labeler demo
     """
     global _verbose

@@ -69,6 +69,10 @@ def next_steps(run: Path) -> str:
         (f"{labeler} disputes {run}", "the labels worth a second look"),
         (f"{labeler} review {run} --reviewer YOU", "review them here (--web: in a browser)"),
         (f"{labeler} export {run} --out my.jsonl", "a catalog of your own"),
+        (
+            f"{labeler} intervene {run} --teacher-forced --select mechanism=output",
+            "ablate the output features: does the model stop saying 'Wait'?",
+        ),
         (f"{labeler} label {run} --judge openai:gpt-5-mini --dry-run", "an LLM judge's cost"),
     )
     return "next:\n" + "\n".join(f"  {command}\n      {what}" for command, what in steps)

@@ -252,7 +252,7 @@ class _Study:
         from dataclasses import asdict
 
         from labeler.causal.prompts import prompts_hash, read_prompts
-        from labeler.causal.records import ResultLog, open_plan
+        from labeler.causal.records import GENERATIONS, ResultLog, open_plan
         from labeler.causal.results import sampled_report
         from labeler.causal.study import GENERATION_KEY, run_sampled, sampled_work
 
@@ -260,7 +260,7 @@ class _Study:
         plan = self._plan(measure="sampled", prompts=prompts_hash(prompts), samples=samples,
                           sampling=asdict(settings))  # fmt: skip
         resuming = open_plan(self.folder, plan, self.overwrite)
-        log = ResultLog(self.folder / "generations.jsonl", GENERATION_KEY)
+        log = ResultLog(self.folder / GENERATIONS, GENERATION_KEY)
         work = sampled_work(self.conditions, prompts, samples, log, batch_size)
         total = len(self.conditions) * len(prompts) * samples
         if resuming and len(log):
@@ -275,7 +275,7 @@ class _Study:
 
     def teacher_forced(self, corpus_path: Path | None, limit: int | None, batch_tokens: int) -> Any:
         from collectors.corpus import read_traces, tokenize_traces
-        from labeler.causal.records import ResultLog, open_plan
+        from labeler.causal.records import TEACHER_FORCED, ResultLog, open_plan
         from labeler.causal.results import teacher_forced_report
         from labeler.causal.study import TEACHER_FORCED_KEY, run_teacher_forced
         from labeler.causal.teacher_forced import word_tokens
@@ -294,7 +294,7 @@ class _Study:
 
         plan = self._plan(measure="teacher_forced", corpus=tokens_hash(corpus), limit=limit)
         resuming = open_plan(self.folder, plan, self.overwrite)
-        log = ResultLog(self.folder / "teacher_forced.jsonl", TEACHER_FORCED_KEY)
+        log = ResultLog(self.folder / TEACHER_FORCED, TEACHER_FORCED_KEY)
         total = len(self.conditions) * corpus.n_sequences
         if resuming and len(log):
             self.console.print(f"resuming: {len(log):,} of {total:,} traces already read")
