@@ -142,30 +142,33 @@ def test_a_stopped_study_resumes_without_regenerating(
     studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
 ) -> None:
     """Killed after some batches, the study resumes; what it had is kept, the rest is
-    generated, and the result is what an uninterrupted study gives (every response has
-    its own seed)."""
+    generated, and every response is what the uninterrupted study drew (each response
+    has its own seed, whatever batch or study it lands in)."""
     out = tmp_path / "study"
     args = [*LABELER, "intervene", str(labeled.run), "--select", HESITATION_OUTPUT,
-            "--prompts", str(studies["prompts"]), *SAMPLED, "--batch-size", "2",
-            "--out", str(out)]  # fmt: skip
+            "--prompts", str(studies["prompts"]), *SAMPLED, "--controls", "1",
+            "--modes", "ablated", "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    total = 3 * 16  # baseline, ablated, control-1-ablated
     log_path = out / "generations.jsonl"
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if log_path.exists() and len(log_path.read_bytes().splitlines()) >= 6:
+        if log_path.exists() and len(log_path.read_bytes().splitlines()) >= 8:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the study ended before it could be stopped"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
-    kept = log_path.read_bytes().splitlines()
-    assert 6 <= len(kept) < 10 * 16
+    written = log_path.read_bytes()
+    kept = written[: written.rfind(b"\n") + 1].splitlines()  # a line cut off is dropped
+    assert 8 <= len(kept) < total
     resumed = labeler(*args[3:], "--json")
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {len(kept)} of {total} responses already generated" in resumed.stderr
     lines = log_path.read_bytes().splitlines()
     assert lines[: len(kept)] == kept  # nothing it had was generated again
-    assert len(lines) == 10 * 16  # and nothing twice
+    assert len(lines) == total  # and nothing twice
     uninterrupted = ResultLog(studies["folder"] / "sampled" / "generations.jsonl",
                               ("condition", "prompt", "sample"))  # fmt: skip
     for row in ResultLog(log_path, ("condition", "prompt", "sample")):
