@@ -120,7 +120,7 @@ def random_direction_encoder(
     """A random direction that fires on the top ``fire_rate`` share of positions, made
     orthogonal to the orthonormal rows of ``avoid`` (directions that other features
     write, which would pile positions up at one score)."""
-    direction = rng.standard_normal(x.shape[1])
+    direction = rng.standard_normal((x.shape[1],))
     if avoid is not None:
         direction -= avoid.T @ (avoid @ direction)
     direction = _unit(direction)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters.interventions import Intervention
-from collectors.run_format import feature_id, parse_feature_id
+from collectors.run_format import feature_id
 
 Feature = tuple[int, int]
 Mode = Literal["ablated", "added"]
@@ -43,15 +43,6 @@ class Condition:
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "mode": self.mode, "control": self.control,
                 "features": [feature_id(*f) for f in self.features]}  # fmt: skip
-
-    @staticmethod
-    def from_json(data: dict[str, object]) -> Condition:
-        features = tuple(parse_feature_id(str(f)) for f in data["features"])  # type: ignore[attr-defined]
-        control = data["control"]
-        return Condition(
-            str(data["name"]), features, data["mode"],  # type: ignore[arg-type]
-            None if control is None else int(control),  # type: ignore[call-overload]
-        )  # fmt: skip
 
 
 def conditions(

@@ -147,10 +147,9 @@ def sampled_report(
     present = {r.name for r in results}
     complete = all(len(by_condition.get(c.name, [])) == expected for c in conditions)
     return StudyReport(
-        measure="sampled", words=list(words), n_selected=0, selected_per_layer={},
-        n_controls=0, complete=complete, conditions=results,
-        modes=_modes(conditions, effect_of, present),
-    ).model_copy(update=_header(conditions))  # fmt: skip
+        measure="sampled", words=list(words), complete=complete, conditions=results,
+        modes=_modes(conditions, effect_of, present), **_header(conditions),
+    )  # fmt: skip
 
 
 def teacher_forced_report(
@@ -184,6 +183,6 @@ def teacher_forced_report(
     complete = all(len(by_condition.get(c.name, {})) == n_traces for c in conditions)
     return StudyReport(
         measure="teacher_forced", words=list(words), unspelled_words=list(unspelled),
-        n_selected=0, selected_per_layer={}, n_controls=0, complete=complete,
-        conditions=results, modes=_modes(conditions, effect_of, present),
-    ).model_copy(update=_header(conditions))  # fmt: skip
+        complete=complete, conditions=results, modes=_modes(conditions, effect_of, present),
+        **_header(conditions),
+    )  # fmt: skip

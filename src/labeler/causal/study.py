@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.branch import AdapterModel
+from collectors.batching import plan_batches
 from collectors.corpus import TokenizedCorpus
 from labeler.causal.conditions import Condition
 from labeler.causal.generation import Row, SamplingSettings, generate
 from labeler.causal.prompts import Prompt
 from labeler.causal.records import ResultLog
-from labeler.causal.teacher_forced import batches, expectations
+from labeler.causal.teacher_forced import expectations
 
 Progress = Callable[[int, int], None]
 """Called after each batch with (units done in it, tokens processed in it)."""
@@ -65,7 +66,7 @@ def run_teacher_forced(
     adapter: AdapterModel, corpus: TokenizedCorpus, conditions: Sequence[Condition],
     word_ids: list[int], log: ResultLog, batch_tokens: int, progress: Progress,
 ) -> None:  # fmt: skip
-    plan = batches(corpus, batch_tokens)
+    plan = plan_batches(corpus.lengths(), batch_tokens)
     lengths = corpus.lengths()
     for condition in conditions:
         for sequences in plan:

@@ -21,7 +21,7 @@ import torch
 
 from adapters.branch import AdapterModel
 from adapters.interventions import Intervention, intervening
-from collectors.batching import make_batch, plan_batches
+from collectors.batching import make_batch
 from collectors.corpus import REGION_CODE, TokenizedCorpus
 from labeler.causal.measures import words_of
 
@@ -53,10 +53,6 @@ class TraceExpectation:
     expected: float
     """The sum over predicted positions of the word set's next-token probability."""
     positions: int
-
-
-def batches(corpus: TokenizedCorpus, batch_tokens: int) -> list[np.ndarray]:
-    return plan_batches(corpus.lengths(), batch_tokens)
 
 
 def expectations(
