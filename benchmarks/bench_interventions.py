@@ -51,10 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    shape = ModelShape(n_layers=args.layers, d_model=args.d_model,
-                       intermediate=4 * args.d_model, n_heads=max(1, args.d_model // 64),
-                       n_kv_heads=max(1, args.d_model // 128), vocab_size=4000,
-                       n_features=args.features)  # fmt: skip
+    shape = ModelShape.scaled(args.layers, args.d_model, args.features, 4000)
     gen = torch.Generator().manual_seed(0)
     calibration = torch.randint(0, shape.vocab_size, (4, 64), generator=gen)
     adapter = random_adapter(shape, calibration, l0=32.0, seed=1, dtype=dtype,

@@ -36,6 +36,13 @@ class ModelShape:
     max_positions: int = 4096
 
     @classmethod
+    def scaled(cls, n_layers: int, d_model: int, n_features: int, vocab_size: int) -> ModelShape:
+        """A Qwen2 shape of this width with the usual proportions: an MLP 4x as wide,
+        heads of 64 dimensions, one key-value head per two query heads."""
+        return cls("qwen2", n_layers, d_model, 4 * d_model, max(1, d_model // 64),
+                   max(1, d_model // 128), vocab_size, n_features)  # fmt: skip
+
+    @classmethod
     def paper(cls, vocab_size: int = 152_064) -> ModelShape:
         """DeepSeek-R1-Distill-Qwen-7B's shape with the paper's 8192 features per layer."""
         return cls("qwen2", 28, 3584, 18944, 28, 4, vocab_size, 8192, 32_768)
