@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+from pydantic import BaseModel
 
 from adapters.errors import UserError
 from collectors.errors import RunFolderError
@@ -276,10 +277,12 @@ def test_export_of_an_import_reproduces_the_paper_folder(paper: Path, tmp_path: 
     names = sorted(p.name for p in (paper / "features").iterdir())
     assert sorted(p.name for p in (tmp_path / "again" / "features").iterdir()) == names
     for name in names:
-        source = (paper / "features" / name).read_bytes()
-        exported = (tmp_path / "again" / "features" / name).read_bytes()
-        assert json.loads(exported) == json.loads(source)
-        assert exported == source  # same keys, order and float text
+        source = json.loads((paper / "features" / name).read_bytes())
+        exported = json.loads((tmp_path / "again" / "features" / name).read_bytes())
+        paper_keys = {k: v for k, v in exported.items() if k not in FRONTEND_ONLY}
+        assert paper_keys == source
+        assert list(paper_keys) == list(source)  # the paper's keys, in its order
+        FrontendFeature.model_validate(exported)
     source_meta = read_json(paper / METADATA_JSON)
     exported_meta = read_json(tmp_path / "again" / METADATA_JSON)
     for key in PAPER_KEYS:
@@ -287,6 +290,66 @@ def test_export_of_an_import_reproduces_the_paper_folder(paper: Path, tmp_path: 
     assert exported_meta["n_alive"] == {"0": 3, "3": 2}
     assert exported_meta["n_dead"] == {"0": 3, "3": 4}
     assert exported_meta["n_features"] == 12 and exported_meta["n_feature_files"] == 5
+
+
+# circuit-tracer's frontend model of a feature file (circuit_tracer/frontend/feature_models.py,
+# class Model): every field required, extra keys ignored.
+class FrontendExample(BaseModel):
+    tokens_acts_list: list[float]
+    train_token_ind: int
+    is_repeated_datapoint: bool
+    tokens: list[str]
+
+
+class FrontendQuantile(BaseModel):
+    quantile_name: str
+    examples: list[FrontendExample]
+
+
+class FrontendFeature(BaseModel):
+    transcoder_id: str
+    index: int
+    examples_quantiles: list[FrontendQuantile]
+    top_logits: list[str]
+    bottom_logits: list[str]
+    act_min: float
+    act_max: float
+    quantile_values: list[float]
+    histogram: list[float]
+    activation_frequency: float
+
+
+FRONTEND_ONLY = ("transcoder_id", "index", "quantile_values", "histogram")
+
+
+def test_export_is_valid_by_the_frontend_model_with_spread_from_random_samples(
+    tmp_path: Path,
+) -> None:
+    write_run(tmp_path / "run")
+    export_circuit_tracer(tmp_path / "run", tmp_path / "ct")
+    features = pl.read_parquet(tmp_path / "run" / FEATURES).filter(pl.col("alive"))
+    examples = pl.read_parquet(tmp_path / "run" / EXAMPLES)
+    for row in features.iter_rows(named=True):
+        layer, index = row["layer"], row["index"]
+        data = read_json(feature_file(tmp_path / "ct", layer, index))
+        feature = FrontendFeature.model_validate(data)
+        assert (feature.transcoder_id, feature.index) == (f"layer_{layer}", index)
+        assert (data["layer"], data["feature"]) == (layer, index)  # the paper's keys stay
+        q = feature.quantile_values
+        assert len(q) == 100 and q == sorted(q) and q[-1] == pytest.approx(row["act_max"])
+        sample = examples.filter(
+            pl.col("feature_id") == row["feature_id"], pl.col("kind") == "random"
+        )["activation"].to_numpy()
+        sample = np.clip(sample, row["act_min"], row["act_max"])  # this run's are not within
+        assert q[49] == pytest.approx(float(np.median(sample)), rel=1e-5)
+        # 32 equal bins over [act_min, act_max], summing to the activating tokens
+        assert len(feature.histogram) == 32
+        assert sum(feature.histogram) == pytest.approx(row["count"], abs=0.1)
+        span = row["act_max"] - row["act_min"]
+        expected = np.zeros(32)
+        for value in sample:
+            expected[min(int((value - row["act_min"]) / span * 32), 31)] += row["count"] / 2
+        assert feature.histogram == pytest.approx(expected.tolist(), abs=0.01)
 
 
 def test_a_second_import_of_the_export_equals_the_first(paper: Path, tmp_path: Path) -> None:
@@ -309,7 +372,9 @@ def test_paper_folder_without_quantiles_round_trips(tmp_path: Path) -> None:
     assert info.params.n_quantiles == 0
     export_circuit_tracer(tmp_path / "run", tmp_path / "again")
     for path in (paper / "features").iterdir():
-        assert (tmp_path / "again" / "features" / path.name).read_bytes() == path.read_bytes()
+        exported = read_json(tmp_path / "again" / "features" / path.name)
+        assert {k: v for k, v in exported.items() if k not in FRONTEND_ONLY} == read_json(path)
+        FrontendFeature.model_validate(exported)
 
 
 def test_import_hash_is_stable_and_follows_the_bytes(paper: Path, tmp_path: Path) -> None:

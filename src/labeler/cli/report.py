@@ -139,15 +139,57 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
     return target
 
 
+def _export_neuronpedia(run_path: Path, out: Path | None, model_id: str | None,
+                        source_set: str | None, rules_path: Path | None,
+                        overwrite: bool) -> None:  # fmt: skip
+    from labeler.cli.render import progress_bar
+    from labeler.formats.neuronpedia import check_names, export_neuronpedia
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.reporting.label_table import planned_frame
+    from labeler.run.data import RunData
+
+    if not model_id or not source_set:
+        missing = "--model-id" if not model_id else "--source-set"
+        raise UserError(f"{missing}: --format neuronpedia needs --model-id ID --source-set NAME")
+    check_names(model_id, source_set)
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    target = out or run_path / "neuronpedia"
+    check_output(target, overwrite)
+    store = _open_labels(run_path)
+    try:
+        with progress_bar(console, "exporting", "features") as progress:
+            task = progress.add_task("exporting", total=planned_frame(store).height)
+            n = export_neuronpedia(run, store, target, model_id, source_set, overwrite, rules,
+                                   progress=lambda k: progress.advance(task, k))  # fmt: skip
+    finally:
+        store.close()
+    batches = len(list((target / "upload").glob("batch-*.json")))
+    console.print(f"wrote {n:,} features in {batches:,} upload requests to {target}")
+
+
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "circuit-tracer"]), default="jsonl",
-              show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia"]),
+              default="jsonl", show_default=True,
               help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
-                   "folder (features/{cantor_id}.json and feature_metadata.json).")  # fmt: skip
+                   "folder (features/{cantor_id}.json and feature_metadata.json); "
+                   "neuronpedia: the bodies of Neuronpedia's upload requests "
+                   "(docs/neuronpedia.md).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
-                   "circuit-tracer a folder (default RUN/circuit-tracer).")  # fmt: skip
+                   "circuit-tracer and neuronpedia a folder (default RUN/circuit-tracer, "
+                   "RUN/neuronpedia).")  # fmt: skip
+@click.option(
+    "--model-id",
+    default=None,
+    help="neuronpedia: the model's id there (2-32 characters of a-z, 0-9, . and -).",
+)
+@click.option(
+    "--source-set",
+    default=None,
+    help="neuronpedia: the source set's name; layer L's source is L-NAME.",
+)
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
@@ -155,11 +197,15 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
               help="Compression of a .jsonl.gz catalog: 1 is fastest, 9 smallest.")  # fmt: skip
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output (else an existing one is refused).")  # fmt: skip
-def export(run_path: Path, fmt: str, out: Path | None, with_examples: bool,
-           rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
+def export(run_path: Path, fmt: str, out: Path | None, model_id: str | None,
+           source_set: str | None, with_examples: bool, rules_path: Path | None,
+           gzip_level: int, overwrite: bool) -> None:  # fmt: skip
     """Write the labeled feature catalog: per feature its final label and where it came
     from, every judgment, every review decision, scores and provenance
     (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format."""
+    if fmt == "neuronpedia":
+        _export_neuronpedia(run_path, out, model_id, source_set, rules_path, overwrite)
+        return
     if fmt == "circuit-tracer":
         from collectors.run_format import read_run_info
         from labeler.formats.circuit_tracer import export_circuit_tracer

@@ -76,7 +76,7 @@ def _review_lists(reviews: pl.DataFrame) -> pl.DataFrame:
     return reviews.group_by("feature_id", maintain_order=True).agg(entry.alias("reviews"))
 
 
-class _LayerReader:
+class LayerReader:
     """Builds one layer's catalog lines: its judgments, final labels, disputes, reviews,
     logit lens and examples. Runs on worker threads, each with its own connection to the
     store (sqlite connections stay on their thread). Final labels and disputes depend on
@@ -244,7 +244,7 @@ def export_catalog(
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     gzipped = out.name.endswith(".gz")
-    reader = _LayerReader(
+    reader = LayerReader(
         run, store, rules or DisputeRules(), with_examples, provenance,
         gzip_level if gzipped else None,
     )  # fmt: skip

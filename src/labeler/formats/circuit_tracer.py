@@ -15,7 +15,14 @@ are ``{"tokens"`` (token strings), ``"tokens_acts_list"`` (the feature's activat
 ``"train_token_ind"`` (index of the highlighted, activating token in the window),
 ``"is_repeated_datapoint"}``. The paper writes two groups, ``"Top activations"`` (decreasing
 activation) and ``"Random samples"``, and takes ``act_min``/``act_max`` over every token of those
-windows (so its ``act_min`` is usually 0). The metadata holds ``total_tokens``,
+windows (so its ``act_min`` is usually 0). Export also writes what circuit-tracer's own
+frontend model of a feature file requires: ``transcoder_id`` (``layer_{layer}``), ``index``
+(the feature's index in its layer), ``quantile_values`` (percentiles 1 to 100 of the
+activation on activating tokens, the last being ``act_max``) and ``histogram`` (32 equal bins
+over ``[act_min, act_max]``, each the estimated number of activating tokens in it). Both are
+estimated from the random examples, a uniform sample of the activating tokens (from every
+example when a feature has none); they are empty lists for a feature without examples. The
+metadata holds ``total_tokens``,
 ``tokens_per_domain``, ``tokens_per_region``, ``tokens_per_thinking_bin`` (ten bins) and
 ``features``: per alive feature ``layer``, ``feature``, ``cantor_id``, ``activation_count``,
 ``activation_freq`` and the fractions and densities of its activations per domain, region and
@@ -106,6 +113,8 @@ RANDOM_GROUP = "Random samples"
 UNKNOWN = "unknown"
 MAX_NEGATIVES = 256
 NEGATIVES_SEED = 0
+PERCENTILES = 100
+HISTOGRAM_BINS = 32
 CHUNK = 2048  # feature files per examples part (import); features per batch (export)
 
 _QUANTILE_NAME = re.compile(r"Quantile (0|[1-9][0-9]*)")
@@ -241,7 +250,9 @@ def _parse(model: type[_Model], path: Path, raw: bytes) -> _Model:
 # --- writing a folder atomically ---------------------------------------------------------------
 
 
-def _staging(out: Path, overwrite: bool) -> Path:
+def staging_folder(out: Path, overwrite: bool) -> Path:
+    """A fresh folder beside ``out`` to write into, before it is published as ``out``;
+    UserError when ``out`` exists and not ``overwrite``."""
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,11 +289,11 @@ def export_circuit_tracer(run_folder: Path, out: Path, overwrite: bool = False) 
     n_quantiles = max(info.params.n_quantiles, 0 if top_q is None else int(top_q) + 1)
     alive = (
         features.filter(pl.col("alive"))
-        .select("layer", "index", "frequency", "act_min", "act_max", "top_logits",
+        .select("layer", "index", "count", "frequency", "act_min", "act_max", "top_logits",
                 "bottom_logits")
         .sort("layer", "index")
     )  # fmt: skip
-    staging = _staging(out, overwrite)
+    staging = staging_folder(out, overwrite)
     try:
         folder = staging / FEATURES_DIR
         folder.mkdir()
@@ -290,7 +301,9 @@ def export_circuit_tracer(run_folder: Path, out: Path, overwrite: bool = False) 
         for (layer,), group in alive.group_by("layer", maintain_order=True):
             rows = (
                 examples.filter(pl.col("layer") == layer)
-                .select("index", "kind", "quantile", "rank", "tokens", "acts", "highlight")
+                .select(
+                    "index", "kind", "quantile", "rank", "activation", "tokens", "acts", "highlight"
+                )
                 .with_columns(
                     _kind=pl.col("kind").replace_strict(_KIND_ORDER, return_dtype=pl.Int8),
                     _q=-pl.col("quantile").fill_null(0),
@@ -327,10 +340,13 @@ def _write_layer(
         hi = int(np.searchsorted(row_index, indices[-1], side="right"))
         chunk = rows.slice(lo, hi - lo)
         by_feature: dict[int, dict[str, list[dict[str, Any]]]] = {}
-        for index, kind, quantile, tokens, acts, highlight in zip(
+        sampled: dict[int, list[float]] = {}  # the random examples' activations
+        shown: dict[int, list[float]] = {}  # every example's activation
+        for index, kind, quantile, activation, tokens, acts, highlight in zip(
             chunk["index"].to_list(),
             chunk["kind"].to_list(),
             chunk["quantile"].to_list(),
+            chunk["activation"].to_list(),
             chunk["tokens"].to_list(),
             chunk["acts"].to_list(),
             chunk["highlight"].to_list(),
@@ -347,6 +363,9 @@ def _write_layer(
                 )
             else:
                 name = quantile_name(quantile)
+            shown.setdefault(index, []).append(activation)
+            if kind == "random":
+                sampled.setdefault(index, []).append(activation)
             groups = by_feature.get(index)
             if groups is None:
                 groups = by_feature[index] = {n: [] for n in group_names}
@@ -359,11 +378,23 @@ def _write_layer(
                 }
             )
         fields = batch.select(
-            "index", "frequency", "act_min", "act_max", "top_logits", "bottom_logits"
+            "index", "count", "frequency", "act_min", "act_max", "top_logits", "bottom_logits"
         )
-        for index, frequency, act_min, act_max, top_logits, bottom_logits in fields.iter_rows():
+        for (
+            index,
+            count,
+            frequency,
+            act_min,
+            act_max,
+            top_logits,
+            bottom_logits,
+        ) in fields.iter_rows():
             groups = by_feature.get(index) or {n: [] for n in group_names}
+            sample = sampled.get(index) or shown.get(index) or []
+            spread = activation_spread(sample, act_min, act_max, count)
             record = {
+                "transcoder_id": transcoder_id(layer),
+                "index": index,
                 "top_logits": top_logits or [],
                 "bottom_logits": bottom_logits or [],
                 "act_min": act_min,
@@ -373,12 +404,52 @@ def _write_layer(
                     for name, examples in groups.items()
                 ],
                 "activation_frequency": frequency,
+                "quantile_values": spread.quantile_values,
+                "histogram": spread.histogram,
                 "layer": layer,
                 "feature": index,
             }
             path = folder / f"{cantor_id(layer, index)}.json"
             path.write_text(json.dumps(record), encoding="utf-8")
     return features.height
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A feature's activation distribution as the viewer's histogram shows it."""
+
+    quantile_values: list[float]
+    histogram: list[float]
+
+
+def transcoder_id(layer: int) -> str:
+    """The ``transcoder_id`` of a layer's features: ``layer_{layer}``."""
+    return f"layer_{layer}"
+
+
+def activation_spread(sample: list[float], act_min: float, act_max: float, count: int) -> Spread:
+    """Percentiles 1..100 and a histogram of a feature's activations on the tokens where it
+    fires, estimated from ``sample`` (its random examples: a uniform sample of those tokens).
+
+    The histogram has HISTOGRAM_BINS equal bins over [act_min, act_max] (how the viewer draws
+    it), each the estimated number of activating tokens, so the bins sum to ``count``. The
+    100th percentile is ``act_max`` itself. Without a sample both lists are empty."""
+    if not sample:
+        return Spread([], [])
+    values = np.clip(np.asarray(sample, dtype=np.float64), act_min, act_max)
+    percentiles = np.quantile(values, np.arange(1, PERCENTILES + 1) / PERCENTILES)
+    percentiles[-1] = act_max
+    percentiles = np.maximum.accumulate(percentiles)
+    span = act_max - act_min
+    if span > 0:
+        bins = np.minimum(((values - act_min) / span * HISTOGRAM_BINS).astype(np.int64),
+                          HISTOGRAM_BINS - 1)  # fmt: skip
+    else:
+        bins = np.zeros(len(values), dtype=np.int64)
+    heights = np.bincount(bins, minlength=HISTOGRAM_BINS) * (count / len(values))
+    return Spread(
+        [float(np.float32(v)) for v in percentiles], [round(float(h), 3) for h in heights]
+    )
 
 
 def _export_metadata(info: RunInfo, features: pl.DataFrame, written: int) -> dict[str, Any]:
@@ -544,7 +615,7 @@ def import_circuit_tracer(src: Path, out: Path, overwrite: bool = False) -> RunI
     meta_bytes = meta_path.read_bytes()
     meta = _parse(_Metadata, meta_path, meta_bytes)
     files = _feature_files(src)
-    staging = _staging(out, overwrite)
+    staging = staging_folder(out, overwrite)
     try:
         imported = _Imported(digests={METADATA_JSON: hashlib.sha256(meta_bytes).hexdigest()})
         parts = _import_examples(files, imported, staging)
