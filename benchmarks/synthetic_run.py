@@ -639,6 +639,7 @@ def judgment_rows(
                         "cached_tokens": cached,
                         "cache_write_tokens": write,
                         "output_tokens": int(n_out * calls * out_scale[i]),
+                        "cached_replies": 0,
                     }
             total = sum((Usage(**u) for u in usage.values()), Usage())
             cost = spec.price.cost(total) if spec.price is not None else None
