@@ -5,14 +5,21 @@ carrying each feature's final label, label source and detection score."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tests.test_bad_input import labeler
+from tests.conftest import CollectedDemo
+from tests.test_bad_input import LABELER, labeler
 from tests.test_first_hour import one_line_error
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9.-]*[a-z0-9]$|^[a-z]$", min_length=2,
@@ -147,3 +154,136 @@ def test_bad_names_are_one_line(labeled_copy: Path, tmp_path: Path) -> None:
     result = labeler("export", labeled_copy, "--format", "neuronpedia", "--model-id", "demo")
     assert "--source-set" in one_line_error(result)
     assert not (tmp_path / "np").exists()
+
+
+# --- labeler push-neuronpedia against a loopback server that checks what it gets ----------
+
+
+class AddFeature(_Strict):
+    modelId: str
+    layer: str
+    index: str
+    description: str
+
+
+class AddFeatures(_Strict):  # POST /api/list/add-features
+    listId: str
+    featuresToAdd: Annotated[list[AddFeature], Field(max_length=100)]
+
+
+class NewListOnly(_Strict):  # POST /api/list/new
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+
+
+ROUTES: dict[str, type[BaseModel]] = {
+    "/api/model/new": NewModel, "/api/source-set/new": NewSourceSet,
+    "/api/feature/upload-batch": UploadBatch, "/api/list/new": NewListOnly,
+    "/api/list/add-features": AddFeatures,
+}  # fmt: skip
+KEY = "np-test-key"
+
+
+@dataclass
+class FakeNeuronpedia:
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    fail_upload_at: int | None = None  # fail the upload request with this position (from 0)
+    uploads: int = 0
+    url: str = ""
+
+
+def _serve(state: FakeNeuronpedia) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            model = ROUTES.get(self.path)
+            if self.headers.get("x-api-key") != KEY:
+                return self._answer(401, {"error": "This endpoint requires authorization."})
+            if model is None:
+                return self._answer(404, {"error": "no route"})
+            try:
+                model.model_validate_json(body)
+            except ValidationError as exc:
+                return self._answer(400, {"error": str(exc).splitlines()[0], "path": ""})
+            if self.path == "/api/feature/upload-batch":
+                state.uploads += 1
+                if state.uploads - 1 == state.fail_upload_at:
+                    return self._answer(500, {"error": "Failed to create features."})
+            state.received.append((self.path, json.loads(body)))
+            if self.path == "/api/list/new":
+                return self._answer(200, {"id": f"list{len(state.received)}", "url": "u"})
+            self._answer(200, {"message": "ok"})
+
+        def _answer(self, status: int, data: object) -> None:
+            text = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def exported(labeled: CollectedDemo, tmp_path: Path) -> Path:
+    out = tmp_path / "np"
+    result = labeler("export", labeled.run, "--format", "neuronpedia", "--model-id", "demo",
+                     "--source-set", "tc", "--out", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def push(folder: Path, url: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NEURONPEDIA_API_KEY"}
+    if key is not None:
+        env["NEURONPEDIA_API_KEY"] = key
+    return subprocess.run([*LABELER, "push-neuronpedia", str(folder), "--url", url],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+def test_push_sends_everything_once_and_resumes_after_a_failure(exported: Path) -> None:
+    state = FakeNeuronpedia(fail_upload_at=2)
+    server = _serve(state)
+    try:
+        first = push(exported, state.url)
+        assert "POST /api/feature/upload-batch: HTTP 500: Failed to create features." in (
+            one_line_error(first, code=2)
+        )
+        assert [r for r, _ in state.received][:2] == ["/api/model/new", "/api/source-set/new"]
+        assert sum(r == "/api/feature/upload-batch" for r, _ in state.received) == 2
+        state.fail_upload_at = None
+        second = push(exported, state.url)
+        assert second.returncode == 0, second.stderr
+    finally:
+        server.shutdown()
+    batches = sorted((exported / "upload").glob("batch-*.json"))
+    uploaded = [b for r, b in state.received if r == "/api/feature/upload-batch"]
+    expected = [json.loads(p.read_text()) for p in batches]
+    key = lambda body: (body["source"], body["features"][0]["index"])  # noqa: E731
+    assert sorted(uploaded, key=key) == sorted(expected, key=key)  # each exactly once
+    assert sum(r == "/api/model/new" for r, _ in state.received) == 1
+    lists = json.loads((exported / "lists.json").read_text())
+    made = [b["name"] for r, b in state.received if r == "/api/list/new"]
+    assert made == [x["name"] for x in lists]
+    added = [f for r, b in state.received if r == "/api/list/add-features"
+             for f in b["featuresToAdd"]]  # fmt: skip
+    assert len(added) == sum(len(x["features"]) for x in lists)
+    before = len(state.received)
+    server = _serve(state)  # a third run has nothing left to send
+    try:
+        third = push(exported, state.url)
+    finally:
+        server.shutdown()
+    assert third.returncode == 0 and len(state.received) == before
+    assert KEY not in (exported / "pushed.jsonl").read_text()
+
+
+def test_push_without_a_key_is_one_line(exported: Path) -> None:
+    assert "NEURONPEDIA_API_KEY is not set" in one_line_error(push(exported, "http://x", None))

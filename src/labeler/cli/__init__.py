@@ -6,6 +6,7 @@ from labeler.cli import (  # noqa: F401  (registers them)
     demo,
     intervene,
     label,
+    neuronpedia,
     report,
     review,
     score_outputs,
