@@ -62,6 +62,9 @@ def cli(verbose: bool) -> None:
       labeler review RUN --reviewer NAME [--web]
       labeler summarize RUN [--json] [--compare OTHER_RUN]
       labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
+    Publish on Neuronpedia:
+      labeler export RUN --format neuronpedia --model-id ID --source-set NAME
+      labeler push-neuronpedia RUN/neuronpedia          (key in NEURONPEDIA_API_KEY)
     Test labels causally:
       labeler intervene RUN --prompts P.jsonl --select mechanism=output [--teacher-forced]
       labeler score-outputs RUN
