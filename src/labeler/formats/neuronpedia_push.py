@@ -119,7 +119,8 @@ def push(
         raise UserError(f"{folder / UPLOAD_DIR}: no batch-N.json to send")
     steps += [Step(p.stem, "/api/feature/upload-batch", p) for p in batches]
     done = _done(folder)
-    total = len(steps) + (_list_steps(folder) if lists else 0)
+    items = _read(folder / "lists.json") if lists else []
+    total = len(steps) + sum(1 + -(-len(i["features"]) // ADD_AT_ONCE) for i in items)
     sent = finished = 0
     for step in steps:
         if step.name not in done:
@@ -130,7 +131,7 @@ def push(
         if progress is not None:
             progress(finished, total)
     if lists:
-        for item in _read(folder / "lists.json"):
+        for item in items:
             name = f"list:{item['name']}"
             if name not in done:
                 about = {"name": item["name"], "description": item["description"]}
@@ -157,12 +158,6 @@ def push(
             if progress is not None:
                 progress(finished, total)
     return sent, total
-
-
-def _list_steps(folder: Path) -> int:
-    """Requests the lists take: one to create each, one per ADD_AT_ONCE of its features."""
-    items = _read(folder / "lists.json")
-    return sum(1 + -(-len(item["features"]) // ADD_AT_ONCE) for item in items)
 
 
 def _brief(answer: Any) -> Any:
