@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from collectors.demo_model import DemoPaths, build_demo
 from tests.fleet import reap
 from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Page
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,60 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
             yield server
         finally:
             reap()
+
+
+CHROMIUM = Path(os.environ.get("LABELER_CHROMIUM", "/usr/bin/chromium"))
+
+
+@dataclass
+class Tab:
+    """A browser tab and the script errors and CSP violations it logged."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+
+    def open(self, url: str) -> None:
+        self.page.goto(url)
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def pwned(self) -> str:
+        return str(self.page.evaluate("typeof window.__pwned"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the review page is tested in a real Chromium; "
+            "apt-get install chromium (or point LABELER_CHROMIUM at one)"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "the playwright package is missing: pip install playwright (the dev extra); "
+            "no `playwright install` needed, the tests use the system Chromium"
+        )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def tab(browser: Browser) -> Iterator[Tab]:
+    """A fresh browser profile (empty localStorage) collecting script errors and CSP
+    violations (failed requests are expected: the tests make some)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    opened = Tab(page)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            opened.errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: opened.errors.append(str(exc)))
+    yield opened
+    context.close()

@@ -16,7 +16,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +28,11 @@ from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.queue import review_queue
 from labeler.run.schemas import ReviewDecision
-from tests.conftest import CollectedDemo
+from tests.conftest import CollectedDemo, Tab
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page
+    pass
 
-CHROMIUM = Path(os.environ.get("LABELER_CHROMIUM", "/usr/bin/chromium"))
 LABELER = [sys.executable, "-c", "from labeler.cli import main; main()"]
 XSS_SCRIPT = "<script>window.__pwned=1</script>"
 XSS_IMG = '<img src=x onerror="window.__pwned=2">'
@@ -55,25 +54,13 @@ class Served:
         return self.queue[0]
 
 
-@dataclass
-class Tab:
-    page: Page
-    errors: list[str] = field(default_factory=list)
-
-    def open(self, url: str) -> None:
-        self.page.goto(url)
-        self.page.wait_for_selector("body[data-ready=true]")
-
-    def pwned(self) -> str:
-        return str(self.page.evaluate("typeof window.__pwned"))
-
-
 def _start(
-    run: Path, *args: str, stderr: Path, deaf: bool = False
+    run: Path, *args: str, stderr: Path, deaf: bool = False, command: str = "review"
 ) -> tuple[subprocess.Popen[str], str]:
-    """`labeler review RUN --web ...` and the URL it prints once it answers; ``deaf``:
-    started with SIGINT ignored and blocked, as a script's background job or a thread
-    that blocks signals would start it."""
+    """`labeler review RUN --web ...` (or `labeler browse RUN ...` with ``command``) and
+    the URL it prints once it answers (after any other lines); ``deaf``: started
+    with SIGINT ignored and blocked, as a script's background job or a thread that blocks
+    signals would start it."""
 
     def deafen() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -81,17 +68,21 @@ def _start(
 
     with stderr.open("w") as err:
         process = subprocess.Popen(
-            [*LABELER, "review", str(run), "--web", *args],
+            [*LABELER, command, str(run), *(["--web"] if command == "review" else []), *args],
             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "COLUMNS": "200"},
             preexec_fn=deafen if deaf else None,
         )  # fmt: skip
     assert process.stdout is not None
-    line = process.stdout.readline()
-    found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    line = lines = ""
+    while (found := re.search(r"http://127\.0\.0\.1:\d+/", line)) is None:
+        line = process.stdout.readline()
+        lines += line
+        if not line:
+            break
     if found is None:
         process.kill()
         process.wait()
-        pytest.fail(f"no URL from `labeler review --web`: {line!r}\n{stderr.read_text()}")
+        pytest.fail(f"no URL from `labeler {command}`: {lines!r}\n{stderr.read_text()}")
     return process, found.group(0)
 
 
@@ -170,45 +161,6 @@ def _plant_byte_tokens(run: Path, features: list[str]) -> None:
         ).otherwise(pl.col("top_logit_ids")).alias("top_logit_ids"),
     )  # fmt: skip
     table.write_parquet(run / FEATURES)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: the review page is tested in a real Chromium; "
-            "apt-get install chromium (or point LABELER_CHROMIUM at one)"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(
-            "the playwright package is missing: pip install playwright (the dev extra); "
-            "no `playwright install` needed, the tests use the system Chromium"
-        )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def tab(browser: Browser) -> Iterator[Tab]:
-    """A fresh browser profile (empty localStorage) collecting script errors and CSP
-    violations (failed requests are expected: the tests make some)."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(10_000)
-    opened = Tab(page)
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error" and not message.text.startswith("Failed to load resource"):
-            opened.errors.append(message.text)
-
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: opened.errors.append(str(exc)))
-    yield opened
-    context.close()
 
 
 def http(

@@ -60,8 +60,10 @@ def cli(verbose: bool) -> None:
       labeler status RUN
       labeler disputes RUN
       labeler review RUN --reviewer NAME [--web]
+      labeler browse RUN                     (every feature: search, filter, open)
       labeler summarize RUN [--json] [--compare OTHER_RUN]
       labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
+      labeler export RUN --format delphi       (delphi's explanations and scores)
     Publish on Neuronpedia:
       labeler export RUN --format neuronpedia --model-id ID --source-set NAME
       labeler push-neuronpedia RUN/neuronpedia          (key in NEURONPEDIA_API_KEY)

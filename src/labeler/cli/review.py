@@ -161,3 +161,68 @@ def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_d
         review_in_terminal(run, store, rules, reviewer, include_decided, console)
     finally:
         store.close()
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option(
+    "--port", default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free one)."
+)
+@click.option("--reviewer", default=None,
+              help="Who reviews, for decisions made from a feature's page (else the page "
+                   "asks).")  # fmt: skip
+@click.option("--rebuild", is_flag=True,
+              help="Rebuild RUN/browse-index.sqlite even if it is current.")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
+              help=_RULES_HELP)  # fmt: skip
+def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
+           rules_path: Path | None) -> None:  # fmt: skip
+    """Browse every feature of a labeled run in the browser, on 127.0.0.1: full-text
+    search over the judges' explanations and rationales; filters by category,
+    subcategory, mechanism, domain type, layer, label source, detection score and
+    activation frequency; sortable and paged. A feature's page is its review page
+    (examples, logit lens, every judgment and review, output score, the decision form).
+
+    \b
+    The index is built once into RUN/browse-index.sqlite (a progress bar shows it) and
+    reused while the run's labels stay the same; a decision updates it at once.
+    On a remote machine, forward the port first: ssh -L 8765:127.0.0.1:8765 HOST.
+    """
+    from labeler.cli.render import progress_bar
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.reporting.summarize import no_labels
+    from labeler.review.browse_web import CatalogApp
+    from labeler.review.catalog_index import open_index
+    from labeler.review.web import serve
+    from labeler.run.data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    store = _open_labels(run_path)
+    try:
+        if store.conn.execute("SELECT 1 FROM judgments LIMIT 1").fetchone() is None:
+            raise no_labels(store)
+        total = int(store.conn.execute("SELECT count(*) FROM planned").fetchone()[0])
+        with progress_bar(console, "indexing", "features") as progress:
+            task = progress.add_task("indexing", total=total, visible=False)
+
+            def building(why: str) -> None:
+                progress.update(task, visible=True, description=f"indexing ({why})")
+
+            index = open_index(run, store, rules, rebuild,
+                               progress=lambda k: progress.advance(task, k),
+                               on_build=building)  # fmt: skip
+        try:
+            app = CatalogApp(run, store, rules, reviewer or "", index)
+
+            def ready(url: str) -> None:
+                console.print(f"catalog: {url} (Ctrl-C to stop)")
+                port = url.rstrip("/").rsplit(":", 1)[1]
+                console.print(f"from another machine: ssh -L {port}:127.0.0.1:{port} THIS_HOST, "
+                              "then open the same address there", markup=False)  # fmt: skip
+
+            serve(run, store, rules, reviewer or "", port, False, on_ready=ready, app=app)
+        finally:
+            index.close()
+    finally:
+        store.close()

@@ -121,16 +121,17 @@ def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
     return len(set(latest.values())) > 1
 
 
-def _read_page() -> str:
+def read_page(name: str = PAGE) -> str:
+    """One of the package's HTML pages, with its nonce placeholder."""
     try:
-        page = resources.files(__package__ or "labeler.review").joinpath(PAGE).read_text("utf-8")
+        page = resources.files(__package__ or "labeler.review").joinpath(name).read_text("utf-8")
     except FileNotFoundError:
         raise UserError(
-            f"{PAGE} is missing from the installed labeler package (package data); "
+            f"{name} is missing from the installed labeler package (package data); "
             "reinstall the package"
         ) from None
     if NONCE_MARK not in page:
-        raise UserError(f"{PAGE}: no {NONCE_MARK} placeholder for the script's nonce")
+        raise UserError(f"{name}: no {NONCE_MARK} placeholder for the script's nonce")
     return page
 
 
@@ -154,7 +155,8 @@ class ReviewApp:
         self.rules = rules
         self.reviewer = reviewer.strip()
         self.include_decided = include_decided
-        self.page = _read_page()
+        self.catalog = False  # whether "/" is the catalog (labeler browse) or the queue
+        self.page = read_page()
         self.hosts: frozenset[str] = frozenset()
         self.routes: list[Route] = [
             (re.compile(r"/"), {"GET": self._index}),
@@ -197,9 +199,10 @@ class ReviewApp:
             return answer(request, *(unquote(g) for g in match.groups()))
         return error_response(404, "no such page")
 
-    def _page(self, status: int) -> Response:
+    def _page(self, status: int, page: str | None = None) -> Response:
         nonce = secrets.token_urlsafe(18)
-        return Response(status, _HTML, self.page.replace(NONCE_MARK, nonce).encode(), nonce)
+        body = (page or self.page).replace(NONCE_MARK, nonce).encode()
+        return Response(status, _HTML, body, nonce)
 
     def _index(self, request: Request) -> Response:
         return self._page(200)
@@ -214,6 +217,7 @@ class ReviewApp:
             "run": str(self.run.folder),
             "reviewer": self.reviewer,
             "include_decided": self.include_decided,
+            "catalog": self.catalog,
             "categories": {c: taxonomy.categories.get(c, "") for c in CATEGORIES},
             "subcategories": taxonomy.subcategories,
             "mechanisms": taxonomy.mechanisms,
@@ -467,12 +471,14 @@ def serve(
     include_decided: bool,
     on_ready: Callable[[str], object] | None = None,
     stop: threading.Event | None = None,
+    app: ReviewApp | None = None,
 ) -> None:
     """Serve the review page on 127.0.0.1:``port`` (0: a free port) until Ctrl-C (which
     returns normally) or until ``stop`` is set. ``on_ready`` gets the page's URL once it
     answers. Call it from the thread that opened ``store``: all store work happens there.
-    ``reviewer`` ("" for none) is used for decisions that name no reviewer."""
-    app = ReviewApp(run, store, rules, reviewer, include_decided)
+    ``reviewer`` ("" for none) is used for decisions that name no reviewer. ``app``: what
+    answers (the catalog browser's), made on this thread; by default the review page's."""
+    app = app or ReviewApp(run, store, rules, reviewer, include_decided)
     owner = _OwnerThread()
     _hear_ctrl_c()
     try:

@@ -1,0 +1,83 @@
+"""``labeler browse RUN``: every feature of a run on the review server.
+
+The review server's app (:class:`labeler.review.web.ReviewApp`, with its safety: only
+127.0.0.1 on its own port, Host and Origin checks, a strict Content-Security-Policy with
+Trusted Types) answers a few more routes:
+
+- ``GET /``: the catalog page (``browse_page.html``): search, filters, sorting, pages;
+- ``GET /review``: the review page's queue of disputed features;
+- ``GET /api/catalog?q=&category=&...``: one page of matching features
+  (:class:`labeler.review.catalog_index.CatalogQuery` lists the parameters; a bad one is a
+  400 naming it);
+- ``GET /api/facets``: each filter's values with their feature counts.
+
+``/feature/ID`` stays the review page of one feature (examples heat-highlighted, logit
+lens, every judgment and review, the output score, the decision form), so any feature in
+the catalog is a click from its review. A decision refreshes its layer's catalog rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules
+from labeler.review.catalog_index import BadQuery, CatalogIndex, CatalogQuery
+from labeler.review.web import (
+    Request,
+    Response,
+    ReviewApp,
+    error_response,
+    json_response,
+    read_page,
+)
+from labeler.run.data import RunData
+
+BROWSE_PAGE = "browse_page.html"
+
+
+class CatalogApp(ReviewApp):
+    """The review app with the catalog in front; call it from the thread that opened
+    ``store`` and ``index``."""
+
+    def __init__(
+        self,
+        run: RunData,
+        store: LabelStore,
+        rules: DisputeRules,
+        reviewer: str,
+        index: CatalogIndex,
+    ) -> None:
+        super().__init__(run, store, rules, reviewer, include_decided=False)
+        self.index = index
+        self.catalog = True
+        self.browse_page = read_page(BROWSE_PAGE)
+        self.routes = [
+            (re.compile(r"/"), {"GET": self._catalog_page}),
+            (re.compile(r"/review"), {"GET": self._index}),
+            (re.compile(r"/api/catalog"), {"GET": self._catalog}),
+            (re.compile(r"/api/facets"), {"GET": self._facets}),
+            *self.routes[1:],
+        ]
+
+    def _catalog_page(self, request: Request) -> Response:
+        return self._page(200, self.browse_page)
+
+    def _catalog(self, request: Request) -> Response:
+        try:
+            query = CatalogQuery.from_params(request.query)
+        except BadQuery as exc:
+            return error_response(400, str(exc), field=exc.field)
+        return json_response(200, self.index.query(query))
+
+    def _facets(self, request: Request) -> Response:
+        return json_response(200, self.index.facets())
+
+    def _decide(self, request: Request, feature_id: str) -> Response:
+        response = super()._decide(request, feature_id)
+        if response.status == 201:
+            layer = self.store.conn.execute(
+                "SELECT layer FROM planned WHERE feature_id = ?", (feature_id,)
+            ).fetchone()
+            self.index.refresh_layer(self.run, self.store, self.rules, int(layer[0]))
+        return response

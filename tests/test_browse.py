@@ -1,0 +1,304 @@
+"""The catalog browser: the real `labeler browse RUN --port 0` command, checked against the
+exported catalog and the demo's planted features over HTTP, and driven by a real headless
+Chromium. Markup planted into an explanation must show as text and never run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import pytest
+
+from labeler.labeling.store import LabelStore
+from labeler.reporting.disputes import DisputeRules
+from labeler.review.catalog_index import INDEX_FILE, fts_query, open_index
+from labeler.review.queue import record_decision
+from labeler.run.data import RunData
+from tests.conftest import CollectedDemo, Tab
+from tests.test_bad_input import labeler
+from tests.test_first_hour import one_line_error
+from tests.test_review_web import _start, _stop, http
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+XSS = '<img src=x onerror="window.__pwned=1"> fires on <b>bold</b>'
+LABEL_FIELDS = ("category", "subcategory", "mechanism", "domain_type")
+
+
+@dataclass(frozen=True)
+class Browsed:
+    url: str
+    run: Path
+    catalog: dict[str, dict[str, Any]]  # the exported catalog's lines, by feature id
+    truth: list[dict[str, Any]]  # the demo's planted features
+    planted: str  # the feature whose explanation carries markup
+
+    def api(self, **params: object) -> dict[str, Any]:
+        status, _, body = http(f"{self.url}api/catalog?{urlencode(params)}")
+        assert status == 200, body
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def every(self, **params: object) -> list[dict[str, Any]]:
+        """Every matching feature, page by page, in the order asked for."""
+        rows: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            data = self.api(**params, per_page=500, page=page)
+            rows += data["features"]
+            if len(rows) >= data["total"] or not data["features"]:
+                assert len(rows) == data["total"]
+                return rows
+            page += 1
+
+    def ids(self, **params: object) -> set[str]:
+        return {row["feature_id"] for row in self.every(**params)}
+
+
+@pytest.fixture(scope="module")
+def browsed(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browsed]:
+    """A copy of the labeled demo with markup in one feature's explanation, its catalog
+    exported, served by `labeler browse` with a reviewer."""
+    folder = tmp_path_factory.mktemp("browse")
+    run = folder / "run"
+    shutil.copytree(labeled.run, run)
+    with sqlite3.connect(run / "labels.sqlite") as conn:
+        planted = conn.execute(
+            "SELECT feature_id FROM judgments WHERE status = 'ok' ORDER BY feature_id LIMIT 1"
+        ).fetchone()[0]
+        conn.execute(
+            "UPDATE judgments SET payload = json_set(payload, '$.explanation', ?)"
+            " WHERE feature_id = ?",
+            (XSS, planted),
+        )
+    exported = labeler("export", run, "--out", folder / "catalog.jsonl")
+    assert exported.returncode == 0, exported.stderr
+    catalog = {}
+    for text in (folder / "catalog.jsonl").read_text(encoding="utf-8").splitlines():
+        line = json.loads(text)
+        catalog[line["feature_id"]] = line
+    truth = json.loads(labeled.paths.ground_truth.read_text())
+    process, url = _start(run, "--port", "0", "--reviewer", "ada", stderr=folder / "server.log",
+                          command="browse")  # fmt: skip
+    try:
+        yield Browsed(url, run, catalog, truth, planted)
+    finally:
+        _stop(process)
+
+
+def test_every_feature_once_with_its_final_label(browsed: Browsed) -> None:
+    rows = browsed.every()
+    assert [r["feature_id"] for r in rows] == sorted(
+        browsed.catalog, key=lambda f: (browsed.catalog[f]["layer"], browsed.catalog[f]["index"])
+    )
+    for row in rows:
+        line = browsed.catalog[row["feature_id"]]
+        assert {k: row[k] for k in LABEL_FIELDS} == line["final_label"], row["feature_id"]
+        assert row["label_source"] == line["label_source"]
+        assert bool(row["disputed"]) == line["disputed"]
+        assert row["frequency"] == line["activation_freq"]
+        ok = [j for j in line["judgments"] if j["status"] == "ok"]
+        if ok:
+            shown = next(j for j in ok if j["judge"] == row["judge"])
+            assert row["explanation"] == shown["explanation"]
+            assert row["detection"] == (shown["detection"] or {}).get("accuracy")
+    # ground truth: the planted hesitation features are what the filter finds
+    planted = {t["feature_id"] for t in browsed.truth if t.get("subcategory") == "hesitation"}
+    found = browsed.ids(category="reasoning", subcategory="hesitation")
+    assert len(planted) >= 10
+    assert len(found & planted) >= 0.9 * len(planted)
+    assert len(found - planted) <= 0.1 * len(found)
+
+
+def test_filters_and_sorting_agree_with_the_catalog(browsed: Browsed) -> None:
+    lines = list(browsed.catalog.values())
+
+    def where(**want: Any) -> set[str]:
+        def keeps(line: dict[str, Any]) -> bool:
+            label = line["final_label"]
+            return all((label[k] if k in LABEL_FIELDS else line[k]) == v for k, v in want.items())
+
+        return {line["feature_id"] for line in lines if keeps(line)}
+
+    assert browsed.ids(category="domain", domain_type="math") == where(
+        category="domain", domain_type="math"
+    )
+    assert browsed.ids(layer=1, disputed=1) == where(layer=1, disputed=True)
+    assert browsed.ids(label_source="consensus") == where(label_source="consensus")
+    assert browsed.ids(category="(none)") == where(category=None)
+    frequencies = sorted(line["activation_freq"] for line in lines)
+    cut = frequencies[len(frequencies) // 2]
+    rows = browsed.every(frequency_min=cut, sort="detection", order="desc")
+    assert {r["feature_id"] for r in rows} == {
+        line["feature_id"] for line in lines if line["activation_freq"] >= cut
+    }
+    scores = [r["detection"] for r in rows]
+    known = [s for s in scores if s is not None]
+    assert known == sorted(known, reverse=True) and len(known) > 10
+    assert scores[: len(known)] == known  # no score last
+    everything = browsed.every()  # each row's detection is checked against the catalog above
+    low = {r["feature_id"] for r in everything if (r["detection"] or 1.0) <= 0.6}
+    assert low and browsed.ids(detection_max=0.6) == low
+
+
+def test_search_by_word_stem_and_prefix(browsed: Browsed) -> None:
+    def text(feature_id: str) -> str:
+        ok = [j for j in browsed.catalog[feature_id]["judgments"] if j["status"] == "ok"]
+        return " ".join(f"{j['explanation'] or ''} {j['rationale'] or ''}" for j in ok).lower()
+
+    cued = {f for f in browsed.catalog if "reasoning" in text(f)}
+    assert len(cued) >= 20
+    assert browsed.ids(q="reasoning") == cued
+    assert browsed.ids(q="reasons") == cued  # by the stem
+    assert browsed.ids(q="reas") >= cued  # the last word is a prefix, as one types
+    both = browsed.ids(q="reasoning wait")
+    assert both == {f for f in cued if "wait" in text(f)} and both
+    within = browsed.ids(q="reasoning", layer=2, category="reasoning")
+    assert within == {
+        f for f in cued
+        if browsed.catalog[f]["layer"] == 2
+        and browsed.catalog[f]["final_label"]["category"] == "reasoning"
+    }  # fmt: skip
+    # what a user types is words, never query syntax
+    for typed in ('"', "NEAR(", "a OR", "*", "-", "hesitation)", "^x", "col:x"):
+        status, _, body = http(f"{browsed.url}api/catalog?{urlencode({'q': typed})}")
+        assert status == 200, (typed, body)
+    assert fts_query('he said "stop" OR') == '"he" "said" "stop" "OR"*'
+    assert fts_query(" ,; ") is None
+
+
+def test_bad_queries_and_other_hosts_get_one_clear_answer(browsed: Browsed) -> None:
+    for params, field in (
+        ({"detection_min": "high"}, "detection_min"),
+        ({"frequency_max": "2"}, "frequency_max"),
+        ({"sort": "colour"}, "sort"),
+        ({"page": "0"}, "page"),
+        ({"layer": "1.5"}, "layer"),
+        ({"colour": "red"}, "colour"),
+    ):
+        status, _, body = http(f"{browsed.url}api/catalog?{urlencode(params)}")
+        assert status == 400, (params, body)
+        answer = json.loads(body)
+        assert answer["field"] == field and answer["error"].startswith(f"{field}: ")
+    status, headers, _ = http(f"{browsed.url}api/catalog", headers={"Host": "evil.example:80"})
+    assert status == 403
+    status, headers, page = http(browsed.url)
+    assert (
+        status == 200 and "require-trusted-types-for 'script'" in headers["Content-Security-Policy"]
+    )
+    assert b"Feature catalog" in page
+
+
+def test_search_filter_sort_open_and_decide_in_the_browser(browsed: Browsed, tab: Tab) -> None:
+    page = tab.page
+    tab.open(browsed.url)
+    total = len(browsed.catalog)
+    assert (page.text_content("#status") or "").startswith(f"{total:,} features")
+    assert page.locator("#catalog tbody tr").count() == 50
+    # markup in an explanation is text
+    planted_row = page.locator(f'tr[data-feature-id="{browsed.planted}"] td.explanation')
+    assert planted_row.text_content() == XSS
+    assert tab.pwned() == "undefined"
+
+    page.fill("#q", "reasoning")
+    page.wait_for_selector('#catalog[data-loaded="q=reasoning"]')
+    found = browsed.ids(q="reasoning")
+    assert len(found) > 50
+    shown = shown_rows(page)
+    assert set(shown) == set(sorted(found, key=_order(browsed))[:50])
+
+    page.select_option("#category", "reasoning")
+    page.wait_for_selector('#catalog[data-loaded="q=reasoning&category=reasoning"]')
+    page.click('th button[data-sort="detection"]')
+    page.wait_for_selector('#catalog[data-loaded$="sort=detection"]')
+    page.click('th button[data-sort="detection"]')
+    page.wait_for_selector('#catalog[data-loaded$="sort=detection&order=desc"]')
+    rows = browsed.every(q="reasoning", category="reasoning", sort="detection", order="desc")
+    shown = shown_rows(page)
+    assert shown == [r["feature_id"] for r in rows][:50]
+    # the URL keeps the view: a reload shows the same rows
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#q") == "reasoning" and page.input_value("#category") == "reasoning"
+    again = shown_rows(page)
+    assert again == shown
+
+    # open a feature: its review page, linked back to the catalog; decide it
+    target = shown[0]
+    page.click(f'tr[data-feature-id="{target}"] a')
+    page.wait_for_selector(f'#feature-panel[data-loaded="{target}"]')
+    assert page.url == f"{browsed.url}feature/{target}"
+    assert page.is_visible("#catalog-link")
+    assert page.locator("#example-list .example").count() > 0
+    assert page.locator("#example-list .tok.hl").count() > 0  # heat-highlighted examples
+    page.keyboard.press("l")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "() => !document.querySelector('#toast').hidden"
+    )  # the save was answered
+    page.click("#catalog-link")
+    page.wait_for_selector("body[data-ready=true]")
+    row = browsed.every(q="reasoning", layer=browsed.catalog[target]["layer"])
+    decided = next(r for r in row if r["feature_id"] == target)
+    assert decided["category"] == "language" and decided["label_source"] == "human"
+    assert decided["reviews"] == 1
+    page.fill("#q", "")
+    page.select_option("#label_source", "human")
+    page.wait_for_selector('#catalog[data-loaded="label_source=human"]')
+    assert shown_rows(page) == [target]
+    assert tab.errors == [] and tab.pwned() == "undefined"
+
+
+def shown_rows(page: Page) -> list[str]:
+    """The feature ids of the catalog table's rows, top to bottom."""
+    ids: list[str] = page.eval_on_selector_all(
+        "#catalog tbody tr", "rows => rows.map(r => r.dataset.featureId)"
+    )
+    return ids
+
+
+def _order(browsed: Browsed) -> Any:
+    return lambda f: (browsed.catalog[f]["layer"], browsed.catalog[f]["index"])
+
+
+def test_the_index_is_kept_until_the_labels_change(labeled_copy: Path) -> None:
+    run = RunData.open(labeled_copy)
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    builds: list[str] = []
+    try:
+        rules = DisputeRules()
+        open_index(run, store, rules, on_build=builds.append).close()
+        open_index(run, store, rules, on_build=builds.append).close()
+        assert builds == ["missing"]
+        feature = store.conn.execute("SELECT feature_id FROM planned LIMIT 1").fetchone()[0]
+        record_decision(store, {"feature_id": feature, "reviewer": "bo", "action": "decide",
+                                "category": "domain", "domain_type": "code"})  # fmt: skip
+        index = open_index(run, store, rules, on_build=builds.append)
+        row = index.conn.execute(
+            "SELECT category, label_source FROM features WHERE feature_id = ?", (feature,)
+        ).fetchone()
+        index.close()
+        assert builds == ["missing", "stale"] and row == ("domain", "human")
+        open_index(run, store, DisputeRules(min_detection=0.99), on_build=builds.append).close()
+        assert builds[-1] == "stale"  # other dispute rules: other disputes
+        (labeled_copy / INDEX_FILE).write_bytes(b"not a database")
+        open_index(run, store, rules, on_build=builds.append).close()
+        assert builds[-1] == "stale" and len(builds) == 4
+    finally:
+        store.close()
+
+
+def test_browse_without_labels_is_one_line(run_copy: Path) -> None:
+    one_line_error(labeler("browse", run_copy, "--port", "0"), "no labels yet", code=2)
+    assert not (run_copy / INDEX_FILE).exists()
+
+
+def test_browse_of_a_missing_run_is_one_line(tmp_path: Path) -> None:
+    one_line_error(labeler("browse", tmp_path / "nowhere", "--port", "0"), "nowhere")
