@@ -1,0 +1,140 @@
+"""`labeler browse` at the paper's scale: building the index of a synthetic run of 229,376
+features (benchmarks/synthetic_run.py), start-up with the index current, the first page,
+and the latency of searches over HTTP, as the page asks for them.
+
+.venv/bin/python benchmarks/synthetic_run.py --out /tmp/synthetic-229k     (once)
+.venv/bin/python benchmarks/bench_browse.py /tmp/synthetic-229k [--queries 100] [--starts 5]
+
+The queries are seeded: a word (or two) of the run's explanations, typed as a prefix a
+third of the time, half of them with a filter (category, layer, detection or frequency)
+and a fifth of them sorted by detection or frequency; each is timed from the request to
+the last byte of the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+URL = re.compile(r"http://127\.0\.0\.1:\d+/")
+
+
+def start(run: Path, *args: str) -> tuple[subprocess.Popen[str], str, float]:
+    """`labeler browse RUN --port 0`, its URL and the seconds until it printed it."""
+    labeler = str(Path(sys.executable).with_name("labeler"))
+    began = time.perf_counter()
+    process = subprocess.Popen([labeler, "browse", str(run), "--port", "0", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        found = URL.search(line)
+        if found:
+            return process, found.group(0), time.perf_counter() - began
+    raise SystemExit(f"labeler browse printed no URL (exit {process.wait()})")
+
+
+def get(url: str) -> tuple[float, bytes]:
+    began = time.perf_counter()
+    with NO_PROXY.open(url, timeout=60) as response:
+        body = response.read()
+    return time.perf_counter() - began, body
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(2)
+    process.wait(timeout=60)
+
+
+def queries(index: Path, n: int, seed: int) -> list[dict[str, object]]:
+    conn = sqlite3.connect(index)
+    words = sorted({
+        w.lower()
+        for (text,) in conn.execute(
+            "SELECT explanation FROM features WHERE explanation IS NOT NULL LIMIT 20000")
+        for w in re.findall(r"[A-Za-z]{4,}", text)
+    })  # fmt: skip
+    layers = [r[0] for r in conn.execute("SELECT DISTINCT layer FROM features")]
+    conn.close()
+    rng = random.Random(seed)
+    out: list[dict[str, object]] = []
+    for _ in range(n):
+        picked = rng.sample(words, 2 if rng.random() < 0.3 else 1)
+        if rng.random() < 1 / 3:
+            picked[-1] = picked[-1][: max(3, len(picked[-1]) // 2)]
+        params: dict[str, object] = {"q": " ".join(picked)}
+        if rng.random() < 0.5:
+            params |= rng.choice([
+                {"category": rng.choice(["reasoning", "domain", "language", "uninterpretable"])},
+                {"layer": rng.choice(layers)},
+                {"detection_min": 0.8},
+                {"frequency_min": 1e-4},
+            ])  # fmt: skip
+        if rng.random() < 0.2:
+            params |= {"sort": rng.choice(["detection", "frequency"]), "order": "desc"}
+        out.append(params)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    index = args.run / "browse-index.sqlite"
+
+    process, url, built = start(args.run, "--rebuild")
+    stop(process)
+    size = index.stat().st_size
+    print(f"index build (start-up with --rebuild): {built:.1f} s, {size / 2**20:.0f} MiB")
+
+    startups, firsts, pages = [], [], []
+    for _ in range(args.starts):
+        process, url, took = start(args.run)
+        first, _ = get(f"{url}api/catalog")
+        page, _ = get(url)
+        startups.append(took)
+        firsts.append(first)
+        pages.append(page)
+        stop(process)
+    print(f"start-up, index current: median {statistics.median(startups):.2f} s "
+          f"(of {args.starts}); first page of the catalog: median "
+          f"{1000 * statistics.median(firsts):.0f} ms, the HTML page "
+          f"{1000 * statistics.median(pages):.1f} ms")  # fmt: skip
+
+    process, url, _ = start(args.run)
+    try:
+        asked = queries(index, args.queries, args.seed)
+        get(f"{url}api/facets")
+        times, hits = [], []
+        for params in asked:
+            took, body = get(f"{url}api/catalog?{urlencode(params)}")
+            times.append(took)
+            hits.append(json.loads(body)["total"])
+    finally:
+        stop(process)
+    ms = [1000 * t for t in times]
+    print(f"{len(ms)} searches: median {statistics.median(ms):.0f} ms, 95th percentile "
+          f"{pct(ms, 0.95):.0f} ms, max {max(ms):.0f} ms; matches per search: median "
+          f"{statistics.median(hits):,.0f}, max {max(hits):,}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
