@@ -97,56 +97,121 @@ def explanation_text(explanation: str, tag: str) -> str:
     return f"{text} {tag}"
 
 
-def _activations(examples: list[dict[str, Any]], count: int, n_quantiles: int) -> list[Any]:
-    groups: dict[tuple[str, int | None], list[float]] = {}
-    for example in examples:
-        groups.setdefault((example["kind"], example["quantile"]), []).append(example["activation"])
-    out = []
-    for example in examples:
-        key = (example["kind"], example["quantile"])
-        entry: dict[str, Any] = {
-            "tokens": example["tokens"][:MAX_TOKENS],
-            "values": [float(v) for v in example["acts"][:MAX_TOKENS]],
-        }
-        if example["kind"] in ("top", "quantile"):
-            group = groups[key]
-            share = len(group) / max(count, 1) if example["kind"] == "top" else 1 / n_quantiles
-            entry |= {"quantileMin": min(group), "quantileMax": max(group),
-                      "quantileFraction": min(share, 1.0)}  # fmt: skip
-        out.append(entry)
-    return out
-
-
-def _feature(line: dict[str, Any], n_quantiles: int) -> dict[str, Any] | None:
-    """One feature of an upload request, from its catalog line; None when it has no examples."""
-    if not line["examples"]:
-        return None
-    label, source = line["final_label"], line["label_source"]
-    chosen = line["label_source_detail"] if source in ("consensus", "single_judge") else None
-    judgments = sorted(
-        (j for j in line["judgments"] if j["status"] == "ok" and j["explanation"]),
-        key=lambda j: j["judge"] != chosen,
+def _pairs(frame: pl.DataFrame, tokens: str, values: str, name: str) -> pl.DataFrame:
+    """The logit lens side ``tokens``/``values`` as ``[{token, value}]``, at most
+    MAX_LOGITS, by feature index (features without one left out)."""
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    lists = frame.select(
+        "index",
+        pl.col(tokens).fill_null(empty),
+        pl.col(values).fill_null(pl.lit([], dtype=pl.List(pl.Float64))).cast(pl.List(pl.Float64)),
     )
-    explanations = [
-        {"text": explanation_text(
-            j["explanation"],
-            label_tag(label, source, (j["detection"] or {}).get("accuracy")),
-        )}
-        for j in judgments
-    ]  # fmt: skip
+    n = pl.min_horizontal(pl.col(tokens).list.len(), pl.col(values).list.len(), MAX_LOGITS)
+    return (
+        lists.with_columns(pl.col(tokens).list.head(n), pl.col(values).list.head(n))
+        .explode(tokens, values)
+        .drop_nulls(tokens)
+        .group_by("index", maintain_order=True)
+        .agg(pl.struct(pl.col(tokens).alias("token"), pl.col(values).alias("value")).alias(name))
+    )
 
-    def logits(tokens: list[str] | None, values: list[float] | None) -> list[dict[str, Any]]:
-        pairs = zip(tokens or [], values or [], strict=False)
-        return [{"token": t, "value": float(v)} for t, v in list(pairs)[:MAX_LOGITS]]
 
-    return {
-        "index": line["index"],
-        "density": min(max(float(line["activation_freq"] or 0.0), 0.0), 1.0),
-        "topLogits": logits(line["top_logits"], line["top_logit_values"]),
-        "bottomLogits": logits(line["bottom_logits"], line["bottom_logit_values"]),
-        "explanations": explanations,
-        "activations": _activations(line["examples"], line["activation_count"], n_quantiles),
-    }
+def _activation_lists(lines: pl.DataFrame, n_quantiles: int) -> pl.DataFrame:
+    """One activation per kept example, in the catalog's order, by feature index (see
+    the module for the quantile fields)."""
+    examples = (
+        lines.select("index", "activation_count", "examples")
+        .explode("examples")
+        .drop_nulls("examples")
+        .unnest("examples")
+    )
+    group = ["index", "kind", "quantile"]
+    grouped = pl.col("kind").is_in(["top", "quantile"])
+    share = (
+        pl.when(pl.col("kind") == "top")
+        .then(pl.len().over(group) / pl.max_horizontal(pl.col("activation_count"), 1))
+        .otherwise(1 / n_quantiles)
+    )
+    entry = pl.struct(
+        pl.col("tokens").list.head(MAX_TOKENS),
+        pl.col("acts").list.head(MAX_TOKENS).cast(pl.List(pl.Float64)).alias("values"),
+        pl.when(grouped).then(pl.col("activation").min().over(group)).alias("quantileMin"),
+        pl.when(grouped).then(pl.col("activation").max().over(group)).alias("quantileMax"),
+        pl.when(grouped).then(share.clip(upper_bound=1.0)).alias("quantileFraction"),
+    )
+    return examples.group_by("index", maintain_order=True).agg(entry.alias("activations"))
+
+
+def _explanation_lists(lines: pl.DataFrame) -> pl.DataFrame:
+    """Each feature's judges' explanations, the final label's judge first, their text
+    carrying the label tag (see the module), by feature index."""
+    chosen = pl.when(pl.col("label_source").is_in(["consensus", "single_judge"])).then(
+        pl.col("label_source_detail")
+    )
+    judged = (
+        lines.select("index", "final_label", "label_source", "label_source_detail", "judgments")
+        .explode("judgments")
+        .drop_nulls("judgments")
+        .unnest("judgments")
+        .filter(
+            (pl.col("status") == "ok")
+            & pl.col("explanation").is_not_null()
+            & (pl.col("explanation") != "")
+        )
+        .with_columns((pl.col("judge") != chosen).fill_null(True).alias("_later"))
+        .sort("index", "_later", maintain_order=True)
+        .select(
+            "index",
+            "final_label",
+            "label_source",
+            "explanation",
+            pl.col("detection").struct.field("accuracy"),
+        )
+    )
+    texts = [
+        explanation_text(explanation, label_tag(label, source, accuracy))
+        for _, label, source, explanation, accuracy in judged.iter_rows()
+    ]
+    return (
+        judged.select("index", pl.Series("text", texts, dtype=pl.String))
+        .group_by("index", maintain_order=True)
+        .agg(pl.struct("text").alias("explanations"))
+    )
+
+
+def layer_features(lines: pl.DataFrame, bottom: pl.DataFrame, n_quantiles: int) -> pl.DataFrame:
+    """The upload features of one layer's catalog lines (with examples), by index: those
+    with at least one example. ``bottom``: index and bottom_logit_values of the layer."""
+    lines = lines.filter(pl.col("examples").list.len() > 0).join(
+        bottom, on="index", how="left", maintain_order="left"
+    )
+    features = lines.select(
+        "index",
+        pl.col("activation_freq").fill_null(0.0).clip(0.0, 1.0).alias("density"),
+    )
+    parts = [
+        _pairs(lines, "top_logits", "top_logit_values", "topLogits"),
+        _pairs(lines, "bottom_logits", "bottom_logit_values", "bottomLogits"),
+        _explanation_lists(lines),
+        _activation_lists(lines, n_quantiles),
+    ]
+    for part in parts:
+        features = features.join(part, on="index", how="left", maintain_order="left")
+    empty = {name: pl.col(name).fill_null(pl.lit([], dtype=features.schema[name]))
+             for name in ("topLogits", "bottomLogits", "explanations")}  # fmt: skip
+    return features.with_columns(**empty)
+
+
+# Random examples stand for no group: their quantile fields are left out, not null.
+_NO_GROUP = b',"quantileMin":null,"quantileMax":null,"quantileFraction":null'
+
+
+def upload_body(model_id: str, source: str, features: pl.DataFrame) -> bytes:
+    """The JSON body of one upload request: ``features`` (from ``layer_features``)
+    written by polars, one object each, in one array."""
+    head = json.dumps({"modelId": model_id, "source": source}, ensure_ascii=False)[:-1]
+    rows = features.write_ndjson().encode("utf-8").replace(_NO_GROUP, b"").splitlines()
+    return head.encode("utf-8") + b', "features": [' + b",".join(rows) + b"]}"
 
 
 def export_neuronpedia(
@@ -194,33 +259,29 @@ def _write(
     for layer in layers:
         source = f"{layer}-{source_set}"
         lines = reader.lines(layer)
-        bottom = dict(
+        bottom = (
             pl.scan_parquet(run.folder / FEATURES)
             .filter(pl.col("layer") == layer)
             .select("index", "bottom_logit_values")
             .collect()
-            .iter_rows()
         )
-        features = []
-        for line in lines.iter_rows(named=True):
-            line["bottom_logit_values"] = bottom.get(line["index"])
-            feature = _feature(line, n_quantiles)
-            if feature is None:
-                continue
-            features.append(feature)
-            category = line["final_label"]["category"] or "unlabeled"
-            description = feature["explanations"][0]["text"] if feature["explanations"] else ""
-            lists.setdefault(category, []).append(
-                {"modelId": model_id, "layer": source, "index": line["index"],
+        features = layer_features(lines, bottom, n_quantiles)
+        described = features.select(
+            "index",
+            pl.col("explanations").list.first().struct.field("text").fill_null("")
+            .alias("description"),
+        ).join(lines.select("index", pl.col("final_label").struct.field("category")),
+               on="index", how="left", maintain_order="left")  # fmt: skip
+        for index, description, category in described.iter_rows():
+            lists.setdefault(category or "unlabeled", []).append(
+                {"modelId": model_id, "layer": source, "index": index,
                  "description": description}
             )  # fmt: skip
-        for start in range(0, len(features), MAX_FEATURES):
-            body = {"modelId": model_id, "source": source,
-                    "features": features[start : start + MAX_FEATURES]}  # fmt: skip
-            text = json.dumps(body, ensure_ascii=False, allow_nan=False)
-            (folder / UPLOAD_DIR / f"batch-{batch}.json").write_text(text, encoding="utf-8")
+        for start in range(0, features.height, MAX_FEATURES):
+            body = upload_body(model_id, source, features.slice(start, MAX_FEATURES))
+            (folder / UPLOAD_DIR / f"batch-{batch}.json").write_bytes(body)
             batch += 1
-        written += len(features)
+        written += features.height
         if progress is not None:
             progress(lines.height)
     description = f"transcoder adapter features labeled from {run.folder.name}"
