@@ -100,6 +100,9 @@ def test_upload_bodies_pass_neuronpedias_schemas_and_carry_the_final_labels(
     result = labeler("export", labeled_copy, "--format", "neuronpedia", "--model-id",
                      "demo-adapter", "--source-set", "labeler-demo", "--out", out)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # both layouts by default: the bulk-import one (tests/test_neuronpedia_import.py) beside
+    layers = {p.name for p in (out / "import" / "demo-adapter").iterdir()}
+    assert layers == {f"{layer}-labeler-demo" for layer in range(4)}
     catalog = tmp_path / "catalog.jsonl"
     assert labeler("export", labeled_copy, "--out", catalog, "--with-examples").returncode == 0
     lines = {}
@@ -235,7 +238,7 @@ def _serve(state: FakeNeuronpedia) -> ThreadingHTTPServer:
 def exported(labeled: CollectedDemo, tmp_path: Path) -> Path:
     out = tmp_path / "np"
     result = labeler("export", labeled.run, "--format", "neuronpedia", "--model-id", "demo",
-                     "--source-set", "tc", "--out", out)  # fmt: skip
+                     "--source-set", "tc", "--layout", "api", "--out", out)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out
 

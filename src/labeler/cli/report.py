@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,47 +140,85 @@ def _export(run_path: Path, out: Path | None, with_examples: bool,
     return target
 
 
-def _export_neuronpedia(run_path: Path, out: Path | None, model_id: str | None,
-                        source_set: str | None, rules_path: Path | None,
-                        overwrite: bool) -> None:  # fmt: skip
+def _exported(run_path: Path, rules_path: Path | None, target: Path, overwrite: bool,
+              work: Callable[..., int], passes: int = 1) -> int:  # fmt: skip
+    """Run ``work(run, store, rules, progress)`` (an export to ``target``) with a progress
+    bar over the planned features, ``passes`` times each; its count of features."""
+    os.environ.setdefault(*EXPORT_ALLOCATOR)
     from labeler.cli.render import progress_bar
-    from labeler.formats.neuronpedia import check_names, export_neuronpedia
     from labeler.reporting.disputes import DisputeRules
     from labeler.reporting.label_table import planned_frame
     from labeler.run.data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    run = RunData.open(run_path)
+    check_output(target, overwrite)
+    store = _open_labels(run_path)
+    try:
+        with progress_bar(console, "exporting", "features") as progress:
+            task = progress.add_task("exporting", total=passes * planned_frame(store).height)
+            return work(run, store, rules, lambda k: progress.advance(task, k))
+    finally:
+        store.close()
+
+
+def _export_neuronpedia(run_path: Path, out: Path | None, model_id: str | None,
+                        source_set: str | None, rules_path: Path | None,
+                        overwrite: bool, layout: str) -> None:  # fmt: skip
+    from labeler.formats.neuronpedia import check_names, export_neuronpedia
 
     if not model_id or not source_set:
         missing = "--model-id" if not model_id else "--source-set"
         raise UserError(f"{missing}: --format neuronpedia needs --model-id ID --source-set NAME")
     check_names(model_id, source_set)
-    rules = DisputeRules.load(rules_path)
-    run = RunData.open(run_path)
     target = out or run_path / "neuronpedia"
-    check_output(target, overwrite)
-    store = _open_labels(run_path)
-    try:
-        with progress_bar(console, "exporting", "features") as progress:
-            task = progress.add_task("exporting", total=planned_frame(store).height)
-            n = export_neuronpedia(run, store, target, model_id, source_set, overwrite, rules,
-                                   progress=lambda k: progress.advance(task, k))  # fmt: skip
-    finally:
-        store.close()
-    batches = len(list((target / "upload").glob("batch-*.json")))
-    console.print(f"wrote {n:,} features in {batches:,} upload requests to {target}")
+    n = _exported(
+        run_path, rules_path, target, overwrite,
+        lambda run, store, rules, progress: export_neuronpedia(
+            run, store, target, model_id, source_set, overwrite, rules, progress, layout
+        ),
+        passes=2 if layout == "both" else 1,
+    )  # fmt: skip
+    wrote = []
+    if layout in ("both", "api"):
+        batches = len(list((target / "upload").glob("batch-*.json")))
+        wrote.append(f"{batches:,} upload requests (labeler push-neuronpedia {target})")
+    if layout in ("both", "import"):
+        wrote.append(f"the bulk-import layout in {target / 'import'}")
+    console.print(f"wrote {n:,} features to {target}: {' and '.join(wrote)}")
+
+
+def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
+                   overwrite: bool, seed: int) -> None:  # fmt: skip
+    from labeler.formats.delphi import export_delphi
+
+    target = out or run_path / "delphi"
+    n = _exported(
+        run_path, rules_path, target, overwrite,
+        lambda run, store, rules, progress: export_delphi(
+            run, store, target, overwrite, rules, progress, seed
+        ),
+    )  # fmt: skip
+    judges = sorted(p.name for p in target.iterdir() if (p / "explanations").is_dir())
+    console.print(f"wrote {n:,} features to {target}, one delphi results folder per judge: "
+                  f"{', '.join(judges)}")  # fmt: skip
 
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia"]),
+@click.option("--format", "fmt",
+              type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia", "delphi"]),
               default="jsonl", show_default=True,
               help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
                    "folder (features/{cantor_id}.json and feature_metadata.json); "
-                   "neuronpedia: the bodies of Neuronpedia's upload requests "
-                   "(docs/neuronpedia.md).")  # fmt: skip
+                   "neuronpedia: the bodies of Neuronpedia's upload requests and its "
+                   "bulk-import layout (docs/neuronpedia.md); delphi: explanations/ and "
+                   "scores/detection/ as EleutherAI's delphi writes them, one folder per "
+                   "judge (docs/delphi.md).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
-                   "circuit-tracer and neuronpedia a folder (default RUN/circuit-tracer, "
-                   "RUN/neuronpedia).")  # fmt: skip
+                   "circuit-tracer, neuronpedia and delphi a folder (default "
+                   "RUN/circuit-tracer, RUN/neuronpedia, RUN/delphi).")  # fmt: skip
 @click.option(
     "--model-id",
     default=None,
@@ -190,6 +229,14 @@ def _export_neuronpedia(run_path: Path, out: Path | None, model_id: str | None,
     default=None,
     help="neuronpedia: the source set's name; layer L's source is L-NAME.",
 )
+@click.option("--layout", type=click.Choice(["both", "api", "import"]), default="both",
+              show_default=True,
+              help="neuronpedia: api, the upload requests (upload/, for push-neuronpedia); "
+                   "import, the bulk-import layout (import/); or both.")  # fmt: skip
+@click.option("--seed", default=0, show_default=True,
+              help="delphi: the --seed the run was labeled with; each judge's detection "
+                   "snippets are rebuilt from it (scores that do not rebuild are left out, "
+                   "with a warning).")  # fmt: skip
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
@@ -198,13 +245,17 @@ def _export_neuronpedia(run_path: Path, out: Path | None, model_id: str | None,
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output (else an existing one is refused).")  # fmt: skip
 def export(run_path: Path, fmt: str, out: Path | None, model_id: str | None,
-           source_set: str | None, with_examples: bool, rules_path: Path | None,
-           gzip_level: int, overwrite: bool) -> None:  # fmt: skip
+           source_set: str | None, layout: str, seed: int, with_examples: bool,
+           rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
     """Write the labeled feature catalog: per feature its final label and where it came
     from, every judgment, every review decision, scores and provenance
-    (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format."""
+    (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format, for
+    Neuronpedia, or as delphi results."""
     if fmt == "neuronpedia":
-        _export_neuronpedia(run_path, out, model_id, source_set, rules_path, overwrite)
+        _export_neuronpedia(run_path, out, model_id, source_set, rules_path, overwrite, layout)
+        return
+    if fmt == "delphi":
+        _export_delphi(run_path, out, rules_path, overwrite, seed)
         return
     if fmt == "circuit-tracer":
         from collectors.run_format import read_run_info

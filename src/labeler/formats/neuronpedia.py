@@ -38,7 +38,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ MAX_LOGITS = 20
 MAX_TEXT = 512
 MAX_TOKENS = 1024
 UPLOAD_DIR = "upload"
+IMPORT_DIR = "import"
 MODEL_ID = re.compile(r"[a-z][a-z0-9.-]*[a-z0-9]|[a-z]")  # Neuronpedia's /api/model/new
 SOURCE_SET = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]|[a-z0-9]")  # and /api/source-set/new
 
@@ -116,6 +119,28 @@ def _pairs(frame: pl.DataFrame, tokens: str, values: str, name: str) -> pl.DataF
     )
 
 
+def group_fields(n_quantiles: int) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """Over examples exploded with their feature's ``index`` and ``activation_count``: the
+    lowest and highest activation of each example's group (its feature's top examples, or
+    one quantile) and the share of the feature's activating tokens the group stands for
+    (top: their number over the count; a quantile: one over the number of quantiles);
+    null for random examples, which stand for no group."""
+    group = ["index", "kind", "quantile"]
+    grouped = pl.col("kind").is_in(["top", "quantile"])
+    share = (
+        pl.when(pl.col("kind") == "top")
+        .then(pl.len().over(group) / pl.max_horizontal(pl.col("activation_count"), 1))
+        .otherwise(1 / n_quantiles)
+        .clip(upper_bound=1.0)
+        .cast(pl.Float64)
+    )
+    return (
+        pl.when(grouped).then(pl.col("activation").min().over(group)),
+        pl.when(grouped).then(pl.col("activation").max().over(group)),
+        pl.when(grouped).then(share),
+    )
+
+
 def _activation_lists(lines: pl.DataFrame, n_quantiles: int) -> pl.DataFrame:
     """One activation per kept example, in the catalog's order, by feature index (see
     the module for the quantile fields)."""
@@ -125,19 +150,13 @@ def _activation_lists(lines: pl.DataFrame, n_quantiles: int) -> pl.DataFrame:
         .drop_nulls("examples")
         .unnest("examples")
     )
-    group = ["index", "kind", "quantile"]
-    grouped = pl.col("kind").is_in(["top", "quantile"])
-    share = (
-        pl.when(pl.col("kind") == "top")
-        .then(pl.len().over(group) / pl.max_horizontal(pl.col("activation_count"), 1))
-        .otherwise(1 / n_quantiles)
-    )
+    low, high, share = group_fields(n_quantiles)
     entry = pl.struct(
         pl.col("tokens").list.head(MAX_TOKENS),
         pl.col("acts").list.head(MAX_TOKENS).cast(pl.List(pl.Float64)).alias("values"),
-        pl.when(grouped).then(pl.col("activation").min().over(group)).alias("quantileMin"),
-        pl.when(grouped).then(pl.col("activation").max().over(group)).alias("quantileMax"),
-        pl.when(grouped).then(share.clip(upper_bound=1.0)).alias("quantileFraction"),
+        low.alias("quantileMin"),
+        high.alias("quantileMax"),
+        share.alias("quantileFraction"),
     )
     return examples.group_by("index", maintain_order=True).agg(entry.alias("activations"))
 
@@ -214,6 +233,9 @@ def upload_body(model_id: str, source: str, features: pl.DataFrame) -> bytes:
     return head.encode("utf-8") + b', "features": [' + b",".join(rows) + b"]}"
 
 
+LAYOUTS = ("both", "api", "import")
+
+
 def export_neuronpedia(
     run: RunData,
     store: LabelStore,
@@ -223,21 +245,63 @@ def export_neuronpedia(
     overwrite: bool = False,
     rules: DisputeRules | None = None,
     progress: Callable[[int], None] | None = None,
+    layout: str = "both",
 ) -> int:
-    """Write the upload folder (see the module) to ``out``, whole or not at all; returns the
-    number of features in it. ``progress`` is told each layer's planned features."""
+    """Write the upload requests (see the module) and, under ``import/``, the bulk-import
+    layout (``labeler.formats.neuronpedia_import``) to ``out``, or one of them (``layout``
+    api or import), whole or not at all; returns the number of features. ``progress`` is
+    told each layer's planned features, once per layout written."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     check_names(model_id, source_set)
     for table in ("planned", "judgments"):
         if store.conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None:
             raise no_labels(store)
     staging = staging_folder(out, overwrite)
     try:
-        written = _write(run, store, staging, model_id, source_set, rules, progress)
+        written = 0
+        if layout in ("both", "api"):
+            written = _write(run, store, staging, model_id, source_set, rules, progress)
+        if layout in ("both", "import"):
+            # imported here: the import layout builds on this module's tags
+            from labeler.formats.neuronpedia_import import write_import_layout
+
+            (staging / IMPORT_DIR).mkdir()
+            written = write_import_layout(run, store, staging / IMPORT_DIR, model_id,
+                                          source_set, rules, progress)  # fmt: skip
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return written
+
+
+PREPARING = 2  # layers prepared ahead on worker threads (polars releases the GIL)
+
+
+def _prepare(
+    run: RunData, reader: LayerReader, layer: int, model_id: str, source: str, n_quantiles: int
+) -> tuple[int, list[bytes], list[tuple[int, str, str | None]]]:
+    """One layer: its planned features, its upload bodies and, per feature written, its
+    index, first explanation and final category."""
+    lines = reader.lines(layer)
+    bottom = (
+        pl.scan_parquet(run.folder / FEATURES)
+        .filter(pl.col("layer") == layer)
+        .select("index", "bottom_logit_values")
+        .collect()
+    )
+    features = layer_features(lines, bottom, n_quantiles)
+    bodies = [
+        upload_body(model_id, source, features.slice(start, MAX_FEATURES))
+        for start in range(0, features.height, MAX_FEATURES)
+    ]
+    first = pl.col("explanations").list.first().struct.field("text").fill_null("")
+    described = features.select("index", first.alias("description")).join(
+        lines.select("index", pl.col("final_label").struct.field("category")),
+        on="index", how="left", maintain_order="left",
+    )  # fmt: skip
+    return lines.height, bodies, list(described.iter_rows())
 
 
 def _write(
@@ -256,34 +320,28 @@ def _write(
     (folder / UPLOAD_DIR).mkdir()
     lists: dict[str, list[dict[str, Any]]] = {}
     batch = written = 0
-    for layer in layers:
+
+    def prepare(layer: int) -> Future[tuple[int, list[bytes], list[tuple[int, str, str | None]]]]:
         source = f"{layer}-{source_set}"
-        lines = reader.lines(layer)
-        bottom = (
-            pl.scan_parquet(run.folder / FEATURES)
-            .filter(pl.col("layer") == layer)
-            .select("index", "bottom_logit_values")
-            .collect()
-        )
-        features = layer_features(lines, bottom, n_quantiles)
-        described = features.select(
-            "index",
-            pl.col("explanations").list.first().struct.field("text").fill_null("")
-            .alias("description"),
-        ).join(lines.select("index", pl.col("final_label").struct.field("category")),
-               on="index", how="left", maintain_order="left")  # fmt: skip
-        for index, description, category in described.iter_rows():
-            lists.setdefault(category or "unlabeled", []).append(
-                {"modelId": model_id, "layer": source, "index": index,
-                 "description": description}
-            )  # fmt: skip
-        for start in range(0, features.height, MAX_FEATURES):
-            body = upload_body(model_id, source, features.slice(start, MAX_FEATURES))
-            (folder / UPLOAD_DIR / f"batch-{batch}.json").write_bytes(body)
-            batch += 1
-        written += features.height
-        if progress is not None:
-            progress(lines.height)
+        return pool.submit(_prepare, run, reader, layer, model_id, source, n_quantiles)
+
+    with ThreadPoolExecutor(PREPARING, "neuronpedia-layer") as pool:
+        pending = deque(prepare(layer) for layer in layers[:PREPARING])
+        for i, layer in enumerate(layers):
+            planned, bodies, described = pending.popleft().result()
+            if i + PREPARING < len(layers):
+                pending.append(prepare(layers[i + PREPARING]))
+            for body in bodies:
+                (folder / UPLOAD_DIR / f"batch-{batch}.json").write_bytes(body)
+                batch += 1
+            for index, description, category in described:
+                lists.setdefault(category or "unlabeled", []).append(
+                    {"modelId": model_id, "layer": f"{layer}-{source_set}", "index": index,
+                     "description": description}
+                )  # fmt: skip
+            written += len(described)
+            if progress is not None:
+                progress(planned)
     description = f"transcoder adapter features labeled from {run.folder.name}"
     _dump(folder / "model.json", {"id": model_id, "layers": n_layers, "displayName": model_id})
     _dump(folder / "source-set.json",

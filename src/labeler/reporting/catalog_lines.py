@@ -84,7 +84,8 @@ class LayerReader:
         self.review_lists = _review_lists(self.reviews)
         self.local = threading.local()
 
-    def _conn(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection to the label store."""
         if not hasattr(self.local, "conn"):
             self.local.conn = sqlite3.connect(self.store_path)
         conn: sqlite3.Connection = self.local.conn
@@ -104,7 +105,7 @@ class LayerReader:
     def lines(self, layer: int) -> pl.DataFrame:
         """The layer's catalog lines, by feature index, columns in the documented order."""
         planned = self.planned.filter(pl.col("layer") == layer)
-        judgments = judgment_frame(self._conn(), full=True, layer=layer)
+        judgments = judgment_frame(self.connection(), full=True, layer=layer)
         final = final_labels(planned, judgments, self.reviews)
         disputes = find_disputes(judgments, self.rules).select(
             "feature_id", pl.col("reasons").alias("dispute_reasons")
@@ -132,7 +133,7 @@ class LayerReader:
     def _output_scores(self, layer: int) -> pl.DataFrame:
         """The layer's output scores (``labeler score-outputs``) as a struct column."""
         rows = (
-            self._conn()
+            self.connection()
             .execute("SELECT feature_id, payload FROM output_scores WHERE layer=?", (layer,))
             .fetchall()
         )
