@@ -8,7 +8,8 @@ and the latency of searches over HTTP, as the page asks for them.
 The queries are seeded: a word (or two) of the run's explanations, typed as a prefix a
 third of the time, half of them with a filter (category, layer, detection or frequency)
 and a fifth of them sorted by detection or frequency; each is timed from the request to
-the last byte of the answer.
+the last byte of the answer. Then ten of the features found are opened (their page's
+data, as the feature page fetches it).
 """
 
 from __future__ import annotations
@@ -123,17 +124,22 @@ def main() -> None:
     try:
         asked = queries(index, args.queries, args.seed)
         get(f"{url}api/facets")
-        times, hits = [], []
+        times, hits, found = [], [], []
         for params in asked:
             took, body = get(f"{url}api/catalog?{urlencode(params)}")
             times.append(took)
-            hits.append(json.loads(body)["total"])
+            answer = json.loads(body)
+            hits.append(answer["total"])
+            found += [f["feature_id"] for f in answer["features"][:1]]
+        opened = [get(f"{url}api/feature/{fid}")[0] for fid in found[:10]]
     finally:
         stop(process)
     ms = [1000 * t for t in times]
     print(f"{len(ms)} searches: median {statistics.median(ms):.0f} ms, 95th percentile "
           f"{pct(ms, 0.95):.0f} ms, max {max(ms):.0f} ms; matches per search: median "
           f"{statistics.median(hits):,.0f}, max {max(hits):,}")  # fmt: skip
+    print(f"a feature's page data (/api/feature/ID, the review page's view): median "
+          f"{1000 * statistics.median(opened):.0f} ms over {len(opened)}")  # fmt: skip
 
 
 if __name__ == "__main__":
