@@ -22,8 +22,10 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/labeler demo --out $(DEMO_OUT)
 
+# One torch (OpenMP) thread per test worker: two workers of two threads each on two cores
+# spend their time contending (the suite took 959-977 s so, 875 s with one thread each).
 test: install browser
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The review page is tested in a real headless Chromium (Debian's package, not a browser
 # downloaded by a test tool); installed here when missing and we may, else explained.
