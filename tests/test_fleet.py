@@ -235,7 +235,10 @@ def test_a_fleet_wide_request_limit_holds_across_two_workers(
         assert worst <= burst + rate * (width + slack), (width, worst)
     span = times[-1] - times[0]
     assert span >= (len(times) - burst) / rate - 1  # no faster than the limit
-    assert span <= (len(times) - burst) / rate * 1.5 + 2  # and not needlessly slower
+    # and not needlessly slower: 15 s at the limit; beside other tests on a loaded 2-core
+    # machine the workers have taken 38.6 s (against a bound of 1.5 times plus 2 s), so the
+    # bound fails only a limiter that admits less than about a third of its rate
+    assert span <= (len(times) - burst) / rate * 3 + 5
 
 
 def test_a_429_reschedules_the_stage_after_retry_after_and_frees_the_slot(
