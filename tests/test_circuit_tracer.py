@@ -79,7 +79,7 @@ def write_paper_folder(
 ) -> Path:
     """A folder as the paper's collection script writes it: ``features/{cantor}.json`` per alive
     feature (``json.dump``, keys in the script's order, float32 activations, act_min/act_max over
-    the top and random windows) and ``feature_metadata.json`` with its counts."""
+    every token of the windows written) and ``feature_metadata.json`` with its counts."""
     rng = np.random.default_rng(seed)
     (root / "features").mkdir(parents=True)
     meta_features = []
@@ -97,7 +97,8 @@ def write_paper_folder(
                 for q in reversed(range(n_quantiles))
             ]
             random = [_example(rng, rng.uniform(0.5, 5)) for _ in range(int(rng.integers(1, 4)))]
-            all_acts = [a for e in top + random for a in e["tokens_acts_list"]]
+            written = top + [e for q in quantiles for e in q["examples"]] + random
+            all_acts = [a for e in written for a in e["tokens_acts_list"]]
             count = int(rng.integers(50, 500))
             by_domain = _split(rng, count, list(DOMAIN_TOKENS))
             by_region = _split(rng, count, list(REGION_TOKENS))
@@ -340,16 +341,34 @@ def test_export_is_valid_by_the_frontend_model_with_spread_from_random_samples(
         sample = examples.filter(
             pl.col("feature_id") == row["feature_id"], pl.col("kind") == "random"
         )["activation"].to_numpy()
-        sample = np.clip(sample, row["act_min"], row["act_max"])  # this run's are not within
+        sample = np.clip(sample, feature.act_min, row["act_max"])  # this run's are not within
         assert q[49] == pytest.approx(float(np.median(sample)), rel=1e-5)
-        # 32 equal bins over [act_min, act_max], summing to the activating tokens
+        # 32 equal bins over the file's [act_min, act_max], summing to the activating tokens
         assert len(feature.histogram) == 32
         assert sum(feature.histogram) == pytest.approx(row["count"], abs=0.1)
-        span = row["act_max"] - row["act_min"]
+        span = row["act_max"] - feature.act_min
         expected = np.zeros(32)
         for value in sample:
-            expected[min(int((value - row["act_min"]) / span * 32), 31)] += row["count"] / 2
+            expected[min(int((value - feature.act_min) / span * 32), 31)] += row["count"] / 2
         assert feature.histogram == pytest.approx(expected.tolist(), abs=0.01)
+
+
+def test_act_min_is_the_lowest_activation_of_the_windows_written(tmp_path: Path) -> None:
+    """The viewer scales a token's colour from act_min, as the paper writes it: the lowest
+    activation over every token of the feature's example windows, not the run's lowest
+    activation on activating tokens."""
+    write_run(tmp_path / "run")
+    export_circuit_tracer(tmp_path / "run", tmp_path / "ct")
+    features = pl.read_parquet(tmp_path / "run" / FEATURES).filter(pl.col("alive"))
+    below = 0
+    for row in features.iter_rows(named=True):
+        data = read_json(feature_file(tmp_path / "ct", row["layer"], row["index"]))
+        windows = [a for group in data["examples_quantiles"] for e in group["examples"]
+                   for a in e["tokens_acts_list"]]  # fmt: skip
+        assert data["act_min"] == min(windows)
+        assert data["act_max"] == row["act_max"]
+        below += data["act_min"] < row["act_min"]
+    assert below == features.height  # every feature's windows hold a zero here
 
 
 def test_a_second_import_of_the_export_equals_the_first(paper: Path, tmp_path: Path) -> None:
@@ -489,7 +508,8 @@ def test_import_of_an_export_keeps_what_the_format_holds(tmp_path: Path) -> None
     assert info.tokens_by_domain == original.tokens_by_domain
     assert info.params.n_quantiles == 2 and info.params.top_k == 3 and info.params.n_random == 2
 
-    kept = ["feature_id", "layer", "index", "alive", "count", "frequency", "act_max", "act_min",
+    # act_min comes back as the windows' lowest activation (the test above)
+    kept = ["feature_id", "layer", "index", "alive", "count", "frequency", "act_max",
             "top_logits", "bottom_logits", "domain_math", "domain_code",
             *(f"region_{r}" for r in REGIONS),
             *(f"think_bin_{b}" for b in range(THINK_BINS))]  # fmt: skip

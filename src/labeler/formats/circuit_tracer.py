@@ -15,7 +15,11 @@ are ``{"tokens"`` (token strings), ``"tokens_acts_list"`` (the feature's activat
 ``"train_token_ind"`` (index of the highlighted, activating token in the window),
 ``"is_repeated_datapoint"}``. The paper writes two groups, ``"Top activations"`` (decreasing
 activation) and ``"Random samples"``, and takes ``act_min``/``act_max`` over every token of those
-windows (so its ``act_min`` is usually 0). Export also writes what circuit-tracer's own
+windows (so its ``act_min`` is usually 0: the windows' other tokens mostly do not activate the
+feature). The viewer colours a token by where its activation lies between the two, so export
+writes ``act_min`` the same way, the lowest activation on any token of the windows it writes
+(the run's ``act_min``, the lowest on activating tokens, would leave the weaker of them nearly
+white), and the run's own only for a feature without examples. Export also writes what circuit-tracer's own
 frontend model of a feature file requires: ``transcoder_id`` (``layer_{layer}``), ``index``
 (the feature's index in its layer), ``quantile_values`` (percentiles 1 to 100 of the
 activation on activating tokens, the last being ``act_max``) and ``histogram`` (32 equal bins
@@ -39,8 +43,9 @@ Conventions
   ``n_feature_files``, ``n_alive`` and ``n_dead`` (per layer), ``unit``, ``n_sequences``,
   ``sequences_per_domain``, ``n_truncated``, ``n_unterminated_think`` and ``run``
   (provenance); import reads the counts back when present.
-- ``act_min``, ``act_max`` and ``activation_frequency`` are copied as they are in both
-  directions, so an imported ``act_min`` keeps the paper's meaning (over example windows).
+- ``act_max`` and ``activation_frequency`` are copied as they are in both directions; import
+  copies ``act_min`` too, so an imported ``act_min`` keeps the paper's meaning (over example
+  windows), and export writes it over the windows written (above).
 - Activations are kept as float32, as the paper's come from float32 tensors; other values come
   back rounded to float32. ``is_repeated_datapoint`` is not kept: export writes false, as the
   paper always does.
@@ -342,6 +347,7 @@ def _write_layer(
         by_feature: dict[int, dict[str, list[dict[str, Any]]]] = {}
         sampled: dict[int, list[float]] = {}  # the random examples' activations
         shown: dict[int, list[float]] = {}  # every example's activation
+        lowest: dict[int, float] = {}  # the lowest activation on any token of its windows
         for index, kind, quantile, activation, tokens, acts, highlight in zip(
             chunk["index"].to_list(),
             chunk["kind"].to_list(),
@@ -364,6 +370,8 @@ def _write_layer(
             else:
                 name = quantile_name(quantile)
             shown.setdefault(index, []).append(activation)
+            if acts:
+                lowest[index] = min(lowest.get(index, math.inf), min(acts))
             if kind == "random":
                 sampled.setdefault(index, []).append(activation)
             groups = by_feature.get(index)
@@ -391,6 +399,7 @@ def _write_layer(
         ) in fields.iter_rows():
             groups = by_feature.get(index) or {n: [] for n in group_names}
             sample = sampled.get(index) or shown.get(index) or []
+            act_min = lowest.get(index, act_min)
             spread = activation_spread(sample, act_min, act_max, count)
             record = {
                 "transcoder_id": transcoder_id(layer),
