@@ -19,18 +19,17 @@ windows (so its ``act_min`` is usually 0: the windows' other tokens mostly do no
 feature). The viewer colours a token by where its activation lies between the two, so export
 writes ``act_min`` the same way, the lowest activation on any token of the windows it writes
 (the run's ``act_min``, the lowest on activating tokens, would leave the weaker of them nearly
-white), and the run's own only for a feature without examples. Export also writes what circuit-tracer's own
-frontend model of a feature file requires: ``transcoder_id`` (``layer_{layer}``), ``index``
-(the feature's index in its layer), ``quantile_values`` (percentiles 1 to 100 of the
-activation on activating tokens, the last being ``act_max``) and ``histogram`` (32 equal bins
-over ``[act_min, act_max]``, each the estimated number of activating tokens in it). Both are
-estimated from the random examples, a uniform sample of the activating tokens (from every
-example when a feature has none); they are empty lists for a feature without examples. The
-metadata holds ``total_tokens``,
-``tokens_per_domain``, ``tokens_per_region``, ``tokens_per_thinking_bin`` (ten bins) and
-``features``: per alive feature ``layer``, ``feature``, ``cantor_id``, ``activation_count``,
-``activation_freq`` and the fractions and densities of its activations per domain, region and
-tenth of the thinking.
+white), and the run's own only for a feature without examples. Export also writes what
+circuit-tracer's own frontend model of a feature file requires: ``transcoder_id``
+(``layer_{layer}``), ``index`` (the feature's index in its layer), ``quantile_values``
+(percentiles 1 to 100 of the activation on activating tokens, the last being ``act_max``) and
+``histogram`` (32 equal bins over ``[act_min, act_max]``, each the estimated number of
+activating tokens in it). Both are estimated from the random examples, a uniform sample of
+the activating tokens (from every example when a feature has none); they are empty lists for
+a feature without examples. The metadata holds ``total_tokens``, ``tokens_per_domain``,
+``tokens_per_region``, ``tokens_per_thinking_bin`` (ten bins) and ``features``: per alive
+feature ``layer``, ``feature``, ``cantor_id``, ``activation_count``, ``activation_freq`` and
+the fractions and densities of its activations per domain, region and tenth of the thinking.
 
 Conventions
 - Groups: ``"Top activations"`` is kind ``top``; ``"Quantile {q}"`` is kind ``quantile`` with
