@@ -24,8 +24,9 @@ from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
 from tests.conftest import CollectedDemo
 from tests.fake_llm import BadRequest, FakeLLMServer, RateLimited, oracle
-from tests.fleet import BIN, Worker, fleet_env, run_driver, start_driver
+from tests.fleet import ALL_QUEUES, BIN, Worker, fleet_env, run_driver, start_driver
 from tests.redis_server import RedisServer, free_port
+from workers.broker import tasks_in_broker
 
 pytestmark = pytest.mark.slow
 
@@ -208,6 +209,72 @@ def test_a_stage_lost_by_the_broker_is_found_missing_and_sent_again(
     log = (tmp_path / "d.log").read_text()
     assert log.count("sending it again") == 1 and "explain: sent, but neither queued" in log
     assert lost in (tmp_path / "w1.log").read_text()  # the same task id, sent again
+
+
+def held_by_the_broker(server: RedisServer) -> set[str]:
+    """Ids of the stage messages waiting on a queue or taken by a worker and not yet
+    acknowledged."""
+    client = server.client()
+    try:
+        return tasks_in_broker(client, ALL_QUEUES.split(","))
+    finally:
+        client.close()
+
+
+def wait_until_idle(server: RedisServer, timeout: float = 180) -> None:
+    """Until no stage message is queued or held by a worker (a deadlock guard: the
+    timeout only turns a hang into a failure)."""
+    deadline = time.monotonic() + timeout
+    while held_by_the_broker(server):
+        assert time.monotonic() < deadline, "stage messages still queued or held"
+        time.sleep(0.1)
+
+
+def _sent_ids(server: RedisServer) -> list[str]:
+    """Task ids in the labelings' ``queued`` hashes: sent, and not yet given back."""
+    client = server.client()
+    try:
+        found = [client.hkeys(key) for key in client.keys("labeler:run:*:queued")]
+        return [task_id.decode() for ids in found for task_id in ids]
+    finally:
+        client.close()
+
+
+def test_a_rejected_key_stops_the_queued_stages_before_they_reach_the_provider(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake.script(*[BadRequest(401, "Incorrect API key provided")] * 400)
+    env = fleet_env(redis_server.url)
+    slots = 4
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=slots):
+        out = run_driver(_args(run, fake, 64), env, tmp_path / "d.log", expect=2)
+        assert "256 planned" in out and "auth: explain: HTTP 401" in out
+        wait_until_idle(redis_server)
+    # 256 explanations were queued; every request met the rejected key, and after the
+    # first only those already on their way from the other slots went out
+    assert 1 <= len(fake.requests) <= slots, len(fake.requests)
+    assert all(r.status == 401 for r in fake.requests)
+    assert not _sent_ids(redis_server)  # what was queued was taken back, to send anew
+    assert not any(s == "failed" for *_, s, _ in _rows(run))  # no feature is blamed
+
+
+def test_an_interrupted_driver_takes_back_its_queued_stages_and_the_next_run_sends_them(
+    run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = fleet_env(redis_server.url)
+    driver = start_driver(_args(run, fake, 10), env, tmp_path / "d1.log")  # no worker yet
+    deadline = time.monotonic() + 120
+    while len(held_by_the_broker(redis_server)) < 40:
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(60) == 130, (tmp_path / "d1.log").read_text()[-3000:]
+    assert not held_by_the_broker(redis_server)  # nothing left for a worker to pay for
+    assert not _sent_ids(redis_server)
+    with Worker("w1", env, tmp_path / "w1.log", concurrency=4):
+        run_driver(_args(run, fake, 10), env, tmp_path / "d2.log")
+    _assert_complete_once(run, [JUDGE])
+    assert _requests_per_feature(fake) == CALLS * 40  # each stage paid once
 
 
 def test_a_fleet_wide_request_limit_holds_across_two_workers(

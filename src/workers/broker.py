@@ -20,7 +20,8 @@ Selected with ``broker_transport = "workers.broker:Transport"``; the broker URL 
 The transport has one window in which a message exists only in a process's memory: a
 worker's ``BRPOP`` takes it off its queue and only then writes it to the ``unacked``
 index. A connection that breaks in between (Redis restarting, a network fault) loses it.
-``tasks_in_broker`` lets the driver find such stages and send them again.
+``tasks_in_broker`` lets the driver find such stages and send them again, and
+``revoke_queued`` lets a driver that stops take its messages back off the queues.
 """
 
 from __future__ import annotations
@@ -85,17 +86,43 @@ def tasks_in_broker(
     delivered to a worker and not acknowledged yet (every queue's, including tasks held
     for a countdown, and those of workers that died)."""
     found: set[str] = set()
-    for queue in queues:
-        names = [queue] + [f"{queue}{Channel.sep}{p}" for p in Channel.priority_steps if p]
-        for name in names:
-            for start in range(0, int(client.llen(name)), SCAN_CHUNK):
-                for raw in client.lrange(name, start, start + SCAN_CHUNK - 1):
-                    found.add(_message_id(raw))
+    for name in _queue_lists(queues):
+        for start in range(0, int(client.llen(name)), SCAN_CHUNK):
+            for raw in client.lrange(name, start, start + SCAN_CHUNK - 1):
+                found.add(_message_id(raw))
     if unacked:
         for _, raw in client.hscan_iter(Channel.unacked_key, count=SCAN_CHUNK):
             found.add(_message_id(json.loads(raw)[0]))
     found.discard("")
     return found
+
+
+def revoke_queued(client: redis_py.Redis, queues: Iterable[str], sent: str) -> int:
+    """Take off ``queues`` the messages of the tasks in the hash ``sent`` (a labeling's
+    ``queued``), forgetting each one taken there too; how many were taken. Each removal
+    is atomic: a message a worker took meanwhile stays that worker's."""
+    found: list[tuple[str, Any, str]] = []
+    for name in _queue_lists(queues):
+        for start in range(0, int(client.llen(name)), SCAN_CHUNK):
+            raws: list[Any] = client.lrange(name, start, start + SCAN_CHUNK - 1)
+            ids = [_message_id(raw) for raw in raws]
+            mine = client.hmget(sent, ids) if ids else []
+            found += [(name, r, i) for r, i, m in zip(raws, ids, mine, strict=True) if m]
+    taken = 0
+    for name, raw, task_id in found:
+        if client.lrem(name, 1, raw):
+            client.hdel(sent, task_id)
+            taken += 1
+    return taken
+
+
+def _queue_lists(queues: Iterable[str]) -> list[str]:
+    """The Redis lists of ``queues``: one per priority step."""
+    return [
+        f"{queue}{Channel.sep}{p}" if p else queue
+        for queue in queues
+        for p in Channel.priority_steps
+    ]
 
 
 def _message_id(raw: bytes | str | dict[str, Any]) -> str:

@@ -18,6 +18,12 @@ unacknowledged), or its worker died. A worker's claim on a stage is a lease its 
 renews every few seconds (``workers.leases``), so a stage of a worker that died is found
 within ``LOOK_EVERY_S`` plus the lease, and runs elsewhere; the visibility timeout stays
 the last resort. The driver looks every ``LOOK_EVERY_S`` while stages are in flight.
+
+A driver that stops (a judge that cannot work, an interrupt) sets the labeling's stop in
+Redis, which every worker reads before each provider call, and takes its messages still
+queued off the queues, so that nothing queued is paid for after the stop; what it took
+back, or what workers gave back, is sent again by the next run. A stop set by a worker
+(its call met a rejected key) stops the driver too. The next driver clears the stop.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
 from prompts import prompt_hash as llm_prompt_hash
 from workers import keys
-from workers.broker import tasks_in_broker
+from workers.broker import revoke_queued, tasks_in_broker
 from workers.payloads import StageTask, trimmed
 from workers.redis_retry import retrying
 from workers.settings import FleetSettings, redacted
@@ -112,6 +118,8 @@ class Driver:
 
     def label(self) -> dict[str, LabelReport]:
         self._connect()
+        # this labeling starts again: what an earlier driver stopped may be sent anew
+        self._redis("clearing the labeling's stop", lambda: self.redis.delete(self._stop_key))
         todo = self.engine.plan()
         if self.on_start is not None:
             self.on_start(len(todo))
@@ -130,7 +138,24 @@ class Driver:
             self.engine.stop("interrupted")
         if self.lock is not None:
             self.lock.check()
+        if self.engine.stopped is None:
+            reason: Any = self._redis("reading the labeling's stop",
+                                      lambda: self.redis.get(self._stop_key))  # fmt: skip
+            if reason is not None:  # a worker's call met a judge that cannot work
+                self.engine.stop(reason.decode())
         return self.engine.stopped is not None
+
+    def _halt_fleet(self) -> None:
+        """Stop the workers spending on this labeling: set its stop (a worker's reason, set
+        first, is kept), then take its messages still queued off the queues. A message a
+        worker takes meanwhile meets the stop and is given back."""
+        why = self.engine.stopped or "stopped"
+        self._redis("stopping the workers", lambda: self.redis.set(
+            self._stop_key, why, nx=True, ex=keys.STOP_TTL_S))  # fmt: skip
+        queues = self._queues()
+        taken = self._redis("taking back queued stages",
+                            lambda: revoke_queued(self.redis, queues, self._queued))  # fmt: skip
+        log.info("stopped (%s): took back %d queued stages; the next run sends them", why, taken)
 
     def _loop(self, waiting: Iterator[Unit]) -> None:
         offset = self.store.get_meta(self._offset_meta) or "0-0"
@@ -143,7 +168,8 @@ class Driver:
         last_progress = last_warning = last_look = time.monotonic()
         while True:
             if self._stopping():
-                # stages in flight finish on the workers; their outcomes wait on the
+                self._halt_fleet()
+                # calls already made finish on the workers; their outcomes wait on the
                 # stream for the next run, which applies them before anything else
                 while batch := self._read(offset, block=False):
                     offset = self._apply(batch)
@@ -381,6 +407,10 @@ class Driver:
     @property
     def _results(self) -> str:
         return keys.results(self.key)
+
+    @property
+    def _stop_key(self) -> str:
+        return keys.stop(self.key)
 
     @property
     def _offset_meta(self) -> str:

@@ -4,6 +4,10 @@ whatever the pool), the judges built so far, and Redis clients.
 
 With the threads pool, many tasks submit their stage to the one loop concurrently; with
 prefork, each child process makes its own runtime after the fork.
+
+Every provider call of an LLM judge passes a :class:`StopGate` first: a judge is shared by
+every labeling the process serves, so the gate learns which labeling a call is for from
+``CURRENT_RUN``, set for each stage by :meth:`WorkerRuntime.run`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import redis
@@ -27,6 +32,7 @@ from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.openai_backend import OpenAIBackend
 from labeler.judges.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
 from labeler.judges.requests import folder_cache_from_env
+from workers import keys
 from workers.leases import Leases
 from workers.redis_retry import UNREACHABLE, retrying_async
 from workers.settings import FleetSettings
@@ -35,6 +41,7 @@ from workers.task_state import TaskState
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 SETTLE_RETRY_S = 30.0
+CURRENT_RUN: ContextVar[str | None] = ContextVar("CURRENT_RUN", default=None)
 
 
 class StageTimeout(Exception):
@@ -55,9 +62,11 @@ class WorkerRuntime:
         self._judges: dict[str, Judge] = {}
         self._lock = threading.Lock()
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run ``coro`` on the judges' loop and wait for it, at most ``timeout`` seconds."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float, run: str | None = None) -> T:
+        """Run ``coro`` on the judges' loop and wait for it, at most ``timeout`` seconds;
+        ``run``: the labeling its provider calls are for (their :class:`StopGate` asks
+        whether it stopped)."""
+        future = asyncio.run_coroutine_threadsafe(_for_run(run, coro), self.loop)
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -90,12 +99,53 @@ class WorkerRuntime:
             limit = self.settings.task_time_limit_s / 3
             if isinstance(backend, OpenAIBackend) and backend.service_tier == "flex":
                 backend.timeout = min(backend.timeout, limit)
+            patient = None
             if limits is not None and limits.active:
-                if self._async_redis is None:
-                    self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)
-                limiter = RedisRateLimiter(self._async_redis, limiter_key(name), limits)
-                judge.limiter = PatientLimiter(limiter, self.settings.task_time_limit_s / 2)
+                limiter = RedisRateLimiter(self._async_client(), limiter_key(name), limits)
+                patient = PatientLimiter(limiter, self.settings.task_time_limit_s / 2)
+            judge.limiter = StopGate(self._async_client(), patient)
         return judge
+
+    def _async_client(self) -> redis.asyncio.Redis:
+        """The judges' loop's Redis client (made on that loop, used only there)."""
+        if self._async_redis is None:
+            self._async_redis = redis.asyncio.Redis.from_url(self.settings.redis_url)
+        return self._async_redis
+
+
+async def _for_run(run: str | None, coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` with ``CURRENT_RUN`` set to ``run`` (in this task's context only)."""
+    CURRENT_RUN.set(run)
+    return await coro
+
+
+class StopGate:
+    """Before every provider call a worker's LLM judge makes (a first try, a retry, a
+    re-ask): the call is not made once its labeling stopped (its driver stopped on a
+    rejected key or an interrupt, or a worker's call met the rejected key), and the stage
+    goes back to its driver instead, as ``Reschedule`` that the task turns into a give-back.
+    The labeling's rate limit, if any, is waited for first: a stage that waited its turn
+    while the labeling stopped does not call either."""
+
+    def __init__(self, client: redis.asyncio.Redis, limiter: PatientLimiter | None) -> None:
+        self.client = client
+        self.limiter = limiter
+
+    async def acquire(self, tokens: int) -> None:
+        if self.limiter is not None:
+            await self.limiter.acquire(tokens)
+        run = CURRENT_RUN.get()
+        if run is None:
+            return
+        key = keys.stop(run)
+        reason = await retrying_async(lambda: self.client.get(key), "reading the labeling's stop")
+        if reason is not None:
+            text = reason.decode() if isinstance(reason, bytes) else str(reason)
+            raise Reschedule(0.0, reason=f"the labeling stopped ({text})")
+
+    async def settle(self, estimated: int, actual: int) -> None:
+        if self.limiter is not None:
+            await self.limiter.settle(estimated, actual)
 
 
 class PatientLimiter:

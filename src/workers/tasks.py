@@ -4,6 +4,12 @@ A task whose outcome is already published (a redelivery after its worker died be
 publishing and acknowledging) or that another worker is running now (a duplicate
 message) does nothing. A provider's 429 reschedules the task after the server's
 Retry-After, freeing the worker slot meanwhile.
+
+Nothing of a labeling that stopped is sent to the provider: a task that starts after the
+stop, or reaches a provider call after it (``runtime.StopGate``), is given back to its
+driver unsent. A stage that fails because its judge cannot work (a rejected key, an
+unknown model) stops its labeling itself, as it publishes: the other slots, on every
+worker, send nothing after it, without waiting for the driver to read it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pydantic import ValidationError
 from adapters.errors import UserError
 from labeler.errors import Reschedule
 from labeler.judges.stages import STAGE_GROUPS, StageOutcome, add_usage
+from labeler.labeling.engine import FATAL_KINDS
 from labeler.labeling.stages import ERRORS, run_stage_safely
 from labeler.redaction import redact
 from workers import keys
@@ -71,11 +78,17 @@ def stage(self: Task, payload: dict[str, Any]) -> str:
     if begun == "claimed":
         log.info("%s: another worker is running task %s", what, task_id)
         return "claimed"
+    if begun == "stopped":
+        log.info("%s: its labeling stopped; given back unsent (task %s)", what, task_id)
+        return "stopped"
     started = time.monotonic()
     try:
         try:
             outcome = _execute(task, rt, settings)
         except Reschedule as exc:
+            if retrying(lambda: rt.state.give_back(task.run, task_id), what):
+                log.info("%s: its labeling stopped before its call; given back (%s)", what, exc)
+                return "stopped"
             if task.reschedules >= settings.max_reschedules:
                 outcome = _failed(task, f"rate_limited: {task.stage}: gave up after "
                                         f"{task.reschedules} reschedules ({exc})")  # fmt: skip
@@ -132,7 +145,7 @@ def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> Sta
                              "the same labeler version everywhere")  # fmt: skip
     coro = run_stage_safely(judge, task.stage, task.record, task.negatives, task.explanation)
     try:
-        return rt.run(coro, settings.task_time_limit_s)
+        return rt.run(coro, settings.task_time_limit_s, run=task.run)
     except StageTimeout as exc:
         return _failed(task, f"timeout: {task.stage}: {exc}")
     except Reschedule:
@@ -151,10 +164,22 @@ def _failed(task: StageTask, reason: str) -> StageOutcome:
 def _publish(
     rt: WorkerRuntime, task: StageTask, task_id: str, outcome: StageOutcome, what: str
 ) -> None:
-    """Outcome, done mark and release at once; a retry after a lost reply finds the done
-    mark and writes nothing twice."""
+    """Outcome, done mark and release at once (and the labeling's stop, for a judge that
+    cannot work); a retry after a lost reply finds the done mark and writes nothing twice."""
     body = redact(outcome.model_dump_json())
-    retrying(lambda: rt.state.publish(task.run, task_id, body), what)
+    stop = _stop_reason(outcome)
+    if stop is not None:
+        log.warning("%s: %s; stopping the labeling", what, stop)
+    retrying(lambda: rt.state.publish(task.run, task_id, body, stop), what)
+
+
+def _stop_reason(outcome: StageOutcome) -> str | None:
+    """The labeling's stop reason, worded as its driver words it, for a failure that says
+    the judge cannot work at all; None for any other outcome."""
+    reason = outcome.reason or ""
+    if outcome.ok or reason.split(":", 1)[0] not in FATAL_KINDS:
+        return None
+    return redact(f"{outcome.judge}: {reason}")
 
 
 def _release(rt: WorkerRuntime, task: StageTask, task_id: str, what: str) -> None:
