@@ -485,3 +485,33 @@ def test_another_judges_batches_in_flight_do_not_hold_up_this_labeling(
     assert (report.labeled, report.pending) == (4, 0)
     assert [s.batch_id for s in BatchRecords(store).open()] == ["msgbatch_of_another_labeling"]
     store.close()
+
+
+def test_a_batch_in_flight_is_collected_not_paid_again_by_another_transport(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    fake.batches.settings = BatchSettings(in_progress_s=600.0)
+    args, env, log = _command(run_copy, fake, "responses"), _env(fake), tmp_path / "labeler.log"
+    _kill_when(args, env, log, lambda: _recorded(run_copy) >= 1)  # the explanations at the provider
+    synchronous = [
+        str(BIN / "labeler"), "label", str(run_copy), "--judge", NAMES["responses"],
+        "--base-url", f"{fake.base_url}/v1", "--openai-api", "responses",
+        "--sample-per-layer", "8",
+    ]  # fmt: skip
+    refused = subprocess.run(synchronous, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "1 provider batch of openai:gpt-5-mini (32 requests" in refused.stderr
+    assert "--executor batch" in refused.stderr
+    assert fake.requests == []  # not one synchronous call
+    fake.batches.settings = BatchSettings()
+    fake.batches.clock = lambda: time.monotonic() + 3600.0  # the batch at the provider ends
+    text = _run_to_end(args, env, log)
+    assert "32 labeled now" in text
+    counts = _submitted_once(fake)
+    assert sum(counts.values()) == 32 * 4
+    status = CliRunner().invoke(cli, ["status", str(run_copy), "--json"])
+    assert status.exit_code == 0, status.output
+    spent = json.loads(status.output)[0]
+    assert spent["labeled"] == 32 and spent["cost_usd"] > 0
+    answered = Counter(line.custom_id for line in fake.batches.lines)
+    assert set(answered.values()) == {1} and len(answered) == 32 * 4

@@ -197,14 +197,15 @@ def _limit_locally(judges: list[Any], limits: dict[str, Any]) -> None:
 
 def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
     from labeler.cli.render import estimate_table
-    from labeler.labeling import plan_features
     from labeler.labeling.accounting import estimate
+    from labeler.labeling.plan import select_features
     from labeler.labeling.store import LabelStore
 
-    planned = [fid for fid, _, _ in plan_features(run, sample, seed)]
     store_path = run.folder / "labels.sqlite"
     store = LabelStore(store_path) if store_path.exists() else None
     try:
+        stored = store.planned() if store is not None else []
+        planned = [fid for fid, _, _ in select_features(run, stored, sample, seed).features]
         estimates = []
         for judge in judges:
             done = store.done(judge.name) if store is not None else set()

@@ -22,11 +22,13 @@ The run's lock (``labeling.lock``) is taken by :func:`locked` around all of it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from adapters.errors import UserError
 from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
     StageName,
@@ -37,7 +39,8 @@ from labeler.judges.stages import (
     ready,
     stages_for,
 )
-from labeler.labeling.plan import negatives_for, plan_features, records_of
+from labeler.labeling.plan import Selection, negatives_for, records_of, select_features
+from labeler.labeling.stages import HALTED
 from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
 from labeler.run.data import RunData
@@ -55,6 +58,13 @@ FATAL_KINDS = frozenset({"auth", "not_found", "unusable", "config"})
 # it cannot be reached; until it answers they are held back, not stored
 UNREACHABLE_KINDS = frozenset({"connection"})
 UNREACHABLE_IN_A_ROW = 3
+# failures that say nothing of the feature: once the labeling stops (Ctrl-C, its lock
+# lost), such a failure is not stored and the feature stays pending
+TRANSIENT_KINDS = frozenset({"rate_limited", "timeout", "server_error", "connection", "transient"})
+
+
+class BatchesInFlight(UserError):
+    """Another transport asked to label requests that wait in a provider batch."""
 
 
 @dataclass(frozen=True)
@@ -155,19 +165,56 @@ class Engine:
         self._unreachable: dict[str, int] = {}
         self._held: dict[str, list[tuple[Unit, StageOutcome]]] = {}
         self.shared = folder_cache_from_env()
+        self.selected: Selection | None = None
+        """What this labeling asked for (set by :meth:`plan`)."""
 
     # -- the plan ------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[str, str]]:
-        """(feature, judge) pairs still to label, features in plan order."""
-        self.store.add_planned(plan_features(self.run, self.sample_per_layer, self.seed))
-        planned = [fid for fid, _, _ in self.store.planned()]
+        """(feature, judge) pairs still to label, features in plan order: of the features
+        this labeling asked for (``select_features``), not of every feature an earlier
+        labeling planned; the stored plan is extended by what it adds."""
+        self._check_batches()
+        selection = select_features(
+            self.run, self.store.planned(), self.sample_per_layer, self.seed
+        )
+        if selection.added and self.store.planned():
+            grown = ", ".join(f"layer {la} +{n}" for la, n in selection.added_by_layer().items())
+            log.warning("extending the run's plan: %s", grown)
+        self.store.add_planned(selection.added)
+        self.selected = selection
+        planned = [fid for fid, _, _ in selection.features]
         done = {judge: self.store.done(judge) for judge in self.hashes}
         for judge, tally in self.tally.items():
             tally.planned, tally.skipped = len(planned), len(done[judge])
         self.store.set_meta("executor", self.executor)
         _ = self.run.negative_pool  # read once here
         return [(fid, j) for fid in planned for j in self.hashes if fid not in done[j]]
+
+    def _check_batches(self) -> None:
+        """Requests of these judges submitted to a provider batch that has not ended are
+        in flight at the provider, paid whether or not anyone collects them: only the
+        batch transport (which collects them, and counts their cost as they come in)
+        labels past them; any other transport stops before sending anything."""
+        if self.executor == "batch":
+            return
+        from labeler.labeling.batch_records import BatchRecords
+
+        open_ = [s for s in BatchRecords(self.store).open() if s.judge in self.hashes]
+        if not open_:
+            return
+        judges = sorted({s.judge for s in open_})
+        requests = sum(s.n_requests for s in open_)
+        made = dt.datetime.fromtimestamp(min(s.made_at for s in open_), dt.UTC)
+        folder = self.store.path.parent
+        raise BatchesInFlight(
+            f"{folder}: {len(open_)} provider {'batch' if len(open_) == 1 else 'batches'} of "
+            f"{', '.join(judges)} ({requests:,} requests, submitted from "
+            f"{made:%Y-%m-%d %H:%M} UTC) not collected yet; they are paid either way, so "
+            f"this labeling would pay for them twice: collect them first with `labeler label "
+            f"{folder} --executor batch` and the same --judge (it waits for them), then "
+            "label the rest on any executor"
+        )
 
     def units(self, todo: list[tuple[str, str]]) -> Iterator[Unit]:
         """Units to work on, one at a time as asked for; none once the labeling stops or
@@ -283,6 +330,14 @@ class Engine:
             return Applied(unit)
 
     def _apply_failure(self, unit: Unit, outcome: StageOutcome) -> Applied:
+        if _kind(outcome) == HALTED or (
+            self.stopped is not None and _kind(outcome) in TRANSIENT_KINDS
+        ):
+            # the labeling stopped: the feature is not at fault, it stays pending (what
+            # the stage's calls used is still counted)
+            self._drop(unit)
+            self._charge(outcome.cost_usd)
+            return Applied(None)
         if self._judge_unusable(outcome):
             self._drop(unit)
             for held, _ in self._held.pop(unit.judge, []):

@@ -29,8 +29,9 @@ from labeler.labeling.store import connect
 
 log = logging.getLogger(__name__)
 
-BEAT_S = 2.0
+TTL_ENV = "LABELER_LOCK_TTL_S"
 TTL_S = 30.0
+BEATS_PER_TTL = 15
 WAIT_POLL_S = 1.0
 
 
@@ -68,18 +69,22 @@ class RunLock:
     with ``wait`` it waits for the holder to finish instead of refusing."""
 
     def __init__(
-        self, store_path: Path, what: str, wait: bool = False, ttl_s: float = TTL_S,
-        beat_s: float = BEAT_S, cancelled: Callable[[], bool] | None = None,
+        self, store_path: Path, what: str, wait: bool = False, ttl_s: float | None = None,
+        beat_s: float | None = None, cancelled: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
-        """``cancelled``: asked while waiting; True gives up with ``Interrupted``."""
+        """``cancelled``: asked while waiting; True gives up with ``Interrupted``.
+        ``ttl_s``: how long the lock lives unrenewed (default ``$LABELER_LOCK_TTL_S`` or
+        30 s); it is renewed ``BEATS_PER_TTL`` times in that time."""
         self.path = store_path
         self.what = what
         self.wait = wait
         self.cancelled = cancelled
-        self.ttl_s = ttl_s
-        self.beat_s = beat_s
+        self.ttl_s = ttl_s if ttl_s is not None else lock_ttl()
+        self.beat_s = beat_s if beat_s is not None else self.ttl_s / BEATS_PER_TTL
         self.token = uuid.uuid4().hex
         self.lost = threading.Event()
+        self._confirmed = 0.0
+        """``time.monotonic()`` just before the last write that took or renewed the lock."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,8 +127,16 @@ class RunLock:
         self._thread = threading.Thread(target=self._renew, name="run-lock", daemon=True)
         self._thread.start()
 
+    def valid(self) -> bool:
+        """Whether the lock is surely still ours: not lost, and renewed within its life
+        less a beat (a process paused longer may have lost it without knowing yet)."""
+        return not self.lost.is_set() and (
+            time.monotonic() - self._confirmed < self.ttl_s - self.beat_s
+        )
+
     def _try_take(self, conn: sqlite3.Connection) -> Holder | None:
         """Take the lock, or return its live holder."""
+        started = time.monotonic()
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -139,12 +152,14 @@ class RunLock:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._confirmed = started
         return None
 
     def _renew(self) -> None:
         conn = self._connect()
         try:
             while not self._stop.wait(self.beat_s):
+                started = time.monotonic()
                 try:
                     cursor = conn.execute(
                         "UPDATE run_lock SET beat=? WHERE id=1 AND token=?",
@@ -159,6 +174,7 @@ class RunLock:
                     log.error("the run lock of %s was taken over by %s", self.path.parent, who)
                     self.lost.set()
                     return
+                self._confirmed = started
         finally:
             conn.close()
 
@@ -183,6 +199,21 @@ class RunLock:
                 conn.close()
         except sqlite3.Error as exc:  # it lapses by itself; never hide the error at hand
             log.warning("releasing the run lock of %s: %s", self.path.parent, exc)
+
+
+def lock_ttl() -> float:
+    """The lock's life: ``$LABELER_LOCK_TTL_S`` (a run folder on a network file system
+    whose writes can stall may want longer), else 30 s."""
+    given = os.environ.get(TTL_ENV)
+    if not given:
+        return TTL_S
+    try:
+        value = float(given)
+    except ValueError:
+        value = 0.0
+    if not 1.0 <= value <= 3600.0:
+        raise UserError(f"${TTL_ENV}={given!r}: expected seconds between 1 and 3600")
+    return value
 
 
 def read_holder(conn: sqlite3.Connection) -> Holder | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,16 +19,71 @@ def plan_features(
 ) -> list[tuple[str, int, int]]:
     """All alive features, or ``sample_per_layer`` of them per layer uniformly at random
     (seeded, so a re-run plans the same sample)."""
+    return select_features(run, [], sample_per_layer, seed).features
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one labeling asked for: ``features`` (in layer and index order), of which
+    ``added`` were not in the stored plan before it."""
+
+    features: list[tuple[str, int, int]]
+    added: list[tuple[str, int, int]]
+
+    def added_by_layer(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for _, layer, _ in self.added:
+            counts[layer] = counts.get(layer, 0) + 1
+        return counts
+
+
+def select_features(
+    run: RunData, stored: list[tuple[str, int, int]], sample_per_layer: int | None, seed: int
+) -> Selection:
+    """The features one labeling asks for, given the run's stored plan.
+
+    Without ``sample_per_layer``: every alive feature. With it, per layer: a seeded
+    uniform sample of that size from the layer's stored plan when it holds that many (a
+    smaller labeling never pays for more than it asked, whatever earlier labelings
+    planned), else the stored plan extended by a seeded uniform sample of the layer's
+    other alive features up to that size. A sample drawn from a plan that holds every
+    alive feature is the sample drawn from the alive features, and a labeling asked
+    again selects the same features, so a re-run resumes what it started."""
     alive = run.alive().select("feature_id", "layer", "index").sort("layer", "index")
-    planned: list[tuple[str, int, int]] = []
+    by_layer: dict[int, set[str]] = {}
+    for fid, layer, _ in stored:
+        by_layer.setdefault(layer, set()).add(fid)
+    features: list[tuple[str, int, int]] = []
+    added: list[tuple[str, int, int]] = []
     for (layer,), group in alive.group_by("layer", maintain_order=True):
-        rows = group.rows()
-        if sample_per_layer is not None and sample_per_layer < len(rows):
-            rng = np.random.default_rng([seed, int(str(layer))])
-            pick = np.sort(rng.choice(len(rows), size=sample_per_layer, replace=False))
-            rows = [rows[i] for i in pick]
-        planned.extend((str(f), int(la), int(i)) for f, la, i in rows)
-    return planned
+        rows = [(str(f), int(la), int(i)) for f, la, i in group.rows()]
+        key = int(str(layer))
+        have = by_layer.get(key, set())
+        in_plan = [r for r in rows if r[0] in have]
+        if sample_per_layer is None or sample_per_layer >= len(rows):
+            chosen = rows
+        elif len(in_plan) >= sample_per_layer:
+            chosen = _sample(in_plan, sample_per_layer, [seed, key])
+        else:
+            rest = [r for r in rows if r[0] not in have]
+            extend_seed = [seed, key, len(in_plan)] if in_plan else [seed, key]
+            more = _sample(rest, sample_per_layer - len(in_plan), extend_seed)
+            chosen = sorted(in_plan + more, key=lambda r: r[2])
+        features.extend(chosen)
+        added.extend(r for r in chosen if r[0] not in have)
+    return Selection(features, added)
+
+
+def _sample(
+    rows: list[tuple[str, int, int]], size: int, seed: list[int]
+) -> list[tuple[str, int, int]]:
+    """``size`` of ``rows`` uniformly at random, in their order (seeded); a seed of
+    ``[seed, layer]`` over every alive feature of a layer gives the sample planned on a
+    run with no plan yet."""
+    if size >= len(rows):
+        return rows
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=size, replace=False))
+    return [rows[i] for i in pick]
 
 
 def negatives_for(run: RunData, record: FeatureRecord, seed: int) -> dict[str, list[Snippet]]:

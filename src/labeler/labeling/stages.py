@@ -8,12 +8,16 @@ import threading
 
 from labeler.errors import JudgeFailure, Reschedule
 from labeler.judges import Judge
+from labeler.judges.halting import Halted
 from labeler.judges.requests import AwaitingReply
 from labeler.judges.stages import StageName, StageOutcome
 from labeler.redaction import redact
 from labeler.run.schemas import FeatureRecord, Snippet
 
 log = logging.getLogger(__name__)
+
+HALTED = "halted"
+"""The failure kind of a stage that sent nothing because the labeling stopped."""
 
 
 async def run_stage(
@@ -56,6 +60,11 @@ async def run_stage_safely(
         return await run_stage(judge, stage, record, negatives, explanation)
     except (Reschedule, AwaitingReply):  # for the transport to handle
         raise
+    except Halted as exc:  # nothing sent: the engine leaves the feature pending
+        return StageOutcome(
+            feature_id=record.feature_id, judge=judge.name, prompt_hash=judge.prompt_hash,
+            stage=stage, ok=False, reason=f"{HALTED}: {exc.reason}", cost_usd=0.0,
+        )  # fmt: skip
     except Exception as exc:  # recorded with its reason, never dropped
         (errors or ERRORS).once(f"{record.feature_id} {judge.name} {stage}", exc)
         return StageOutcome(

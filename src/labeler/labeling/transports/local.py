@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from labeler.judges import Judge
 from labeler.judges.stages import StageName, StageOutcome
 from labeler.labeling.engine import Engine, LabelReport, Unit
+from labeler.labeling.guard import LabelingGuard
 from labeler.labeling.interrupts import Interrupts
 from labeler.labeling.lock import RunLock
 from labeler.labeling.stages import ErrorLog, run_stage_safely
@@ -107,6 +108,8 @@ class _Local:
             judge.limit_requests(self.concurrency)
             if hasattr(judge, "replies"):
                 judge.replies = self.engine.reply_cache()
+            if hasattr(judge, "guard"):
+                judge.guard = LabelingGuard(self.lock, self.interrupts)
         # as many features as requests per judge: a feature has up to three calls in flight
         # at once, so the request limit stays the binding one
         slots = asyncio.Semaphore(self.concurrency * len(self.judges))

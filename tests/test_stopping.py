@@ -1,0 +1,134 @@
+"""A stopped labeling sends nothing more, with real ``labeler label`` processes against the
+loopback fake: Ctrl-C cuts a Retry-After wait at once and stores no failure of it, and a
+labeler paused past its lock's life while another takes the run sends no call when it
+resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_llm import FakeLLMServer, Hang, RateLimited, oracle
+from tests.fleet import BIN
+
+JUDGE = "openai:fake-model"
+EXIT_USER, EXIT_INTERRUPTED = 2, 130
+FIRST_KEY, SECOND_KEY = "sk-stopping-first-labeler-0001", "sk-stopping-second-labeler-0002"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(oracle) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(server: FakeLLMServer) -> FakeLLMServer:
+    server.reset()
+    server.latency = 0.0
+    return server
+
+
+def _env(key: str = FIRST_KEY, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LABELER_"))}
+    return env | {"OPENAI_API_KEY": key, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _args(run: Path, fake: FakeLLMServer, *extra: str) -> list[str]:
+    return [str(BIN / "labeler"), "label", str(run), "--judge", JUDGE, "--base-url",
+            f"{fake.base_url}/v1", "--openai-api", "chat", *extra]  # fmt: skip
+
+
+def _wait_for(what: str, ready: Callable[[], bool], process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert process.poll() is None, f"labeler exited {process.returncode} before {what}"
+        assert time.monotonic() < deadline, f"no {what} within 120 s"
+        time.sleep(0.05)
+
+
+def _count(run: Path, sql: str) -> int:
+    with sqlite3.connect(run / "labels.sqlite", timeout=30) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def _by(fake: FakeLLMServer, key: str) -> int:
+    return sum(1 for r in fake.requests if key in r.headers.get("authorization", ""))
+
+
+def test_ctrl_c_cuts_a_retry_after_wait_and_stores_no_failure(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    fake.script(*[RateLimited(retry_after=20.0)] * 2)
+    log = tmp_path / "labeler.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            _args(run_copy, fake, "--sample-per-layer", "1", "--concurrency", "2",
+                  "--max-attempts", "3"),
+            env=_env(), stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        _wait_for("two 429s", lambda: len(fake.requests) >= 2, process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == EXIT_INTERRUPTED, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [r.status for r in fake.requests] == [429, 429]  # no retry after the signal
+    assert _count(run_copy, "SELECT count(*) FROM judgments") == 0  # nothing stored as failed
+    again = subprocess.run(_args(run_copy, fake, "--sample-per-layer", "1"), env=_env(),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "4 labeled now" in again.stdout
+
+
+def _pause_outside_a_transaction(process: subprocess.Popen[bytes], run: Path) -> None:
+    """SIGSTOP ``process`` at a moment it holds no write lock on the store (a process
+    paused inside a write would block every writer, the next labeler too)."""
+    while True:
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with sqlite3.connect(run / "labels.sqlite", timeout=0.5) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+
+
+def test_a_labeler_resumed_after_losing_its_lock_sends_nothing(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    # eight calls answered, then two that hang: the first labeler waits on them, its
+    # results stored, when it is paused
+    fake.script(*[Hang(0.0)] * 8, Hang(5.0), Hang(5.0))
+    ttl = {"LABELER_LOCK_TTL_S": "3"}
+    args = _args(run_copy, fake, "--sample-per-layer", "12", "--concurrency", "2")
+    first_log = tmp_path / "first.log"
+    with first_log.open("ab") as out:
+        first = subprocess.Popen(args, env=_env(FIRST_KEY, **ttl), stdout=out, stderr=out)
+    try:
+        _wait_for("the first labeler's calls", lambda: _by(fake, FIRST_KEY) >= 10, first)
+        _pause_outside_a_transaction(first, run_copy)
+        sent_before_pause = _by(fake, FIRST_KEY)
+        # the second labeler waits for the paused one's lock to lapse, then labels it all
+        second = subprocess.run([*args, "--wait"], env=_env(SECOND_KEY, **ttl),
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert _count(run_copy, "SELECT count(*) FROM judgments WHERE status='ok'") == 48
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(120) == EXIT_USER, first_log.read_text()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert _by(fake, FIRST_KEY) == sent_before_pause  # not one call after it resumed
+    assert "took this run's lock" in first_log.read_text()
