@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,12 +21,18 @@ import pytest
 
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
-from labeler.review.catalog_index import INDEX_FILE, fts_query, open_index
+from labeler.review.catalog_index import (
+    INDEX_FILE,
+    SHOWN,
+    build_index,
+    fts_query,
+    open_index,
+)
 from labeler.review.queue import record_decision
 from labeler.run.data import RunData
 from tests.conftest import CollectedDemo, Tab
 from tests.test_bad_input import labeler
-from tests.test_first_hour import one_line_error
+from tests.test_first_hour import _labeler_on_small_disk, one_line_error
 from tests.test_review_web import _start, _stop, http
 
 if TYPE_CHECKING:
@@ -281,18 +291,190 @@ def test_the_index_is_kept_until_the_labels_change(labeled_copy: Path) -> None:
         record_decision(store, {"feature_id": feature, "reviewer": "bo", "action": "decide",
                                 "category": "domain", "domain_type": "code"})  # fmt: skip
         index = open_index(run, store, rules, on_build=builds.append)
+        assert index.conn is not None
         row = index.conn.execute(
             "SELECT category, label_source FROM features WHERE feature_id = ?", (feature,)
         ).fetchone()
         index.close()
-        assert builds == ["missing", "stale"] and row == ("domain", "human")
+        # a decision is caught up with, not rebuilt for
+        assert builds == ["missing"] and row == ("domain", "human")
         open_index(run, store, DisputeRules(min_detection=0.99), on_build=builds.append).close()
         assert builds[-1] == "stale"  # other dispute rules: other disputes
         (labeled_copy / INDEX_FILE).write_bytes(b"not a database")
         open_index(run, store, rules, on_build=builds.append).close()
-        assert builds[-1] == "stale" and len(builds) == 4
+        assert builds[-1] == "stale" and len(builds) == 3
     finally:
         store.close()
+
+
+def test_a_refreshed_row_is_the_row_a_build_writes(labeled_copy: Path) -> None:
+    """Decisions on every kind of feature, then each feature's row recomputed on its own
+    equals the row of a full build."""
+    run = RunData.open(labeled_copy)
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    rules = DisputeRules()
+    index = open_index(run, store, rules)
+    try:
+        planned = [r[0] for r in store.conn.execute("SELECT feature_id FROM planned")]
+        for i, feature in enumerate(planned[::7]):
+            category = ("language", "uninterpretable")[i % 2]
+            record_decision(store, {"feature_id": feature, "reviewer": f"r{i % 3}",
+                                    "category": category})  # fmt: skip
+        assert index.conn is not None
+        index.refresh(planned)
+        refreshed = index.conn.execute(f"SELECT {', '.join(SHOWN)} FROM features").fetchall()
+    finally:
+        index.close()
+    build_index(run, store, rules, labeled_copy / "rebuilt.sqlite")
+    store.close()
+    with closing(sqlite3.connect(labeled_copy / "rebuilt.sqlite")) as conn:
+        built = conn.execute(f"SELECT {', '.join(SHOWN)} FROM features").fetchall()
+    assert sorted(refreshed) == sorted(built)
+    assert sum(1 for row in built if row[SHOWN.index("label_source")] == "human") > 100
+
+
+def _served_copy(run: Path, *args: str) -> tuple[subprocess.Popen[str], Browsed]:
+    process, url = _start(run, "--port", "0", *args, stderr=run.parent / "server.log",
+                          command="browse")  # fmt: skip
+    return process, Browsed(url, run, {}, [], "")
+
+
+def _post(url: str, feature_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, _, raw = http(f"{url}api/feature/{feature_id}/decision", "POST", body)
+    answer: dict[str, Any] = json.loads(raw)
+    return status, answer
+
+
+def _stored(run: Path) -> list[tuple[str, str, str | None]]:
+    store = LabelStore(run / "labels.sqlite")
+    try:
+        return [(r.feature_id, r.reviewer, r.category) for r in store.reviews()]
+    finally:
+        store.close()
+
+
+def _features_by_layer(run: Path) -> dict[int, list[str]]:
+    with closing(sqlite3.connect(run / "labels.sqlite")) as conn:
+        rows = conn.execute("SELECT feature_id, layer FROM planned ORDER BY layer, idx")
+        out: dict[int, list[str]] = {}
+        for feature, layer in rows:
+            out.setdefault(int(layer), []).append(str(feature))
+    return out
+
+
+def test_a_decision_is_stored_once_whatever_happens_to_the_index(labeled_copy: Path) -> None:
+    """The index file replaced (as another `browse --rebuild` does) or deleted under a
+    running server: a decision is stored once, answered as stored, and the catalog
+    shows it; the page's retry of a decision (same key) stores nothing more."""
+    layers = _features_by_layer(labeled_copy)
+    first, second, third = layers[0][0], layers[1][0], layers[2][0]
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        index = labeled_copy / INDEX_FILE
+        copy = labeled_copy / "copy.sqlite"
+        shutil.copyfile(index, copy)
+        copy.replace(index)
+        status, answer = _post(browsed.url, first, {"category": "language", "reviewer": "ada"})
+        assert status == 201, answer
+        assert _stored(labeled_copy) == [(first, "ada", "language")]
+        index.unlink()
+        status, answer = _post(browsed.url, second, {"category": "uninterpretable",
+                                                     "reviewer": "bo"})  # fmt: skip
+        assert status == 201, answer
+        retried = {"category": "domain", "domain_type": "code", "reviewer": "cy",
+                   "decision_key": "a1b2"}  # fmt: skip
+        assert _post(browsed.url, third, retried)[0] == 201
+        status, answer = _post(browsed.url, third, retried)  # the answer was lost: sent again
+        assert status == 200 and answer["decision"]["category"] == "domain"
+        assert len(_stored(labeled_copy)) == 3
+        human = {r["feature_id"]: r["category"] for r in browsed.every(label_source="human")}
+        assert human == {first: "language", second: "uninterpretable", third: "domain"}
+        assert index.exists()
+    finally:
+        _stop(process)
+
+
+def test_decisions_by_any_writer_show_in_the_catalog(labeled_copy: Path) -> None:
+    """`labeler decide` (another process, any layer) while browse runs and while it is
+    stopped, and a decision in browse itself: the catalog shows all, after a restart
+    too."""
+    layers = _features_by_layer(labeled_copy)
+    by_decide = [layers[0][1], layers[2][3]]
+    in_browse, while_stopped = layers[1][2], layers[3][4]
+
+    def decide(feature: str) -> None:
+        done = labeler("decide", labeled_copy, feature, "--reviewer", "cy", "--category",
+                       "language")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        for feature in by_decide:
+            decide(feature)
+        assert _post(browsed.url, in_browse, {"category": "language", "reviewer": "ada"})[0] == 201
+        assert browsed.ids(label_source="human") == {*by_decide, in_browse}
+    finally:
+        _stop(process)
+    decide(while_stopped)
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        assert browsed.ids(label_source="human") == {*by_decide, in_browse, while_stopped}
+        assert browsed.ids(category="language") >= {*by_decide, in_browse, while_stopped}
+    finally:
+        _stop(process)
+
+
+def test_an_index_with_damaged_pages_is_rebuilt(labeled_copy: Path) -> None:
+    process, browsed = _served_copy(labeled_copy)
+    expected = browsed.every()
+    _stop(process)
+    index = labeled_copy / INDEX_FILE
+    data = bytearray(index.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16384] = b"\xa5" * 16384
+    index.write_bytes(bytes(data))
+    with closing(sqlite3.connect(index)) as conn:  # the meta row still reads
+        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] > 0
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        assert browsed.every() == expected
+        assert browsed.ids(q="reasoning")
+    finally:
+        _stop(process)
+
+
+def test_fifty_clients_deciding_at_once_are_all_stored(labeled_copy: Path) -> None:
+    features = [f for layer in _features_by_layer(labeled_copy).values() for f in layer][:50]
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        start = threading.Barrier(len(features))
+
+        def send(feature: str) -> int:
+            start.wait()
+            try:
+                return _post(browsed.url, feature, {"category": "language", "reviewer": "ada"})[0]
+            except OSError:  # a connection reset or refused
+                return -1
+
+        with ThreadPoolExecutor(len(features)) as pool:
+            statuses = list(pool.map(send, features))
+        searched = browsed.every(label_source="human")
+    finally:
+        _stop(process)
+    assert statuses == [201] * len(features)
+    assert sorted(f for f, _, _ in _stored(labeled_copy)) == sorted(features)
+    assert {r["feature_id"] for r in searched} == set(features)
+
+
+def test_a_full_disk_names_the_index(labeled_copy: Path) -> None:
+    index = labeled_copy / INDEX_FILE
+    line = one_line_error(
+        _labeler_on_small_disk(64_000, "browse", labeled_copy, "--port", "0"),
+        str(index), "free some disk space",
+    )  # fmt: skip
+    assert "labels.sqlite" not in line
+    assert not index.exists()
+    assert not [p for p in labeled_copy.iterdir() if ".partial" in p.name]
 
 
 def test_browse_without_labels_is_one_line(run_copy: Path) -> None:

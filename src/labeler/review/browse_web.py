@@ -13,7 +13,14 @@ Trusted Types) answers a few more routes:
 
 ``/feature/ID`` stays the review page of one feature (examples heat-highlighted, logit
 lens, every judgment and review, the output score, the decision form), so any feature in
-the catalog is a click from its review. A decision refreshes its layer's catalog rows.
+the catalog is a click from its review.
+
+The catalog's two routes are answered on a lane of their own, with the index's own
+connections, so a search never waits for the store's thread (a decision, a feature's
+page). A decision only writes the label store: the index catches up with every review
+in the store, whoever made it, before its next answer, recomputing the rows of the
+features reviewed since. Whatever happens to the index file, a decision is stored once
+and answered as stored.
 """
 
 from __future__ import annotations
@@ -34,11 +41,15 @@ from labeler.review.web import (
 from labeler.run.data import RunData
 
 BROWSE_PAGE = "browse_page.html"
+INDEX_LANE = "index"
+_INDEXED = frozenset({"/api/catalog", "/api/facets"})
 
 
 class CatalogApp(ReviewApp):
-    """The review app with the catalog in front; call it from the thread that opened
-    ``store`` and ``index``."""
+    """The review app with the catalog in front; catalog requests go to the ``index``
+    lane, the rest to the thread that opened ``store``."""
+
+    lanes = (INDEX_LANE,)
 
     def __init__(
         self,
@@ -60,6 +71,9 @@ class CatalogApp(ReviewApp):
             *self.routes[1:],
         ]
 
+    def lane(self, request: Request) -> str | None:
+        return INDEX_LANE if request.path in _INDEXED else None
+
     def _catalog_page(self, request: Request) -> Response:
         return self._page(200, self.browse_page)
 
@@ -72,12 +86,3 @@ class CatalogApp(ReviewApp):
 
     def _facets(self, request: Request) -> Response:
         return json_response(200, self.index.facets())
-
-    def _decide(self, request: Request, feature_id: str) -> Response:
-        response = super()._decide(request, feature_id)
-        if response.status == 201:
-            layer = self.store.conn.execute(
-                "SELECT layer FROM planned WHERE feature_id = ?", (feature_id,)
-            ).fetchone()
-            self.index.refresh_layer(self.run, self.store, self.rules, int(layer[0]))
-        return response

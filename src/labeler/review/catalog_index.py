@@ -2,12 +2,17 @@
 final label and what the catalog page filters and sorts by, and a full-text index over
 every judge's explanation and rationale, kept in ``RUN/browse-index.sqlite``.
 
-It is built once, from the same catalog lines ``labeler export`` writes, and kept while
-the run's labels stay the same: a fingerprint of the label store (judgments, reviews,
-output scores, planned features), the features table and the dispute rules is stored
-with it and compared at start-up, which takes milliseconds; a stale index is rebuilt in a
-temporary file and swapped in, so a killed build leaves the old one or none. A decision
-made in the browser refreshes its layer's rows at once.
+It is built once, from the same catalog lines ``labeler export`` writes. What it was
+built from is stored with it: a fingerprint of the judgments, output scores, planned
+features, the features table and the dispute rules, and the last review it holds
+(``reviews_synced``). The label store is append-only for reviews, so decisions made
+since, by anyone (this server, ``review --web``, ``labeler decide``, another process),
+are found by their id and only those features' rows are recomputed: at start-up and
+before every catalog answer. A changed fingerprint, an index that fails SQLite's
+``quick_check`` (damaged pages behind an intact meta row) or a store with fewer reviews
+than the index has seen means a rebuild, written to a temporary file and swapped in, so
+a killed build leaves the old index or none. A file replaced or deleted under a running
+server is noticed by its inode and reopened (or rebuilt).
 
 Full-text search uses SQLite's FTS5 with the ``porter`` stemmer ("hesitating" finds
 "hesitation"); a query's words are quoted (no FTS syntax leaks through), all must match,
@@ -21,27 +26,35 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
+from adapters.errors import UserError
+from adapters.outputs import is_no_room
 from collectors.run_format import FEATURES
 from labeler.labeling.store import LabelStore
 from labeler.reporting.catalog_lines import LayerReader
-from labeler.reporting.disputes import DisputeRules
+from labeler.reporting.disputes import DisputeRules, find_disputes
+from labeler.reporting.final_labels import final_labels
+from labeler.reporting.label_table import PLANNED_SCHEMA, REVIEW_SCHEMA, judgment_frame
 from labeler.run.data import RunData
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "browse-index.sqlite"
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
+SYNCED = "reviews_synced"  # the meta key: the id of the last review the rows include
 PER_PAGE = 50
 MAX_PER_PAGE = 500
 MAX_QUERY_WORDS = 16
+BUSY_TIMEOUT_S = 60.0  # another server on the same run may be writing the index
+_NO_ROOM = ("database or disk is full", "disk i/o error")
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,16 +112,41 @@ class BadQuery(ValueError):
 
 def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """From one layer's catalog lines (``LayerReader.lines``, without examples): the rows
-    of ``features`` (without ``id``) and each feature's searchable text.
-
-    The shown judge is the final label's judge for a judges' label, else the first judge
-    (by name) with an answer; its explanation and detection accuracy are shown."""
+    of ``features`` (without ``id``) and each feature's searchable text."""
     judged = (
         lines.select("feature_id", "label_source", "label_source_detail", "judgments")
         .explode("judgments")
         .unnest("judgments")
         .filter(pl.col("status") == "ok")
+        .select(
+            "feature_id", "label_source", "label_source_detail", "judge", "explanation",
+            "rationale", pl.col("detection").struct.field("accuracy").alias("detection"),
+        )
+    )  # fmt: skip
+    labels = lines.select(
+        "feature_id",
+        "layer",
+        pl.col("index").alias("idx"),
+        pl.col("final_label").struct.unnest(),
+        "label_source",
+        pl.col("activation_freq").alias("frequency"),
+        pl.col("activation_count").alias("count"),
+        pl.col("disputed").cast(pl.Int64),
+        pl.col("reviews").list.len().cast(pl.Int64).alias("reviews"),
+        pl.col("output_score")
+        .struct.field("significant")
+        .cast(pl.Int64)
+        .alias("output_significant"),
     )
+    return _shown_rows(labels, judged)
+
+
+def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The index rows and texts from each feature's label columns and its successful
+    judgments (one row each). The shown judge is the final label's judge for a judges'
+    label, else the first judge (by name) with an answer; its explanation and detection
+    accuracy are shown. Both the full build and the refresh of a few features come here,
+    so that they cannot differ."""
     chosen = pl.when(pl.col("label_source").is_in(["consensus", "single_judge"])).then(
         pl.col("label_source_detail")
     )
@@ -116,42 +154,97 @@ def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         judged.with_columns((pl.col("judge") != chosen).fill_null(True).alias("_later"))
         .sort("feature_id", "_later", "judge")
         .group_by("feature_id", maintain_order=True)
+        .agg(pl.col("judge").first(), pl.col("explanation").first(), pl.col("detection").first())
+    )
+    text = (
+        judged.sort("feature_id", "judge")
+        .group_by("feature_id")
         .agg(
-            pl.col("judge").first(),
-            pl.col("explanation").first(),
-            pl.col("detection").first().struct.field("accuracy").alias("detection"),
+            pl.col("explanation").drop_nulls().str.join(" \n "),
+            pl.col("rationale").drop_nulls().str.join(" \n "),
         )
     )
-    text = judged.group_by("feature_id").agg(
-        pl.col("explanation").drop_nulls().str.join(" \n "),
-        pl.col("rationale").drop_nulls().str.join(" \n "),
-    )
-    rows = (
-        lines.select(
-            "feature_id",
-            "layer",
-            pl.col("index").alias("idx"),
-            pl.col("final_label").struct.unnest(),
-            "label_source",
-            pl.col("activation_freq").alias("frequency"),
-            pl.col("activation_count").alias("count"),
-            pl.col("disputed").cast(pl.Int64),
-            pl.col("reviews").list.len().cast(pl.Int64).alias("reviews"),
-            pl.col("output_score")
-            .struct.field("significant")
-            .cast(pl.Int64)
-            .alias("output_significant"),
-        )
-        .join(shown, on="feature_id", how="left", maintain_order="left")
-        .select(SHOWN)
-    )
+    rows = labels.join(shown, on="feature_id", how="left", maintain_order="left").select(SHOWN)
     texts = rows.select("feature_id").join(text, on="feature_id", how="left", maintain_order="left")
     return rows, texts
 
 
+def _ids_json(feature_ids: Sequence[str]) -> str:
+    return json.dumps(list(feature_ids))
+
+
+_IN_IDS = "feature_id IN (SELECT value FROM json_each(?))"
+
+
+def changed_rows(
+    store: LabelStore, rules: DisputeRules, index: sqlite3.Connection, feature_ids: Sequence[str]
+) -> pl.DataFrame:
+    """The ``features`` rows (without ``id``) of a few features, recomputed from their own
+    judgments, reviews and output scores: a feature's label and disputes depend on those
+    alone. Frequency and count, from the features table, are kept from the index."""
+    ids = _ids_json(feature_ids)
+    planned = pl.DataFrame(
+        store.conn.execute(
+            f"SELECT feature_id, layer, idx FROM planned WHERE {_IN_IDS} ORDER BY layer, idx",
+            (ids,),
+        ).fetchall(),
+        schema=PLANNED_SCHEMA,
+        orient="row",
+    )
+    judgments = pl.concat(
+        [judgment_frame(store, full=True, feature_id=f) for f in planned["feature_id"]],
+        how="vertical_relaxed",
+    ) if planned.height else judgment_frame(store, full=True, feature_id="")  # fmt: skip
+    reviews = pl.DataFrame(
+        store.conn.execute(
+            "SELECT id, feature_id, reviewer, action, category, subcategory, mechanism, "
+            f"domain_type, note, decided_at FROM reviews WHERE {_IN_IDS} ORDER BY id",
+            (ids,),
+        ).fetchall(),
+        schema=REVIEW_SCHEMA,
+        orient="row",
+    )
+    final = final_labels(planned, judgments, reviews)
+    disputed = find_disputes(judgments, rules).select("feature_id", pl.lit(1).alias("disputed"))
+    kept = pl.DataFrame(
+        index.execute(
+            f"SELECT feature_id, frequency, count FROM features WHERE {_IN_IDS}", (ids,)
+        ).fetchall(),
+        schema={"feature_id": pl.String, "frequency": pl.Float64, "count": pl.Int64},
+        orient="row",
+    )
+    scored = pl.DataFrame(
+        store.conn.execute(
+            f"SELECT feature_id, significant FROM output_scores WHERE {_IN_IDS}", (ids,)
+        ).fetchall(),
+        schema={"feature_id": pl.String, "output_significant": pl.Int64},
+        orient="row",
+    )
+    counted = reviews.group_by("feature_id").agg(pl.len().cast(pl.Int64).alias("reviews"))
+    labels = (
+        final.rename({"index": "idx", "source": "label_source"})
+        .join(kept, on="feature_id", how="left")
+        .join(disputed, on="feature_id", how="left")
+        .join(counted, on="feature_id", how="left")
+        .join(scored, on="feature_id", how="left")
+        .with_columns(pl.col("disputed", "reviews").fill_null(0).cast(pl.Int64))
+    )
+    judged = (
+        judgments.filter(pl.col("status") == "ok")
+        .join(final.select("feature_id", pl.col("source").alias("label_source"),
+                           pl.col("source_detail").alias("label_source_detail")),
+              on="feature_id")
+        .select("feature_id", "label_source", "label_source_detail", "judge", "explanation",
+                "rationale", "detection")
+    )  # fmt: skip
+    rows, _ = _shown_rows(labels, judged)
+    return rows
+
+
 def fingerprint(run: RunData, store: LabelStore, rules: DisputeRules) -> dict[str, str]:
     """What the index was built from, cheaply: counts and latest times of the store's
-    tables (all indexed), the features table's size and time, the dispute rules."""
+    tables (all indexed), the features table's size and time, the dispute rules. Reviews
+    are not in it: they are caught up with by id (``SYNCED``)."""
     conn = store.conn
 
     def one(query: str) -> str:
@@ -162,11 +255,15 @@ def fingerprint(run: RunData, store: LabelStore, rules: DisputeRules) -> dict[st
         "version": INDEX_VERSION,
         "planned": one("SELECT count(*), max(feature_id) FROM planned"),
         "judgments": one("SELECT count(*), max(created_at) FROM judgments"),
-        "reviews": one("SELECT count(*), max(id) FROM reviews"),
         "output_scores": one("SELECT count(*), max(rowid) FROM output_scores"),
         "features": json.dumps([features.st_size, features.st_mtime_ns]),
         "rules": rules.model_dump_json(),
     }
+
+
+def last_review(store: LabelStore) -> int:
+    """The id of the latest review in the store (0: none)."""
+    return int(store.conn.execute("SELECT coalesce(max(id), 0) FROM reviews").fetchone()[0])
 
 
 def build_index(
@@ -177,56 +274,82 @@ def build_index(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write the index of every planned feature to ``path``, replacing it only once it is
-    whole. ``progress`` is told each layer's features."""
-    stamp = fingerprint(run, store, rules)
+    whole. ``progress`` is told each layer's features. A full disk is a UserError naming
+    ``path`` (SQLite's own message names no file)."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        with closing(sqlite3.connect(tmp)) as conn:
-            conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + _SCHEMA)
-            reader = LayerReader(run, store, rules, False, {"run": str(run.folder)}, None)
-            layers = [int(r[0]) for r in store.conn.execute(
-                "SELECT DISTINCT layer FROM planned ORDER BY layer")]  # fmt: skip
-            next_id = 1
-            for layer in layers:
-                rows, texts = index_rows(reader.lines(layer))
-                ids = range(next_id, next_id + rows.height)
-                next_id += rows.height
-                with conn:
-                    conn.executemany(
-                        f"INSERT INTO features VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        ((i, *row) for i, row in zip(ids, rows.iter_rows(), strict=True)),
-                    )
-                    conn.executemany(
-                        "INSERT INTO search (rowid, explanation, rationale) VALUES (?, ?, ?)",
-                        (
-                            (i, explanation or "", rationale or "")
-                            for i, (_, explanation, rationale) in zip(
-                                ids, texts.iter_rows(), strict=True
-                            )
-                        ),
-                    )
-                if progress is not None:
-                    progress(rows.height)
-            with conn:
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", stamp.items())
-            conn.execute("INSERT INTO search (search) VALUES ('optimize')")
-            conn.commit()
+        _write_index(run, store, rules, tmp, progress)
         tmp.replace(path)
+    except (sqlite3.DatabaseError, OSError) as exc:
+        if not (is_no_room(exc) or any(s in str(exc).lower() for s in _NO_ROOM)):
+            raise
+        raise UserError(
+            f"{path}: could not write the catalog index ({exc}); free some disk space and "
+            "start labeler browse again (the labels are not changed)"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _write_index(
+    run: RunData,
+    store: LabelStore,
+    rules: DisputeRules,
+    tmp: Path,
+    progress: Callable[[int], None] | None,
+) -> None:
+    # taken before the reviews are read: a review made meanwhile is caught up with later
+    stamp = fingerprint(run, store, rules) | {SYNCED: str(last_review(store))}
+    tmp.unlink(missing_ok=True)
+    with closing(sqlite3.connect(tmp)) as conn:
+        conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + _SCHEMA)
+        reader = LayerReader(run, store, rules, False, {"run": str(run.folder)}, None)
+        layers = [int(r[0]) for r in store.conn.execute(
+            "SELECT DISTINCT layer FROM planned ORDER BY layer")]  # fmt: skip
+        next_id = 1
+        for layer in layers:
+            rows, texts = index_rows(reader.lines(layer))
+            ids = range(next_id, next_id + rows.height)
+            next_id += rows.height
+            with conn:
+                conn.executemany(
+                    f"INSERT INTO features VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    ((i, *row) for i, row in zip(ids, rows.iter_rows(), strict=True)),
+                )
+                conn.executemany(
+                    "INSERT INTO search (rowid, explanation, rationale) VALUES (?, ?, ?)",
+                    (
+                        (i, explanation or "", rationale or "")
+                        for i, (_, explanation, rationale) in zip(
+                            ids, texts.iter_rows(), strict=True
+                        )
+                    ),
+                )
+            if progress is not None:
+                progress(rows.height)
+        with conn:
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", stamp.items())
+        conn.execute("INSERT INTO search (search) VALUES ('optimize')")
+        conn.commit()
+
+
 def index_is_current(run: RunData, store: LabelStore, rules: DisputeRules, path: Path) -> bool:
-    """Whether ``path`` holds a whole index built from the run as it is now."""
+    """Whether ``path`` holds a whole, undamaged index built from the run as it is now
+    (reviews aside: those are caught up with)."""
     if not path.exists():
         return False
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError:
+            synced = stored.pop(SYNCED, None)
+            if stored != fingerprint(run, store, rules) or synced is None:
+                return False
+            if int(synced) > last_review(store):  # another store, or reviews went missing
+                return False
+            # damaged pages behind an intact meta row answer only when read
+            return [r[0] for r in conn.execute("PRAGMA quick_check")] == ["ok"]
+    except (sqlite3.DatabaseError, ValueError):
         return False
-    return stored == fingerprint(run, store, rules)
 
 
 def fts_query(text: str) -> str | None:
@@ -349,74 +472,164 @@ class CatalogQuery:
         return (" AND ".join(parts) or "1"), args
 
 
-class CatalogIndex:
-    """The index of one run, open for queries (on the thread that opened it)."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is now (device, inode); None when there is none."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
-    def __init__(self, path: Path) -> None:
+
+class CatalogIndex:
+    """The index of one run, open for queries and kept in step with the label store. It
+    reads the store through a connection of its own, so it may run on a thread other than
+    the one deciding; use it from one thread at a time."""
+
+    def __init__(self, run: RunData, store_path: Path, rules: DisputeRules, path: Path) -> None:
+        self.run = run
+        self.rules = rules
         self.path = path
-        self.conn = sqlite3.connect(path)
+        self.store = LabelStore(store_path)
+        self.conn: sqlite3.Connection | None = None
+        self._opened: tuple[int, int] | None = None  # the file the connection is to
+        self._suspect = False  # a failure was seen: check the file before trusting it
         self._facets: dict[str, list[dict[str, Any]]] | None = None
 
     def close(self) -> None:
-        self.conn.close()
+        self._drop()
+        self.store.close()
 
-    def query(self, q: CatalogQuery) -> dict[str, Any]:
-        """One page of features matching ``q``, and how many match in all."""
-        where, args = q.where()
-        total = self.conn.execute(f"SELECT count(*) FROM features WHERE {where}", args).fetchone()
-        direction = "DESC" if q.descending else "ASC"
-        order = ", ".join(
-            f"{c} IS NULL, {c} {direction}" if c in ("detection", "frequency", "category")
-            else f"{c} {direction}"
-            for c in SORTS[q.sort]
-        )  # fmt: skip
-        rows = self.conn.execute(
-            f"SELECT {', '.join(SHOWN)} FROM features WHERE {where} ORDER BY {order} "
-            "LIMIT ? OFFSET ?",
-            [*args, q.per_page, (q.page - 1) * q.per_page],
-        ).fetchall()
-        return {
-            "total": int(total[0]),
-            "page": q.page,
-            "per_page": q.per_page,
-            "features": [dict(zip(SHOWN, row, strict=True)) for row in rows],
-        }
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self._opened, self._facets = None, None, None
 
-    def facets(self) -> dict[str, list[dict[str, Any]]]:
-        """Each filterable field's values with their feature counts."""
-        if self._facets is None:
-            self._facets = {
-                name: [
-                    {"value": value, "count": count}
-                    for value, count in self.conn.execute(
-                        f"SELECT {name}, count(*) FROM features GROUP BY {name} ORDER BY {name}"
-                    )
-                ]
-                for name in FACETS
-            }
-            total = self.conn.execute("SELECT count(*) FROM features").fetchone()[0]
-            self._facets["total"] = [{"value": None, "count": int(total)}]
-        return self._facets
+    def open(self, checked: bool = False) -> sqlite3.Connection:
+        """The connection to the index file as it is now: reopened when the file was
+        replaced (another ``browse --rebuild``), rebuilt when it is missing, stale or
+        fails its check (skipped when the caller just ``checked`` it)."""
+        now = _identity(self.path)
+        if self.conn is not None and now == self._opened and not self._suspect:
+            return self.conn
+        self._drop()
+        trusted = checked and now is not None
+        if not trusted and not index_is_current(self.run, self.store, self.rules, self.path):
+            log.warning("%s is %s; rebuilding it", self.path, "missing" if now is None
+                        else "stale or damaged")  # fmt: skip
+            build_index(self.run, self.store, self.rules, self.path)
+        self._opened = _identity(self.path)  # before connecting: a later swap is noticed
+        self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        self._suspect = False
+        return self.conn
 
-    def refresh_layer(
-        self, run: RunData, store: LabelStore, rules: DisputeRules, layer: int
-    ) -> None:
-        """Rebuild one layer's rows from the store (after a decision); their text (the
-        judges' answers) does not change. The stored fingerprint takes the new reviews."""
-        reader = LayerReader(run, store, rules, False, {"run": str(run.folder)}, None)
-        rows, _ = index_rows(reader.lines(layer))
+    def sync(self) -> sqlite3.Connection:
+        """The open index with every review in the store so far: the rows of the features
+        reviewed since it was last brought up to date are recomputed (by any writer)."""
+        conn = self.open()
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNCED,)).fetchone()
+        synced, latest = int(row[0]), last_review(self.store)
+        if latest == synced:
+            return conn
+        if latest < synced:  # the store was replaced: its reviews are not the ones indexed
+            self._suspect = True
+            return self.open()
+        reviewed = [r[0] for r in self.store.conn.execute(
+            "SELECT DISTINCT feature_id FROM reviews WHERE id > ? AND id <= ?", (synced, latest)
+        )]  # fmt: skip
+        self.refresh(reviewed, synced=latest)
+        return conn
+
+    def refresh(self, feature_ids: Sequence[str], synced: int | None = None) -> None:
+        """Recompute these features' rows (their text, the judges' answers, is kept);
+        ``synced``: the review id they now include."""
+        conn = self.open()
+        rows = changed_rows(self.store, self.rules, conn, feature_ids)
         names = [c for c in SHOWN if c != "feature_id"]
         assignments = ", ".join(f"{c} = ?" for c in names)
-        with self.conn:
-            self.conn.executemany(
+        with conn:
+            conn.executemany(
                 f"UPDATE features SET {assignments} WHERE feature_id = ?",
                 ((*row[1:], row[0]) for row in rows.select("feature_id", *names).iter_rows()),
             )
-            stamp = fingerprint(run, store, rules)
-            self.conn.execute(
-                "UPDATE meta SET value = ? WHERE key = 'reviews'", (stamp["reviews"],)
-            )
+            if synced is not None:
+                conn.execute("UPDATE meta SET value = ? WHERE key = ?", (str(synced), SYNCED))
         self._facets = None
+
+    def _answer(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``read`` on the index brought up to date. A failure to bring it up to date (a
+        full disk, a file swapped meanwhile) is logged and the index checked again (and
+        rebuilt if need be); a query that still cannot catch up is answered from the rows
+        as they are. A read that fails (pages damaged while open) is retried once on the
+        checked file."""
+        for attempt in (1, 2):
+            try:
+                conn = self._current()
+                return read(conn)
+            except sqlite3.DatabaseError as exc:
+                if attempt == 2:
+                    raise
+                log.warning("reading %s failed (%s); checking it", self.path, exc)
+                self._suspect = True
+        raise AssertionError("unreachable")
+
+    def _current(self) -> sqlite3.Connection:
+        try:
+            return self.sync()
+        except sqlite3.DatabaseError as exc:
+            log.warning("could not bring %s up to date (%s); checking it", self.path, exc)
+            self._suspect = True
+        try:
+            return self.sync()
+        except sqlite3.DatabaseError as exc:
+            log.warning("%s stays behind the label store (%s)", self.path, exc)
+            return self.open()
+
+    def query(self, q: CatalogQuery) -> dict[str, Any]:
+        """One page of features matching ``q``, and how many match in all."""
+        return self._answer(lambda conn: _page(conn, q))
+
+    def facets(self) -> dict[str, list[dict[str, Any]]]:
+        """Each filterable field's values with their feature counts (kept until a row
+        changes)."""
+        self._facets = self._answer(lambda conn: self._facets or _facets(conn))
+        return self._facets
+
+
+def _page(conn: sqlite3.Connection, q: CatalogQuery) -> dict[str, Any]:
+    where, args = q.where()
+    total = conn.execute(f"SELECT count(*) FROM features WHERE {where}", args).fetchone()
+    direction = "DESC" if q.descending else "ASC"
+    order = ", ".join(
+        f"{c} IS NULL, {c} {direction}" if c in ("detection", "frequency", "category")
+        else f"{c} {direction}"
+        for c in SORTS[q.sort]
+    )  # fmt: skip
+    rows = conn.execute(
+        f"SELECT {', '.join(SHOWN)} FROM features WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*args, q.per_page, (q.page - 1) * q.per_page],
+    ).fetchall()
+    return {
+        "total": int(total[0]),
+        "page": q.page,
+        "per_page": q.per_page,
+        "features": [dict(zip(SHOWN, row, strict=True)) for row in rows],
+    }
+
+
+def _facets(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
+    facets = {
+        name: [
+            {"value": value, "count": count}
+            for value, count in conn.execute(
+                f"SELECT {name}, count(*) FROM features GROUP BY {name} ORDER BY {name}"
+            )
+        ]
+        for name in FACETS
+    }
+    total = conn.execute("SELECT count(*) FROM features").fetchone()[0]
+    facets["total"] = [{"value": None, "count": int(total)}]
+    return facets
 
 
 def open_index(
@@ -427,8 +640,8 @@ def open_index(
     progress: Callable[[int], None] | None = None,
     on_build: Callable[[str], object] | None = None,
 ) -> CatalogIndex:
-    """The run's index, built first when missing, stale or asked for (``on_build`` is told
-    why before it starts)."""
+    """The run's index, built first when missing, stale, damaged or asked for
+    (``on_build`` is told why before it starts), and caught up with the reviews."""
     path = run.folder / INDEX_FILE
     if rebuild or not index_is_current(run, store, rules, path):
         why = "asked to" if rebuild else ("stale" if path.exists() else "missing")
@@ -436,4 +649,7 @@ def open_index(
         if on_build is not None:
             on_build(why)
         build_index(run, store, rules, path, progress)
-    return CatalogIndex(path)
+    index = CatalogIndex(run, store.path, rules, path)
+    index.open(checked=True)
+    index.sync()
+    return index

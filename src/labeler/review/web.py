@@ -9,13 +9,18 @@ over :mod:`labeler.review.queue`:
   first, each with its preferred judge's explanation;
 - ``GET /api/feature/ID``: everything about one feature, with ``disagreement``;
 - ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
-  ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it,
-  every decision on the feature and whether the reviewers disagree.
+  ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it
+  (201), every decision on the feature and whether the reviewers disagree. A
+  ``decision_key`` the page sends with it makes a repeated request (the page's retry
+  after an answer it never got) answer the decision already stored (200) instead of
+  storing it again.
 
 The label store's SQLite connection belongs to the thread that opened it, so the HTTP
 server reads requests on threads of its own (an idle connection a browser opens ahead of
-time never blocks it) and hands each one to the thread that called :func:`serve`, which
-does all the store work, one request at a time.
+time never blocks it; the listen backlog takes bursts of clients) and hands each one to
+the thread that called :func:`serve`, which does all the store work, one request at a
+time. An app may answer some requests on a lane of its own (the catalog browser's
+searches), a thread that never waits for the store's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import secrets
 import signal
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -53,8 +59,12 @@ MAX_BODY = 64 * 1024
 DISCARD_LIMIT = 16 * MAX_BODY  # a larger refused body is not read: the connection closes
 REQUEST_TIMEOUT_S = 120.0
 IDLE_CONNECTION_S = 30
+LISTEN_BACKLOG = 512  # connections the kernel holds until they are accepted
 DECISION_FIELDS = ("action", "category", "subcategory", "mechanism", "domain_type", "note",
                    "reviewer")  # fmt: skip
+DECISION_KEY = "decision_key"
+MAX_KEY = 100
+ANSWERED_KEYS = 10_000  # the decisions by key remembered (oldest forgotten first)
 _CHOICE_FIELDS = ("category", "subcategory", "mechanism", "domain_type")
 _JSON = "application/json; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
@@ -140,7 +150,10 @@ Route = tuple[re.Pattern[str], dict[str, Callable[..., Response]]]
 
 class ReviewApp:
     """The review server's answers without the HTTP: ``handle`` turns a request into a
-    response. Call it only from the thread that opened ``store``."""
+    response. Call it only from the thread that opened ``store``, except for requests
+    that ``lane`` sends elsewhere."""
+
+    lanes: tuple[str, ...] = ()  # threads of its own, besides the store's, that answer
 
     def __init__(
         self,
@@ -158,6 +171,7 @@ class ReviewApp:
         self.catalog = False  # whether "/" is the catalog (labeler browse) or the queue
         self.page = read_page()
         self.hosts: frozenset[str] = frozenset()
+        self._answered: OrderedDict[tuple[str, str], ReviewDecision] = OrderedDict()
         self.routes: list[Route] = [
             (re.compile(r"/"), {"GET": self._index}),
             (re.compile(r"/feature/([^/]+)"), {"GET": self._feature_page}),
@@ -171,6 +185,10 @@ class ReviewApp:
         """Answer only requests addressed to this port on the loopback interface (a page
         elsewhere that rebinds its own name to 127.0.0.1 gets nothing)."""
         self.hosts = frozenset({f"{HOST}:{port}", f"localhost:{port}"})
+
+    def lane(self, request: Request) -> str | None:
+        """Which of ``lanes`` answers ``request``; None: the store's thread."""
+        return None
 
     def handle(self, request: Request) -> Response:
         try:
@@ -256,7 +274,7 @@ class ReviewApp:
             )
         if not isinstance(body, dict):
             return error_response(400, "the body must be a JSON object")
-        unknown = sorted(set(body) - set(DECISION_FIELDS) - {"feature_id"})
+        unknown = sorted(set(body) - set(DECISION_FIELDS) - {"feature_id", DECISION_KEY})
         if unknown:
             return error_response(
                 400, f"unknown field {unknown[0]!r}; expected {', '.join(DECISION_FIELDS)}",
@@ -279,6 +297,14 @@ class ReviewApp:
                 400, "reviewer: a reviewer name is needed (send one, or start the server "
                 "with --reviewer NAME)", field="reviewer",
             )  # fmt: skip
+        key = body.get(DECISION_KEY)
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
+            return error_response(
+                400, f"{DECISION_KEY}: must be a string of 1 to {MAX_KEY} characters",
+                field=DECISION_KEY,
+            )  # fmt: skip
+        if key is not None and (feature_id, key) in self._answered:
+            return self._decided(200, self._answered[feature_id, key])
         fields: dict[str, object] = {k: v for k, v in body.items() if k in DECISION_FIELDS}
         for name in _CHOICE_FIELDS:  # an unset select sends ""
             if fields.get(name) == "":
@@ -291,8 +317,17 @@ class ReviewApp:
         except UserError as exc:
             return error_response(400, str(exc))
         log.info("%s: %s %s by %s", feature_id, decision.action, decision.category or "", reviewer)
-        reviews = self.store.reviews(feature_id)
-        return json_response(201, {
+        if key is not None:
+            self._answered[feature_id, key] = decision
+            while len(self._answered) > ANSWERED_KEYS:
+                self._answered.popitem(last=False)
+        return self._decided(201, decision)
+
+    def _decided(self, status: int, decision: ReviewDecision) -> Response:
+        """The answer to a stored decision: it, every decision on its feature and whether
+        the reviewers disagree."""
+        reviews = self.store.reviews(decision.feature_id)
+        return json_response(status, {
             "decision": decision.model_dump(mode="json"),
             "reviews": [r.model_dump(mode="json") for r in reviews],
             "disagreement": reviewers_disagree(reviews),
@@ -346,6 +381,7 @@ class _OwnerThread:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], answer: Callable[[Request], Response]) -> None:
         super().__init__(address, _Handler)
@@ -480,9 +516,15 @@ def serve(
     answers (the catalog browser's), made on this thread; by default the review page's."""
     app = app or ReviewApp(run, store, rules, reviewer, include_decided)
     owner = _OwnerThread()
+    lanes = {name: _OwnerThread() for name in app.lanes}
     _hear_ctrl_c()
+
+    def answer(request: Request) -> Response:
+        lane = lanes.get(app.lane(request) or "", owner)
+        return lane.call(lambda: app.handle(request))
+
     try:
-        server = _Server((HOST, port), lambda request: owner.call(lambda: app.handle(request)))
+        server = _Server((HOST, port), answer)
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise UserError(
@@ -490,10 +532,15 @@ def serve(
         ) from None
     app.bind(server.server_port)
     url = f"http://{HOST}:{server.server_port}/"
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="review-web", daemon=True
-    )
-    thread.start()
+    stopped = threading.Event()
+    threads = [
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="review-web", daemon=True),
+        *(threading.Thread(target=lane.run, args=(stopped,), name=f"review-{name}", daemon=True)
+          for name, lane in lanes.items()),
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
     log.info("review page at %s", url)
     try:
         if on_ready is not None:
@@ -502,7 +549,10 @@ def serve(
     except KeyboardInterrupt:
         log.info("review page stopped")
     finally:
-        owner.close()
+        for lane in (owner, *lanes.values()):
+            lane.close()
+        stopped.set()
         server.shutdown()
         server.server_close()
-        thread.join()
+        for thread in threads:
+            thread.join()
