@@ -5,6 +5,7 @@ resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ import pytest
 from tests.fake_llm import FakeLLMServer, Hang, RateLimited, oracle
 from tests.fleet import BIN
 
-JUDGE = "openai:fake-model"
+JUDGE = "openai:gpt-5-mini"
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
 FIRST_KEY, SECOND_KEY = "sk-stopping-first-labeler-0001", "sk-stopping-second-labeler-0002"
 
@@ -132,3 +133,40 @@ def test_a_labeler_resumed_after_losing_its_lock_sends_nothing(
             first.kill()
     assert _by(fake, FIRST_KEY) == sent_before_pause  # not one call after it resumed
     assert "took this run's lock" in first_log.read_text()
+
+
+def test_calls_in_flight_at_a_kill_are_counted_in_the_cost(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    # six calls answered, then two that hang while the labeler is killed: the provider
+    # bills them, the labeler never reads their replies
+    fake.script(*[Hang(0.0)] * 6, Hang(3.0), Hang(3.0))
+    args = _args(run_copy, fake, "--sample-per-layer", "2", "--concurrency", "2")
+    log = tmp_path / "labeler.log"
+    with log.open("ab") as out:
+        first = subprocess.Popen(args, env=_env(), stdout=out, stderr=out)
+    try:
+        _wait_for("the hanging calls", lambda: len(fake.requests) >= 8, first)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 calls were sent by a labeler" in again.stderr
+    status = subprocess.run([str(BIN / "labeler"), "status", str(run_copy), "--json"],
+                            env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    (judge,) = json.loads(status.stdout)
+    billed = sum(1 for r in fake.requests if r.status == 200)
+    assert judge["unanswered_calls"] == 2
+    assert judge["usage"]["calls"] == billed  # every billed call is in the reported usage
+    assert judge["cost_usd"] > 0
+    assert not (run_copy / "calls-in-flight.log").exists() or _journal_balanced(run_copy)
+
+
+def _journal_balanced(run: Path) -> bool:
+    from labeler.labeling.call_journal import unanswered
+
+    return unanswered(run) == []

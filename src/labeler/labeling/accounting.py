@@ -4,9 +4,11 @@ before it runs (``labeler label --dry-run``)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
@@ -19,9 +21,12 @@ from labeler.judges.prompting import (
     detection_snippets,
     explain_prompt,
 )
+from labeler.labeling.call_journal import forget, unanswered
 from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
 from labeler.run.schemas import Snippet, Usage
+
+log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4.0
 ESTIMATE_SAMPLE = 20
@@ -46,6 +51,11 @@ class JudgeStatus(BaseModel):
     running: int | None = Field(None, description="features (local) or stage tasks (fleet)")
     throughput_per_s: float | None = Field(None, description="over the last 5 minutes")
     eta_s: float | None = Field(None, description="pending / throughput")
+    unanswered_calls: int = Field(
+        0,
+        description="calls a killed labeler had sent and never heard back from: billed, "
+        "their usage and cost estimated and included above",
+    )
 
 
 THROUGHPUT_WINDOW_S = 300.0
@@ -85,6 +95,10 @@ def judge_status(store: LabelStore, judge: str, n_planned: int) -> JudgeStatus:
         for stage, u in usage.items():
             by_stage[stage] = by_stage.get(stage, Usage()) + u
         costs.append(cost)
+    unanswered = store.unanswered(judge)
+    for stage, u, cost in unanswered:  # estimated: sent by a labeler killed before the reply
+        by_stage[stage] = by_stage.get(stage, Usage()) + u
+        costs.append(cost)
     known = [c for c in costs if c is not None]
     total = sum(known) if known or not costs else None
     failed = sum(failed_kinds.values())
@@ -99,6 +113,7 @@ def judge_status(store: LabelStore, judge: str, n_planned: int) -> JudgeStatus:
         usage_by_stage=by_stage,
         cost_usd=total,
         cost_per_labeled_usd=total / labeled if total is not None and labeled else None,
+        unanswered_calls=len(unanswered),
     )
 
 
@@ -209,3 +224,25 @@ def _batchable(judge: LLMJudge) -> bool:
     from labeler.judges.batch_api import batch_api
 
     return batch_api(judge.backend) is not None
+
+
+def count_unanswered(store: LabelStore, judges: Sequence[Judge]) -> int:
+    """Store the calls the run's journal holds as sent and never answered (a labeler
+    killed with calls in flight), their cost estimated with the judge's prices, then
+    start the journal afresh; how many. Called under the run's lock, before any call."""
+    folder = store.path.parent
+    calls = unanswered(folder)
+    by_name = {j.name: j for j in judges}
+    for call in calls:
+        output = DEFAULT_OUTPUT_TOKENS.get(call.stage, 0)
+        usage = Usage(calls=1, input_tokens=call.input_tokens, output_tokens=output)
+        judge = by_name.get(call.judge)
+        cost = judge.cost({call.stage: usage}) if isinstance(judge, LLMJudge) else None
+        store.add_unanswered(call.judge, call.stage, usage, cost)
+    forget(folder)
+    if calls:
+        log.warning(
+            "%d calls were sent by a labeler of %s that stopped before their replies came: "
+            "billed, they are counted in its cost (estimated)", len(calls), folder,
+        )  # fmt: skip
+    return len(calls)

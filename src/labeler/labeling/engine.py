@@ -186,7 +186,8 @@ class Engine:
         planned = [fid for fid, _, _ in selection.features]
         done = {judge: self.store.done(judge) for judge in self.hashes}
         for judge, tally in self.tally.items():
-            tally.planned, tally.skipped = len(planned), len(done[judge])
+            tally.planned = len(planned)
+            tally.skipped = sum(1 for fid in planned if fid in done[judge])
         self.store.set_meta("executor", self.executor)
         _ = self.run.negative_pool  # read once here
         return [(fid, j) for fid in planned for j in self.hashes if fid not in done[j]]

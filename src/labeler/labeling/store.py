@@ -30,7 +30,7 @@ from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
-STORE_SCHEMA_VERSION = 8
+STORE_SCHEMA_VERSION = 9
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -125,6 +125,13 @@ CREATE TABLE IF NOT EXISTS output_scores (
     significant INTEGER NOT NULL,
     made_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS unanswered_calls (
+    judge TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    usage TEXT NOT NULL,
+    cost_usd REAL,
+    noted_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS run_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     token TEXT NOT NULL,
@@ -172,6 +179,7 @@ _MIGRATIONS = {
     6: (),  # the run_lock table is created if missing
     7: (),  # the replies, batches and batch_requests tables are created if missing
     8: (),  # the output_scores table is created if missing
+    9: (),  # the unanswered_calls table is created if missing
 }
 
 
@@ -434,6 +442,22 @@ class LabelStore:
                 (json.dumps({k: u.model_dump() for k, u in total.items()}), cost, feature_id,
                  judge),
             )  # fmt: skip
+
+    def add_unanswered(self, judge: str, stage: str, usage: Usage, cost_usd: float | None) -> None:
+        """Count a call sent by a labeler that was killed before its reply came (its
+        usage and cost estimated)."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO unanswered_calls VALUES (?, ?, ?, ?, ?)",
+                (judge, stage, usage.model_dump_json(), cost_usd, time.time()),
+            )
+
+    def unanswered(self, judge: str) -> list[tuple[str, Usage, float | None]]:
+        """(stage, estimated usage, estimated cost) of each unanswered call of ``judge``."""
+        rows = self.conn.execute(
+            "SELECT stage, usage, cost_usd FROM unanswered_calls WHERE judge=?", (judge,)
+        )
+        return [(str(stage), Usage.model_validate_json(u), c) for stage, u, c in rows]
 
     def accounting(
         self, judge: str

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 from labeler.judges import Judge
 from labeler.judges.stages import StageName, StageOutcome
+from labeler.labeling.accounting import count_unanswered
+from labeler.labeling.call_journal import CallJournal
 from labeler.labeling.engine import Engine, LabelReport, Unit
 from labeler.labeling.guard import LabelingGuard
 from labeler.labeling.interrupts import Interrupts
@@ -104,7 +106,17 @@ class _Local:
         todo = self.engine.plan()
         if self.on_start is not None:
             self.on_start(len(todo))
+        count_unanswered(self.engine.store, list(self.judges.values()))
+        journal = CallJournal(self.engine.store.path.parent)
+        try:
+            await self._run(todo, journal)
+        finally:
+            journal.close()
+
+    async def _run(self, todo: list[tuple[str, str]], journal: CallJournal) -> None:
         for judge in self.judges.values():
+            if hasattr(judge, "calls"):
+                judge.calls = journal
             judge.limit_requests(self.concurrency)
             if hasattr(judge, "replies"):
                 judge.replies = self.engine.reply_cache()
