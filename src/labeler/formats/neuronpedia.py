@@ -23,14 +23,19 @@ quantiles; random examples carry none). Dead features and features without examp
 left out (the route needs at least one activation).
 
 Neuronpedia keeps no categories or scores, so each judge's explanation (the final label's
-judge first) carries them in its text, at most 512 characters::
+judge first) carries them in its text, at most 512 UTF-16 code units (Neuronpedia measures a
+text as JavaScript does: a character beyond the Basic Multilingual Plane, such as a math
+italic letter, counts two)::
 
     EXPLANATION [label: CATEGORY/SUBCATEGORY, MECHANISM, DOMAIN_TYPE; source: SOURCE;
     detection: 0.83]   (on one line)
 
 where the label is the feature's final label (parts that are null left out), SOURCE is where
 it came from (``human``, ``consensus``, ``single_judge``) and the detection accuracy is that
-judge's; an explanation too long for the tag is cut and ends in ``…``.
+judge's; an explanation too long for the tag is cut between characters and ends in ``…``.
+
+Neuronpedia requires every token to be a non-empty string, so an empty token (a special
+token decoded to nothing) is written as EMPTY_TOKEN, ``␀``, in activations and logit lists.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ MAX_FEATURES = 128  # per upload request
 MAX_LOGITS = 20
 MAX_TEXT = 512
 MAX_TOKENS = 1024
+EMPTY_TOKEN = "\u2400"  # ␀ (SYMBOL FOR NULL): what an empty token is written as
 UPLOAD_DIR = "upload"
 IMPORT_DIR = "import"
 MODEL_ID = re.compile(r"[a-z][a-z0-9.-]*[a-z0-9]|[a-z]")  # Neuronpedia's /api/model/new
@@ -91,13 +97,53 @@ def label_tag(label: dict[str, Any], source: str, detection: float | None) -> st
     return f"[label: {', '.join(parts)}; source: {source}; detection: {score}]"
 
 
+def utf16_units(text: str) -> int:
+    """The length of ``text`` as Neuronpedia checks it (a JavaScript string's): UTF-16 code
+    units, two for each character beyond the Basic Multilingual Plane."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def shorten(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` if it is at most ``limit`` UTF-16 code units, else as much of it as fits
+    with ``…`` after it. The cut falls between characters (Python's are code points), so it
+    never splits a surrogate pair."""
+    if len(text) * 2 <= limit or utf16_units(text) <= limit:
+        return text
+    units = 0
+    for end, char in enumerate(text):
+        units += 2 if ord(char) > 0xFFFF else 1
+        if units > limit - 1:  # one unit left for the ellipsis
+            return text[:end].rstrip() + "…"
+    return text  # not reached: the text is longer than the limit
+
+
+def shorten_all(texts: pl.Series, limit: int = MAX_TEXT) -> pl.Series:
+    """Each of ``texts`` through ``shorten``; only those over ``limit // 2`` characters can
+    be too long, so only they are looked at one by one."""
+    long = (texts.str.len_chars() > limit // 2).fill_null(False)
+    if not long.any():
+        return texts
+    values = texts.to_list()
+    for i in long.arg_true().to_list():
+        values[i] = shorten(values[i], limit)
+    return pl.Series(texts.name, values, dtype=pl.String)
+
+
+def visible(token: pl.Expr) -> pl.Expr:
+    """``token`` (a string expression), EMPTY_TOKEN where it is empty or null."""
+    return pl.when(token.fill_null("") == "").then(pl.lit(EMPTY_TOKEN)).otherwise(token)
+
+
+def visible_tokens(tokens: pl.Expr) -> pl.Expr:
+    """A list of tokens with each empty one written as EMPTY_TOKEN."""
+    return tokens.list.eval(visible(pl.element()))
+
+
 def explanation_text(explanation: str, tag: str) -> str:
-    """``explanation`` and ``tag`` in at most MAX_TEXT characters, the explanation cut first."""
-    room = MAX_TEXT - len(tag) - 1
-    text = " ".join(explanation.split())
-    if len(text) > room:
-        text = text[: max(room - 1, 0)].rstrip() + "…"
-    return f"{text} {tag}"
+    """``explanation`` and ``tag`` in at most MAX_TEXT UTF-16 code units, the explanation
+    cut first."""
+    room = MAX_TEXT - utf16_units(tag) - 1
+    return f"{shorten(' '.join(explanation.split()), max(room, 1))} {tag}"
 
 
 def _pairs(frame: pl.DataFrame, tokens: str, values: str, name: str) -> pl.DataFrame:
@@ -114,6 +160,7 @@ def _pairs(frame: pl.DataFrame, tokens: str, values: str, name: str) -> pl.DataF
         lists.with_columns(pl.col(tokens).list.head(n), pl.col(values).list.head(n))
         .explode(tokens, values)
         .drop_nulls(tokens)
+        .with_columns(visible(pl.col(tokens)).alias(tokens))
         .group_by("index", maintain_order=True)
         .agg(pl.struct(pl.col(tokens).alias("token"), pl.col(values).alias("value")).alias(name))
     )
@@ -152,7 +199,7 @@ def _activation_lists(lines: pl.DataFrame, n_quantiles: int) -> pl.DataFrame:
     )
     low, high, share = group_fields(n_quantiles)
     entry = pl.struct(
-        pl.col("tokens").list.head(MAX_TOKENS),
+        visible_tokens(pl.col("tokens").list.head(MAX_TOKENS)),
         pl.col("acts").list.head(MAX_TOKENS).cast(pl.List(pl.Float64)).alias("values"),
         low.alias("quantileMin"),
         high.alias("quantileMax"),

@@ -35,7 +35,13 @@ import polars as pl
 
 from collectors.run_format import FEATURES
 from labeler.formats.catalog import LayerReader
-from labeler.formats.neuronpedia import MAX_TEXT, MAX_TOKENS, group_fields, label_tag
+from labeler.formats.neuronpedia import (
+    MAX_TOKENS,
+    group_fields,
+    label_tag,
+    shorten_all,
+    visible_tokens,
+)
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.run.data import RunData
@@ -216,6 +222,7 @@ class _LayerWriter:
 
     def _features(self, part: pl.DataFrame, source: str) -> pl.DataFrame:
         floats, ints = pl.lit([], dtype=_FLOATS), pl.lit([], dtype=_INTS)
+        empty = pl.lit([], dtype=_STRINGS)
         return part.select(
             *self._common(source),
             pl.lit(CREATOR_ID).alias("creatorId"),
@@ -237,11 +244,11 @@ class _LayerWriter:
             ints.alias("correlated_features_indices"),
             floats.alias("correlated_features_pearson"),
             floats.alias("correlated_features_l1"),
-            pl.col("bottom_logits").fill_null(pl.lit([], dtype=_STRINGS)).alias("neg_str"),
+            visible_tokens(pl.col("bottom_logits").fill_null(empty)).alias("neg_str"),
             pl.col("bottom_logit_values")
             .fill_null(pl.lit([], dtype=_FLOAT32S))
             .alias("neg_values"),
-            pl.col("top_logits").fill_null(pl.lit([], dtype=_STRINGS)).alias("pos_str"),
+            visible_tokens(pl.col("top_logits").fill_null(empty)).alias("pos_str"),
             pl.col("top_logit_values").fill_null(pl.lit([], dtype=_FLOAT32S)).alias("pos_values"),
             pl.col("activation_freq").fill_null(0.0).clip(0.0, 1.0).alias("frac_nonzero"),
             floats.alias("freq_hist_data_bar_heights"),
@@ -270,7 +277,7 @@ class _LayerWriter:
         values = pl.col("acts").list.head(MAX_TOKENS)
         return examples.select(
             _row_id(self.activation_prefix, layer, "ordinal").alias("id"),
-            pl.col("tokens").list.head(MAX_TOKENS),
+            visible_tokens(pl.col("tokens").list.head(MAX_TOKENS)),
             pl.col("index").cast(pl.String),
             pl.lit(source).alias("layer"),
             pl.lit(self.model_id).alias("modelId"),
@@ -331,12 +338,10 @@ class _LayerWriter:
             ], dtype=pl.String)
         )  # fmt: skip
         judged = judged.join(tags, on=keys, how="left", nulls_equal=True, maintain_order="left")
-        cut = pl.col("text").str.slice(0, MAX_TEXT - 1).str.strip_chars_end() + "…"
         return judged.select(
             _row_id(self.explanation_prefix, layer, "ordinal").alias("id"),
             *self._common(source),
-            pl.when(pl.col("text").str.len_chars() > MAX_TEXT).then(cut)
-            .otherwise(pl.col("text")).alias("description"),
+            pl.lit(shorten_all(judged["text"])).alias("description"),
             pl.lit(CREATOR_ID).alias("authorId"),
             pl.lit(None, _FLOATS).alias("embedding"),
             pl.lit(None, pl.String).alias("triggeredByUserId"),
