@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters.errors import UserError
 from labeler.causal.measures import last_boxed
 from labeler.causal.records import ResultLog
 from tests.conftest import CollectedDemo
@@ -161,14 +165,15 @@ def test_a_stopped_study_resumes_without_regenerating(
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     written = log_path.read_bytes()
-    kept = written[: written.rfind(b"\n") + 1].splitlines()  # a line cut off is dropped
+    kept = written[: written.rfind(b"\n") + 1].splitlines()
+    torn = int(not written.endswith(b"\n"))  # a line cut off is kept, and skipped
     assert 8 <= len(kept) < total
     resumed = labeler(*args[3:], "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {len(kept)} of {total} responses already generated" in resumed.stderr
     lines = log_path.read_bytes().splitlines()
     assert lines[: len(kept)] == kept  # nothing it had was generated again
-    assert len(lines) == total  # and nothing twice
+    assert len(lines) == total + torn  # and nothing twice
     uninterrupted = ResultLog(studies["folder"] / "sampled" / "generations.jsonl",
                               ("condition", "prompt", "sample"))  # fmt: skip
     for row in ResultLog(log_path, ("condition", "prompt", "sample")):
@@ -176,13 +181,161 @@ def test_a_stopped_study_resumes_without_regenerating(
         assert uninterrupted.rows[key]["text"] == row["text"], key
 
 
-def test_a_log_line_cut_off_by_a_kill_is_dropped(tmp_path: Path) -> None:
+def test_a_log_line_cut_off_by_a_kill_is_skipped_and_kept(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     path.write_text('{"k": 1, "v": "a"}\n{"k": 2, "v": "b"}\n{"k": 3, "v"', encoding="utf-8")
     log = ResultLog(path, ("k",))
     assert sorted(r["k"] for r in log) == [1, 2]
+    assert [(d.line, d.reason) for d in log.damaged] == [(3, "cut off")]
     log.add([{"k": 3, "v": "c"}])
-    assert [json.loads(x)["k"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    lines = path.read_text().splitlines()
+    assert lines[2] == '{"k": 3, "v"'  # the log is only ever appended to
+    assert json.loads(lines[3]) == {"k": 3, "v": "c"}  # on a line of its own
+    assert sorted(r["k"] for r in ResultLog(path, ("k",))) == [1, 2, 3]
+
+
+def test_a_damaged_line_in_the_middle_of_a_log_cuts_nothing(tmp_path: Path) -> None:
+    """Lines after a damaged one are results like any other: opening the log keeps
+    every byte, and names each damaged line."""
+    path = tmp_path / "log.jsonl"
+    written = (b'{"k": 1, "v": "a"}\n{"k": 2, "v\n{}\n[1]\n\xff\xfe\n{"k": "4", "v": 4}\n'
+               b'{"k": 5, "v": "e"}\n{"k": 6, "v": "f"}\n')  # fmt: skip
+    path.write_bytes(written)
+    log = ResultLog(path, ("k",), {"k": int, "v": str})
+    assert sorted(r["k"] for r in log) == [1, 5, 6]
+    assert [d.line for d in log.damaged] == [2, 3, 4, 5, 6]
+    assert path.read_bytes() == written
+
+
+def resumed_copy(studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path,
+                 *extra: str | Path) -> tuple[Path, list[str | Path]]:  # fmt: skip
+    """A copy of the finished sampled study, and the arguments that resume it."""
+    folder = tmp_path / "sampled"
+    shutil.copytree(studies["folder"] / "sampled", folder)
+    args: list[str | Path] = ["intervene", labeled.run, "--select", HESITATION_OUTPUT,
+                              "--prompts", studies["prompts"], *SAMPLED, "--out", folder,
+                              *extra]  # fmt: skip
+    return folder, args
+
+
+def test_damaged_generation_lines_are_named_and_only_they_are_generated_again(
+    studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    folder, args = resumed_copy(studies, labeled, tmp_path, "--json")
+    log_path = folder / "generations.jsonl"
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    lost = [json.loads(lines[4]), json.loads(lines[8])]
+    lines[4] = b"{}\n"
+    lines[8] = lines[8][:30] + b"\n"
+    damaged = b"".join(lines)
+    log_path.write_bytes(damaged)
+    resumed = labeler(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    for line in (5, 9):
+        assert f"warning: {log_path}:{line}: a damaged line" in resumed.stderr
+    assert "resuming: 158 of 160 responses already generated" in resumed.stderr
+    after = log_path.read_bytes()
+    assert after.startswith(damaged)  # every line after the damaged ones is kept
+    regenerated = [json.loads(x) for x in after[len(damaged) :].splitlines()]
+    assert sorted(regenerated, key=str) == sorted(lost, key=str)  # the same draws
+    assert json.loads(resumed.stdout)["complete"]
+
+
+def _writes_up_to(limit: int) -> Callable[[], None]:
+    """A file size limit for a child process: a write past ``limit`` bytes fails with
+    EFBIG ("File too large"), as a write to a full disk fails with ENOSPC."""
+
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_writes
+
+
+def test_a_full_disk_keeps_the_earlier_report_and_figure(
+    studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    folder, args = resumed_copy(studies, labeled, tmp_path)
+    # the selection's ids from a file, as the labels would give them: the store is not
+    # opened, so the only files written are the outputs
+    plan = json.loads((folder / "plan.json").read_text())
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(next(c["features"] for c in plan["conditions"]
+                                  if c["name"] == "ablated")), encoding="utf-8")  # fmt: skip
+    args[2:4] = ["--features", ids]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    report, figure = before["report.json"], before["study.png"]
+    assert 1024 < len(report) < len(figure)
+    # first the report cannot be written, then (the report fits) the figure cannot
+    for limit, name in ((1024, "report.json"), ((len(report) + len(figure)) // 2, "study.png")):
+        result = subprocess.run([*LABELER, *map(str, args)], capture_output=True, text=True,
+                                timeout=600, check=False,
+                                preexec_fn=_writes_up_to(limit))  # fmt: skip
+        assert result.returncode != 0
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"{folder / name}: no space left" in result.stderr, result.stderr
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_study_resumed_in_another_dtype_is_refused(
+    studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    plan = json.loads((studies["folder"] / "sampled" / "plan.json").read_text())
+    other = "bfloat16" if plan.get("dtype") == "float32" else "float32"
+    _, args = resumed_copy(studies, labeled, tmp_path, "--dtype", other)
+    result = labeler(*args, timeout=120)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"--dtype {plan.get('dtype')} there, {other} now" in result.stderr
+
+
+QUICK = ("--controls", "0", "--modes", "ablated", "--max-new-tokens", "4", "--limit", "2")
+
+
+@pytest.mark.parametrize(
+    ("second", "needle"),
+    [
+        (b'{"prompt": "caf\xe9"}', "prompts.jsonl:2: not valid UTF-8 (byte 0xE9"),
+        ('{"prompt": "Solve <｜User｜> this"}'.encode(),
+         "prompts.jsonl:2: field 'prompt' already holds the chat marker '<｜User｜>'"),
+        (b'{"conversations": [{"from": "human", "value": "<|im_start|>user hi"}]}',
+         "already holds the chat marker '<|im_start|>'"),
+        (json.dumps({"prompt": "wait " * 5000}).encode(),
+         "model's context of 2,048 tokens; shorten the prompt or lower --max-new-tokens"),
+    ],
+)  # fmt: skip
+def test_prompts_are_checked_as_a_corpus_is(
+    second: bytes, needle: str, labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    prompts = write_prompts(labeled.paths.corpus, tmp_path / "prompts.jsonl", 1)
+    prompts.write_bytes(prompts.read_bytes() + second + b"\n")
+    result = labeler("intervene", labeled.run, "--select", HESITATION_OUTPUT, "--prompts",
+                     prompts, *QUICK, "--out", tmp_path / "s", timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert needle in result.stderr, result.stderr
+    assert "prompts.jsonl:2: " in result.stderr
+
+
+def test_a_prompt_of_megabytes_is_refused_from_its_head(labeled: CollectedDemo) -> None:
+    """Only as much of a huge prompt is encoded as the context could hold, so refusing
+    it costs what a short prompt costs."""
+    from adapters.tokenizer_loading import load_tokenizer
+    from labeler.causal.prompts import Prompt, check_lengths
+
+    tokenizer = load_tokenizer(labeled.paths.checkpoint)
+    encoded: list[int] = []
+    encode = tokenizer.encode
+
+    def counting(text: str, **kwargs: Any) -> list[int]:
+        encoded.append(len(text))
+        return list(encode(text, **kwargs))
+
+    tokenizer.encode = counting
+    huge = Prompt("huge", "wait " * 1_000_000, line=7)
+    with pytest.raises(UserError, match=r"^P:7: the prompt is at least [\d,]+ tokens"):
+        check_lengths([huge], tokenizer, 2048, 512, Path("P"))
+    assert encoded and max(encoded) < 200_000
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,34 @@ def test_a_second_run_scores_nothing_again(scored: dict[str, Any]) -> None:
     again = labeler("score-outputs", scored["run"])
     assert again.returncode == 0, again.stderr
     assert "every selected feature (960) is scored already" in again.stdout
+
+
+def test_a_run_split_over_invocations_scores_as_one_uninterrupted_run(
+    scored: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    """Features scored over two invocations (a resumed run, or two selections) are
+    judged against the null an uninterrupted run of every feature uses: each layer's
+    is measured once, over all its alive features, and kept."""
+    run = tmp_path / "run"
+    shutil.copytree(labeled.run, run)
+    layer = min(s["layer"] for s in scored["scores"].values())
+    by_size = sorted((s["size"], fid) for fid, s in scored["scores"].items()
+                     if s["layer"] == layer)  # fmt: skip
+    third = len(by_size) // 3
+    parts = [[fid for _, fid in by_size[third : third + 2]],
+             [fid for _, fid in by_size[2 * third : 2 * third + 2]]]  # fmt: skip
+    for number, part in enumerate(parts):
+        ids = tmp_path / f"ids-{number}.txt"
+        ids.write_text("\n".join(part) + "\n", encoding="utf-8")
+        result = labeler("score-outputs", run, "--features", ids)
+        assert result.returncode == 0, result.stderr
+    store = LabelStore(run / "labels.sqlite")
+    try:
+        split = {fid: json.loads(p) for fid, p in store.output_scores().items()}
+    finally:
+        store.close()
+    assert sorted(split) == sorted(parts[0] + parts[1])
+    for fid, score in split.items():
+        whole = scored["scores"][fid]
+        assert score["null_high"] == pytest.approx(whole["null_high"], rel=1e-5), fid
+        assert score["p_value"] == whole["p_value"], fid

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from adapters.errors import UserError
@@ -54,15 +54,35 @@ def writing(
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix, so writers that go by it still
-    work) that replaces ``path`` when the block succeeds; a full disk is a
-    :class:`NoRoomError` naming ``path``, and nothing is left behind."""
+    work) that replaces ``path`` when the block succeeds: the temporary file is synced
+    first, so a crash right after leaves the old file or the new one, never an empty one.
+    A full disk is a :class:`NoRoomError` naming ``path``; on any error the temporary
+    file is removed and the old ``path`` is left as it was."""
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
     try:
-        with writing(path):
+        with writing(path, "the earlier file, if any, is kept as it was"):
             yield tmp
-        tmp.replace(path)
+            _sync(tmp)
+            tmp.replace(path)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Push ``path``'s data to the disk (where a full disk may only now show)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a filesystem that cannot sync a folder
+    (some network ones) still has the file, so that is no error."""
+    with suppress(OSError):
+        _sync(folder)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

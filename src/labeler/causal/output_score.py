@@ -15,12 +15,16 @@ random corpus windows (its detection negatives). Measured against the unsteered 
 
 Any direction promotes its own logit-lens tokens a little, so the change is judged
 against a null chosen the same way: per layer, random directions steered at a few sizes
-spanning the layer's steering sizes, each one's mean change in log-probability of its
-own logit lens's top tokens, interpolated (in log-size) to the feature's size, against
-the feature's on its logit lens's top tokens. A feature is significant when it promotes
-the tokens it points at more than random directions of its size promote theirs. ``p_value`` is
-``(1 + k) / (1 + R)``, with ``k`` of ``R`` random directions moving as much;
-the effect is ``significant`` when the p-value is at most ``level``.
+spanning the steering sizes of all the layer's alive features, each one's mean change in
+log-probability of its own logit lens's top tokens, interpolated (in log-size) to the
+feature's size, against the feature's on its logit lens's top tokens. The null is
+measured once per layer and kept (:class:`NullStore`): which features one invocation
+scores never changes it, so a resumed run, or one scoring another selection, gives
+every feature the p-value an uninterrupted run of all features would. A feature is
+significant when it promotes the tokens it points at more than random directions of its
+size promote theirs. ``p_value`` is ``(1 + k) / (1 + R)``, with ``k`` of ``R`` random
+directions moving as much; the effect is ``significant`` when the p-value is at most
+``level``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -167,71 +172,152 @@ def _changes(
     return _Changes(delta.mean(dim=(1, 2)), mass, kl)
 
 
+@dataclass(frozen=True)
+class LayerNull:
+    """A layer's random directions: each one's change to its own logit lens's top tokens
+    [levels, directions], at each steering size of ``grid`` [levels].
+
+    It is measured once per layer, at sizes spanning all of the layer's alive features,
+    and kept: every feature of the layer is judged against the same null, whichever
+    invocation or selection scores it."""
+
+    grid: np.ndarray
+    values: np.ndarray
+
+    def at(self, size: float) -> np.ndarray:
+        """Each random direction's change at ``size``, interpolated in log-size."""
+        if len(self.grid) == 1:
+            scaled: np.ndarray = self.values[0] * (size / self.grid[0])
+            return scaled
+        where = np.log(np.clip(size, self.grid[0], self.grid[-1]))
+        return np.array([np.interp(where, np.log(self.grid), self.values[:, j])
+                         for j in range(self.values.shape[1])])  # fmt: skip
+
+    def to_json(self) -> str:
+        return json.dumps({"grid": self.grid.tolist(), "values": self.values.tolist()})
+
+    @staticmethod
+    def from_json(text: str) -> LayerNull:
+        raw = json.loads(text)
+        return LayerNull(np.array(raw["grid"], dtype=float), np.array(raw["values"], dtype=float))
+
+
+class NullStore(Protocol):
+    """Where measured nulls are kept between invocations, by layer."""
+
+    def get(self, layer: int) -> LayerNull | None: ...
+
+    def put(self, layer: int, null: LayerNull) -> None: ...
+
+
+class _Layer:
+    """One layer's steering: its decoder, the unsteered log-probabilities of the
+    contexts, and a hook to add vectors to its MLP output."""
+
+    def __init__(self, adapter: AdapterModel, layer: int, contexts: torch.Tensor,
+                 rows_per_batch: int) -> None:  # fmt: skip
+        self.adapter, self.layer = adapter, layer
+        self.contexts = contexts.to(adapter.device)
+        self.dec = adapter.decoder_columns(layer).detach().float()
+        self.base = _log_probs(adapter, self.contexts)
+        self.per_batch = max(1, rows_per_batch // len(contexts))
+        self.steering = _Steering(adapter, layer)
+
+    def changes(self, vectors: torch.Tensor) -> _Changes:
+        return _changes(self.adapter, self.steering, self.contexts, self.base, vectors,
+                        self.per_batch)  # fmt: skip
+
+    def sizes(self, indices: Sequence[int], factors: torch.Tensor) -> torch.Tensor:
+        """The norms of the vectors the features at ``indices`` are steered with."""
+        norms: torch.Tensor = self.dec[:, list(indices)].norm(dim=0) * factors
+        return norms
+
+
+def _measure_null(steered: _Layer, layer_sizes: torch.Tensor, settings: ScoreSettings) -> LayerNull:
+    """Random directions steered at sizes spanning ``layer_sizes`` (every alive feature's
+    of the layer), each judged on its own logit lens's top tokens, as a feature is."""
+    adapter, device = steered.adapter, steered.adapter.device
+    grid = _size_grid(layer_sizes, settings.null_levels)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + steered.layer)
+    randoms = torch.randn(settings.null_directions, steered.dec.shape[0], generator=generator)
+    randoms = (randoms / randoms.norm(dim=1, keepdim=True)).to(device)
+    own = torch.topk(randoms @ adapter.unembedding().detach().float().T,
+                     settings.lens_tokens, dim=1).indices  # fmt: skip
+    values = np.stack([  # [levels, directions]
+        steered.changes(randoms * size).logprob.gather(1, own).mean(dim=1).cpu().numpy()
+        for size in grid
+    ])  # fmt: skip
+    return LayerNull(grid, values)
+
+
 def score_layer(
     adapter: AdapterModel, layer: int, targets: Sequence[Target], contexts: torch.Tensor,
     settings: ScoreSettings, decode: Callable[[int], str], rows_per_batch: int = 256,
+    layer_features: Sequence[tuple[int, float]] | None = None, nulls: NullStore | None = None,
 ) -> Iterator[list[OutputScore]]:  # fmt: skip
-    """The layer's targets scored, a batch at a time."""
+    """The layer's targets scored, a batch at a time, against the layer's null: the one
+    in ``nulls``, else one measured at the sizes of ``layer_features`` ((index, mean
+    activation) of every alive feature of the layer; the targets' own without it) and
+    put there."""
+    steered = _Layer(adapter, layer, contexts, rows_per_batch)
     device = adapter.device
-    contexts = contexts.to(device)
-    dec = adapter.decoder_columns(layer).detach().float()
-    base = _log_probs(adapter, contexts)
-    sizes = torch.tensor([t.size_factor for t in targets], device=device) * settings.strength
-    norms = dec[:, [t.index for t in targets]].norm(dim=0) * sizes
-    grid = _size_grid(norms, settings.null_levels)
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + layer)
-    randoms = torch.randn(settings.null_directions, dec.shape[0], generator=generator)
-    randoms = (randoms / randoms.norm(dim=1, keepdim=True)).to(device)
-    # each random direction is judged on its own logit lens's top tokens, as a feature is
-    own = torch.topk(randoms @ adapter.unembedding().detach().float().T,
-                     settings.lens_tokens, dim=1).indices  # fmt: skip
-    steering = _Steering(adapter, layer)
     try:
-        per_batch = max(1, rows_per_batch // len(contexts))
-        null = np.stack([  # [levels, directions]
-            _changes(adapter, steering, contexts, base, randoms * size, per_batch)
-            .logprob.gather(1, own).mean(dim=1).cpu().numpy()
-            for size in grid
-        ])  # fmt: skip
-        for start in range(0, len(targets), per_batch):
-            batch = targets[start : start + per_batch]
-            columns = dec[:, [t.index for t in batch]].T
+        null = nulls.get(layer) if nulls is not None else None
+        if null is None:
+            everyone = layer_features or [(t.index, t.size_factor) for t in targets]
+            factors = torch.tensor([f for _, f in everyone], device=device) * settings.strength
+            null = _measure_null(steered, steered.sizes([i for i, _ in everyone], factors),
+                                 settings)  # fmt: skip
+            if nulls is not None:
+                nulls.put(layer, null)
+        sizes = torch.tensor([t.size_factor for t in targets], device=device) * settings.strength
+        for start in range(0, len(targets), steered.per_batch):
+            batch = targets[start : start + steered.per_batch]
+            columns = steered.dec[:, [t.index for t in batch]].T
             vectors = columns * sizes[start : start + len(batch), None]
-            changes = _changes(adapter, steering, contexts, base, vectors, per_batch)
-            out = []
-            for row, target in enumerate(batch):
-                ids = torch.tensor(target.token_ids, device=device, dtype=torch.long)
-                size = float(vectors[row].norm())
-                stat = float(changes.logprob[row, ids].mean())
-                # judged as the random directions are: on its logit lens's top tokens
-                lens = ids[: settings.lens_tokens]
-                mass = float(changes.mass[row, lens].sum())
-                lens_change = float(changes.logprob[row, lens].mean())
-                nulls = _null_at(null, grid, size)
-                beyond = int((nulls >= lens_change).sum())
-                p = (1 + beyond) / (1 + settings.null_directions)
-                top = torch.topk(changes.logprob[row], 5).indices.tolist()
-                out.append(OutputScore(
-                    feature_id=feature_id(layer, target.index), layer=layer, size=size,
-                    tokens=[decode(i) for i in target.token_ids], logprob_change=stat,
-                    lens_change=lens_change, mass_change=mass, kl=float(changes.kl[row]),
-                    null_high=float(nulls.max()), p_value=p,
-                    significant=p <= settings.level, promoted=[decode(i) for i in top],
-                    settings=settings.key(),
-                ))  # fmt: skip
-            yield out
+            yield _scored(batch, vectors, steered.changes(vectors), null, settings, decode)
     finally:
-        steering.close()
+        steered.steering.close()
+
+
+def _scored(
+    batch: Sequence[Target], vectors: torch.Tensor, changes: _Changes, null: LayerNull,
+    settings: ScoreSettings, decode: Callable[[int], str],
+) -> list[OutputScore]:  # fmt: skip
+    out = []
+    for row, target in enumerate(batch):
+        ids = torch.tensor(target.token_ids, device=vectors.device, dtype=torch.long)
+        size = float(vectors[row].norm())
+        stat = float(changes.logprob[row, ids].mean())
+        # judged as the random directions are: on its logit lens's top tokens
+        lens = ids[: settings.lens_tokens]
+        mass = float(changes.mass[row, lens].sum())
+        lens_change = float(changes.logprob[row, lens].mean())
+        nulls = null.at(size)
+        beyond = int((nulls >= lens_change).sum())
+        p = (1 + beyond) / (1 + settings.null_directions)
+        top = torch.topk(changes.logprob[row], 5).indices.tolist()
+        out.append(OutputScore(
+            feature_id=feature_id(target.layer, target.index), layer=target.layer, size=size,
+            tokens=[decode(i) for i in target.token_ids], logprob_change=stat,
+            lens_change=lens_change, mass_change=mass, kl=float(changes.kl[row]),
+            null_high=float(nulls.max()), p_value=p, significant=p <= settings.level,
+            promoted=[decode(i) for i in top], settings=settings.key(),
+        ))  # fmt: skip
+    return out
 
 
 def score_features(
     adapter: AdapterModel, features: pl.DataFrame, explanations: dict[str, str],
     vocabulary: dict[str, list[int]], contexts: torch.Tensor, settings: ScoreSettings,
     decode: Callable[[int], str], rows_per_batch: int = 256,
+    alive: pl.DataFrame | None = None, nulls: NullStore | None = None,
 ) -> Iterator[list[OutputScore]]:  # fmt: skip
     """Every listed feature (rows of the run's feature table) scored, layer by layer, a
-    batch at a time."""
+    batch at a time. Each layer's null spans the sizes of its features in ``alive`` (the
+    run's alive features; ``features`` without it) and is kept in ``nulls``."""
     ordered = features.sort("layer", "index")
+    everyone = (alive if alive is not None else features).select("layer", "index", "act_mean")
     for layer in ordered["layer"].unique(maintain_order=True).to_list():
         part = ordered.filter(pl.col("layer") == layer)
         targets = []
@@ -239,7 +325,10 @@ def score_features(
             explanation = explanations.get(feature_id(layer, index))
             tokens = named_token_ids(lens, explanation, vocabulary, settings.lens_tokens)
             targets.append(Target(layer, index, float(act_mean), tokens))
-        yield from score_layer(adapter, layer, targets, contexts, settings, decode, rows_per_batch)
+        peers = everyone.filter(pl.col("layer") == layer).sort("index")
+        layer_features = [(int(i), float(a)) for _, i, a in peers.iter_rows()]
+        yield from score_layer(adapter, layer, targets, contexts, settings, decode,
+                               rows_per_batch, layer_features, nulls)  # fmt: skip
 
 
 def _size_grid(norms: torch.Tensor, levels: int) -> np.ndarray:
@@ -249,15 +338,6 @@ def _size_grid(norms: torch.Tensor, levels: int) -> np.ndarray:
         return np.array([1.0])
     low = max(low, high * 1e-4)
     return np.geomspace(low, high, levels) if high > low else np.array([high])
-
-
-def _null_at(null: np.ndarray, grid: np.ndarray, size: float) -> np.ndarray:
-    """Each random direction's change at ``size``, interpolated in log-size."""
-    if len(grid) == 1:
-        scaled: np.ndarray = null[0] * (size / grid[0])
-        return scaled
-    where = np.log(np.clip(size, grid[0], grid[-1]))
-    return np.array([np.interp(where, np.log(grid), null[:, j]) for j in range(null.shape[1])])
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:

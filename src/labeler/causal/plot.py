@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapters.outputs import replacing
 from labeler.causal.results import StudyReport
 
 if TYPE_CHECKING:
@@ -48,8 +49,13 @@ def study_figure(report: StudyReport, title: str) -> Figure:
 
 
 def plot_study(report: StudyReport, title: str, path: Path) -> None:
-    fig = study_figure(report, title)
-    fig.savefig(path, dpi=120)
+    """Write the figure to ``path`` whole or not at all: a figure cut short by a full
+    disk would replace a good one with a file no viewer opens."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig = study_figure(report, title)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)

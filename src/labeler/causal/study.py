@@ -21,6 +21,11 @@ Progress = Callable[[int, int], None]
 
 GENERATION_KEY = ("condition", "prompt", "sample")
 TEACHER_FORCED_KEY = ("condition", "trace")
+# What a log line must hold to be a result (any other line is damaged and measured again).
+GENERATION_FIELDS = {"condition": str, "prompt": str, "sample": int, "text": str,
+                     "n_tokens": int, "ended": bool}  # fmt: skip
+TEACHER_FORCED_FIELDS = {"condition": str, "trace": int, "expected": (int, float),
+                         "positions": int}  # fmt: skip
 
 
 @dataclass(frozen=True)

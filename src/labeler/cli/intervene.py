@@ -13,6 +13,8 @@ from adapters.errors import UserError
 from labeler.cli.app import _open_labels, cli, console, err_console
 
 DEFAULT_WORDS = "wait,hmm,alternatively"
+_NAMED_DAMAGED = 5  # damaged log lines named one by one; the rest are counted
+_NO_LIMIT = 10**8  # a tokenizer's model_max_length at or above this means "not set"
 
 
 def _selected(run: Path, groups: tuple[str, ...], ids_file: Path | None) -> list[tuple[int, int]]:
@@ -210,9 +212,10 @@ def intervene(
 
         settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         report = study.sampled(prompts_path, limit, samples, settings, batch_size)
-    (folder / "report.json").write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    from adapters.outputs import write_text_atomic
     from labeler.causal.plot import plot_study
 
+    write_text_atomic(folder / "report.json", report.model_dump_json(indent=1) + "\n")
     figure = plot_path or folder / "study.png"
     plot_study(report, f"{run.name}: {len(selected)} selected features", figure)
     if as_json:
@@ -235,8 +238,45 @@ class _Study:
         self.console = console
 
     def _plan(self, **extra: Any) -> dict[str, Any]:
+        """Everything the results depend on, the device and dtype the model runs in
+        included (``auto`` as resolved here): a study resumed in another precision
+        would mix two models' responses."""
+        from adapters.branch import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
         return {"adapter_hash": self.info.adapter_hash, "words": self.words, "seed": self.seed,
-                "conditions": [c.to_json() for c in self.conditions], **extra}  # fmt: skip
+                "conditions": [c.to_json() for c in self.conditions], "device": device.type,
+                "dtype": dtype, **extra}  # fmt: skip
+
+    def _log(self, name: str, key: tuple[str, ...], fields: Any) -> Any:
+        """The study's result log; its damaged lines are named, at most a few."""
+        from labeler.causal.records import ResultLog
+
+        log = ResultLog(self.folder / name, key, fields)
+        for damaged in log.damaged[:_NAMED_DAMAGED]:
+            self.console.print(f"warning: {log.path}:{damaged.line}: a damaged line "
+                               f"({damaged.reason}), skipped; what it held is measured again",
+                               markup=False, highlight=False)  # fmt: skip
+        if len(log.damaged) > _NAMED_DAMAGED:
+            self.console.print(f"warning: {log.path}: {len(log.damaged) - _NAMED_DAMAGED} more "
+                               "damaged lines skipped", markup=False, highlight=False)  # fmt: skip
+        return log
+
+    def _check_prompts(self, prompts: list[Any], max_new_tokens: int, path: Path) -> None:
+        """Refuse prompts that do not fit the model's context with their responses,
+        before the model is loaded."""
+        from adapters.checkpoint import read_config, resolve_checkpoint
+        from adapters.tokenizer_loading import load_tokenizer
+        from labeler.causal.prompts import check_lengths
+
+        folder = resolve_checkpoint(self.info.adapter_path)
+        tokenizer = load_tokenizer(folder)
+        context = read_config(folder)[1].get("max_position_embeddings")
+        if not isinstance(context, int) or isinstance(context, bool):
+            context = getattr(tokenizer, "model_max_length", None)
+        if isinstance(context, int) and 0 < context < _NO_LIMIT:
+            check_lengths(prompts, tokenizer, context, max_new_tokens, path)
 
     def _load(self) -> tuple[Any, Any]:
         from adapters.branch import load_adapter
@@ -252,15 +292,21 @@ class _Study:
         from dataclasses import asdict
 
         from labeler.causal.prompts import prompts_hash, read_prompts
-        from labeler.causal.records import GENERATIONS, ResultLog, open_plan
+        from labeler.causal.records import GENERATIONS, open_plan
         from labeler.causal.results import sampled_report
-        from labeler.causal.study import GENERATION_KEY, run_sampled, sampled_work
+        from labeler.causal.study import (
+            GENERATION_FIELDS,
+            GENERATION_KEY,
+            run_sampled,
+            sampled_work,
+        )
 
         prompts = read_prompts(prompts_path, self.info.params.chat_format, limit)
+        self._check_prompts(prompts, settings.max_new_tokens, prompts_path)
         plan = self._plan(measure="sampled", prompts=prompts_hash(prompts), samples=samples,
                           sampling=asdict(settings))  # fmt: skip
         resuming = open_plan(self.folder, plan, self.overwrite)
-        log = ResultLog(self.folder / GENERATIONS, GENERATION_KEY)
+        log = self._log(GENERATIONS, GENERATION_KEY, GENERATION_FIELDS)
         work = sampled_work(self.conditions, prompts, samples, log, batch_size)
         total = len(self.conditions) * len(prompts) * samples
         if resuming and len(log):
@@ -275,9 +321,13 @@ class _Study:
 
     def teacher_forced(self, corpus_path: Path | None, limit: int | None, batch_tokens: int) -> Any:
         from collectors.corpus import read_traces, tokenize_traces
-        from labeler.causal.records import TEACHER_FORCED, ResultLog, open_plan
+        from labeler.causal.records import TEACHER_FORCED, open_plan
         from labeler.causal.results import teacher_forced_report
-        from labeler.causal.study import TEACHER_FORCED_KEY, run_teacher_forced
+        from labeler.causal.study import (
+            TEACHER_FORCED_FIELDS,
+            TEACHER_FORCED_KEY,
+            run_teacher_forced,
+        )
         from labeler.causal.teacher_forced import word_tokens
 
         path = corpus_path or Path(self.info.corpus_path)
@@ -294,7 +344,7 @@ class _Study:
 
         plan = self._plan(measure="teacher_forced", corpus=tokens_hash(corpus), limit=limit)
         resuming = open_plan(self.folder, plan, self.overwrite)
-        log = ResultLog(self.folder / TEACHER_FORCED, TEACHER_FORCED_KEY)
+        log = self._log(TEACHER_FORCED, TEACHER_FORCED_KEY, TEACHER_FORCED_FIELDS)
         total = len(self.conditions) * corpus.n_sequences
         if resuming and len(log):
             self.console.print(f"resuming: {len(log):,} of {total:,} traces already read")

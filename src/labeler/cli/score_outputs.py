@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from adapters.errors import UserError
 from labeler.cli.app import _layers, _open_labels, cli, console
+
+if TYPE_CHECKING:
+    from labeler.causal.output_score import LayerNull
+    from labeler.labeling.store import LabelStore
+
+
+class _StoredNulls:
+    """Each layer's null kept in the label store (its meta table, by settings), so that
+    a resumed run, or one scoring another selection, judges the layer's features
+    against the null the first run measured."""
+
+    def __init__(self, store: LabelStore, settings_key: str) -> None:
+        self.store, self.settings_key = store, settings_key
+
+    def _key(self, layer: int) -> str:
+        return f"output_null/{self.settings_key}/{layer}"
+
+    def get(self, layer: int) -> LayerNull | None:
+        from labeler.causal.output_score import LayerNull
+
+        text = self.store.get_meta(self._key(layer))
+        if text is None:
+            return None
+        try:
+            return LayerNull.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.store.path}: the stored null of layer {layer} is damaged "
+                            f"({exc}); restore the store from a copy") from exc  # fmt: skip
+
+    def put(self, layer: int, null: LayerNull) -> None:
+        self.store.set_meta(self._key(layer), null.to_json())
 
 
 @cli.command("score-outputs")
@@ -106,7 +138,7 @@ def score_outputs(
     if info.unit != "feature":
         raise UserError(f"{run}: output scores steer adapter features; this run has {info.unit}s")
     data = RunData.open(run)
-    features = data.alive()
+    alive = features = data.alive()
     if groups or ids_file is not None:
         chosen = set(_selected(run, groups, ids_file))
         keys = pl.DataFrame({"layer": [f[0] for f in chosen], "index": [f[1] for f in chosen]},
@@ -154,7 +186,8 @@ def score_outputs(
         with progress_bar(console, "steering", "features") as progress:
             task = progress.add_task("steering", total=len(todo))
             for scores in score_features(adapter, todo, explanations, vocabulary, context_ids,
-                                         settings, decode, rows_per_batch):  # fmt: skip
+                                         settings, decode, rows_per_batch, alive,
+                                         _StoredNulls(store, settings.key())):  # fmt: skip
                 store.put_output_scores(
                     [(s.feature_id, s.layer, s.model_dump_json(), s.significant) for s in scores]
                 )
