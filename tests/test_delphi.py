@@ -318,3 +318,11 @@ def test_unlabeled_run_existing_output_and_failures(
     assert list(tmp_path.glob(".out.partial-*")) == []  # no staging folder left
     assert (out / "keep").read_text() == "mine"
     store.close()
+
+
+def test_the_instructions_pin_plotly_below_7() -> None:
+    """delphi's ``log_results`` fails with plotly 7, which its ``visualize`` extra installs
+    when left to itself: every install line of docs/delphi.md pins it below 7."""
+    text = (Path(__file__).parents[1] / "docs" / "delphi.md").read_text(encoding="utf-8")
+    installs = [line for line in text.splitlines() if "pip install" in line and "delphi" in line]
+    assert installs and all('"plotly<7"' in line for line in installs)

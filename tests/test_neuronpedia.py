@@ -38,13 +38,13 @@ def utf16_units(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
-def _at_most_512_units(text: str) -> str:
+def at_most_512_units(text: str) -> str:
     if utf16_units(text) > 512:
         raise ValueError(f"{utf16_units(text)} UTF-16 code units, over 512")
     return text
 
 
-# yup's string().required(): not empty
+# yup's string().required(): not empty (the import layout's tokens are shown the same way)
 Token = Annotated[str, Field(min_length=1)]
 
 
@@ -55,7 +55,7 @@ class Logit(_Strict):
 
 
 class Explanation(_Strict):
-    text: Annotated[str, Field(min_length=1), AfterValidator(_at_most_512_units)]
+    text: Annotated[str, Field(min_length=1), AfterValidator(at_most_512_units)]
     methodName: str | None = None
     modelName: str | None = None
 

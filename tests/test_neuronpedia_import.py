@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from labeler.formats import neuronpedia_import
 from labeler.formats.catalog import export_catalog
@@ -26,6 +26,7 @@ from labeler.formats.neuronpedia_import import write_import_layout
 from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
 from tests.conftest import CollectedDemo
+from tests.test_neuronpedia import Token, at_most_512_units
 
 MODEL, SET = "demo-adapter", "labeler-demo"
 BATCH = 100  # rows per batch file in this test, so that a layer (240 features) takes 3
@@ -145,9 +146,9 @@ class Feature(_Row):  # the Neuron table
     correlated_features_indices: list[int]
     correlated_features_pearson: list[float]
     correlated_features_l1: list[float]
-    neg_str: list[str]
+    neg_str: list[Token]
     neg_values: list[float]
-    pos_str: list[str]
+    pos_str: list[Token]
     pos_values: list[float]
     frac_nonzero: Annotated[float, Field(ge=0, le=1)]
     freq_hist_data_bar_heights: list[float]
@@ -160,7 +161,7 @@ class Feature(_Row):  # the Neuron table
 
 class Activation(_Row):
     id: Annotated[str, Field(pattern=r"^c[0-9a-z]{24}$")]
-    tokens: Annotated[list[str], Field(min_length=1, max_length=1024)]
+    tokens: Annotated[list[Token], Field(min_length=1, max_length=1024)]
     index: Index
     layer: str
     modelId: str
@@ -188,7 +189,7 @@ class Explanation(_Row):
     modelId: str
     layer: str
     index: Index
-    description: Annotated[str, Field(min_length=1, max_length=512)]
+    description: Annotated[str, Field(min_length=1), AfterValidator(at_most_512_units)]
     authorId: str
     embedding: list[float] | None
     triggeredByUserId: str | None

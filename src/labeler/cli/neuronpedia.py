@@ -24,8 +24,10 @@ from labeler.cli.app import cli, console
 )
 def push_neuronpedia(folder: Path, url: str, create: bool, lists: bool) -> None:
     """Send FOLDER (written by `labeler export RUN --format neuronpedia`) to Neuronpedia,
-    with the API key in NEURONPEDIA_API_KEY. Each finished request is logged in
-    FOLDER/pushed.jsonl, so a rerun sends only what is left (docs/neuronpedia.md)."""
+    with the API key in NEURONPEDIA_API_KEY, which goes to --url only: a redirect is a
+    failure, never followed. A request counts as finished only on Neuronpedia's JSON reply;
+    each finished one is logged in FOLDER/pushed.jsonl, so a rerun sends only what is left
+    (docs/neuronpedia.md)."""
     from labeler.cli.render import progress_bar
     from labeler.formats.neuronpedia_push import push
 
