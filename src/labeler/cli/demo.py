@@ -45,7 +45,9 @@ def demo(out: Path, seed: int) -> None:
     run_path = out / "run"
     _collect(str(paths.checkpoint), paths.corpus, run_path, CollectParams(seed=seed), "cpu",
              "float32", False)  # fmt: skip
-    _label(run_path, ("heuristic",), None, 8, seed)
+    from labeler.labeling.request import LabelingRequest
+
+    _label(run_path, "local", LabelingRequest(judges=("heuristic",), seed=seed), dry_run=False)
     _summarize(run_path, False, None)
     _export(run_path, None, True)
     store = LabelStore(run_path / "labels.sqlite")

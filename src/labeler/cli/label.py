@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from adapters.errors import UserError
+
+if TYPE_CHECKING:
+    from labeler.labeling.request import LabelingRequest, TransportName
+    from labeler.labeling.transports.registry import Prepared
+    from labeler.run.data import RunData
+
 from labeler.cli.app import (
     _open_labels,
     cli,
@@ -20,23 +25,10 @@ from labeler.cli.app import (
 )
 
 
-def _label(
-    run_path: Path,
-    judges: tuple[str, ...],
-    sample: int | None,
-    concurrency: int,
-    seed: int,
-    options: Any = None,
-    budget_usd: float | None = None,
-    dry_run: bool = False,
-    limits: dict[str, Any] | None = None,
-    wait: bool = False,
-    batch: Any = None,
-) -> None:
-    """Label in this process, or through provider batches with ``batch`` (settings)."""
-    from labeler.judges import make_judge
-    from labeler.judges.pricing import load_prices
-    from labeler.labeling import label_judges
+def _label(run_path: Path, executor: TransportName, request: LabelingRequest,
+           dry_run: bool) -> None:  # fmt: skip
+    """Label the run on the transport named ``executor``, or estimate what it would take."""
+    from labeler.labeling.transports.registry import build_judges, prepare
     from labeler.run.data import RunData
 
     run = RunData.open(run_path)
@@ -45,90 +37,46 @@ def _label(
             f"note: {run_path} was imported ({run.info.source}); its detection negatives are "
             "checked only against the features known active in them"
         )
-    built = [make_judge(name, options) for name in judges]  # unknown names fail before work
-    prices = load_prices(options.prices if options is not None else None)
     if dry_run:
-        _dry_run(run, built, sample, seed, prices)
+        from labeler.judges.pricing import load_prices
+
+        judges = build_judges(request)  # unknown names fail before work
+        _dry_run(run, judges, request.sample_per_layer, request.seed,
+                 load_prices(request.options.prices))  # fmt: skip
         return
-    _limit_locally(built, limits or {})
-    for judge in built:
-        judge.preflight()
-        if budget_usd is not None and judge.calls_per_feature and prices.lookup(judge.name) is None:
-            raise UserError(
-                f"--budget-usd: no price for {judge.name}; add one with --prices FILE "
-                '({"prices": {"' + judge.name + '": {"input": ..., "cached_input": ..., '
-                '"output": ...}}}, dollars per million tokens)'
-            )
-    names = " + ".join(j.name for j in built)
-    if batch is not None:
-        _label_in_batches(run_path, run, built, names, sample, seed, budget_usd, batch, wait,
-                          prices)  # fmt: skip
-        return
-    _run_labeling(
-        run_path, f"labeling ({names})", budget_usd,
-        lambda store, on_start, on_result, interrupts: label_judges(
-            run, store, built, sample_per_layer=sample, concurrency=concurrency, seed=seed,
-            budget_usd=budget_usd, on_start=on_start, on_result=on_result,
-            interrupts=interrupts, wait=wait,
-        ),
-        prices,
-    )  # fmt: skip
-
-
-def _label_in_batches(
-    run_path: Path, run: Any, built: list[Any], names: str, sample: int | None, seed: int,
-    budget_usd: float | None, settings: Any, wait: bool, prices: Any,
-) -> None:  # fmt: skip
-    from labeler.labeling.transports.batch import batch_apis, label_in_batches
-
-    batch_apis(built)  # a judge without a batch API is refused before the lock is taken
-    left: list[Any] = []
-
-    def start(store: Any, on_start: Any, on_result: Any, interrupts: Any) -> Any:
-        reports, report = label_in_batches(
-            run, store, built, settings, sample_per_layer=sample, seed=seed,
-            budget_usd=budget_usd, on_start=on_start, on_result=on_result,
-            interrupts=interrupts, wait=wait,
-        )  # fmt: skip
-        left.append(report)
-        if report.in_flight:
-            err_console.print(
-                f"{report.in_flight:,} {'batch' if report.in_flight == 1 else 'batches'} still "
-                "in flight at the provider (they run and are paid either way); run the same "
-                "command again to collect them"
-            )
-        return reports
-
-    _run_labeling(run_path, f"labeling in batches ({names})", budget_usd, start, prices)
+    prepared = prepare(executor, request)
+    if prepared.notice is not None:
+        console.print(f"{prepared.notice}; `labeler status {run_path}` shows it")
+    _run_labeling(run_path, run, prepared, request.budget_usd)
 
 
 def _run_labeling(
-    run_path: Path, title: str, budget_usd: float | None, start: Callable[..., Any],
-    prices: Any = None,
-) -> None:  # fmt: skip
-    """``start(store, on_start, on_result, interrupts)`` labels on some transport, under a
-    progress bar and the interrupt handlers; then what it did, and the exit status.
-    ``prices``: the table the costs are counted with, named in the store for reports."""
+    run_path: Path, run: RunData, prepared: Prepared, budget_usd: float | None
+) -> None:
+    """Label on the prepared transport, under a progress bar and the interrupt handlers;
+    then what it did, and the exit status."""
     from labeler.cli.render import progress_bar
     from labeler.labeling.interrupts import Interrupts
+    from labeler.labeling.request import Hooks
     from labeler.labeling.store import LabelStore
 
     store = LabelStore(run_path / "labels.sqlite")
     try:
         with (
             Interrupts(_say_interrupt) as interrupts,
-            progress_bar(console, title, "features") as progress,
+            progress_bar(console, prepared.title, "features") as progress,
         ):
-            task = progress.add_task(title, total=None)
+            task = progress.add_task(prepared.title, total=None)
 
             def started(n: int) -> None:  # under the run's lock, once planned
-                if prices is not None:
-                    store.set_meta("prices", prices.source)
+                store.set_meta("prices", prepared.prices.source)
                 progress.update(task, total=n)
 
-            reports = start(
-                store, started, lambda _judge, _ok: progress.advance(task), interrupts
-            )  # fmt: skip
+            hooks = Hooks(started, lambda _judge, _ok: progress.advance(task), interrupts)
+            reports = prepared.label(run, store, hooks)
+        after = prepared.after()
+        if after is not None:
+            err_console.print(after)
         _finish_labeling(run_path, store, reports, budget_usd)
     finally:
         store.close()
@@ -184,15 +132,6 @@ def _finish_labeling(
             f"rerun to retry them; `labeler status {run_path}` gives the reasons", highlight=False
         )
         sys.exit(EXIT_FAILURES)
-
-
-def _limit_locally(judges: list[Any], limits: dict[str, Any]) -> None:
-    from labeler.judges.llm_judge import LLMJudge
-    from labeler.judges.ratelimit import LocalRateLimiter
-
-    for judge in judges:
-        if judge.name in limits and isinstance(judge, LLMJudge):
-            judge.limiter = LocalRateLimiter(limits[judge.name])
 
 
 def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
@@ -386,21 +325,14 @@ def label(
     if executor == "batch" and (service_tier == "flex" or rpm or tpm):
         raise UserError("--executor batch: --service-tier flex, --rpm and --tpm are for "
                         "synchronous calls (batches have their own limits)")  # fmt: skip
-    limits = _rate_limits(judges, rpm, tpm)
-    if executor == "celery" and not dry_run:
-        _label_with_fleet(run_path, judges, sample_per_layer, seed, options, budget_usd,
-                          limits, max_inflight or 256, requeue, wait)  # fmt: skip
-        return
-    batch = None
-    if executor == "batch":
-        from labeler.labeling.transports.batch import BatchSettings
+    from labeler.labeling.request import LabelingRequest
 
-        batch = BatchSettings(
-            poll_s=poll_s or BatchSettings.poll_s, max_attempts=max_attempts,
-            max_active=max_inflight or BatchSettings.max_active,
-        )  # fmt: skip
-    _label(run_path, judges, sample_per_layer, concurrency, seed, options, budget_usd, dry_run,
-           limits, wait, batch)  # fmt: skip
+    request = LabelingRequest(
+        judges=judges, options=options, sample_per_layer=sample_per_layer, seed=seed,
+        budget_usd=budget_usd, wait=wait, limits=_rate_limits(judges, rpm, tpm),
+        concurrency=concurrency, max_inflight=max_inflight, poll_s=poll_s, requeue=requeue,
+    )  # fmt: skip
+    _label(run_path, cast("TransportName", executor), request, dry_run)
 
 
 def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, ...]) -> Any:
@@ -428,62 +360,6 @@ def _rate_limits(judges: tuple[str, ...], rpm: tuple[str, ...], tpm: tuple[str, 
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UserError(f"--{first['loc'][0]}: {first['msg']}") from None
-
-
-def _label_with_fleet(
-    run_path: Path,
-    judges: tuple[str, ...],
-    sample: int | None,
-    seed: int,
-    options: Any,
-    budget_usd: float | None,
-    limits: dict[str, Any],
-    max_inflight: int,
-    requeue: bool,
-    wait: bool = False,
-) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("celery") is None:
-        raise UserError(
-            "--executor celery needs the fleet extra: pip install 'transcoder-labeler[fleet]'"
-        )
-    from labeler.judges.pricing import load_prices
-    from labeler.run.data import RunData
-    from workers.driver import FleetLabeling, label_with_fleet
-    from workers.settings import FleetSettings, redacted
-
-    run = RunData.open(run_path)
-    _check_judge_names(judges)
-    settings = FleetSettings.from_env()
-    job = FleetLabeling(
-        judges=list(judges), options=options, limits=limits, sample_per_layer=sample, seed=seed,
-        max_inflight=max_inflight, budget_usd=budget_usd, requeue=requeue,
-    )  # fmt: skip
-    console.print(f"fleet: {redacted(settings.redis_url)}; `labeler status {run_path}` shows it")
-    _run_labeling(
-        run_path, "labeling (fleet)", budget_usd,
-        lambda store, on_start, on_result, interrupts: label_with_fleet(
-            run, store, job, settings, on_start=on_start, on_result=on_result,
-            interrupts=interrupts, wait=wait,
-        ),
-        load_prices(options.prices if options is not None else None),
-    )  # fmt: skip
-
-
-def _check_judge_names(judges: tuple[str, ...]) -> None:
-    """Judge names the driver can check without building a model or needing a key."""
-    from labeler.judges import make_judge
-    from labeler.judges.stages import is_staged
-
-    for name in judges:
-        if is_staged(name):
-            if not name.partition(":")[2].strip():
-                raise UserError(
-                    f"judge {name!r} names no model; write {name.partition(':')[0]}:MODEL"
-                )
-        else:
-            make_judge(name)
 
 
 @cli.command()

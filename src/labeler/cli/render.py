@@ -332,6 +332,13 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
             _dollars(s.cost_usd),
             _dollars(s.cost_per_labeled_usd),
         )
+    unanswered = sum(s.unanswered_calls for s in statuses)
+    if unanswered:
+        spending.caption = (
+            f"includes {unanswered:,} calls a stopped labeler sent and never heard back "
+            "from (billed; their tokens and cost estimated)"
+        )
+        spending.caption_justify = "left"
     return [progress, spending]
 
 
