@@ -4,15 +4,19 @@ A provider's error text may echo the key it was sent ("Incorrect API key provide
 sk-..."), and that text becomes a failure's reason. Every configured key (the value of
 an environment variable whose name says it holds a secret) and anything shaped like a
 provider key is replaced by ``[REDACTED]`` wherever text leaves the process: the label
-store, log records, Redis payloads and the catalog.
+store, log records, Redis payloads and the catalog. A provider's reply is stored too
+(the reply cache, batch results), and a model may repeat a key it saw in its prompt, so
+:func:`redact_json` cleans every string of a reply before it is kept.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from functools import lru_cache
+from typing import Any
 
 MARK = "[REDACTED]"
 SECRET_NAME = re.compile(r"(API_KEY|_TOKEN|_SECRET|PASSWORD)$|^(OPENAI|ANTHROPIC)_.*KEY", re.I)
@@ -47,6 +51,29 @@ def redact(text: str) -> str:
 
 def redact_optional(text: str | None) -> str | None:
     return None if text is None else redact(text)
+
+
+def redact_json(value: Any) -> Any:
+    """``value`` (a decoded JSON document) with every string redacted, keys included.
+
+    Strings are cleaned one by one rather than in the serialized text, so the result
+    is still the same document; one search of the serialized text first tells whether
+    there is anything to clean, which there almost never is."""
+    text = json.dumps(value, ensure_ascii=False)
+    escaped = (json.dumps(s, ensure_ascii=False)[1:-1] for s in configured_secrets())
+    if any(s in text for s in escaped) or KEY_SHAPES.search(text):
+        return _redact_value(value)
+    return value
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(k)): _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
 
 
 class RedactingFilter(logging.Filter):

@@ -14,6 +14,7 @@ included, and priced.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from labeler.judges.backend import (
     Stage,
     TransientError,
 )
+from labeler.judges.halting import CallLog, SendGuard
 from labeler.judges.pricing import PriceTable, Tier
 from labeler.judges.prompting import (
     classify_prompt,
@@ -56,9 +58,11 @@ from labeler.judges.requests import (
     BatchReplies,
     KeptReply,
     ReplyCache,
+    served_by,
 )
 from labeler.judges.retry import RetryPolicy, with_retries
 from labeler.judges.stages import Detection, StageName, StageOutcome, add_usage, assemble
+from labeler.redaction import redact_json
 from labeler.run.schemas import (
     Classification,
     FeatureRecord,
@@ -67,6 +71,8 @@ from labeler.run.schemas import (
     Usage,
 )
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, prompt_hash
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
 V = TypeVar("V")
@@ -144,6 +150,13 @@ class LLMJudge:
         """Replies kept earlier, answering a request at no cost (set by the transport)."""
         self.batch: BatchReplies | None = None
         """Set by the batch transport: requests are answered from provider batches."""
+        self.calls: CallLog | None = None
+        """Notes each paid call as it is sent and ends (set by the transport)."""
+        self.guard: SendGuard | None = None
+        """Cleared before every call and pausing between tries (set by the transport):
+        a stopped labeling sends nothing more."""
+        self._other_models: set[str] = set()
+        """Models a server replied as instead of the one asked for (warned about once)."""
 
     def limit_requests(self, n: int) -> None:
         """At most ``n`` requests in flight from now on (call inside the running loop)."""
@@ -244,6 +257,10 @@ class LLMJudge:
 
     # -- calls ---------------------------------------------------------------------------
 
+    async def _clear(self) -> None:
+        if self.guard is not None:
+            await self.guard.clear()
+
     async def _call(
         self,
         stage: Stage,
@@ -254,13 +271,27 @@ class LLMJudge:
         """One request through the gate, the rate limiter (``estimate``: tokens the request
         is expected to use) and the retry policy."""
 
+        async def noted() -> V:
+            await self._clear()
+            if self.calls is None or not estimate:  # a free call (local models): none
+                return await call()
+            ticket = self.calls.begin(self.name, stage, estimate)
+            try:
+                result = await call()
+            except BackendError:  # answered: what it used comes with the error
+                self.calls.end(ticket)
+                raise
+            # cancelled, or killed: the call stays noted as sent and unanswered
+            self.calls.end(ticket)
+            return result
+
         async def limited() -> V:
             if self.limiter is None:
-                return await call()
+                return await noted()
             await self.limiter.acquire(estimate)
             used = 0
             try:
-                result = await call()
+                result = await noted()
                 used = _tokens_used(result)
                 return result
             except BackendError as exc:
@@ -276,7 +307,8 @@ class LLMJudge:
                 return await limited()
 
         try:
-            return await with_retries(gated, self.retry, f"{self.name} {stage}")
+            pause = asyncio.sleep if self.guard is None else self.guard.pause
+            return await with_retries(gated, self.retry, f"{self.name} {stage}", sleep=pause)
         except BackendError as exc:
             ledger.add(stage, exc.usage, self.tier)
             exc.stage = stage
@@ -296,7 +328,7 @@ class LLMJudge:
         backend = self._chat
         assert backend is not None
         request = backend.request(prompt, schema, logprobs=logprobs)
-        if self.replies is not None and (cached := self.replies.get(request.key)) is not None:
+        if self.replies is not None and (cached := self.replies.lookup(request)) is not None:
             try:
                 answer = check(backend.parse(request, cached, schema))
             except (InvalidReply, ValueError, ValidationError):
@@ -307,6 +339,10 @@ class LLMJudge:
         last: InvalidReply | None = None
         for ask in range(2):
             raw, tier = await self._fetch(request, ask, prompt, ledger)
+            # a key the model repeated goes no further: not into a later prompt (where an
+            # explanation is quoted), so the same prompts are asked again from the kept,
+            # redacted reply, and not into anything stored
+            raw = redact_json(raw)
             try:
                 reply = backend.parse(request, raw, schema)
             except InvalidReply as exc:
@@ -319,15 +355,30 @@ class LLMJudge:
             except (ValueError, ValidationError) as exc:
                 last = InvalidReply(_first_error(exc))
                 continue
-            ledger.kept.append(
-                KeptReply(key=request.key, provider=request.provider, model=request.model,
-                          endpoint=request.endpoint, reply=raw)
-            )  # fmt: skip
+            self._keep(request, raw, ledger)
             return answer
         assert last is not None
         again = type(last)(f"invalid reply twice; last: {last.reason}")
         again.stage = prompt.stage
         raise again
+
+    def _keep(self, request: ApiRequest, raw: dict[str, Any], ledger: Ledger) -> None:
+        """Keep an accepted reply for the reply cache, unless it names another model than
+        the one asked for (a server answering with whatever model it has loaded): kept,
+        it would answer this model's request with that model's reply."""
+        if served_by(request.model, raw):
+            ledger.kept.append(
+                KeptReply(key=request.key, provider=request.provider, model=request.model,
+                          endpoint=request.endpoint, reply=raw)
+            )  # fmt: skip
+            return
+        served = str(raw.get("model"))
+        if served not in self._other_models:
+            self._other_models.add(served)
+            log.warning(
+                "%s: asked for model %r, the server replied as %r: such replies are not "
+                "kept in the reply cache", self.name, request.model, served,
+            )  # fmt: skip
 
     async def _fetch(
         self, request: ApiRequest, ask: int, prompt: Prompt, ledger: Ledger

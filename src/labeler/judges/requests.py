@@ -10,27 +10,43 @@ reply.
 A request's :attr:`ApiRequest.key` addresses its content: two requests with the same
 provider, model, endpoint and body are the same request, whichever run, feature or
 judge asked it.
+
+A kept reply is only as good as the file or row it was read from: a shared cache
+folder may hold a file copied, swapped or cut short by hand, a full disk or a crash.
+So an entry carries its request's identity and a checksum of its reply, and a read
+that does not match the request asking is a miss, never another request's answer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from adapters.outputs import replacing
+from labeler.redaction import redact_json
 from labeler.run.schemas import Usage
 
 CACHE_DIR_ENV = "LABELER_CACHE_DIR"
 CACHE_FORMAT = 1
+"""Part of every request key: changing it would orphan every reply kept so far."""
+ENTRY_FORMAT = 2
+"""The layout of a cache folder's file (1, before it: the bare reply)."""
+SNAPSHOT = re.compile(r"\d{4}(-?\d{2}-?\d{2})?")
+"""A dated snapshot's suffix, as providers name the model that served an alias:
+gpt-5-mini-2025-08-07, claude-haiku-4-5-20251001, gpt-4-0613."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,14 @@ class KeptReply(BaseModel):
     endpoint: str
     reply: dict[str, Any]
 
+    @field_validator("reply")
+    @classmethod
+    def _without_keys(cls, reply: dict[str, Any]) -> dict[str, Any]:
+        """Redacted here, once, so that every place that keeps the reply (the run's
+        store, the cache folder, the fleet's queue) keeps it without a key in it."""
+        cleaned: dict[str, Any] = redact_json(reply)
+        return cleaned
+
 
 class AwaitingReply(Exception):
     """Raised, in the batch transport, by a request whose reply is not in yet: the stage
@@ -90,10 +114,38 @@ class BatchReplies(Protocol):
         ...
 
 
+@runtime_checkable
 class ReplyCache(Protocol):
-    """Replies that a judge accepted, by request key; a hit is answered at no cost."""
+    """Replies that a judge accepted; a hit is answered at no cost."""
+
+    def lookup(self, request: ApiRequest) -> dict[str, Any] | None:
+        """The reply kept for ``request``, or None; never another request's reply."""
+        ...
+
+
+class KeyedReplies(Protocol):
+    """Replies by request key alone (the run's label store)."""
 
     def get(self, key: str) -> dict[str, Any] | None: ...
+
+
+def served_by(model: str, reply: dict[str, Any]) -> bool:
+    """Whether ``reply`` comes from the ``model`` asked for, as far as the reply says:
+    the same name, that name's dated snapshot, or no name at all. A server that answers
+    with whatever model it has loaded names that one, and its reply is no answer to a
+    request for another model."""
+    served = reply.get("model")
+    if not isinstance(served, str) or not served:
+        return True
+    asked, named = _undecorated(model), _undecorated(served)
+    if named == asked:
+        return True
+    base = asked.removesuffix("-latest")
+    return named.startswith(f"{base}-") and SNAPSHOT.fullmatch(named[len(base) + 1 :]) is not None
+
+
+def _undecorated(model: str) -> str:
+    return model.strip().lower().removesuffix(":latest")
 
 
 def pack(reply: dict[str, Any]) -> bytes:
@@ -109,31 +161,106 @@ def unpack(blob: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def reply_digest(reply: dict[str, Any]) -> str:
+    """Hex SHA-256 of the reply's canonical JSON: what a cache entry's checksum is."""
+    canonical = json.dumps(reply, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a cache entry must say about the request it answers."""
+
+    key: str
+    provider: str
+    model: str
+    endpoint: str
+
+    @classmethod
+    def of(cls, item: ApiRequest | KeptReply) -> Identity:
+        return cls(item.key, item.provider, item.model, item.endpoint)
+
+
+def pack_entry(kept: KeptReply) -> bytes:
+    """A cache folder's file: the reply with its request's identity and checksum."""
+    return pack(
+        {
+            "format": ENTRY_FORMAT,
+            "key": kept.key,
+            "provider": kept.provider,
+            "model": kept.model,
+            "endpoint": kept.endpoint,
+            "sha256": reply_digest(kept.reply),
+            "reply": kept.reply,
+        }
+    )
+
+
+def read_entry(blob: bytes, wanted: Identity) -> tuple[dict[str, Any] | None, str | None]:
+    """The reply in a cache file if it answers ``wanted``, and else what is wrong with
+    the file (None for a file of the earlier layout, which cannot tell what it
+    answers: a miss, rewritten when the reply is next kept)."""
+    entry = unpack(blob)
+    if entry is None:
+        return None, "is damaged (it does not decompress to a JSON object)"
+    if "format" not in entry:
+        return None, None
+    reply = entry.get("reply")
+    if entry.get("format") != ENTRY_FORMAT or not isinstance(reply, dict):
+        return None, f"has an unknown layout (format {entry.get('format')!r})"
+    found = Identity(*(str(entry.get(f)) for f in ("key", "provider", "model", "endpoint")))
+    if found != wanted:
+        return None, (
+            f"holds the reply to another request ({found.provider} {found.model} "
+            f"{found.endpoint}, key {found.key[:12]})"
+        )
+    if entry.get("sha256") != reply_digest(reply):
+        return None, "is damaged (its reply does not match its checksum)"
+    if not served_by(wanted.model, reply):
+        return None, f"holds a reply of model {reply.get('model')!r}, not {wanted.model!r}"
+    return reply, None
+
+
 class FolderCache:
     """Replies kept as files in a folder that several runs and machines may share
     (``$LABELER_CACHE_DIR``): one file per key under a two-character fan-out, written
-    to a temporary name and renamed, so concurrent writers never expose half a file."""
+    to a temporary name and renamed, so concurrent writers never expose half a file.
+
+    Every read is checked against the request asking (see :func:`read_entry`); a file
+    that fails is a miss, warned about once, and replaced when its reply is kept again
+    (a sound file is left as it is)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._warned: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json.z"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def lookup(self, request: ApiRequest) -> dict[str, Any] | None:
+        path = self._path(request.key)
         try:
-            blob = self._path(key).read_bytes()
+            blob = path.read_bytes()
         except OSError:
             return None
-        return unpack(blob)
+        reply, problem = read_entry(blob, Identity.of(request))
+        if problem is not None and path not in self._warned:
+            self._warned.add(path)
+            log.warning("reply cache: %s %s; the request is sent again and the file "
+                        "replaced by its reply", path, problem)  # fmt: skip
+        return reply
 
     def put(self, kept: KeptReply) -> None:
         path = self._path(kept.key)
-        if path.exists():
-            return
+        try:
+            blob: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            blob = None
+        if blob is not None and read_entry(blob, Identity.of(kept))[0] is not None:
+            return  # kept already, and sound
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as tmp:
-            tmp.write_bytes(pack(kept.reply))
+            tmp.write_bytes(pack_entry(kept))
 
 
 def folder_cache_from_env() -> FolderCache | None:
@@ -141,15 +268,34 @@ def folder_cache_from_env() -> FolderCache | None:
     return FolderCache(Path(where).expanduser()) if where else None
 
 
+Finder = Callable[[ApiRequest], "dict[str, Any] | None"]
+
+
 class Layered:
-    """The first cache that has the key answers."""
+    """The first cache that has the request's reply answers. A cache that knows replies
+    by key alone (the run's store) cannot tell which request a reply answered; its
+    reply must at least name the model asked for."""
 
-    def __init__(self, caches: Sequence[ReplyCache]) -> None:
+    def __init__(self, caches: Sequence[ReplyCache | KeyedReplies]) -> None:
         self.caches = list(caches)
+        # the protocol check is made once here, not on every lookup
+        self._finders = [_finder(c) for c in self.caches]
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        for cache in self.caches:
-            found = cache.get(key)
+    def lookup(self, request: ApiRequest) -> dict[str, Any] | None:
+        for find in self._finders:
+            found = find(request)
             if found is not None:
                 return found
         return None
+
+
+def _finder(cache: ReplyCache | KeyedReplies) -> Finder:
+    if isinstance(cache, ReplyCache):
+        return cache.lookup
+    get = cache.get
+
+    def by_key(request: ApiRequest) -> dict[str, Any] | None:
+        found = get(request.key)
+        return found if found is not None and served_by(request.model, found) else None
+
+    return by_key

@@ -26,7 +26,7 @@ from labeler.judges.backend import TransientError
 from labeler.judges.batch_api import LineResult, error_for
 from labeler.judges.requests import ApiRequest, AwaitingReply, pack, unpack
 from labeler.labeling.store import LabelStore
-from labeler.redaction import redact
+from labeler.redaction import redact, redact_json
 
 MAX_UNRUN = 3
 LINES_PER_TRANSACTION = 2_000
@@ -132,8 +132,7 @@ class BatchRecords:
                 self.conn.executemany(
                     "UPDATE batch_requests SET outcome=?, reply=?, error=?, done_at=? "
                     "WHERE custom_id=? AND local_id=? AND outcome IS NULL",
-                    [(r.outcome, None if r.reply is None else pack(r.reply), _error(r), now,
-                      r.custom_id, local_id)
+                    [(r.outcome, _reply(r), _error(r), now, r.custom_id, local_id)
                      for r in lines[start : start + LINES_PER_TRANSACTION]],
                 )  # fmt: skip
         with self.store.transaction():
@@ -179,6 +178,12 @@ class BatchRecords:
                        json.loads(i) if i else {}, float(j), k)
             for a, b, c, d, e, f, g, h, i, j, k in rows
         ]  # fmt: skip
+
+
+def _reply(result: LineResult) -> bytes | None:
+    """A result's reply as stored: a model may repeat a key it was shown, and the row
+    outlives the batch."""
+    return None if result.reply is None else pack(redact_json(result.reply))
 
 
 def _error(result: LineResult) -> str | None:
