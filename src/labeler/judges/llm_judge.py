@@ -34,7 +34,6 @@ from labeler.judges.backend import (
     Stage,
     TransientError,
 )
-from labeler.judges.halting import CallLog, SendGuard
 from labeler.judges.pricing import PriceTable, Tier
 from labeler.judges.prompting import (
     classify_prompt,
@@ -150,11 +149,6 @@ class LLMJudge:
         """Replies kept earlier, answering a request at no cost (set by the transport)."""
         self.batch: BatchReplies | None = None
         """Set by the batch transport: requests are answered from provider batches."""
-        self.calls: CallLog | None = None
-        """Notes each paid call as it is sent and ends (set by the transport)."""
-        self.guard: SendGuard | None = None
-        """Cleared before every call and pausing between tries (set by the transport):
-        a stopped labeling sends nothing more."""
         self._other_models: set[str] = set()
         """Models a server replied as instead of the one asked for (warned about once)."""
 
@@ -257,10 +251,6 @@ class LLMJudge:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def _clear(self) -> None:
-        if self.guard is not None:
-            await self.guard.clear()
-
     async def _call(
         self,
         stage: Stage,
@@ -271,27 +261,13 @@ class LLMJudge:
         """One request through the gate, the rate limiter (``estimate``: tokens the request
         is expected to use) and the retry policy."""
 
-        async def noted() -> V:
-            await self._clear()
-            if self.calls is None or not estimate:  # a free call (local models): none
-                return await call()
-            ticket = self.calls.begin(self.name, stage, estimate)
-            try:
-                result = await call()
-            except BackendError:  # answered: what it used comes with the error
-                self.calls.end(ticket)
-                raise
-            # cancelled, or killed: the call stays noted as sent and unanswered
-            self.calls.end(ticket)
-            return result
-
         async def limited() -> V:
             if self.limiter is None:
-                return await noted()
+                return await call()
             await self.limiter.acquire(estimate)
             used = 0
             try:
-                result = await noted()
+                result = await call()
                 used = _tokens_used(result)
                 return result
             except BackendError as exc:
@@ -307,8 +283,7 @@ class LLMJudge:
                 return await limited()
 
         try:
-            pause = asyncio.sleep if self.guard is None else self.guard.pause
-            return await with_retries(gated, self.retry, f"{self.name} {stage}", sleep=pause)
+            return await with_retries(gated, self.retry, f"{self.name} {stage}")
         except BackendError as exc:
             ledger.add(stage, exc.usage, self.tier)
             exc.stage = stage
