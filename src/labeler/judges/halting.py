@@ -32,3 +32,16 @@ class SendGuard(Protocol):
         """Wait ``seconds`` between tries; raise :class:`Halted` as soon as the
         labeling stops."""
         ...
+
+
+class CallLog(Protocol):
+    """Where a judge notes each paid call as it is sent and as it ends, so that calls a
+    killed labeler had in flight (billed, their replies never read) are still counted."""
+
+    def begin(self, judge: str, stage: str, input_tokens: int) -> str:
+        """Note a call about to be sent (``input_tokens``: its estimate); a ticket."""
+        ...
+
+    def end(self, ticket: str) -> None:
+        """The call's reply (or error) is in: it is counted where its stage is."""
+        ...

@@ -34,6 +34,7 @@ from labeler.judges.backend import (
     Stage,
     TransientError,
 )
+from labeler.judges.halting import CallLog, SendGuard
 from labeler.judges.pricing import PriceTable, Tier
 from labeler.judges.prompting import (
     classify_prompt,
@@ -149,6 +150,11 @@ class LLMJudge:
         """Replies kept earlier, answering a request at no cost (set by the transport)."""
         self.batch: BatchReplies | None = None
         """Set by the batch transport: requests are answered from provider batches."""
+        self.calls: CallLog | None = None
+        """Notes each paid call as it is sent and ends (set by the transport)."""
+        self.guard: SendGuard | None = None
+        """Cleared before every call and pausing between tries (set by the transport):
+        a stopped labeling sends nothing more."""
         self._other_models: set[str] = set()
         """Models a server replied as instead of the one asked for (warned about once)."""
 
@@ -251,6 +257,10 @@ class LLMJudge:
 
     # -- calls ---------------------------------------------------------------------------
 
+    async def _clear(self) -> None:
+        if self.guard is not None:
+            await self.guard.clear()
+
     async def _call(
         self,
         stage: Stage,
@@ -261,13 +271,27 @@ class LLMJudge:
         """One request through the gate, the rate limiter (``estimate``: tokens the request
         is expected to use) and the retry policy."""
 
+        async def noted() -> V:
+            await self._clear()
+            if self.calls is None or not estimate:  # a free call (local models): none
+                return await call()
+            # a call cancelled or killed before its reply stays noted as unanswered
+            ticket = self.calls.begin(self.name, stage, estimate)
+            try:
+                result = await call()
+            except BackendError:  # answered: what it used comes with the error
+                self.calls.end(ticket)
+                raise
+            self.calls.end(ticket)
+            return result
+
         async def limited() -> V:
             if self.limiter is None:
-                return await call()
+                return await noted()
             await self.limiter.acquire(estimate)
             used = 0
             try:
-                result = await call()
+                result = await noted()
                 used = _tokens_used(result)
                 return result
             except BackendError as exc:
@@ -283,7 +307,8 @@ class LLMJudge:
                 return await limited()
 
         try:
-            return await with_retries(gated, self.retry, f"{self.name} {stage}")
+            pause = asyncio.sleep if self.guard is None else self.guard.pause
+            return await with_retries(gated, self.retry, f"{self.name} {stage}", sleep=pause)
         except BackendError as exc:
             ledger.add(stage, exc.usage, self.tier)
             exc.stage = stage
