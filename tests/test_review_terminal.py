@@ -26,6 +26,7 @@ from labeler.reporting.final_labels import human_labels
 from labeler.reporting.label_table import review_frame
 from labeler.review.queue import FeatureView, feature_view, review_queue
 from labeler.run.data import RunData
+from labeler.run.schemas import ReviewDecision
 from tests.test_bad_input import LABELER
 
 ROWS, COLS = 24, 80
@@ -274,3 +275,44 @@ def test_keys_piped_one_a_line_still_work(labeled_copy: Path) -> None:
         ("skip", None, None, None, ""),
         ("decide", "reasoning", "planning", None, "a plan"),
     ]
+
+
+TITLE_AND_CLEAR = "\x1b]0;pwned\x07\x1b[2J"
+
+
+def test_foreign_text_cannot_drive_the_terminal(labeled_copy: Path) -> None:
+    """Escape sequences in a judge's explanation and rationale, a reviewer's name and
+    note are drawn as text: no window title, no cleared screen, no bell."""
+    views = _views(labeled_copy)
+    target = views[0].feature_id
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    try:
+        with store.transaction():
+            store.conn.execute(
+                "UPDATE judgments SET payload = json_set(payload, '$.explanation', ?,"
+                " '$.classification.rationale', ?) WHERE feature_id = ? AND status = 'ok'",
+                (f"fires on {TITLE_AND_CLEAR}waiting", f"because{TITLE_AND_CLEAR}", target),
+            )
+        name, note = f"eve{TITLE_AND_CLEAR}", f"see{TITLE_AND_CLEAR}"
+        store.add_review(
+            ReviewDecision(feature_id=target, reviewer=name, category="language", note=note)
+        )
+    finally:
+        store.close()
+    args = [*LABELER, "review", str(labeled_copy), "--reviewer", "ann", "--include-decided"]
+    term = Terminal(args, ROWS, COLS)
+    try:
+        term.next_screen(0, f"{target}  (1 of")
+        seen = len(term.screens())
+        term.send("j")
+        screen = term.next_screen(seen, "why:")
+        term.send("q")
+        term.finish()
+    finally:
+        if term.process.poll() is None:
+            term.process.kill()
+            term.process.wait()
+    for shown in ("fires on ]0;pwned[2Jwaiting", "because]0;pwned[2J", "eve]0;pwned[2J"):
+        assert shown in screen, screen
+    assert "\x07" not in term.output and "\x1b]" not in term.output
+    assert all(s.lstrip().startswith(f"── {target}") for s in term.screens()), term.screens()

@@ -36,6 +36,7 @@ def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool)
     from labeler.cli.render import queue_table
     from labeler.reporting.disputes import DisputeRules
     from labeler.review.queue import review_queue
+    from labeler.review.screen import safe
 
     rules = DisputeRules.load(rules_path)
     read_run_info(run_path)
@@ -49,7 +50,17 @@ def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool)
         return
     open_items = sum(1 for q in queue if not q.decided_by)
     console.print(f"{len(queue):,} disputed features, {open_items:,} not decided by anyone")
-    console.print(queue_table(queue[:limit] if limit else queue))
+    shown = [
+        q.model_copy(
+            update={
+                "feature_id": safe(q.feature_id),
+                "categories": [safe(c) for c in q.categories],
+                "decided_by": [safe(r) for r in q.decided_by],
+            }
+        )
+        for q in (queue[:limit] if limit else queue)
+    ]
+    console.print(queue_table(shown))
 
 
 _DECISION_OPTIONS = (
@@ -86,6 +97,7 @@ def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
     are appended: earlier ones, another reviewer's or your own, are kept."""
     from collectors.run_format import read_run_info
     from labeler.review.queue import record_decision
+    from labeler.review.screen import safe
 
     read_run_info(run_path)
     store = _open_labels(run_path)
@@ -100,14 +112,14 @@ def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
     finally:
         store.close()
     console.print(
-        f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}",
+        safe(f"{feature_id}: {decision.category} by {reviewer} at {decision.decided_at}"),
         markup=False,
         highlight=False,
     )
     for other in others:
         if other.category != decision.category:
-            console.print(f"  note: {other.reviewer} decided {other.category} "
-                          f"({other.decided_at}); both are kept", markup=False,
+            console.print(safe(f"  note: {other.reviewer} decided {other.category} "
+                               f"({other.decided_at}); both are kept"), markup=False,
                           highlight=False)  # fmt: skip
 
 

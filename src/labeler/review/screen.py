@@ -6,10 +6,17 @@ place in the queue, its statistics and why it is disputed, the logit lens (a lin
 way), the reviewer's own earlier decision; then one line per example (the tokens around
 the activating one, shaded by activation), or the judges' answers when asked for; at
 the bottom the keys. The examples fill what the other lines leave of the height.
+
+Text that is not this program's own (judges' answers, reviewer names and notes, feature
+ids, anything read from a file) goes through :func:`safe` before it is drawn: a judge's
+reply can hold escape sequences that would retitle the window or clear the screen.
+Tokens are shown by :mod:`labeler.review.tokens`, which makes their control characters
+visible.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rich.cells import cell_len
@@ -23,6 +30,16 @@ KIND_QUOTAS = (("top", 8), ("random", 4), ("quantile", 4))
 ELLIPSIS = "…"
 PROMOTED, DEMOTED = "black on rgb(218,251,225)", "black on rgb(255,235,233)"
 _LEFT_SHARE = 0.6  # of an example line's room, for the tokens before the activating one
+# C0 and C1 control characters and DEL (ESC starts a terminal command, C1's CSI and OSC
+# are one-byte forms of ESC [ and ESC ]), and the bidirectional overrides and isolates
+# that make text show in another order than it reads
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """Foreign text as it may be written to a terminal: whitespace controls (newline,
+    tab, carriage return) become spaces, every other control character is dropped."""
+    return _CONTROL.sub(lambda m: " " if m.group() in "\t\n\r\x0b\x0c" else "", str(text))
 
 
 def fit(text: Text, width: int) -> Text:
@@ -137,7 +154,7 @@ def lens_line(label: str, tokens: Sequence[str], style: str, width: int) -> Text
 
 
 def title_line(view: FeatureView, position: str, width: int) -> Text:
-    title = Text.assemble(("── ", "dim"), (view.feature_id, "bold"), f"  ({position}) ")
+    title = Text.assemble(("── ", "dim"), (safe(view.feature_id), "bold"), f"  ({position}) ")
     return fit(title + Text("─" * max(width - cell_len(title.plain), 0), style="dim"), width)
 
 
@@ -154,11 +171,13 @@ def own_status(view: FeatureView, reviewer: str) -> Text | None:
 
 
 def _done(review: ReviewDecision) -> str:
-    when = review.decided_at[:16].replace("T", " ")  # to the minute, UTC
+    when = safe(review.decided_at[:16].replace("T", " "))  # to the minute, UTC
     if review.action == "skip":
         return f"skipped it ({when})"
     label = " / ".join(
-        x for x in (review.category, review.subcategory, review.mechanism, review.domain_type) if x
+        safe(x)
+        for x in (review.category, review.subcategory, review.mechanism, review.domain_type)
+        if x
     )
     return f"decided {label} ({when})"
 
@@ -168,23 +187,24 @@ def judge_lines(view: FeatureView, console: Console, width: int) -> list[Text]:
     blocks: list[Text] = []
     for review in view.reviews:
         if review.action == "decide":
-            note = f": {review.note}" if review.note else ""
-            blocks.append(Text(f"{review.reviewer} {_done(review)}{note}", style="yellow"))
+            note = f": {safe(review.note)}" if review.note else ""
+            blocks.append(Text(f"{safe(review.reviewer)} {_done(review)}{note}", style="yellow"))
     for answer in view.judges:
+        judge = safe(answer.judge)
         if answer.status != "ok":
-            blocks.append(Text(f"{answer.judge}: failed ({answer.failure_reason})"))
+            blocks.append(Text(f"{judge}: failed ({safe(answer.failure_reason)})"))
             continue
         detail = answer.subcategory or answer.domain_type or ""
         detection = "-" if answer.detection is None else f"{answer.detection:.2f}"
         blocks.append(
             Text.assemble(
-                (f"{answer.judge}: ", "bold"),
-                f"{answer.category} {detail} ".replace("  ", " "),
-                f"({answer.confidence} confidence, detection {detection})",
+                (f"{judge}: ", "bold"),
+                safe(f"{answer.category} {detail} ".replace("  ", " ")),
+                f"({safe(answer.confidence)} confidence, detection {detection})",
             )
         )
-        blocks.append(Text(f"  {answer.explanation}"))
-        blocks.append(Text(f"  why: {answer.rationale}", style="dim"))
+        blocks.append(Text(f"  {safe(answer.explanation)}"))
+        blocks.append(Text(f"  why: {safe(answer.rationale)}", style="dim"))
     if not view.judges:
         blocks.append(Text("no judge has answered for this feature", style="dim"))
     return [line for block in blocks for line in wrapped(block, console, width)]
@@ -203,7 +223,7 @@ def feature_lines(
     always, then the examples (or the judges) in what is left."""
     meta = Text(
         f"layer {view.layer}, index {view.index}; active on {view.count:,} tokens "
-        f"({view.frequency:.3%}); disputed: {', '.join(view.reasons) or 'no'}"
+        f"({view.frequency:.3%}); disputed: {safe(', '.join(view.reasons)) or 'no'}"
     )
     lines = [
         title_line(view, position, width),

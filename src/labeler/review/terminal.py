@@ -28,7 +28,7 @@ from labeler.review.queue import (
     record_decision,
     review_queue,
 )
-from labeler.review.screen import feature_lines, wrapped
+from labeler.review.screen import feature_lines, safe, wrapped
 from labeler.run.data import RunData
 from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
@@ -188,7 +188,7 @@ class Review:
     def confirm_skip(self) -> bool:
         fid = self.view.feature_id
         prompt = Text.assemble(
-            f"skip {fid}? It is recorded that you looked at it and left it undecided. ",
+            f"skip {safe(fid)}? It is recorded that you looked at it and left it undecided. ",
             ("s", "bold"), " or ", ("y", "bold"), " skips, any other key goes back > ",
         )  # fmt: skip
         if self.ask(prompt) not in ("s", "y"):
@@ -233,7 +233,7 @@ class Review:
         self._views.pop(stored.feature_id, None)
         self._version += 1
         what = "skipped" if stored.action == "skip" else f"saved: {stored.category}"
-        self.message = f"{stored.feature_id} {what} by {self.reviewer}"
+        self.message = safe(f"{stored.feature_id} {what} by {self.reviewer}")
         return stored
 
 
@@ -265,5 +265,6 @@ def review_in_terminal(
         if review.message and not screen.live:
             console.print(review.message, markup=False, highlight=False)
         screen.say(
-            f"{decided} decided and {skipped} skipped by {reviewer}; decisions are in {store.path}"
-        )
+            safe(f"{decided} decided and {skipped} skipped by {reviewer}; decisions are in "
+                 f"{store.path}")
+        )  # fmt: skip
