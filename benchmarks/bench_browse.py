@@ -1,9 +1,16 @@
 """`labeler browse` at the paper's scale: building the index of a synthetic run of 229,376
 features (benchmarks/synthetic_run.py), start-up with the index current, the first page,
-and the latency of searches over HTTP, as the page asks for them.
+the latency of searches over HTTP, as the page asks for them, and of decisions, with
+searches sent while decisions are being made.
 
 .venv/bin/python benchmarks/synthetic_run.py --out /tmp/synthetic-229k     (once)
 .venv/bin/python benchmarks/bench_browse.py /tmp/synthetic-229k [--queries 100] [--starts 5]
+    [--decisions 100] [--no-build]
+
+--decisions appends that many decisions (reviewer "bench") to the run's label store, on
+seeded features of every layer: each POST is timed, then the catalog's first answer
+after it (which brings the decided feature's row up to date); then searches are timed
+alone and while another client sends decisions back to back.
 
 The queries are seeded: a word (or two) of the run's explanations, typed as a prefix a
 third of the time, half of them with a filter (category, layer, detection or frequency)
@@ -22,6 +29,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +59,17 @@ def get(url: str) -> tuple[float, bytes]:
     with NO_PROXY.open(url, timeout=60) as response:
         body = response.read()
     return time.perf_counter() - began, body
+
+
+def post(url: str, body: dict[str, object]) -> float:
+    """A decision sent as the review page sends it; the seconds until its answer."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    began = time.perf_counter()
+    with NO_PROXY.open(request, timeout=60) as response:
+        response.read()
+        assert response.status == 201, response.status
+    return time.perf_counter() - began
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -92,19 +111,73 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def summary(label: str, seconds: list[float]) -> str:
+    ms = [1000 * t for t in seconds]
+    return (f"{label}: median {statistics.median(ms):.1f} ms, 95th percentile "
+            f"{pct(ms, 0.95):.1f} ms, max {max(ms):.1f} ms (of {len(ms)})")  # fmt: skip
+
+
+def decisions(url: str, run: Path, n: int, asked: list[dict[str, object]], seed: int) -> None:
+    """Decision latency, the catalog's first answer after each, and searches alone and
+    while another client decides."""
+    with sqlite3.connect(run / "labels.sqlite") as conn:
+        planned = [r[0] for r in conn.execute("SELECT feature_id FROM planned")]
+    rng = random.Random(seed)
+    categories = ["reasoning", "domain", "language", "uninterpretable"]
+
+    def body(i: int) -> tuple[str, dict[str, object]]:
+        category = categories[i % 4]
+        extra = {"domain_type": "math"} if category == "domain" else {}
+        return rng.choice(planned), {"category": category, "reviewer": "bench", **extra}
+
+    posted, after = [], []
+    for i in range(n):
+        feature, decision = body(i)
+        posted.append(post(f"{url}api/feature/{feature}/decision", decision))
+        after.append(get(f"{url}api/catalog?label_source=human&per_page=1")[0])
+    print(summary("decisions (POST /api/feature/ID/decision)", posted))
+    print(summary("the catalog's first answer after each decision", after))
+
+    alone = [get(f"{url}api/catalog?{urlencode(p)}")[0] for p in asked]
+    busy = threading.Event()
+    sent: list[float] = []
+
+    def decide() -> None:
+        i = 0
+        while not busy.is_set():
+            feature, decision = body(i)
+            sent.append(post(f"{url}api/feature/{feature}/decision", decision))
+            i += 1
+
+    other = threading.Thread(target=decide)
+    other.start()
+    try:
+        during = [get(f"{url}api/catalog?{urlencode(p)}")[0] for p in asked]
+    finally:
+        busy.set()
+        other.join()
+    print(summary("searches alone", alone))
+    print(summary(f"the same searches while another client decides ({len(sent)} decisions)",
+                  during))  # fmt: skip
+    print(summary("those decisions", sent))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--decisions", type=int, default=0)
+    parser.add_argument("--no-build", action="store_true", help="skip timing a --rebuild")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     index = args.run / "browse-index.sqlite"
 
-    process, url, built = start(args.run, "--rebuild")
-    stop(process)
-    size = index.stat().st_size
-    print(f"index build (start-up with --rebuild): {built:.1f} s, {size / 2**20:.0f} MiB")
+    if not args.no_build:
+        process, url, built = start(args.run, "--rebuild")
+        stop(process)
+        size = index.stat().st_size
+        print(f"index build (start-up with --rebuild): {built:.1f} s, {size / 2**20:.0f} MiB")
 
     startups, firsts, pages = [], [], []
     for _ in range(args.starts):
@@ -132,6 +205,8 @@ def main() -> None:
             hits.append(answer["total"])
             found += [f["feature_id"] for f in answer["features"][:1]]
         opened = [get(f"{url}api/feature/{fid}")[0] for fid in found[:10]]
+        if args.decisions:
+            decisions(url, args.run, args.decisions, asked, args.seed)
     finally:
         stop(process)
     ms = [1000 * t for t in times]
