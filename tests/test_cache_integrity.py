@@ -20,6 +20,7 @@ import pytest
 
 from labeler.judges import make_judge
 from labeler.judges.base import JudgeOptions
+from labeler.judges.requests import ApiRequest, FolderCache, KeptReply, pack
 from labeler.labeling import label_run
 from labeler.labeling.store import LabelStore
 from labeler.labeling.transports.batch import BatchSettings, label_in_batches
@@ -155,6 +156,26 @@ def test_a_damaged_entry_is_paid_once_then_rewritten(
     third = _label(_fresh_copy(collected, tmp_path / "c"), fake)
     assert len(fake.requests) == calls  # rewritten: nothing paid a third time
     assert _usage(third).cached_replies == CALLS
+
+
+def test_an_entry_of_the_earlier_layout_is_a_quiet_miss_then_rewritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder filled before entries carried their request (a bare compressed reply)
+    still works: each entry is asked again once, without a warning, and rewritten."""
+    body = {"model": "gpt-5-mini", "messages": []}
+    request = ApiRequest("openai", "gpt-5-mini", "/v1/chat/completions", body, "http://x/v1")
+    reply = {"model": "gpt-5-mini-2025-08-07", "choices": [{"message": {"content": "{}"}}]}
+    cache = FolderCache(tmp_path)
+    old = _entry(tmp_path, request.key)
+    old.parent.mkdir(parents=True)
+    old.write_bytes(pack(reply))
+    with caplog.at_level(logging.WARNING):
+        assert cache.lookup(request) is None
+    assert _warned_about(caplog) == []
+    cache.put(KeptReply(key=request.key, provider=request.provider, model=request.model,
+                        endpoint=request.endpoint, reply=reply))  # fmt: skip
+    assert cache.lookup(request) == reply
 
 
 def _pair_by_answer(run_a: Path, run_b: Path) -> dict[str, str]:

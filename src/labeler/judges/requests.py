@@ -254,7 +254,7 @@ class FolderCache:
         path = self._path(kept.key)
         try:
             blob: bytes | None = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # none yet, or unreadable: written anew
             blob = None
         if blob is not None and read_entry(blob, Identity.of(kept))[0] is not None:
             return  # kept already, and sound
