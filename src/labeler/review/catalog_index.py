@@ -169,10 +169,6 @@ def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFram
     return rows, texts
 
 
-def _ids_json(feature_ids: Sequence[str]) -> str:
-    return json.dumps(list(feature_ids))
-
-
 _IN_IDS = "feature_id IN (SELECT value FROM json_each(?))"
 
 
@@ -182,7 +178,7 @@ def changed_rows(
     """The ``features`` rows (without ``id``) of a few features, recomputed from their own
     judgments, reviews and output scores: a feature's label and disputes depend on those
     alone. Frequency and count, from the features table, are kept from the index."""
-    ids = _ids_json(feature_ids)
+    ids = json.dumps(list(feature_ids))
     planned = pl.DataFrame(
         store.conn.execute(
             f"SELECT feature_id, layer, idx FROM planned WHERE {_IN_IDS} ORDER BY layer, idx",
