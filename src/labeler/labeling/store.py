@@ -25,7 +25,7 @@ from typing import Any
 
 from adapters.errors import UserError
 from labeler.errors import note_store
-from labeler.judges.requests import KeptReply, pack, unpack
+from labeler.judges.requests import ApiRequest, KeptReply, pack, served_by, unpack
 from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
@@ -384,13 +384,26 @@ class LabelStore:
         rows = [(k.key, k.provider, k.model, k.endpoint, pack(k.reply), _now()) for k in kept]
         if rows:
             with self.transaction():
-                self.conn.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
+                # a kept row is replaced by the same reply: one that was damaged is repaired
+                self.conn.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
                                       rows)  # fmt: skip
 
     def get(self, key: str) -> dict[str, Any] | None:
-        """A kept reply by its request's key (the store as a reply cache)."""
+        """A kept reply by its request's key, or None (absent or damaged)."""
         row = self.conn.execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
         return None if row is None else unpack(row[0])
+
+    def lookup(self, request: ApiRequest) -> dict[str, Any] | None:
+        """The store as a reply cache: the reply kept for ``request``, or None when none
+        is, its row names another provider, model or endpoint, it is damaged, or the
+        reply names another model than the one asked for."""
+        row = self.conn.execute(
+            "SELECT provider, model, endpoint, reply FROM replies WHERE key=?", (request.key,)
+        ).fetchone()
+        if row is None or tuple(row[:3]) != (request.provider, request.model, request.endpoint):
+            return None
+        reply = unpack(row[3])
+        return reply if reply is not None and served_by(request.model, reply) else None
 
     def stage_outcomes(self, feature_id: str, judge: str, prompt_hash: str) -> list[StageOutcome]:
         rows = self.conn.execute(
