@@ -558,18 +558,16 @@ class CatalogIndex:
         rebuilt if need be); a query that still cannot catch up is answered from the rows
         as they are. A read that fails (pages damaged while open) is retried once on the
         checked file."""
-        for attempt in (1, 2):
-            try:
-                conn = self._current()
-                return read(conn)
-            except sqlite3.DatabaseError as exc:
-                if attempt == 2:
-                    raise
-                log.warning("reading %s failed (%s); checking it", self.path, exc)
-                self._suspect = True
-        raise AssertionError("unreachable")
+        try:
+            return read(self._current())
+        except sqlite3.DatabaseError as exc:
+            log.warning("reading %s failed (%s); checking it", self.path, exc)
+            self._suspect = True
+        return read(self._current())
 
     def _current(self) -> sqlite3.Connection:
+        """The index brought up to date, checked once more when that fails; as it is when
+        it still cannot be (answering from it beats answering nothing)."""
         try:
             return self.sync()
         except sqlite3.DatabaseError as exc:
