@@ -31,6 +31,7 @@ from adapters.errors import UserError
 from labeler.judges import Judge
 from labeler.judges.backend import BackendError
 from labeler.judges.batch_api import BatchApi, LineResult, batch_api
+from labeler.judges.halting import Halted
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.requests import AwaitingReply
 from labeler.judges.stages import StageName, StageOutcome
@@ -42,6 +43,7 @@ from labeler.labeling.batch_records import (
     Waiting,
 )
 from labeler.labeling.engine import FATAL_KINDS, Engine, LabelReport, Unit
+from labeler.labeling.guard import LabelingGuard
 from labeler.labeling.interrupts import Interrupts
 from labeler.labeling.lock import RunLock
 from labeler.labeling.stages import ErrorLog, run_stage_safely
@@ -132,6 +134,7 @@ class _Batches:
         self.on_result = on_result
         self.interrupts = interrupts
         self.lock = lock
+        self.guard = LabelingGuard(lock, interrupts)
         self.records = BatchRecords(engine.store)
         self.replies = StoredBatchReplies(engine.store, settings.max_attempts)
         self.errors = ErrorLog()
@@ -284,6 +287,11 @@ class _Batches:
     async def _submit_queued(self) -> None:
         for name, queued in self.queued.items():
             while queued and not self._stopping():
+                try:  # a submission is a send like any call: fenced by the run's lock
+                    await self.guard.clear()
+                except Halted as exc:
+                    self.engine.stop(exc.reason)
+                    return
                 api = self.apis[name]
                 chunk = _chunk(api, list(queued.values()))
                 for w in chunk:
