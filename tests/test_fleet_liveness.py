@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.fake_llm import BadRequest, FakeLLMServer, Hang, oracle
 from tests.fleet import BIN, Worker, fleet_env, run_driver, start_driver
@@ -218,6 +219,39 @@ def test_a_local_and_a_fleet_labeler_on_one_run_refuse_each_other(
     driver.wait(10)
 
 
+def _watch_commands(server: RedisServer) -> tuple[list[str], threading.Event, threading.Thread]:
+    """Every command Redis receives from now until the event is set, on a thread: Redis's
+    MONITOR on a connection that waits as long as the fleet is quiet (redis-py gives up a
+    read after 5 s by default, and a loaded machine can start a worker slower than that).
+    Should the connection break anyway, the list gets a "lost" entry: commands went by
+    unseen. Returns once the monitor runs."""
+    seen: list[str] = []
+    stop = threading.Event()
+    client = redis.Redis.from_url(server.url, socket_timeout=None, socket_connect_timeout=60)
+
+    def watch() -> None:
+        try:
+            with client.monitor() as monitor:
+                for command in monitor.listen():
+                    seen.append(str(command.get("command", "")))
+                    if stop.is_set():
+                        return
+        except redis.RedisError:
+            seen.append("lost")
+        finally:
+            client.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    poke = server.client()
+    while not seen:  # the monitor sees this ping once it runs
+        assert watcher.is_alive(), "the monitor did not start"
+        poke.ping()
+        time.sleep(0.05)
+    poke.close()
+    return seen, stop, watcher
+
+
 def test_a_key_echoed_by_a_provider_reaches_no_worker_log_queue_or_store(
     run: Path, fake: FakeLLMServer, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -225,24 +259,16 @@ def test_a_key_echoed_by_a_provider_reaches_no_worker_log_queue_or_store(
     env = fleet_env(redis_server.url, OPENAI_API_KEY=key)
     fake.script(BadRequest(400, f"Incorrect API key provided: {key}"),
                 BadRequest(400, f"Incorrect API key provided: {key}"))  # fmt: skip
-    seen: list[str] = []
-    monitor_client = redis_server.client()
-    stop = threading.Event()
-
-    def watch() -> None:  # every command Redis receives while the fleet labels
-        with monitor_client.monitor() as monitor:
-            for command in monitor.listen():
-                seen.append(str(command.get("command", "")))
-                if stop.is_set():
-                    return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    seen, stop, watcher = _watch_commands(redis_server)
     with Worker("w1", env, tmp_path / "w1.log", concurrency=1):
         out = run_driver(_args(run, fake, 1), env, tmp_path / "d.log", expect=3)
     stop.set()
-    redis_server.client().ping()
-    watcher.join(10)
+    poke = redis_server.client()
+    while watcher.is_alive():  # it ends at the first command after the stop
+        poke.ping()
+        watcher.join(1)
+    poke.close()
+    assert "lost" not in seen  # the monitor saw every command, none missed in a reconnect
     assert any("XADD" in c and "[REDACTED]" in c for c in seen)  # the outcomes went by
     with sqlite3.connect(run / "labels.sqlite") as conn:
         reasons = [str(r[0]) for r in conn.execute("SELECT reason FROM judgments WHERE reason "

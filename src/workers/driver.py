@@ -155,7 +155,27 @@ class Driver:
         queues = self._queues()
         taken = self._redis("taking back queued stages",
                             lambda: revoke_queued(self.redis, queues, self._queued))  # fmt: skip
-        log.info("stopped (%s): took back %d queued stages; the next run sends them", why, taken)
+        forgot = self._redis("forgetting stages nobody runs", self._forget_unstarted)
+        log.info("stopped (%s): took back %d queued stages, %d more were given back; the next "
+                 "run sends them", why, taken, forgot)  # fmt: skip
+
+    def _forget_unstarted(self) -> int:
+        """Forget the sends of the stages no worker holds or waits to run and none finished,
+        so that the next run sends them instead of waiting for them: a worker may give a
+        stage back (the stop set by another worker) before this driver recorded sending it.
+        One that a worker takes meanwhile meets the stop: it will not run either."""
+        ids = [raw.decode() for raw in self.redis.hkeys(self._queued)]  # type: ignore[union-attr]
+        if not ids:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.exists(keys.claim(task_id), keys.waiting(task_id))
+            held = pipe.execute()
+        done = self.redis.hmget(keys.done(self.key), ids)
+        idle = [i for i, h, d in zip(ids, held, done, strict=True) if not h and not d]
+        if idle:
+            self.redis.hdel(self._queued, *idle)
+        return len(idle)
 
     def _loop(self, waiting: Iterator[Unit]) -> None:
         offset = self.store.get_meta(self._offset_meta) or "0-0"
