@@ -186,11 +186,11 @@ def test_a_log_line_cut_off_by_a_kill_is_skipped_and_kept(tmp_path: Path) -> Non
     path.write_text('{"k": 1, "v": "a"}\n{"k": 2, "v": "b"}\n{"k": 3, "v"', encoding="utf-8")
     log = ResultLog(path, ("k",))
     assert sorted(r["k"] for r in log) == [1, 2]
-    assert [(d.line, d.reason) for d in log.damaged] == [(3, "cut off")]
     log.add([{"k": 3, "v": "c"}])
     lines = path.read_text().splitlines()
     assert lines[2] == '{"k": 3, "v"'  # the log is only ever appended to
     assert json.loads(lines[3]) == {"k": 3, "v": "c"}  # on a line of its own
+    assert [(d.line, d.reason) for d in log.damaged] == [(3, "cut off")]
     assert sorted(r["k"] for r in ResultLog(path, ("k",))) == [1, 2, 3]
 
 
@@ -198,13 +198,17 @@ def test_a_damaged_line_in_the_middle_of_a_log_cuts_nothing(tmp_path: Path) -> N
     """Lines after a damaged one are results like any other: opening the log keeps
     every byte, and names each damaged line."""
     path = tmp_path / "log.jsonl"
-    written = (b'{"k": 1, "v": "a"}\n{"k": 2, "v\n{}\n[1]\n\xff\xfe\n{"k": "4", "v": 4}\n'
-               b'{"k": 5, "v": "e"}\n{"k": 6, "v": "f"}\n')  # fmt: skip
+    written = (b'{"k": 1, "v": "a"}\n{"k": 2, "v\n{}\n[1]\n\xff\xfe\n{"k": 5, "v": "e"}\n'
+               b'{"k": 6, "v": "f"}\n')  # fmt: skip
     path.write_bytes(written)
-    log = ResultLog(path, ("k",), {"k": int, "v": str})
+    log = ResultLog(path, ("k",))
     assert sorted(r["k"] for r in log) == [1, 5, 6]
-    assert [d.line for d in log.damaged] == [2, 3, 4, 5, 6]
     assert path.read_bytes() == written
+    assert [d.line for d in log.damaged] == [2, 3, 4, 5]
+    path.write_bytes(written + b'{"k": "7", "v": "g"}\n{"k": true, "v": "h"}\n')
+    typed = ResultLog(path, ("k",), {"k": int, "v": str})  # with a result's fields, typed
+    assert sorted(r["k"] for r in typed) == [1, 5, 6]
+    assert [d.line for d in typed.damaged] == [2, 3, 4, 5, 8, 9]
 
 
 def resumed_copy(studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path,
@@ -272,9 +276,9 @@ def test_a_full_disk_keeps_the_earlier_report_and_figure(
                                 timeout=600, check=False,
                                 preexec_fn=_writes_up_to(limit))  # fmt: skip
         assert result.returncode != 0
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # and no temp
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert f"{folder / name}: no space left" in result.stderr, result.stderr
-        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_a_study_resumed_in_another_dtype_is_refused(
