@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -118,48 +119,67 @@ def summary(label: str, seconds: list[float]) -> str:
 
 
 def decisions(url: str, run: Path, n: int, asked: list[dict[str, object]], seed: int) -> None:
-    """Decision latency, the catalog's first answer after each, and searches alone and
-    while another client decides."""
+    """Decision latency; a layer's first catalog page before a decision and right after
+    it (which brings the decided feature's row up to date); searches alone, while another
+    client decides five times a second, and while it decides back to back."""
     with sqlite3.connect(run / "labels.sqlite") as conn:
-        planned = [r[0] for r in conn.execute("SELECT feature_id FROM planned")]
+        planned = conn.execute("SELECT feature_id, layer FROM planned").fetchall()
     rng = random.Random(seed)
     categories = ["reasoning", "domain", "language", "uninterpretable"]
 
-    def body(i: int) -> tuple[str, dict[str, object]]:
+    def body(i: int) -> tuple[str, int, dict[str, object]]:
         category = categories[i % 4]
         extra = {"domain_type": "math"} if category == "domain" else {}
-        return rng.choice(planned), {"category": category, "reviewer": "bench", **extra}
+        feature, layer = rng.choice(planned)
+        return feature, layer, {"category": category, "reviewer": "bench", **extra}
 
-    posted, after = [], []
+    posted, before, after = [], [], []
     for i in range(n):
-        feature, decision = body(i)
+        feature, layer, decision = body(i)
+        before.append(get(f"{url}api/catalog?layer={layer}&per_page=1")[0])
         posted.append(post(f"{url}api/feature/{feature}/decision", decision))
-        after.append(get(f"{url}api/catalog?label_source=human&per_page=1")[0])
+        after.append(get(f"{url}api/catalog?layer={layer}&per_page=1")[0])
     print(summary("decisions (POST /api/feature/ID/decision)", posted))
-    print(summary("the catalog's first answer after each decision", after))
+    print(summary("a layer's first page, nothing to catch up with", before))
+    print(summary("the same right after a decision in that layer (its row refreshed)", after))
 
-    alone = [get(f"{url}api/catalog?{urlencode(p)}")[0] for p in asked]
+    print(summary("searches alone", [get(f"{url}api/catalog?{urlencode(p)}")[0] for p in asked]))
+    for pause, how in ((0.2, "five times a second"), (0.0, "back to back")):
+        during, sent = searches_while_deciding(url, asked, pause, body)
+        print(summary(f"the same searches while another client decides {how}", during))
+        print(summary(f"  its {len(sent)} decisions", sent))
+
+
+def searches_while_deciding(
+    url: str,
+    asked: list[dict[str, object]],
+    pause: float,
+    body: Callable[[int], tuple[str, int, dict[str, object]]],
+) -> tuple[list[float], list[float]]:
+    """The searches' times while another thread sends a decision every ``pause`` seconds
+    (0: back to back), and those decisions' times. With a pause the searches come 20 a
+    second, as from a person typing, so that they meet the decisions."""
     busy = threading.Event()
     sent: list[float] = []
 
     def decide() -> None:
         i = 0
-        while not busy.is_set():
-            feature, decision = body(i)
+        while not busy.wait(pause):
+            feature, _, decision = body(i)
             sent.append(post(f"{url}api/feature/{feature}/decision", decision))
             i += 1
 
     other = threading.Thread(target=decide)
     other.start()
     try:
-        during = [get(f"{url}api/catalog?{urlencode(p)}")[0] for p in asked]
+        during = []
+        for params in asked:
+            during.append(get(f"{url}api/catalog?{urlencode(params)}")[0])
+            time.sleep(0.05 if pause else 0.0)
     finally:
         busy.set()
         other.join()
-    print(summary("searches alone", alone))
-    print(summary(f"the same searches while another client decides ({len(sent)} decisions)",
-                  during))  # fmt: skip
-    print(summary("those decisions", sent))
+    return during, sent
 
 
 def main() -> None:
