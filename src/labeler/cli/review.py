@@ -197,7 +197,8 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
 
     \b
     The index is built once into RUN/browse-index.sqlite (a progress bar shows it) and
-    reused while the run's labels stay the same; a decision updates it at once.
+    reused while the run's judgments stay the same (it is checked, and rebuilt if
+    damaged); decisions, made here or anywhere else, show in it at once.
     On a remote machine, forward the port first: ssh -L 8765:127.0.0.1:8765 HOST.
     """
     from labeler.cli.render import progress_bar
