@@ -10,8 +10,8 @@ import statistics
 import polars as pl
 import pytest
 
-from adapters.errors import UserError
 from labeler.causal.selection import matched_controls, parse_group, select
+from labeler.errors import UserError
 
 
 def _features(n_layers: int = 3, width: int = 400, seed: int = 0) -> pl.DataFrame:

@@ -12,7 +12,6 @@ import polars as pl
 import pytest
 from pydantic import BaseModel
 
-from adapters.errors import UserError
 from collectors.errors import RunFolderError
 from collectors.run_format import (
     EXAMPLES,
@@ -25,6 +24,7 @@ from collectors.run_format import (
     RunInfo,
     write_run_info,
 )
+from labeler.errors import UserError
 from labeler.formats.circuit_tracer import (
     EXAMPLES_SCHEMA,
     METADATA_JSON,

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.errors import UserError
 from adapters.random_adapter import ModelShape, random_decoder
 from adapters.tiny_tokenizer import train_bpe_tokenizer
 from collectors.corpus import BOS, EOS, PAD, SPECIAL_TOKENS
+from labeler.errors import UserError
 from labeler.judges.backend import JudgeUnusable, LikelihoodBackend, Prompt
 from labeler.judges.hf_backend import HFBackend, option_token_ids, render_prompt
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from adapters.errors import UserError
 from labeler.causal.measures import last_boxed
 from labeler.causal.records import ResultLog
+from labeler.errors import UserError
 from tests.conftest import CollectedDemo
 
 LABELER = [sys.executable, "-c", "from labeler.cli import main; main()"]

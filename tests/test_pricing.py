@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges.pricing import PRICES_ENV, TIERS, PriceTable, Tier, load_prices
 from labeler.run.schemas import Usage
 

@@ -103,9 +103,9 @@ def test_a_unigram_tokenizer_in_a_qwen2_folder_loads_as_saved(
 
 
 def test_missing_tokenizer_folder_names_the_option(tmp_path: Path) -> None:
-    from adapters.errors import UserError
+    from adapters.errors import CheckpointError
 
-    with pytest.raises(UserError, match=r"nope: no such tokenizer folder; pass --tokenizer"):
+    with pytest.raises(CheckpointError, match=r"nope: no such tokenizer folder; pass --tokenizer"):
         load_tokenizer(str(tmp_path / "nope"))
 
 
@@ -129,7 +129,7 @@ class DropsWord:
 def test_check_tolerates_a_few_lossy_pieces_only(collected: CollectedDemo) -> None:
     """One sampled piece in fifty may differ (a rare character a real tokenizer maps to its
     unknown token); more is an error naming the tokenizer, a sample and the way out."""
-    from adapters.errors import UserError
+    from collectors.errors import CollectError
 
     corpus = collected.paths.corpus
     traces = list(read_traces(corpus))
@@ -138,7 +138,7 @@ def test_check_tolerates_a_few_lossy_pieces_only(collected: CollectedDemo) -> No
     one_zebra = [replace(traces[0], prompt=traces[0].prompt + " zebra"), *traces[1:]]
     check_tokenizer(DropsWord(tokenizer, " zebra"), one_zebra, "deepseek", corpus)
     zebras = [replace(t, prompt=t.prompt + " zebra") for t in traces]
-    with pytest.raises(UserError) as info:
+    with pytest.raises(CollectError) as info:
         check_tokenizer(DropsWord(tokenizer, " zebra"), zebras, "deepseek", corpus)
     message = str(info.value)
     assert message.startswith("somewhere: the tokenizer (DropsWord) does not give the corpus")

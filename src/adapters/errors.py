@@ -1,22 +1,11 @@
-"""Errors a user can act on. The CLI prints their message and exits non-zero."""
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pydantic import ValidationError
+"""Errors of the model side that a user can act on: a checkpoint, tokenizer or output
+path they gave that cannot be used. The CLI reports them as one line and a non-zero exit
+(``labeler.errors.USER_ERRORS``)."""
 
 
-class UserError(Exception):
-    """Bad input or state that the user can fix; the message names the file and field."""
+class AdapterError(Exception):
+    """A model-side input or output the user can fix; the message names the file."""
 
 
-class CheckpointError(UserError):
+class CheckpointError(AdapterError):
     """A transcoder-adapter checkpoint that is missing, corrupt or not in the paper's format."""
-
-
-def first_error(exc: ValidationError) -> tuple[str, str]:
-    """The dotted field path and message of a pydantic error's first problem."""
-    first = exc.errors()[0]
-    return ".".join(str(part) for part in first["loc"]), str(first["msg"])

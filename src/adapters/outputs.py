@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from adapters.errors import UserError
+from adapters.errors import AdapterError
 
 # errno values that mean "no room to write": a full disk, a quota, a file size limit.
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -28,7 +28,7 @@ def is_no_room(exc: BaseException | None) -> bool:
     return False
 
 
-class NoRoomError(UserError):
+class NoRoomError(AdapterError):
     """An output that could not be written for lack of disk space."""
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adapters.errors import UserError
 from collectors.corpus import TokenizedCorpus
+from collectors.errors import CollectError
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class Shard:
             index_text, count_text = spec.split("/")
             index, count = int(index_text), int(count_text)
         except ValueError as exc:
-            raise UserError(f"--shard {spec!r}: expected i/n, for example 2/8") from exc
+            raise CollectError(f"--shard {spec!r}: expected i/n, for example 2/8") from exc
         if count < 1 or not 1 <= index <= count:
-            raise UserError(f"--shard {spec!r}: i must be between 1 and n (1/{max(count, 1)} .. "
+            raise CollectError(f"--shard {spec!r}: i must be between 1 and n (1/{max(count, 1)} .. "
                             f"{max(count, 1)}/{max(count, 1)})")  # fmt: skip
         return cls(index, count)
 

@@ -29,11 +29,11 @@ import polars as pl
 import torch
 
 from adapters.checkpoint import checkpoint_hash
-from adapters.errors import UserError
 from adapters.outputs import writing
 from collectors.accumulator import LayerAccumulator, NegativeWindows
 from collectors.batching import WHOLE, Batch, Shard, make_batch, plan_batches
 from collectors.corpus import TokenizedCorpus
+from collectors.errors import CollectError
 from collectors.run_format import (
     EXAMPLES,
     FEATURES,
@@ -153,7 +153,7 @@ def logit_lens(source: FeatureSource, layer: int, k: int, through_norm: bool) ->
     columns = source.decoder_columns(layer).T  # [F, d_model]
     norm = source.final_norm() if through_norm else None
     if through_norm and norm is None:
-        raise UserError("--lens-through-norm: the model has no final norm to apply")
+        raise CollectError("--lens-through-norm: the model has no final norm to apply")
     outs: list[list[torch.Tensor]] = [[], [], [], []]
     with torch.no_grad():
         for start in range(0, columns.shape[0], 1024):
@@ -272,7 +272,7 @@ def resolve_layers(params: CollectParams, n_layers: int) -> list[int]:
     layers = params.layers if params.layers is not None else list(range(n_layers))
     bad = [la for la in layers if not 0 <= la < n_layers]
     if bad or not layers:
-        raise UserError(f"--layers {bad or layers}: the model has layers 0..{n_layers - 1}")
+        raise CollectError(f"--layers {bad or layers}: the model has layers 0..{n_layers - 1}")
     return layers
 
 
@@ -311,9 +311,9 @@ def collect_run(
     layers = resolve_layers(params, job.source.n_layers)
     params = params.model_copy(update={"layers": layers})
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+        raise CollectError(f"{out}: already exists; pass --overwrite to replace it")
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1 sequence")
+        raise CollectError(f"--checkpoint-every {checkpoint_every}: must be at least 1 sequence")
     plan = plan_batches(corpus.lengths(), params.batch_tokens)
     reference: torch.Tensor = next(job.source.model.parameters())
     fingerprint = Fingerprint(
@@ -345,7 +345,7 @@ def _exclusive(staging: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise UserError(
+            raise CollectError(
                 f"{staging}: another process is collecting into it (lock {lock_path})"
             ) from exc
         try:
@@ -454,7 +454,7 @@ def _resumable_state(
     if meta.shard != str(shard):
         differences.append(f"shard: {meta.shard} vs {shard}")
     if differences:
-        raise UserError(
+        raise CollectError(
             f"{staging}: holds a checkpoint of a different collection "
             f"({'; '.join(differences)}; checkpoint vs now). Pass --restart to discard it, "
             "or collect into another --out."

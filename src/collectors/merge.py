@@ -20,7 +20,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from adapters.errors import UserError
 from collectors.batching import Shard
 from collectors.collect import (
     Provenance,
@@ -31,7 +30,7 @@ from collectors.collect import (
     write_run,
 )
 from collectors.corpus import TokenizedCorpus
-from collectors.errors import RunFolderError
+from collectors.errors import CollectError, RunFolderError
 from collectors.run_format import FEATURES, STATE_DIR, RunInfo, publish, read_run_info
 from collectors.state import CollectState, load_accumulators, read_state_meta
 from collectors.tables import Coverage, LogitLens
@@ -40,12 +39,12 @@ from collectors.tables import Coverage, LogitLens
 def check_shards(folders: list[Path]) -> list[tuple[Path, RunInfo, CollectState]]:
     """Validate that ``folders`` are the complete set of shards of one collection."""
     if len(folders) < 2:
-        raise UserError("merge-runs needs at least two shard run folders")
+        raise CollectError("merge-runs needs at least two shard run folders")
     shards = []
     for folder in folders:
         info = read_run_info(folder)
         if info.shard is None:
-            raise UserError(f"{folder}: not a shard run (collected without --shard)")
+            raise CollectError(f"{folder}: not a shard run (collected without --shard)")
         meta = read_state_meta(folder / STATE_DIR)
         if meta is None:
             raise RunFolderError(
@@ -56,23 +55,23 @@ def check_shards(folders: list[Path]) -> list[tuple[Path, RunInfo, CollectState]
     for folder, _, meta in shards[1:]:
         differences = meta.fingerprint.differences(first_meta.fingerprint)
         if differences:
-            raise UserError(
+            raise CollectError(
                 f"{folder} and {first_folder} are not shards of one collection: "
                 + "; ".join(differences)
             )
     parsed = [Shard.parse(meta.shard) for _, _, meta in shards]
     counts = {s.count for s in parsed}
     if len(counts) != 1:
-        raise UserError(f"shards of different splits: {', '.join(map(str, parsed))}")
+        raise CollectError(f"shards of different splits: {', '.join(map(str, parsed))}")
     (n,) = counts
     seen: dict[int, Path] = {}
     for (folder, _, _), shard in zip(shards, parsed, strict=True):
         if shard.index in seen:
-            raise UserError(f"shard {shard} given twice: {seen[shard.index]} and {folder}")
+            raise CollectError(f"shard {shard} given twice: {seen[shard.index]} and {folder}")
         seen[shard.index] = folder
     missing = sorted(set(range(1, n + 1)) - set(seen))
     if missing:
-        raise UserError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}")
+        raise CollectError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}")
     n_batches = first_meta.fingerprint.n_batches
     for folder, _, meta in shards:
         expected = Shard.parse(meta.shard).batches(n_batches)
@@ -92,16 +91,16 @@ def merge_runs(
     """Merge the shard runs in ``folders`` into ``out``; ``corpus`` is the shards' corpus
     tokenized again with ``tokenizer`` (its hash is checked)."""
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+        raise CollectError(f"{out}: already exists; pass --overwrite to replace it")
     shards = check_shards(folders)
     _, first_info, first_meta = shards[0]
     fingerprint = first_meta.fingerprint
     if file_sha256(corpus_path) != fingerprint.corpus_hash:
-        raise UserError(
+        raise CollectError(
             f"{corpus_path}: is not the corpus the shards were collected from (its hash differs)"
         )
     if tokens_hash(corpus) != fingerprint.tokens_hash:
-        raise UserError(
+        raise CollectError(
             f"{corpus_path}: tokenizes differently from when the shards were collected; "
             "use the same tokenizer (--tokenizer) and parameters"
         )

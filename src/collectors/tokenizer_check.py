@@ -14,7 +14,7 @@ collected through it describe garbage. So ``collect`` checks, before anything ru
    back from ``decode(encode(piece))`` equal after NFKC normalisation and whitespace
    collapsing; more than ``TOLERATED_SHARE`` of the pieces differing (at least one) fails.
 
-A failure is a :class:`~adapters.errors.UserError` naming the tokenizer's class and
+A failure is a :class:`~collectors.errors.CollectError` naming the tokenizer's class and
 folder, a sample of what went wrong, and how to load the right tokenizer.
 """
 
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from adapters.errors import UserError
 from collectors.corpus import (
     CHAT_LAYOUTS,
     THINK_END,
@@ -38,6 +37,7 @@ from collectors.corpus import (
     check_layouts,
     segments,
 )
+from collectors.errors import CollectError
 from collectors.run_format import CHAT_FORMATS, MARKER_REGIONS
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _check_specials(tokenizer: Any, regions: frozenset[str], chat_format: str) -
             lacking.append(f"'{special}' encodes as one token that decodes as {decoded!r}")
     if lacking:
         others = " or ".join(f for f in CHAT_FORMATS if f != chat_format)
-        raise UserError(
+        raise CollectError(
             f"{describe(tokenizer)} does not have the {chat_format} chat format's special "
             f"tokens as single tokens ({'; '.join(lacking)}); {HOW_TO_FIX}, or pass "
             f"--chat-format {others} if the model uses that format"
@@ -134,7 +134,7 @@ def _check_specials(tokenizer: Any, regions: frozenset[str], chat_format: str) -
 def check_tokenizer(
     tokenizer: Any, traces: Sequence[Trace], chat_format: str, corpus_path: Path
 ) -> None:
-    """Raise a :class:`UserError` if the corpus's layout is wrong or the tokenizer does not
+    """Raise a :class:`CollectError` if the corpus's layout is wrong or the tokenizer does not
     fit it (see the module docstring)."""
     regions = check_layouts(traces, chat_format, corpus_path)
     _check_specials(tokenizer, regions, chat_format)
@@ -144,7 +144,7 @@ def check_tokenizer(
     if len(mismatches) > int(TOLERATED_SHARE * checked):
         first = mismatches[0]
         text, decoded = first.excerpt()
-        raise UserError(
+        raise CollectError(
             f"{describe(tokenizer)} does not give the corpus text back: "
             f"{len(mismatches)} of {checked} sampled pieces differ after decode(encode(text)), "
             f"e.g. {corpus_path}:{first.line}: {text!r} came back as {decoded!r}; {HOW_TO_FIX}"

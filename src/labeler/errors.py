@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from adapters.errors import UserError
+from adapters.errors import AdapterError
+from collectors.errors import CollectError
 from labeler.run.schemas import Usage
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+class UserError(Exception):
+    """Bad input or state that the user can fix; the message names the file and field."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, AdapterError, CollectError)
+"""Every error the CLI, the review server and the fleet's workers report as the user's
+to fix (one line, no traceback): the labeling side's and the model and collection
+sides' own."""
+
+
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """The dotted field path and message of a pydantic error's first problem."""
+    first = exc.errors()[0]
+    return ".".join(str(part) for part in first["loc"]), str(first["msg"])
+
 
 # The SQLite files this process opened: SQLite never names the file an error is about,
 # so the CLI reports a corrupt or unwritable store against these.

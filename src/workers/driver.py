@@ -39,7 +39,7 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges.base import JudgeOptions, make_judge
 from labeler.judges.ratelimit import RateLimits
 from labeler.judges.stages import StageName, StageOutcome, is_staged, queue_for, stages_for

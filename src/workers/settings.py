@@ -15,7 +15,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _ENV = {

@@ -26,8 +26,7 @@ from celery import Task
 from celery.exceptions import Retry
 from pydantic import ValidationError
 
-from adapters.errors import UserError
-from labeler.errors import Reschedule
+from labeler.errors import USER_ERRORS, Reschedule
 from labeler.judges.stages import STAGE_GROUPS, StageOutcome, add_usage
 from labeler.labeling.engine import FATAL_KINDS
 from labeler.labeling.stages import ERRORS, run_stage_safely
@@ -133,7 +132,7 @@ def _refuse(rt: WorkerRuntime, task_id: str, payload: Any, exc: ValidationError)
 def _execute(task: StageTask, rt: WorkerRuntime, settings: FleetSettings) -> StageOutcome:
     try:
         judge = rt.judge(task.judge, task.options, task.limits)
-    except UserError as exc:
+    except USER_ERRORS as exc:
         return _failed(task, f"config: {task.stage}: on {socket.gethostname()}: {exc}")
     except Exception as exc:  # the judge cannot be built here: the labeling stops
         ERRORS.once(f"building {task.judge}", exc)

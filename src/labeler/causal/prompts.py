@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import UserError
 from collectors.corpus import (
     CHAT_LAYOUTS,
     LONG_PIECE_CHARS_PER_TOKEN,
@@ -40,6 +39,7 @@ from collectors.corpus import (
     _decode_line,
     segments,
 )
+from labeler.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import UserError
 from adapters.outputs import write_text_atomic
+from labeler.errors import UserError
 
 PLAN = "plan.json"
 GENERATIONS = "generations.jsonl"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.reporting.final_labels import LABEL_FIELDS
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 

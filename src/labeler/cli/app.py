@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)

@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
-from adapters.errors import UserError
 from labeler.cli.app import (
     _layers,
     check_output,
     cli,
     console,
 )
+from labeler.errors import UserError
 
 
 def _load_source(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from adapters.errors import UserError
 from labeler.cli.app import (
     DEMO_MARKER,
     cli,
@@ -17,6 +16,7 @@ from labeler.cli.app import (
 from labeler.cli.collect import _collect
 from labeler.cli.label import _label
 from labeler.cli.report import _export, _summarize
+from labeler.errors import UserError
 
 
 @cli.command()

@@ -1,5 +1,5 @@
 """The CLI's last line of defence: every exception that reaches the top becomes one
-line on stderr and a non-zero exit. Errors the user can act on (``UserError``) say
+line on stderr and a non-zero exit. Errors the user can act on (``USER_ERRORS``) say
 what is wrong with which file; a full disk names the file it could not write; a corrupt
 SQLite store names the store; anything else is reported as unexpected, with a hint to
 rerun with ``-v``, which shows the traceback."""
@@ -10,9 +10,8 @@ import sqlite3
 import sys
 import traceback
 
-from adapters.errors import UserError
 from adapters.outputs import is_no_room
-from labeler.errors import OPENED_STORES
+from labeler.errors import OPENED_STORES, USER_ERRORS
 
 EXIT_USER = 2  # bad input or state the user can fix
 EXIT_UNEXPECTED = 1  # a bug, or an environment this tool does not know about
@@ -37,7 +36,7 @@ def _where(exc: BaseException) -> str | None:
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """The one line to print for ``exc`` and the exit code."""
-    if isinstance(exc, UserError):
+    if isinstance(exc, USER_ERRORS):
         return str(exc), EXIT_USER
     if isinstance(exc, sqlite3.DatabaseError):
         text = str(exc).lower()
@@ -63,12 +62,12 @@ def describe(exc: BaseException) -> tuple[str, int]:
 
 def report(exc: BaseException, verbose: bool) -> int:
     """Print ``exc`` as one line (with ``verbose``, the traceback first, for anything not
-    a ``UserError``); returns the exit code."""
+    one of ``USER_ERRORS``); returns the exit code."""
     from labeler.cli.app import err_console
     from labeler.redaction import redact
 
     line, code = describe(exc)
-    if verbose and not isinstance(exc, UserError):
+    if verbose and not isinstance(exc, USER_ERRORS):
         sys.stderr.write(redact("".join(traceback.format_exception(exc))))
     err_console.print("[bold red]error:[/bold red] ", end="", highlight=False)
     err_console.print(redact(line), markup=False, highlight=False)

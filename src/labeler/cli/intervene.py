@@ -9,8 +9,8 @@ from typing import Any
 import click
 from rich.console import Console
 
-from adapters.errors import UserError
 from labeler.cli.app import _open_labels, cli, console, err_console
+from labeler.errors import UserError
 
 DEFAULT_WORDS = "wait,hmm,alternatively"
 _NAMED_DAMAGED = 5  # damaged log lines named one by one; the rest are counted

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 
 if TYPE_CHECKING:
     from labeler.labeling.request import LabelingRequest, TransportName

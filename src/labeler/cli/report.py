@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from adapters.errors import UserError
 from adapters.outputs import replacing, write_text_atomic
 from labeler.cli.app import (
     _RULES_HELP,
@@ -19,6 +18,7 @@ from labeler.cli.app import (
     cli,
     console,
 )
+from labeler.errors import UserError
 
 
 def _summarize(

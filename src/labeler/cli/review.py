@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from adapters.errors import UserError
 from labeler.cli.app import (
     _RULES_HELP,
     _open_labels,
     cli,
     console,
 )
+from labeler.errors import UserError
 
 
 @cli.command()

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from adapters.errors import UserError
 from labeler.cli.app import _layers, _open_labels, cli, console
+from labeler.errors import UserError
 
 if TYPE_CHECKING:
     from labeler.causal.output_score import LayerNull

@@ -90,7 +90,6 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 
-from adapters.errors import UserError
 from collectors.errors import RunFolderError
 from collectors.run_format import (
     EXAMPLE_KINDS,
@@ -109,6 +108,7 @@ from collectors.run_format import (
     read_run_info,
     write_run_info,
 )
+from labeler.errors import UserError
 
 FEATURES_DIR = "features"
 METADATA_JSON = "feature_metadata.json"

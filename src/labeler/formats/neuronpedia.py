@@ -51,8 +51,8 @@ from typing import Any
 
 import polars as pl
 
-from adapters.errors import UserError
 from collectors.run_format import FEATURES, publish
+from labeler.errors import UserError
 from labeler.formats.catalog import LayerReader
 from labeler.formats.circuit_tracer import staging_folder
 from labeler.labeling.store import LabelStore

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.formats.neuronpedia import UPLOAD_DIR
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges.api_errors import mapped_errors
 from labeler.judges.backend import InvalidReply, Prompt, Refused, Reply, T
 from labeler.judges.client_pool import ClientPool

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from adapters.errors import UserError
-from labeler.errors import UnknownJudgeError
+from labeler.errors import UnknownJudgeError, UserError
 from labeler.judges.base import Judge, JudgeOptions
 from labeler.judges.heuristic import HeuristicJudge
 from labeler.judges.llm_judge import JudgeSettings, LLMJudge

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges.backend import JudgeUnusable, OptionScores, Prompt, TextReply
 from labeler.run.schemas import Usage
 

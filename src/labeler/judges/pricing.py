@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.run.schemas import Usage
 
 if TYPE_CHECKING:

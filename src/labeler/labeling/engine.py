@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
     StageName,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.labeling.interrupts import Interrupted
 from labeler.labeling.store import connect
 

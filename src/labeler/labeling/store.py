@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import UserError
-from labeler.errors import note_store
+from labeler.errors import UserError, note_store
 from labeler.judges.requests import ApiRequest, KeptReply, pack, served_by, unpack
 from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional

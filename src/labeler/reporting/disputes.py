@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.errors import UserError, first_error
+from labeler.errors import UserError, first_error
 from labeler.reporting.label_table import HEURISTIC
 from labeler.run.feature_ids import feature_order
 from prompts import Confidence

@@ -25,8 +25,8 @@ from collections import Counter
 import polars as pl
 from pydantic import BaseModel, Field
 
-from adapters.errors import UserError
 from collectors.run_format import RunInfo, package_versions
+from labeler.errors import UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
 from labeler.reporting.disputes import DisputeRules, find_disputes

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 
 import polars as pl
 
-from adapters.errors import UserError
 from adapters.outputs import is_no_room
 from collectors.run_format import FEATURES
+from labeler.errors import UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.catalog_lines import LayerReader
 from labeler.reporting.disputes import DisputeRules, find_disputes

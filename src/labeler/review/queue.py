@@ -8,8 +8,8 @@ import json
 import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
-from adapters.errors import UserError, first_error
 from collectors.run_format import EXAMPLES
+from labeler.errors import UserError, first_error
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.label_table import HEURISTIC, judge_names, judgment_frame, review_frame

@@ -42,7 +42,7 @@ from importlib import resources
 from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from adapters.errors import UserError
+from labeler.errors import USER_ERRORS, UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.queue import UnknownFeature, feature_view, record_decision, review_queue
@@ -314,7 +314,7 @@ class ReviewApp:
             decision = record_decision(self.store, fields)
         except UnknownFeature as exc:
             return error_response(404, str(exc), feature_id=feature_id)
-        except UserError as exc:
+        except USER_ERRORS as exc:
             return error_response(400, str(exc))
         log.info("%s: %s %s by %s", feature_id, decision.action, decision.category or "", reviewer)
         if key is not None:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges import Judge
 from labeler.judges.backend import BackendError
 from labeler.judges.batch_api import BatchApi, LineResult, batch_api

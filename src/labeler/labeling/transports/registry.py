@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from adapters.errors import UserError
+from labeler.errors import UserError
 from labeler.judges import Judge, make_judge
 from labeler.judges.pricing import PriceTable, load_prices
 from labeler.labeling.engine import LabelReport
