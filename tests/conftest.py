@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from collectors.demo_model import DemoPaths, build_demo
+from tests.fake_llm import FakeLLMServer, oracle
 from tests.fleet import reap
 from tests.redis_server import RedisServer
 
@@ -86,6 +87,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
             yield server
         finally:
             reap()
+
+
+@pytest.fixture(scope="module")
+def oracle_server() -> Iterator[FakeLLMServer]:
+    """The loopback fake LLM answering by the oracle, one per test module."""
+    with FakeLLMServer(oracle) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fresh_fake(oracle_server: FakeLLMServer) -> FakeLLMServer:
+    """The module's fake with no requests recorded, nothing scripted and no latency."""
+    oracle_server.reset()
+    oracle_server.latency = 0.0
+    return oracle_server
 
 
 CHROMIUM = Path(os.environ.get("LABELER_CHROMIUM", "/usr/bin/chromium"))

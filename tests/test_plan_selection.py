@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,18 @@ from click.testing import CliRunner
 from labeler.cli import cli
 from labeler.labeling.plan import plan_features, select_features
 from labeler.run.data import RunData
-from tests.fake_llm import FakeLLMServer, oracle
+from tests.fake_llm import FakeLLMServer
 
 JUDGE = "openai:gpt-5-mini"
 CALLS = 4
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> FakeLLMServer:
-    server.reset()
+def fake(fresh_fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> FakeLLMServer:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-plan-selection-test-0001")
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("LABELER_CACHE_DIR", raising=False)
-    return server
+    return fresh_fake
 
 
 def _label(run: Path, fake: FakeLLMServer, *extra: str) -> str:

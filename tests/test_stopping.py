@@ -11,12 +11,12 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.fake_llm import FakeLLMServer, Hang, RateLimited, oracle
+from tests.fake_llm import FakeLLMServer, Hang, RateLimited
 from tests.fleet import BIN
 
 JUDGE = "openai:gpt-5-mini"
@@ -24,17 +24,9 @@ EXIT_USER, EXIT_INTERRUPTED = 2, 130
 FIRST_KEY, SECOND_KEY = "sk-stopping-first-labeler-0001", "sk-stopping-second-labeler-0002"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeLLMServer) -> FakeLLMServer:
-    server.reset()
-    server.latency = 0.0
-    return server
+def fake(fresh_fake: FakeLLMServer) -> FakeLLMServer:
+    return fresh_fake
 
 
 def _env(key: str = FIRST_KEY, **extra: str) -> dict[str, str]:
