@@ -24,7 +24,7 @@ from collectors.run_format import (
     RunInfo,
     write_run_info,
 )
-from labeler.errors import UserError
+from labeler.errors import USER_ERRORS, UserError
 from labeler.formats.circuit_tracer import (
     EXAMPLES_SCHEMA,
     METADATA_JSON,
@@ -551,7 +551,7 @@ def import_fails(paper: Path, out: Path, *needles: str) -> None:
 
 def test_errors_are_user_errors() -> None:
     assert issubclass(CircuitTracerError, RunFolderError)
-    assert issubclass(CircuitTracerError, UserError)
+    assert issubclass(CircuitTracerError, USER_ERRORS)  # reported as one line, exit 2
 
 
 def test_missing_metadata_is_refused(paper: Path, tmp_path: Path) -> None:
