@@ -39,7 +39,7 @@ from labeler.judges.stages import (
     ready,
     stages_for,
 )
-from labeler.labeling.plan import Selection, negatives_for, records_of, select_features
+from labeler.labeling.plan import negatives_for, records_of, select_features
 from labeler.labeling.stages import HALTED
 from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
@@ -165,8 +165,6 @@ class Engine:
         self._unreachable: dict[str, int] = {}
         self._held: dict[str, list[tuple[Unit, StageOutcome]]] = {}
         self.shared = folder_cache_from_env()
-        self.selected: Selection | None = None
-        """What this labeling asked for (set by :meth:`plan`)."""
 
     # -- the plan ------------------------------------------------------------------------
 
@@ -175,14 +173,12 @@ class Engine:
         this labeling asked for (``select_features``), not of every feature an earlier
         labeling planned; the stored plan is extended by what it adds."""
         self._check_batches()
-        selection = select_features(
-            self.run, self.store.planned(), self.sample_per_layer, self.seed
-        )
-        if selection.added and self.store.planned():
+        stored = self.store.planned()
+        selection = select_features(self.run, stored, self.sample_per_layer, self.seed)
+        if selection.added and stored:
             grown = ", ".join(f"layer {la} +{n}" for la, n in selection.added_by_layer().items())
             log.warning("extending the run's plan: %s", grown)
         self.store.add_planned(selection.added)
-        self.selected = selection
         planned = [fid for fid, _, _ in selection.features]
         done = {judge: self.store.done(judge) for judge in self.hashes}
         for judge, tally in self.tally.items():
