@@ -392,6 +392,14 @@ def test_a_decision_is_stored_once_whatever_happens_to_the_index(labeled_copy: P
         assert index.exists()
     finally:
         _stop(process)
+    # the server stopped after storing it: the page's retry reaches a new server
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        status, answer = _post(browsed.url, third, retried)
+        assert status == 200 and answer["decision"]["reviewer"] == "cy", answer
+        assert len(_stored(labeled_copy)) == 3
+    finally:
+        _stop(process)
 
 
 def test_decisions_by_any_writer_show_in_the_catalog(labeled_copy: Path) -> None:

@@ -29,7 +29,7 @@ from labeler.judges.stages import StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
-STORE_SCHEMA_VERSION = 9
+STORE_SCHEMA_VERSION = 10
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     mechanism TEXT,
     domain_type TEXT,
     note TEXT NOT NULL DEFAULT '',
-    decided_at TEXT NOT NULL
+    decided_at TEXT NOT NULL,
+    request_key TEXT
 );
 CREATE INDEX IF NOT EXISTS reviews_feature ON reviews (feature_id);
 CREATE TABLE IF NOT EXISTS replies (
@@ -151,6 +152,8 @@ _LABEL_COLUMNS = """
     confidence=json_extract(NEW.payload, '$.classification.confidence'),
     detection=json_extract(NEW.payload, '$.detection.accuracy')"""
 _TRIGGERS = f"""
+CREATE UNIQUE INDEX IF NOT EXISTS reviews_request_key ON reviews (feature_id, request_key)
+    WHERE request_key IS NOT NULL;
 CREATE TRIGGER IF NOT EXISTS judgments_label_on_insert AFTER INSERT ON judgments BEGIN
     UPDATE judgments SET {_LABEL_COLUMNS} WHERE rowid = NEW.rowid;
 END;
@@ -179,7 +182,21 @@ _MIGRATIONS = {
     7: (),  # the replies, batches and batch_requests tables are created if missing
     8: (),  # the output_scores table is created if missing
     9: (),  # the unanswered_calls table is created if missing
+    10: (),  # reviews.request_key, added by _add_missing_columns where the table lacks it
 }
+
+
+_REVIEW_FIELDS = ("feature_id", "reviewer", "action", "category", "subcategory", "mechanism",
+                  "domain_type", "note", "decided_at")  # fmt: skip
+_REVIEW_COLUMNS = ", ".join(_REVIEW_FIELDS)
+
+
+def _review(row: tuple[Any, ...]) -> ReviewDecision:
+    return ReviewDecision.model_validate(dict(zip(_REVIEW_FIELDS, row, strict=True)))
+
+
+# (table, column, type) added after the table was first made
+_ADDED_COLUMNS = (("reviews", "request_key", "TEXT"),)
 
 
 @dataclass(frozen=True)
@@ -212,7 +229,17 @@ class LabelStore:
             )
         elif int(row[0]) < STORE_SCHEMA_VERSION:
             self._migrate(int(row[0]))
+        self._add_missing_columns()
         self.conn.executescript(_TRIGGERS)
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to a table that an older store may have made without them (a
+        table older stores lack altogether is made whole by the schema)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {str(r[1]) for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with self.transaction():
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _migrate(self, version: int) -> None:
         with self.transaction():
@@ -494,20 +521,33 @@ class LabelStore:
             out[fid] = StoredJudgment(fid, jname, status, judgment, reason, attempts)
         return out
 
-    def add_review(self, decision: ReviewDecision) -> ReviewDecision:
+    def add_review(
+        self, decision: ReviewDecision, request_key: str | None = None
+    ) -> tuple[ReviewDecision, bool]:
         """Append a person's decision (stamped now unless it carries a time); earlier
-        decisions, the reviewer's own included, stay as they were."""
+        decisions, the reviewer's own included, stay as they were. ``request_key``: the
+        sender's name for this request; a request sent again with it (a retry after an
+        answer that never came, even from a server restarted since) stores nothing and
+        gets the decision stored the first time. Returns the decision and whether it was
+        stored now."""
         if not decision.decided_at:
             decision = decision.model_copy(update={"decided_at": _now()})
         with self.transaction():
+            if request_key is not None:
+                row = self.conn.execute(
+                    f"SELECT {_REVIEW_COLUMNS} FROM reviews WHERE feature_id=? AND request_key=?",
+                    (decision.feature_id, request_key),
+                ).fetchone()
+                if row is not None:
+                    return _review(row), False
             self.conn.execute(
-                "INSERT INTO reviews (feature_id, reviewer, action, category, subcategory, "
-                "mechanism, domain_type, note, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO reviews ({_REVIEW_COLUMNS}, request_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (decision.feature_id, decision.reviewer, decision.action, decision.category,
                  decision.subcategory, decision.mechanism, decision.domain_type, decision.note,
-                 decision.decided_at),
+                 decision.decided_at, request_key),
             )  # fmt: skip
-        return decision
+        return decision, True
 
     def put_output_scores(self, rows: list[tuple[str, int, str, bool]]) -> None:
         """Steering scores (``labeler.causal.output_score``): (feature_id, layer, JSON
@@ -532,17 +572,11 @@ class LabelStore:
 
     def reviews(self, feature_id: str | None = None) -> list[ReviewDecision]:
         """Decisions in the order they were made, of one feature or of all."""
-        query = (
-            "SELECT feature_id, reviewer, action, category, subcategory, mechanism, domain_type, "
-            "note, decided_at FROM reviews"
-        )
+        query = f"SELECT {_REVIEW_COLUMNS} FROM reviews"
         args: tuple[str, ...] = ()
         if feature_id is not None:
             query, args = query + " WHERE feature_id=?", (feature_id,)
-        rows = self.conn.execute(query + " ORDER BY id", args)
-        fields = ("feature_id", "reviewer", "action", "category", "subcategory", "mechanism",
-                  "domain_type", "note", "decided_at")  # fmt: skip
-        return [ReviewDecision.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+        return [_review(row) for row in self.conn.execute(query + " ORDER BY id", args)]
 
 
 def connect(path: Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:

@@ -213,6 +213,15 @@ def _output_score(store: LabelStore, feature_id: str) -> OutputScoreView | None:
 def record_decision(store: LabelStore, fields: dict[str, object]) -> ReviewDecision:
     """Validate and append a decision; UserError naming the field when it is not valid,
     UnknownFeature when the feature is not planned."""
+    return record_decision_once(store, fields, None)[0]
+
+
+def record_decision_once(
+    store: LabelStore, fields: dict[str, object], request_key: str | None
+) -> tuple[ReviewDecision, bool]:
+    """:func:`record_decision` for a request the sender names ``request_key``: a request
+    sent again with the same key stores nothing and gets the decision stored the first
+    time (and False: not stored now)."""
     try:
         decision = ReviewDecision.model_validate(fields)
     except ValidationError as exc:
@@ -222,4 +231,4 @@ def record_decision(store: LabelStore, fields: dict[str, object]) -> ReviewDecis
         raise UnknownFeature(
             f"{decision.feature_id!r} is not a feature planned for labeling in {store.path.parent}"
         )
-    return store.add_review(decision)
+    return store.add_review(decision, request_key)

@@ -11,9 +11,9 @@ over :mod:`labeler.review.queue`:
 - ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
   ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it
   (201), every decision on the feature and whether the reviewers disagree. A
-  ``decision_key`` the page sends with it makes a repeated request (the page's retry
-  after an answer it never got) answer the decision already stored (200) instead of
-  storing it again.
+  ``decision_key`` the page sends with it is stored with the decision, so a repeated
+  request (the page's retry after an answer it never got, even from a server restarted
+  meanwhile) answers the decision already stored (200) instead of storing it again.
 
 The label store's SQLite connection belongs to the thread that opened it, so the HTTP
 server reads requests on threads of its own (an idle connection a browser opens ahead of
@@ -32,7 +32,6 @@ import re
 import secrets
 import signal
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from labeler.errors import USER_ERRORS, UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
-from labeler.review.queue import UnknownFeature, feature_view, record_decision, review_queue
+from labeler.review.queue import UnknownFeature, feature_view, record_decision_once, review_queue
 from labeler.run.data import RunData
 from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, load_taxonomy
@@ -64,7 +63,6 @@ DECISION_FIELDS = ("action", "category", "subcategory", "mechanism", "domain_typ
                    "reviewer")  # fmt: skip
 DECISION_KEY = "decision_key"
 MAX_KEY = 100
-ANSWERED_KEYS = 10_000  # the decisions by key remembered (oldest forgotten first)
 _CHOICE_FIELDS = ("category", "subcategory", "mechanism", "domain_type")
 _JSON = "application/json; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
@@ -171,7 +169,6 @@ class ReviewApp:
         self.catalog = False  # whether "/" is the catalog (labeler browse) or the queue
         self.page = read_page()
         self.hosts: frozenset[str] = frozenset()
-        self._answered: OrderedDict[tuple[str, str], ReviewDecision] = OrderedDict()
         self.routes: list[Route] = [
             (re.compile(r"/"), {"GET": self._index}),
             (re.compile(r"/feature/([^/]+)"), {"GET": self._feature_page}),
@@ -303,24 +300,20 @@ class ReviewApp:
                 400, f"{DECISION_KEY}: must be a string of 1 to {MAX_KEY} characters",
                 field=DECISION_KEY,
             )  # fmt: skip
-        if key is not None and (feature_id, key) in self._answered:
-            return self._decided(200, self._answered[feature_id, key])
         fields: dict[str, object] = {k: v for k, v in body.items() if k in DECISION_FIELDS}
         for name in _CHOICE_FIELDS:  # an unset select sends ""
             if fields.get(name) == "":
                 fields[name] = None
         fields |= {"feature_id": feature_id, "reviewer": reviewer}
         try:
-            decision = record_decision(self.store, fields)
+            decision, stored = record_decision_once(self.store, fields, key)
         except UnknownFeature as exc:
             return error_response(404, str(exc), feature_id=feature_id)
         except USER_ERRORS as exc:
             return error_response(400, str(exc))
+        if not stored:  # the page's retry of a decision stored before
+            return self._decided(200, decision)
         log.info("%s: %s %s by %s", feature_id, decision.action, decision.category or "", reviewer)
-        if key is not None:
-            self._answered[feature_id, key] = decision
-            while len(self._answered) > ANSWERED_KEYS:
-                self._answered.popitem(last=False)
         return self._decided(201, decision)
 
     def _decided(self, status: int, decision: ReviewDecision) -> Response:
