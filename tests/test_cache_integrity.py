@@ -35,18 +35,13 @@ SECRET = "cachekey-7f3a9c2e51"
 """The configured key: not shaped like a provider's key, so only its value finds it."""
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeLLMServer:
-    server.reset()
+def fake(
+    fresh_fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> FakeLLMServer:
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
-    return server
+    return fresh_fake
 
 
 def _judge(fake: FakeLLMServer, name: str = JUDGE) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,18 @@ from labeler.labeling.store import LabelStore
 from labeler.labeling.transports.batch import BatchSettings, label_in_batches
 from labeler.run.data import RunData
 from labeler.run.schemas import Usage
-from tests.fake_llm import FakeLLMServer, oracle
+from tests.fake_llm import FakeLLMServer
 
 JUDGE = "openai:gpt-5-mini"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeLLMServer:
-    server.reset()
+def fake(
+    fresh_fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> FakeLLMServer:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-cache")
     monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
-    return server
+    return fresh_fake
 
 
 def _judge(fake: FakeLLMServer) -> Any:
