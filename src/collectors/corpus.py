@@ -1,15 +1,25 @@
 """Reading a corpus of reasoning traces or plain text and tokenizing it into regions.
 
-A corpus is JSONL, one record a line; blank lines are skipped. A record has one of three
+A corpus is JSONL, one record a line; blank lines are skipped. A record has one of four
 formats, decided by which key it holds (checked in this order):
 
-``conversations`` (the OpenThoughts3 format)
+``conversations`` (the OpenThoughts3 / ShareGPT format)
     ``{"conversations": [{"from": "human", "value": PROMPT},
-    {"from": "gpt", "value": RESPONSE}], "domain": "math"}``; the user turn's ``from`` is
-    ``human`` or ``user``, the assistant's ``gpt`` or ``assistant`` (the first of each is used).
+    {"from": "gpt", "value": RESPONSE}], "domain": "math"}``; ``from`` is ``system``,
+    ``human`` or ``user``, ``gpt`` or ``assistant``. A turn may also be written as a message
+    (``role`` and ``content``, below).
+``messages`` (the OpenAI / Hugging Face chat format)
+    ``{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content":
+    PROMPT}, {"role": "assistant", "content": ANSWER, "reasoning_content": THINKING}]}``;
+    ``role`` is ``system`` (or ``developer``), ``user`` or ``assistant``. ``content`` is a
+    string, null, or a list of parts: ``{"type": "text", "text": ...}`` parts are joined,
+    a ``{"type": "thinking", "thinking": ...}`` part is the thinking. An assistant message's
+    thinking is its ``reasoning_content``, ``reasoning`` or ``thinking`` field (or thinking
+    part), laid out as ``<think>\\nTHINKING\\n</think>\\n\\nANSWER`` (as Qwen3's chat template
+    does), or is written inside ``<think>...</think>`` in its content (not both).
 ``prompt_response``
-    ``{"prompt": PROMPT, "response": RESPONSE, "domain": "math"}``: laid out exactly like the
-    equivalent conversation.
+    ``{"prompt": PROMPT, "response": RESPONSE, "domain": "math"}``, with an optional
+    ``"system"`` string: laid out exactly like the equivalent conversation.
 ``text``
     ``{"text": TEXT, "domain": "web"}``: plain text, tokenized as is (no chat layout, no BOS);
     every token is in region ``text``. A text already laid out in the chat format (it holds
@@ -19,22 +29,35 @@ formats, decided by which key it holds (checked in this order):
 ``domain`` is optional (``"unknown"`` when absent) and must be a non-empty string when present.
 All records of one corpus must have the same format; a mix, a record that matches no format
 or a field of the wrong type is a :class:`CorpusError` that names the file, the line and the
-field.
+field. A conversation needs a user turn and an assistant turn.
 
-Conversation and prompt/response records are laid out in the reasoning model's chat format:
+What a conversation holds that cannot be laid out is left out and counted by reason
+(``DROP_REASONS``; ``Trace.dropped``, ``TokenizedCorpus.dropped``): a turn of an unknown
+role, a tool's output, an assistant's tool call (its text is kept), a content part that is
+not text (an image), an empty message (but an empty last assistant turn is kept, as an
+empty prompt/response ``response`` is: the assistant marker with nothing after it).
+
+Conversation, message and prompt/response records are laid out turn by turn in the
+reasoning model's chat format, each turn opened by its marker (which also closes the turn
+before it):
 
 ``deepseek``
-    ``<｜begin▁of▁sentence｜><｜User｜>PROMPT<｜Assistant｜>RESPONSE``
+    ``<｜begin▁of▁sentence｜>SYSTEM<｜User｜>PROMPT<｜Assistant｜>RESPONSE<｜end▁of▁sentence｜>
+    <｜User｜>PROMPT<｜Assistant｜>RESPONSE`` (no system marker: a system text comes as is)
 ``qwen``
-    ``<|im_start|>user\\nPROMPT<|im_end|>\\n<|im_start|>assistant\\nRESPONSE`` (no BOS)
+    ``<|im_start|>system\\nSYSTEM<|im_end|>\\n<|im_start|>user\\nPROMPT<|im_end|>\\n
+    <|im_start|>assistant\\nRESPONSE<|im_end|>\\n<|im_start|>user\\n...`` (no BOS)
 
-and every token is tagged with its region (``REGIONS`` in ``run_format``): ``bos``,
-``user_marker``, ``question``, ``assistant_marker``, then the response: text before
-``<think>`` is ``answer``, ``<think>`` is ``think_start``, what follows is ``thinking`` up to
-``</think>`` (``think_end``), and the rest is ``answer``. A response with ``<think>`` but no
-``</think>`` is kept, all thinking after ``<think>``, and flagged ``unterminated``. Each
-thinking token also gets a think bin, its relative position in the trace's whole thinking
-(before truncation) in tenths; tokens outside the thinking get -1.
+The last turn gets no end marker. Every token is tagged with its region (``REGIONS`` in
+``run_format``): ``bos``; a marker opening an assistant turn is ``assistant_marker``, one
+opening any other turn ``user_marker``; user and system text is ``question``; an assistant
+turn's text before ``<think>`` is ``answer``, ``<think>`` is ``think_start``, what follows
+is ``thinking`` up to ``</think>`` (``think_end``), and the rest is ``answer``. A turn with
+``</think>`` but no ``<think>`` starts inside its thinking (the chat template opened it). A
+turn with ``<think>`` but no ``</think>`` is kept, all thinking after ``<think>``, and the
+trace is flagged ``unterminated``. Each thinking token also gets a think bin, its relative
+position in its turn's whole thinking (before truncation) in tenths; tokens outside the
+thinking get -1. :func:`response_segments` is the one place that finds the thinking.
 
 A pre-formatted text record gets exactly the tokens and regions of the equivalent
 conversation: it must hold the format's user marker once and, after it, the assistant marker
@@ -43,8 +66,8 @@ conversation: it must hold the format's user marker once and, after it, the assi
 the assistant marker is the response. Its markers are kept as written: a text without BOS
 gets none. A text record laid out in the other chat format, with the wrong number of
 markers, or mixed with plain text records in one corpus is an error. The layout adds the
-markers of conversation and prompt/response records itself, so a prompt or response that
-already holds a turn marker (``TURN_MARKERS``) is an error, never laid out twice.
+markers of the other records itself, so a turn that already holds a turn marker
+(``TURN_MARKERS``) is an error, never laid out twice.
 
 The tokenizer must encode each special marker string of the layout (and ``<think>``,
 ``</think>`` when the corpus uses them) as exactly one token, or tokenizing raises.
@@ -54,8 +77,9 @@ Sequences longer than ``max_length`` are truncated and flagged, never dropped.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -81,12 +105,29 @@ QWEN_SPECIAL_TOKENS = (IM_START, IM_END, ENDOFTEXT)
 # already laid out (end-of-turn markers such as a trailing <|im_end|> are allowed).
 TURN_MARKERS = {BOS: "deepseek", USER: "deepseek", ASSISTANT: "deepseek", IM_START: "qwen"}
 
+# Every special string a layout's markers may hold (each must be one token where used).
+MARKER_SPECIALS = (BOS, EOS, USER, ASSISTANT, IM_START, IM_END)
+
+Role = Literal["system", "user", "assistant"]
+SYSTEM_ROLES = {"system", "developer"}
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
+TOOL_ROLES = {"tool", "function", "ipython", "observation"}  # a tool's output
+TOOL_CALL_ROLES = {"function_call", "tool_call"}  # ShareGPT's turn of an assistant's call
+THINKING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+THINKING_PART_TYPES = {"thinking", "reasoning"}
+DROP_REASONS = {
+    "unknown_role": "a turn whose role is not system, user or assistant (or an alias)",
+    "tool_message": "a tool's output (role tool, function, ipython or observation)",
+    "tool_call": "an assistant's tool call (the message's text, if any, is kept)",
+    "non_text_part": "a content part that is neither text nor thinking (an image, audio...)",
+    "empty_message": "a message with no text (an empty last assistant turn is kept)",
+}
 UNKNOWN_DOMAIN = "unknown"
 REGION_CODE = {name: code for code, name in enumerate(REGIONS)}
 
-TraceKind = Literal["conversations", "prompt_response", "text"]
+TraceKind = Literal["conversations", "messages", "prompt_response", "text"]
 TRACE_KINDS: tuple[TraceKind, ...] = get_args(TraceKind)
 
 _ENCODE_CHUNK = 256  # traces whose pieces are encoded in one batch
@@ -94,12 +135,24 @@ _ENCODE_CHUNK = 256  # traces whose pieces are encoded in one batch
 
 @dataclass(frozen=True)
 class ChatLayout:
-    """How a chat format lays out a prompt and a response, as (text, region) pieces."""
+    """How a chat format lays out a conversation, as (text, region) pieces.
+
+    ``before_prompt`` and ``after_prompt`` lay out one exchange; ``opens`` and ``closes``
+    give the marker that opens a turn of each role and the one that ends a turn before
+    the next one opens (see :meth:`marker`)."""
 
     name: str
     before_prompt: tuple[tuple[str, str], ...]
     after_prompt: tuple[tuple[str, str], ...]
-    specials: tuple[str, ...]  # marker strings that must each be a single token
+    specials: tuple[str, ...]  # marker strings of one exchange that must each be one token
+    opens: Mapping[str, str]
+    closes: Mapping[str, str]
+
+    def marker(self, before: Role | None, role: Role) -> tuple[str, str]:
+        """The marker between a turn of role ``before`` (None: the first turn, after any
+        BOS) and a turn of ``role``, and its region."""
+        text = (self.closes[before] if before is not None else "") + self.opens[role]
+        return text, "assistant_marker" if role == "assistant" else "user_marker"
 
     def _marker(self, region: str) -> str | None:
         for text, piece_region in (*self.before_prompt, *self.after_prompt):
@@ -133,12 +186,16 @@ CHAT_LAYOUTS: dict[str, ChatLayout] = {
         before_prompt=((BOS, "bos"), (USER, "user_marker")),
         after_prompt=((ASSISTANT, "assistant_marker"),),
         specials=(BOS, USER, ASSISTANT),
+        opens={"system": "", "user": USER, "assistant": ASSISTANT},
+        closes={"system": "", "user": "", "assistant": EOS},
     ),
     "qwen": ChatLayout(
         name="qwen",
         before_prompt=((f"{IM_START}user\n", "user_marker"),),
         after_prompt=((f"{IM_END}\n{IM_START}assistant\n", "assistant_marker"),),
         specials=(IM_START, IM_END),
+        opens={role: f"{IM_START}{role}\n" for role in ("system", "user", "assistant")},
+        closes={role: f"{IM_END}\n" for role in ("system", "user", "assistant")},
     ),
 }
 
@@ -159,12 +216,25 @@ class _BatchEncoder(Protocol):
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation; an assistant turn's thinking is inside ``<think>``.
+    ``where`` names it in the record for errors (``messages[3]``)."""
+
+    role: Role
+    text: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Trace:
     """One corpus record.
 
-    ``kind`` is the record's format. Conversation and prompt/response records fill ``prompt``
-    and ``response``; text records fill ``text`` (and leave ``prompt`` and ``response`` empty).
-    ``line`` is the record's 1-based line in the corpus file.
+    ``kind`` is the record's format. Conversation, message and prompt/response records fill
+    ``prompt`` and ``response`` (the first user and assistant turns); when the record is more
+    than that one exchange (a system turn, several exchanges) ``turns`` holds every turn
+    laid out, else it is empty. Text records fill ``text`` (and leave ``prompt`` and
+    ``response`` empty). ``dropped`` names, by reason (``DROP_REASONS``), each part of the
+    record left out. ``line`` is the record's 1-based line in the corpus file.
     """
 
     line: int
@@ -173,6 +243,14 @@ class Trace:
     domain: str
     kind: TraceKind = "conversations"
     text: str = ""
+    turns: tuple[Turn, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+    def chat_turns(self) -> tuple[Turn, ...]:
+        """The turns laid out: ``turns``, or the exchange ``prompt`` -> ``response``."""
+        if self.turns:
+            return self.turns
+        return (Turn("user", self.prompt, "prompt"), Turn("assistant", self.response, "response"))
 
 
 @dataclass(frozen=True)
@@ -187,6 +265,7 @@ class TokenizedCorpus:
     domain_names: list[str]
     truncated: np.ndarray  # bool [n_sequences], longer than max_length and cut
     unterminated: np.ndarray  # bool [n_sequences], <think> without </think>
+    dropped: dict[str, int] = field(default_factory=dict)  # parts left out, by reason
 
     @property
     def n_sequences(self) -> int:
@@ -226,27 +305,160 @@ def _string(record: dict[str, Any], key: str, path: Path, line: int) -> str:
     return value
 
 
-def _conversation(record: dict[str, Any], path: Path, line: int) -> tuple[str, str]:
-    conversations = record["conversations"]
-    if not isinstance(conversations, list) or not conversations:
-        raise CorpusError(f"{path}:{line}: field 'conversations' must be a non-empty list")
-    prompt: str | None = None
-    response: str | None = None
-    for turn_no, turn in enumerate(conversations):
-        role = _field(turn, "from", path, line)
-        value = _field(turn, "value", path, line)
+def _fail(path: Path, line: int, what: str) -> CorpusError:
+    return CorpusError(f"{path}:{line}: {what}")
+
+
+def _role(name: object, where: str, path: Path, line: int) -> Role | str:
+    """The role a turn is laid out as, or the reason (``DROP_REASONS``) it is left out."""
+    if not isinstance(name, str):
+        raise _fail(path, line, f"{where}: the role must be a string, not {type(name).__name__}")
+    role = name.lower()
+    if role in SYSTEM_ROLES:
+        return "system"
+    if role in USER_ROLES:
+        return "user"
+    if role in ASSISTANT_ROLES:
+        return "assistant"
+    if role in TOOL_ROLES:
+        return "tool_message"
+    if role in TOOL_CALL_ROLES:
+        return "tool_call"
+    return "unknown_role"
+
+
+def _content(
+    message: dict[str, Any], where: str, path: Path, line: int, dropped: list[str]
+) -> tuple[str, str | None]:
+    """A message's text and the thinking of its content parts (None: no thinking part);
+    parts that are neither are counted in ``dropped``."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content or "", None
+    if not isinstance(content, list):
+        raise _fail(path, line, f"{where}.content must be a string or a list of parts, "
+                                f"not {type(content).__name__}")  # fmt: skip
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for part_no, part in enumerate(content):
+        part_where = f"{where}.content[{part_no}]"
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise _fail(path, line, f"{part_where} must be a string or an object")
+        kind = part.get("type", "text")
+        if kind in TEXT_PART_TYPES or kind in THINKING_PART_TYPES:
+            key = "text" if kind in TEXT_PART_TYPES else str(kind)
+            value = part.get(key, part.get("text"))
+            if not isinstance(value, str):
+                raise _fail(path, line, f"{part_where}.{key} must be a string")
+            (texts if kind in TEXT_PART_TYPES else thoughts).append(value)
+        else:
+            dropped.append("non_text_part")
+    return "".join(texts), "\n\n".join(thoughts) if thoughts else None
+
+
+def _thinking_field(message: dict[str, Any], where: str, path: Path, line: int) -> str | None:
+    """The thinking an assistant message gives in a field of its own, if any."""
+    for key in THINKING_FIELDS:
+        value = message.get(key)
+        if value is None or value == "":
+            continue
         if not isinstance(value, str):
-            raise CorpusError(f"{path}:{line}: conversations[{turn_no}].value must be a string")
-        if role in USER_ROLES and prompt is None:
-            prompt = value
-        elif role in ASSISTANT_ROLES and response is None:
-            response = value
+            raise _fail(path, line, f"{where}.{key} must be a string, not {type(value).__name__}")
+        return value
+    return None
+
+
+def with_thinking(thinking: str, answer: str) -> str:
+    """An assistant turn whose thinking was given apart, laid out as Qwen3's chat template
+    lays out ``reasoning_content``: ``<think>\\nTHINKING\\n</think>\\n\\nANSWER``."""
+    return f"{THINK_START}\n{thinking.strip(chr(10))}\n{THINK_END}\n\n{answer.lstrip(chr(10))}"
+
+
+def _message(message: object, where: str, path: Path, line: int, dropped: list[str]) -> Turn | None:
+    """One ``role``/``content`` message as a turn, or None if it is left out (counted)."""
+    if not isinstance(message, dict):
+        raise _fail(path, line, f"{where} must be an object, not {type(message).__name__}")
+    if "role" not in message:
+        raise _fail(path, line, f"{where}: missing field 'role'")
+    role = _role(message["role"], where, path, line)
+    if role in DROP_REASONS:
+        dropped.append(role)
+        return None
+    text, part_thinking = _content(message, where, path, line, dropped)
+    if role == "assistant":
+        if message.get("tool_calls") or message.get("function_call"):
+            dropped.append("tool_call")
+        field_thinking = _thinking_field(message, where, path, line)
+        thinking = field_thinking if field_thinking is not None else part_thinking
+        if thinking is not None:
+            if THINK_START in text or THINK_END in text:
+                given = next((k for k in THINKING_FIELDS if message.get(k)), "thinking part")
+                raise _fail(path, line, f"{where} has its thinking in '{given}' and <think> in "
+                                        "its content; give the thinking in one place")  # fmt: skip
+            text = with_thinking(thinking, text)
+    return Turn(role, text, where)  # type: ignore[arg-type]
+
+
+def _sharegpt_turn(
+    turn: object, where: str, path: Path, line: int, dropped: list[str]
+) -> Turn | None:
+    """One ``from``/``value`` turn (or a ``role``/``content`` message) of ``conversations``."""
+    if isinstance(turn, dict) and "from" not in turn and "role" in turn:
+        return _message(turn, where, path, line, dropped)
+    role = _role(_field(turn, "from", path, line), where, path, line)
+    value = _field(turn, "value", path, line)
+    if not isinstance(value, str):
+        raise _fail(path, line, f"{where}.value must be a string")
+    if role in DROP_REASONS:
+        dropped.append(role)
+        return None
+    return Turn(role, value, where)  # type: ignore[arg-type]
+
+
+def _kept(turns: list[Turn | None], dropped: list[str]) -> list[Turn]:
+    """The turns laid out: empty ones are left out (counted), but for an empty last
+    assistant turn, kept as the bare assistant marker."""
+    present = [turn for turn in turns if turn is not None]
+    kept = []
+    for i, turn in enumerate(present):
+        if not turn.text and not (turn.role == "assistant" and i == len(present) - 1):
+            dropped.append("empty_message")
+        else:
+            kept.append(turn)
+    return kept
+
+
+def _conversation_trace(
+    record: dict[str, Any], key: Literal["conversations", "messages"], domain: str,
+    path: Path, line: int,
+) -> Trace:  # fmt: skip
+    items = record[key]
+    if not isinstance(items, list) or not items:
+        raise _fail(path, line, f"field '{key}' must be a non-empty list")
+    dropped: list[str] = []
+    read = _sharegpt_turn if key == "conversations" else _message
+    turns = _kept([read(item, f"{key}[{i}]", path, line, dropped)
+                   for i, item in enumerate(items)], dropped)  # fmt: skip
+    return _trace(turns, dropped, key, domain, path, line)
+
+
+def _trace(
+    turns: list[Turn], dropped: list[str], kind: TraceKind, domain: str, path: Path, line: int
+) -> Trace:
+    """A trace of ``turns``; it must hold a user turn and an assistant turn."""
+    prompt = next((turn.text for turn in turns if turn.role == "user"), None)
+    response = next((turn.text for turn in turns if turn.role == "assistant"), None)
     if prompt is None or response is None:
-        raise CorpusError(
-            f"{path}:{line}: field 'conversations' needs a user turn (from: human|user) "
-            "and an assistant turn (from: gpt|assistant)"
-        )
-    return prompt, response
+        names = ("from: human|user", "from: gpt|assistant") if kind == "conversations" else (
+            "role: user", "role: assistant")  # fmt: skip
+        raise _fail(path, line, f"field '{kind}' needs a user turn ({names[0]}) and an "
+                                f"assistant turn ({names[1]})")  # fmt: skip
+    one_exchange = [turn.role for turn in turns] == ["user", "assistant"]
+    return Trace(line, prompt, response, domain, kind=kind,
+                 turns=() if one_exchange else tuple(turns), dropped=tuple(dropped))  # fmt: skip
 
 
 def parse_trace(raw: str, path: Path, line: int) -> Trace:
@@ -263,12 +475,18 @@ def parse_trace(raw: str, path: Path, line: int) -> Trace:
     if not isinstance(domain, str) or not domain:
         raise CorpusError(f"{path}:{line}: field 'domain' must be a non-empty string")
     if "conversations" in record:
-        prompt, response = _conversation(record, path, line)
-        return Trace(line, prompt, response, domain, kind="conversations")
+        return _conversation_trace(record, "conversations", domain, path, line)
+    if "messages" in record:
+        return _conversation_trace(record, "messages", domain, path, line)
     if "prompt" in record or "response" in record:
         prompt = _string(record, "prompt", path, line)
         response = _string(record, "response", path, line)
-        return Trace(line, prompt, response, domain, kind="prompt_response")
+        system = _string(record, "system", path, line) if "system" in record else ""
+        if not system:
+            return Trace(line, prompt, response, domain, kind="prompt_response")
+        turns = (Turn("system", system, "system"), Turn("user", prompt, "prompt"),
+                 Turn("assistant", response, "response"))  # fmt: skip
+        return Trace(line, prompt, response, domain, kind="prompt_response", turns=turns)
     if "text" in record:
         text = _string(record, "text", path, line)
         if not text:
@@ -276,8 +494,14 @@ def parse_trace(raw: str, path: Path, line: int) -> Trace:
         return Trace(line, "", "", domain, kind="text", text=text)
     raise CorpusError(
         f"{path}:{line}: the record matches no corpus format: it needs field 'conversations', "
-        "fields 'prompt' and 'response', or field 'text'"
+        "field 'messages', fields 'prompt' and 'response', or field 'text'"
     )
+
+
+def dropped_counts(traces: Sequence[Trace]) -> dict[str, int]:
+    """How many parts of the traces were left out, by reason (``DROP_REASONS``)."""
+    counts = Counter(reason for trace in traces for reason in trace.dropped)
+    return {reason: counts[reason] for reason in DROP_REASONS if counts[reason]}
 
 
 def _decode_line(raw: bytes, path: Path, line: int) -> str:
@@ -332,25 +556,39 @@ def _where(trace: Trace, path: Path | None) -> str:
 def segments(
     trace: Trace, *, chat_format: str = "deepseek", path: Path | None = None
 ) -> tuple[list[tuple[str, str]], bool]:
-    """The layout of a trace as (text, region) pieces, and whether the thinking is
+    """The layout of a trace as (text, region) pieces, and whether a thinking is
     unterminated (``<think>`` without ``</think>``).
 
-    Conversation and prompt/response records are laid out in ``chat_format``; a plain text
-    record is one ``text`` piece whatever the chat format, a pre-formatted one is split at its
-    markers (see the module docstring). Pieces may be empty strings. Errors name ``path``
-    and the record's line (only the line without ``path``).
+    Conversation, message and prompt/response records are laid out turn by turn in
+    ``chat_format``; a plain text record is one ``text`` piece whatever the chat format, a
+    pre-formatted one is split at its markers (see the module docstring). Pieces may be
+    empty strings. Errors name ``path`` and the record's line (only the line without
+    ``path``).
     """
     if trace.kind == "text":
         return _text_segments(trace, chat_format, path)
     layout = _layout(chat_format)
     _check_no_turn_markers(trace, path)
-    pieces = [*layout.before_prompt, (trace.prompt, "question"), *layout.after_prompt]
-    response, unterminated = _response_segments(trace.response)
-    return pieces + response, unterminated
+    pieces: list[tuple[str, str]] = [(layout.bos, "bos")] if layout.bos is not None else []
+    unterminated = False
+    before: Role | None = None
+    for turn in trace.chat_turns():
+        marker = layout.marker(before, turn.role)
+        if marker[0]:
+            pieces.append(marker)
+        if turn.role == "assistant":
+            response, cut = response_segments(turn.text)
+            pieces += response
+            unterminated = unterminated or cut
+        else:
+            pieces.append((turn.text, "question"))
+        before = turn.role
+    return pieces, unterminated
 
 
-def _response_segments(response: str) -> tuple[list[tuple[str, str]], bool]:
-    """A response's pieces: answer, think start, thinking, think end, answer."""
+def response_segments(response: str) -> tuple[list[tuple[str, str]], bool]:
+    """An assistant turn's pieces: answer, think start, thinking, think end, answer; and
+    whether its thinking is unterminated. The one place that finds the thinking."""
     pieces: list[tuple[str, str]] = []
     start = response.find(THINK_START)
     if start < 0:
@@ -376,13 +614,17 @@ def _response_segments(response: str) -> tuple[list[tuple[str, str]], bool]:
     return pieces, False
 
 
-def _turn_fields(trace: Trace) -> tuple[tuple[str, str], tuple[str, str]]:
-    if trace.kind == "conversations":
-        return (
-            ("the user turn of field 'conversations'", trace.prompt),
-            ("the assistant turn of field 'conversations'", trace.response),
-        )
-    return (("field 'prompt'", trace.prompt), ("field 'response'", trace.response))
+def _turn_fields(trace: Trace) -> list[tuple[str, str]]:
+    if trace.turns:
+        return [(f"field '{turn.where}' (a {turn.role} turn)" if trace.kind == "prompt_response"
+                 else f"{turn.where} (a {turn.role} turn)", turn.text)
+                for turn in trace.turns]  # fmt: skip
+    if trace.kind in ("conversations", "messages"):
+        return [
+            (f"the user turn of field '{trace.kind}'", trace.prompt),
+            (f"the assistant turn of field '{trace.kind}'", trace.response),
+        ]
+    return [("field 'prompt'", trace.prompt), ("field 'response'", trace.response)]
 
 
 def _check_no_turn_markers(trace: Trace, path: Path | None) -> None:
@@ -446,7 +688,7 @@ def _text_segments(
         (text[user_at + len(user) : assistant_at], "question"),
         (assistant, "assistant_marker"),
     ]
-    response, unterminated = _response_segments(text[assistant_at + len(assistant) :])
+    response, unterminated = response_segments(text[assistant_at + len(assistant) :])
     return pieces + response, unterminated
 
 
@@ -472,12 +714,10 @@ class _Markers:
     def ids(self, text: str, region: str) -> list[int]:
         cached = self._ids.get(text)
         if cached is None:
-            if region == "think_start":
-                self._check((THINK_START,))
-            elif region == "think_end":
-                self._check((THINK_END,))
-            else:
-                self._check(self._layout.specials)
+            needed = marker_specials(text)
+            if region not in ("think_start", "think_end"):  # as a whole, as before
+                needed = tuple(dict.fromkeys((*self._layout.specials, *needed)))
+            self._check(needed)
             cached = self._ids[text] = self._tokenizer.encode(text, add_special_tokens=False)
         return cached
 
@@ -494,6 +734,13 @@ class _Markers:
                 f"({'; '.join(lacking)}; each must be exactly one token); "
                 f"is this the model's tokenizer? try --chat-format {others}"
             )
+
+
+def marker_specials(marker: str) -> tuple[str, ...]:
+    """The special strings a marker piece relies on, each to be one token."""
+    if marker in (THINK_START, THINK_END):
+        return (marker,)
+    return tuple(special for special in MARKER_SPECIALS if special in marker)
 
 
 def _describe(trace: Trace) -> str:
@@ -520,15 +767,27 @@ def check_layouts(
     """Raise the first layout error of the corpus (what :func:`tokenize_traces` would raise
     on the way), naming ``path`` and the line, without tokenizing anything; return the
     regions the corpus's pieces fall in."""
+    return layout_summary(traces, chat_format, path)[0]
+
+
+def layout_summary(
+    traces: Sequence[Trace], chat_format: str, path: Path | None = None
+) -> tuple[frozenset[str], tuple[str, ...]]:
+    """:func:`check_layouts`'s regions, and the special strings the corpus's markers rely
+    on (``<think>`` and ``</think>`` included where used), in a fixed order."""
     if not traces:
         raise CorpusError(f"{path or 'the corpus'}: holds no traces")
     _layout(chat_format)
     _check_one_kind(traces, path)
     regions: set[str] = set()
+    markers: set[str] = set()
     for trace in traces:
         pieces, _ = segments(trace, chat_format=chat_format, path=path)
         regions.update(region for text, region in pieces if text)
-    return frozenset(regions)
+        markers.update(text for text, region in pieces if text and region in MARKER_REGIONS)
+    used = {special for marker in markers for special in marker_specials(marker)}
+    order = (*MARKER_SPECIALS, THINK_START, THINK_END)
+    return frozenset(regions), tuple(special for special in order if special in used)
 
 
 # A piece of text longer than this many characters per token of --max-length (and at
@@ -626,7 +885,7 @@ def tokenize_traces(
             ids: list[int] = []
             codes: list[int] = []
             counts: list[int] = []
-            think_start = think_count = think_total = 0
+            thinkings: list[tuple[int, int, int]] = []  # (start, kept tokens, all tokens)
             for text, region in pieces:
                 if not text:
                     continue
@@ -637,13 +896,13 @@ def tokenize_traces(
                     piece_ids, total = _long_piece(tokenizer, text, next(encoded), long_limit,
                                                    max_length, region == "thinking")  # fmt: skip
                 if region == "thinking":
-                    think_start, think_count, think_total = len(ids), len(piece_ids), total
+                    thinkings.append((len(ids), len(piece_ids), total))
                 ids.extend(piece_ids)
                 codes.append(REGION_CODE[region])
                 counts.append(len(piece_ids))
             regions = np.repeat(np.asarray(codes, dtype=np.int8), counts)
             bins = np.full(len(ids), -1, dtype=np.int8)
-            if think_count:
+            for think_start, think_count, think_total in thinkings:
                 think_end = think_start + think_count
                 bins[think_start:think_end] = THINK_BINS * np.arange(think_count) // think_total
             cut = len(ids) > max_length
@@ -666,4 +925,5 @@ def tokenize_traces(
         domain_names=domain_names,
         truncated=np.asarray(truncated, dtype=bool),
         unterminated=np.asarray(unterminated, dtype=bool),
+        dropped=dropped_counts(traces),
     )
