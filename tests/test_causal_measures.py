@@ -16,6 +16,8 @@ from labeler.causal.measures import (
     is_correct,
     last_boxed,
     normalise,
+    p_value_text,
+    paired_rate_effect,
     permutation_p,
     rate_effect,
     rate_per_1000,
@@ -96,3 +98,38 @@ def test_the_permutation_p_value_counts_controls_that_move_as_far() -> None:
     assert permutation_p(-0.15, [0.1, -0.2, 0.3, -0.1]) == pytest.approx(3 / 5)
     with pytest.raises(ValueError, match="no control"):
         permutation_p(1.0, [])
+
+
+def test_each_rate_has_its_own_interval_that_cannot_go_below_zero() -> None:
+    """The interval drawn on a rate is the percentile bootstrap of that rate (responses
+    resampled within its condition): it holds the rate, and a rate of zero words has the
+    interval [0, 0], where the reference's rate plus the difference's interval would
+    reach below zero."""
+    rng = random.Random(0)
+    baseline = _responses(0.0055, 60, 400, rng)
+    silent = [Response("so " * 399 + "so", 400) for _ in range(60)]
+    cut = rate_effect(baseline, silent, seed=1)
+    assert cut.condition == 0.0 and (cut.condition_low, cut.condition_high) == (0.0, 0.0)
+    assert cut.baseline + cut.low < 0  # what the figure drew before
+    assert 0 < cut.baseline_low <= cut.baseline <= cut.baseline_high
+    forced = paired_rate_effect([3.0, 0.5, 2.0, 0.0], [0.0, 0.1, 0.0, 0.0], [900, 300, 600, 200])
+    assert 0 <= forced.condition_low <= forced.condition <= forced.condition_high
+    assert 0 <= forced.baseline_low <= forced.baseline <= forced.baseline_high
+    assert forced.difference < 0 and forced.high < 0
+
+
+@pytest.mark.parametrize(
+    ("p", "n", "asked", "text"),
+    [
+        (1 / 6, 5, 5, "p = 0.167, the smallest possible with 5 controls; --controls 19 for "
+                      "p ≤ 0.05"),
+        (1 / 20, 19, 19, "p = 0.05, the smallest possible with 19 controls"),
+        (2 / 4, 3, 3, "p = 0.5 (the smallest possible with 3 controls is 0.25); --controls 19 "
+                      "for p ≤ 0.05"),
+        (3 / 20, 19, 19, "p = 0.15 (the smallest possible with 19 controls is 0.05)"),
+        (1 / 7, 6, 9, "p = 0.143, the smallest possible with 6 controls; only 6 distinct "
+                      "matched control sets exist, so p ≤ 0.05 cannot be reached"),
+    ],
+)  # fmt: skip
+def test_a_p_value_is_stated_with_its_resolution(p: float, n: int, asked: int, text: str) -> None:
+    assert p_value_text(p, n, asked) == text

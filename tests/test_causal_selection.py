@@ -10,7 +10,7 @@ import statistics
 import polars as pl
 import pytest
 
-from labeler.causal.selection import matched_controls, parse_group, select
+from labeler.causal.selection import draw_controls, matched_controls, parse_group, select
 from labeler.errors import UserError
 
 
@@ -86,3 +86,39 @@ def test_a_selection_too_large_to_match_is_refused() -> None:
         matched_controls(features, everyone, k=1)
     with pytest.raises(ValueError, match="not alive"):
         matched_controls(features, [(0, 0)], k=1)
+
+
+def _graded_layers(n_layers: int, width: int) -> pl.DataFrame:
+    """Every feature alive, each layer's frequencies all different: a layer of ``width``
+    features has frequency deciles of ``width / 10`` features."""
+    rows = [{"layer": layer, "index": i, "alive": True, "frequency": (i + 1) / (width + 1)}
+            for layer in range(n_layers) for i in range(width)]  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+def test_controls_are_distinct_sets_and_a_small_pool_gives_what_it_has() -> None:
+    """Deciles of 3 features: one selected feature per layer leaves 2 matched choices in
+    each of 2 layers, so 4 distinct control sets exist; asked for 9, the draw gives the
+    4, each once, and says that 4 exist."""
+    features = _graded_layers(n_layers=2, width=30)
+    selected = [(0, 13), (1, 22)]  # deciles 4 and 7
+    draw = draw_controls(features, selected, k=9, seed=0)
+    assert draw.asked == 9 and draw.available == 4
+    assert sorted(draw.controls) == [
+        [(0, 12), (1, 21)], [(0, 12), (1, 23)], [(0, 14), (1, 21)], [(0, 14), (1, 23)]
+    ]  # fmt: skip
+    assert "4 distinct" in draw.shortfall and "asked for 9" in draw.shortfall
+    fewer = draw_controls(features, selected, k=3, seed=0)
+    assert fewer.available == 4 and len(fewer.controls) == 3 and fewer.shortfall == ""
+    assert len({frozenset(c) for c in fewer.controls}) == 3
+    assert matched_controls(features, selected, k=9) == draw.controls
+
+
+def test_many_controls_from_a_large_pool_never_repeat_a_set() -> None:
+    features = _features()
+    alive = features.filter(pl.col("alive"))
+    selected = [(int(la), int(i)) for la, i in alive.select("layer", "index").head(3).rows()]
+    draw = draw_controls(features, selected, k=60, seed=2)
+    assert len(draw.controls) == 60 and draw.shortfall == ""
+    assert len({frozenset(c) for c in draw.controls}) == 60
+    assert draw.available > 60

@@ -6,12 +6,14 @@
 - Accuracy against a reference answer: the response's last ``\\boxed{...}`` (braces
   balanced) compared with the reference after normalisation.
 - Effect sizes: the difference of pooled rates between two conditions with a bootstrap
-  confidence interval over responses, and a permutation p-value of a selection's effect
-  against the effects of random control selections.
+  confidence interval over responses, each rate's own bootstrap interval, and a
+  permutation p-value of a selection's effect against the effects of random control
+  selections, stated with its resolution (``p_value_text``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -108,13 +110,18 @@ def is_correct(response: Response) -> bool | None:
 @dataclass(frozen=True)
 class Effect:
     """A condition against the baseline: the difference of pooled rates, its bootstrap
-    confidence interval, and their ratio."""
+    confidence interval, and their ratio; and each rate's own percentile interval from
+    the same resamples (a rate is never negative, so neither is its interval)."""
 
     baseline: float
     condition: float
     difference: float
     low: float
     high: float
+    baseline_low: float
+    baseline_high: float
+    condition_low: float
+    condition_high: float
 
     @property
     def ratio(self) -> float | None:
@@ -144,17 +151,15 @@ def rate_effect(
         n = sum(tokens[k][i] for i in picks)
         return 1000.0 * sum(counts[k][i] for i in picks) / n if n else 0.0
 
-    diffs = []
+    rates: tuple[list[float], list[float]] = ([], [])
     for _ in range(n_boot):
         a = [rng.randrange(len(baseline)) for _ in baseline]
         b = [rng.randrange(len(condition)) for _ in condition]
-        diffs.append(pooled(1, b) - pooled(0, a))
-    diffs.sort()
-    tail = (1 - level) / 2
-    low, high = diffs[int(tail * (n_boot - 1))], diffs[int((1 - tail) * (n_boot - 1))]
+        rates[0].append(pooled(0, a))
+        rates[1].append(pooled(1, b))
     base = rate_per_1000(baseline, wanted)
     cond = rate_per_1000(condition, wanted)
-    return Effect(base, cond, cond - base, low, high)
+    return _effect(base, cond, rates, level)
 
 
 def permutation_p(effect: float, controls: Sequence[float]) -> float:
@@ -164,6 +169,37 @@ def permutation_p(effect: float, controls: Sequence[float]) -> float:
         raise ValueError("permutation_p: no control effects")
     beyond = sum(1 for c in controls if abs(c) >= abs(effect))
     return (1 + beyond) / (1 + len(controls))
+
+
+TARGET_P = 0.05
+"""The p-value a study should be able to reach; ``controls_for(TARGET_P)`` controls do."""
+
+
+def smallest_p(n_controls: int) -> float:
+    """The smallest permutation p-value ``K`` controls can give: ``1 / (1 + K)``."""
+    return 1 / (1 + n_controls)
+
+
+def controls_for(p: float = TARGET_P) -> int:
+    """The fewest controls whose smallest p-value is at most ``p`` (19 for 0.05)."""
+    return math.ceil(1 / p - 1 - 1e-9)
+
+
+def p_value_text(p: float, n_controls: int, asked: int | None = None) -> str:
+    """A permutation p-value with its resolution, for people: ``p = 0.167, the smallest
+    possible with 5 controls; --controls 19 for p ≤ 0.05``. ``asked``: the controls
+    asked for, when the pool held fewer distinct sets (then no more can be drawn)."""
+    floor = smallest_p(n_controls)
+    at_floor = p <= floor * (1 + 1e-9)
+    text = (f"p = {p:.3g}, the smallest possible with {n_controls} controls" if at_floor
+            else f"p = {p:.3g} (the smallest possible with {n_controls} controls is "
+                 f"{floor:.3g})")  # fmt: skip
+    if floor <= TARGET_P * (1 + 1e-9):
+        return text
+    if asked is not None and asked > n_controls:
+        return (f"{text}; only {n_controls} distinct matched control sets exist, so "
+                f"p ≤ {TARGET_P:g} cannot be reached")  # fmt: skip
+    return f"{text}; --controls {controls_for()} for p ≤ {TARGET_P:g}"
 
 
 def paired_rate_effect(
@@ -182,13 +218,25 @@ def paired_rate_effect(
         total = sum(positions[i] for i in picks)
         return 1000.0 * sum(values[i] for i in picks) / total if total else 0.0
 
-    diffs = []
+    rates: tuple[list[float], list[float]] = ([], [])
     for _ in range(n_boot):
         picks = [rng.randrange(n) for _ in range(n)]
-        diffs.append(pooled(condition, picks) - pooled(baseline, picks))
-    diffs.sort()
-    tail = (1 - level) / 2
-    low, high = diffs[int(tail * (n_boot - 1))], diffs[int((1 - tail) * (n_boot - 1))]
+        rates[0].append(pooled(baseline, picks))
+        rates[1].append(pooled(condition, picks))
     everything = range(n)
     base, cond = pooled(baseline, everything), pooled(condition, everything)
-    return Effect(base, cond, cond - base, low, high)
+    return _effect(base, cond, rates, level)
+
+
+def _effect(base: float, cond: float, rates: tuple[list[float], list[float]],
+            level: float) -> Effect:  # fmt: skip
+    """The effect with percentile intervals: of the difference (resample by resample)
+    and of each rate."""
+
+    def interval(values: Sequence[float]) -> tuple[float, float]:
+        ordered, tail = sorted(values), (1 - level) / 2
+        last = len(ordered) - 1
+        return ordered[int(tail * last)], ordered[int((1 - tail) * last)]
+
+    low, high = interval([c - b for b, c in zip(*rates, strict=True)])
+    return Effect(base, cond, cond - base, low, high, *interval(rates[0]), *interval(rates[1]))

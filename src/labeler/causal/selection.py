@@ -7,12 +7,21 @@ meets every condition of any group. A control draws, for each selected feature, 
 unselected feature of the same layer and the same activation-frequency bin (the layer's
 alive features cut into frequency deciles), so controls match the selection in number,
 in per-layer counts and in how often their features fire.
+
+Control selections are distinct sets: a draw that repeats an earlier set is drawn again.
+Which decile each of a control's features comes from does not depend on the random
+picks (a decile lends to the next only once it has run out), so the number of distinct
+matched sets is the product, over layers and deciles, of "pool choose taken"; a pool
+that holds fewer sets than asked gives every set it has, once.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations, product
 
 import polars as pl
 
@@ -56,15 +65,36 @@ def select(final: pl.DataFrame, groups: Sequence[Group]) -> pl.DataFrame:
     return final.filter(pl.any_horizontal(matches)).sort("layer", "index")
 
 
-def matched_controls(
-    features: pl.DataFrame, selected: Sequence[Feature], k: int, seed: int = 0
-) -> list[list[Feature]]:
-    """``k`` random selections matched to ``selected``: per layer as many alive features
-    not selected, each drawn from the frequency bin of a selected feature (a bin that
-    runs out lends from its nearest bins)."""
+@dataclass(frozen=True)
+class ControlDraw:
+    """Distinct control selections: ``controls`` (sorted feature lists), how many were
+    ``asked`` for, and how many distinct matched sets the pool holds (``available``)."""
+
+    controls: list[list[Feature]]
+    asked: int
+    available: int
+    tightest: str = ""
+    """The layer and decile that leave the fewest choices, in words."""
+
+    @property
+    def shortfall(self) -> str:
+        """One line saying why fewer controls than asked were drawn; empty otherwise."""
+        if len(self.controls) >= self.asked:
+            return ""
+        return (f"asked for {self.asked} controls, drew {len(self.controls)} distinct: only "
+                f"{self.available} distinct matched control sets exist ({self.tightest}); "
+                f"p-values are over the {len(self.controls)}")  # fmt: skip
+
+
+Pools = dict[int, list[list[Feature]]]
+
+
+def _pools(features: pl.DataFrame, selected: Sequence[Feature]) -> tuple[Pools, dict[Feature, int]]:
+    """Per layer, the unselected alive features of each frequency decile; and each alive
+    feature's decile."""
     chosen = set(selected)
     alive = features.filter(pl.col("alive")).select("layer", "index", "frequency")
-    pools: dict[int, list[list[Feature]]] = {}
+    pools: Pools = {}
     bin_of: dict[Feature, int] = {}
     for (layer,), part in alive.sort("layer", "frequency", "index").group_by(
         "layer", maintain_order=True
@@ -80,25 +110,85 @@ def matched_controls(
     missing = [f for f in selected if f not in bin_of]
     if missing:
         raise ValueError(f"selected features not alive in the run: {missing[:3]}")
+    return pools, bin_of
+
+
+def _taken(
+    pools: Pools, bin_of: dict[Feature, int], selected: Sequence[Feature]
+) -> dict[tuple[int, int], int]:
+    """How many features a control takes from each (layer, decile): what ``_draw`` does,
+    on counts alone (its random picks never change which decile it takes from)."""
+    left = {(layer, b): len(pool) for layer, bins in pools.items() for b, pool in enumerate(bins)}
+    taken: dict[tuple[int, int], int] = {}
+    for feature in sorted(selected):
+        layer, home = feature[0], bin_of[feature]
+        for b in _nearest_first(home):
+            if left[layer, b]:
+                left[layer, b] -= 1
+                taken[layer, b] = taken.get((layer, b), 0) + 1
+                break
+        else:
+            raise ValueError(f"layer {layer}: too few unselected alive features to match")
+    return taken
+
+
+def draw_controls(
+    features: pl.DataFrame, selected: Sequence[Feature], k: int, seed: int = 0
+) -> ControlDraw:
+    """``k`` distinct random selections matched to ``selected`` (as many as exist when
+    the pool holds fewer): per layer as many alive features not selected, each drawn
+    from the frequency decile of a selected feature (a decile that runs out lends from
+    its nearest deciles)."""
+    pools, bin_of = _pools(features, selected)
+    taken = _taken(pools, bin_of, selected)
+    ways = {key: math.comb(len(pools[key[0]][key[1]]), n) for key, n in taken.items()}
+    available = math.prod(ways.values())
+    tightest = ""
+    if ways:
+        (layer, b), fewest = min(ways.items(), key=lambda kv: (kv[1], kv[0]))
+        tightest = (f"layer {layer}'s frequency decile {b + 1} of 10 gives {fewest} way"
+                    f"{'s' if fewest != 1 else ''} to choose its {taken[layer, b]} of "
+                    f"{len(pools[layer][b])} unselected alive features")  # fmt: skip
     rng = random.Random(seed)
-    controls = []
-    for _ in range(k):
-        taken: set[Feature] = set()
-        control: list[Feature] = []
-        for feature in sorted(selected):
-            control.append(_draw(pools[feature[0]], bin_of[feature], taken, rng, feature))
-        controls.append(sorted(control))
-    return controls
+    if available <= k:  # every matched set, in a seeded order
+        parts = [list(combinations(pools[la][b], n)) for (la, b), n in sorted(taken.items())]
+        every = [sorted(f for part in choice for f in part) for choice in product(*parts)]
+        rng.shuffle(every)
+        return ControlDraw(every, k, available, tightest)
+    controls: list[list[Feature]] = []
+    seen: set[frozenset[Feature]] = set()
+    while len(controls) < k:
+        chosen: set[Feature] = set()
+        control = sorted(_draw(pools[f[0]], bin_of[f], chosen, rng, f) for f in sorted(selected))
+        if frozenset(control) not in seen:  # a repeated set is drawn again
+            seen.add(frozenset(control))
+            controls.append(control)
+    return ControlDraw(controls, k, available, tightest)
+
+
+def matched_controls(
+    features: pl.DataFrame, selected: Sequence[Feature], k: int, seed: int = 0
+) -> list[list[Feature]]:
+    """``draw_controls``' selections alone: ``k`` distinct ones, or every one there is."""
+    return draw_controls(features, selected, k, seed).controls
+
+
+def _nearest_first(home: int) -> list[int]:
+    """The deciles in the order a selected feature of decile ``home`` takes from them."""
+    order = []
+    for distance in range(FREQUENCY_BINS):
+        for b in sorted({home - distance, home + distance}):
+            if 0 <= b < FREQUENCY_BINS:
+                order.append(b)
+    return order
 
 
 def _draw(bins: list[list[Feature]], home: int, taken: set[Feature], rng: random.Random,
           feature: Feature) -> Feature:  # fmt: skip
-    for distance in range(FREQUENCY_BINS):
-        for b in sorted({home - distance, home + distance}):
-            if 0 <= b < FREQUENCY_BINS:
-                free = [f for f in bins[b] if f not in taken]
-                if free:
-                    pick = rng.choice(free)
-                    taken.add(pick)
-                    return pick
+    for b in _nearest_first(home):
+        free = [f for f in bins[b] if f not in taken]
+        if free:
+            pick = rng.choice(free)
+            taken.add(pick)
+            return pick
     raise ValueError(f"layer {feature[0]}: too few unselected alive features to match")
