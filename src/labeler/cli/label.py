@@ -137,14 +137,15 @@ def _finish_labeling(
 def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices: Any) -> None:
     from labeler.cli.render import estimate_table
     from labeler.labeling.accounting import estimate
-    from labeler.labeling.plan import select_features
+    from labeler.labeling.plan import select_features, work_order
     from labeler.labeling.store import LabelStore
 
     store_path = run.folder / "labels.sqlite"
     store = LabelStore(store_path) if store_path.exists() else None
     try:
         stored = store.planned() if store is not None else []
-        planned = [fid for fid, _, _ in select_features(run, stored, sample, seed).features]
+        # in the order a labeling takes them: the estimate's sample spans the layers
+        planned = work_order(select_features(run, stored, sample, seed).features, seed)
         estimates = []
         for judge in judges:
             done = store.done(judge.name) if store is not None else set()

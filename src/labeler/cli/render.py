@@ -292,6 +292,12 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+INPUT_COLUMNS = ("tokens in\n(all)", "of them\ncached")
+"""The input columns of the status and the dry run's tables, counted the same way: every
+input token (read from the provider's cache, written to it, or neither), then how many of
+them were read from the cache."""
+
+
 def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
@@ -304,7 +310,7 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
             column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
         )
     spending = Table(title="tokens and cost by judge", title_justify="left")
-    for column in ("judge", "calls", "tokens in", "cached", "tokens out", "cost", "per labeled"):
+    for column in ("judge", "calls", *INPUT_COLUMNS, "tokens\nout", "cost", "per\nlabeled"):
         spending.add_column(
             column, justify="left" if column == "judge" else "right", no_wrap=column == "judge"
         )
@@ -326,7 +332,7 @@ def status_table(statuses: list[JudgeStatus]) -> list[Table]:
         spending.add_row(
             s.judge,
             f"{u.calls:,}",
-            f"{u.input_tokens + u.cache_write_tokens:,}",
+            f"{u.total_input:,}",
             f"{u.cached_tokens:,}",
             f"{u.output_tokens:,}",
             _dollars(s.cost_usd),
@@ -394,8 +400,8 @@ def estimate_table(estimates: list[Estimate]) -> Table:
         caption_justify="left",
     )
     table.add_column("judge", overflow="fold", min_width=9)
-    for column in ("features", "calls", "tokens\nin", "of them\ncached", "tokens\nout",
-                   "dollars", "batch\ndollars"):  # fmt: skip
+    for column in ("features", "calls", *INPUT_COLUMNS, "tokens\nout", "dollars",
+                   "batch\ndollars"):  # fmt: skip
         table.add_column(column, justify="right", no_wrap=True)
     for e in estimates:
         guessed = not e.output_measured and e.output_tokens

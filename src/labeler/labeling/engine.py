@@ -39,7 +39,7 @@ from labeler.judges.stages import (
     ready,
     stages_for,
 )
-from labeler.labeling.plan import negatives_for, records_of, select_features
+from labeler.labeling.plan import negatives_for, records_of, select_features, work_order
 from labeler.labeling.stages import HALTED
 from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
@@ -75,6 +75,7 @@ class LabelReport:
     failed: int
     pending: int = 0
     spent_usd: float | None = 0.0
+    """What this labeling spent on this judge's calls (None: a cost is unknown)."""
     budget_reached: bool = False
     stopped: str | None = None
     """Why the labeling stopped before the end: 'interrupted', or the reason a judge
@@ -158,6 +159,7 @@ class Engine:
         self.finished: set[tuple[str, str]] = set()
         self.tally = {judge: Tally() for judge in judges}
         self.spent: float | None = 0.0
+        self.spent_by_judge: dict[str, float | None] = {judge: 0.0 for judge in judges}
         self.budget_reached = False
         self.stopped: str | None = None
         self.fatal: str | None = None
@@ -169,9 +171,10 @@ class Engine:
     # -- the plan ------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[str, str]]:
-        """(feature, judge) pairs still to label, features in plan order: of the features
-        this labeling asked for (``select_features``), not of every feature an earlier
-        labeling planned; the stored plan is extended by what it adds."""
+        """(feature, judge) pairs still to label: of the features this labeling asked
+        for (``select_features``), not of every feature an earlier labeling planned; the
+        stored plan is extended by what it adds. Features come in ``work_order``, layers
+        interleaved, so a labeling stopped early has labeled some of every layer."""
         self._check_batches()
         stored = self.store.planned()
         selection = select_features(self.run, stored, self.sample_per_layer, self.seed)
@@ -179,7 +182,7 @@ class Engine:
             grown = ", ".join(f"layer {la} +{n}" for la, n in selection.added_by_layer().items())
             log.warning("extending the run's plan: %s", grown)
         self.store.add_planned(selection.added)
-        planned = [fid for fid, _, _ in selection.features]
+        planned = work_order(selection.features, self.seed)
         done = {judge: self.store.done(judge) for judge in self.hashes}
         for judge, tally in self.tally.items():
             tally.planned = len(planned)
@@ -333,7 +336,7 @@ class Engine:
             # the labeling stopped: the feature is not at fault, it stays pending (what
             # the stage's calls used is still counted)
             self._drop(unit)
-            self._charge(outcome.cost_usd)
+            self._charge(unit.judge, outcome.cost_usd)
             return Applied(None)
         if self._judge_unusable(outcome):
             self._drop(unit)
@@ -380,18 +383,18 @@ class Engine:
                     else (outcome.usage, outcome.cost_usd)  # a stage paid twice
                 )
                 self.store.add_cost(fid, judge, usage, cost)
-                self._charge(cost)
+                self._charge(judge, cost)
             return
         held = any(u.feature_id == fid for u, _ in self._held.get(judge, []))
         if row is not None:
             self.store.add_cost(fid, judge, outcome.usage, outcome.cost_usd)
-            self._charge(outcome.cost_usd)
+            self._charge(judge, outcome.cost_usd)
         elif not held and _kind(outcome) not in FATAL_KINDS | UNREACHABLE_KINDS:
             self.store.put_failure(fid, judge, outcome.reason or "unknown", outcome.prompt_hash,
                                    outcome.usage, outcome.cost_usd)  # fmt: skip
             self.finished.add((fid, judge))
             self.tally[judge].failed += 1
-            self._charge(outcome.cost_usd)
+            self._charge(judge, outcome.cost_usd)
 
     def _share(self, outcome: StageOutcome) -> None:
         """Put the replies a stage accepted in the shared cache folder, if one is set
@@ -441,11 +444,13 @@ class Engine:
             tally.labeled += 1
         else:
             tally.failed += 1
-        self._charge(cost)
+        self._charge(unit.judge, cost)
 
-    def _charge(self, cost: float | None) -> None:
-        """None once any cost is unknown (a model without a price)."""
-        self.spent = None if self.spent is None or cost is None else self.spent + cost
+    def _charge(self, judge: str, cost: float | None) -> None:
+        """Add to the labeling's spend (what the budget counts) and the judge's; each is
+        None once any of its costs is unknown (a model without a price)."""
+        self.spent = _plus(self.spent, cost)
+        self.spent_by_judge[judge] = _plus(self.spent_by_judge.get(judge, 0.0), cost)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -459,14 +464,20 @@ class Engine:
                 self._flush_held()
 
     def reports(self) -> dict[str, LabelReport]:
-        return {judge: self._report(t) for judge, t in self.tally.items()}
+        """Per judge: what it did and what this labeling spent on it."""
+        return {judge: self._report(judge, t) for judge, t in self.tally.items()}
 
-    def _report(self, t: Tally) -> LabelReport:
+    def _report(self, judge: str, t: Tally) -> LabelReport:
         return LabelReport(
             planned=t.planned, skipped=t.skipped, labeled=t.labeled, failed=t.failed,
-            pending=t.planned - t.skipped - t.labeled - t.failed, spent_usd=self.spent,
+            pending=t.planned - t.skipped - t.labeled - t.failed,
+            spent_usd=self.spent_by_judge.get(judge, 0.0),
             budget_reached=self.budget_reached, stopped=self.stopped,
         )  # fmt: skip
+
+
+def _plus(total: float | None, cost: float | None) -> float | None:
+    return None if total is None or cost is None else total + cost
 
 
 def _kind(outcome: StageOutcome) -> str:

@@ -12,6 +12,8 @@ from labeler.run.schemas import FeatureRecord, Snippet
 
 N_NEGATIVES = 5
 RECORD_CHUNK = 128
+WORK_BLOCK = 32
+"""Consecutive features of a layer labeled together (their records lie close together)."""
 
 
 def plan_features(
@@ -84,6 +86,29 @@ def _sample(
         return rows
     pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=size, replace=False))
     return [rows[i] for i in pick]
+
+
+def work_order(features: list[tuple[str, int, int]], seed: int) -> list[str]:
+    """The planned features in the order to label them, so that wherever a labeling
+    stops (its budget spent, Ctrl-C) what it labeled is spread over the layers in
+    proportion to what each has planned, and over each layer's features.
+
+    Each layer's features, in index order, are cut into blocks of ``WORK_BLOCK`` taken
+    in a seeded random order (the records of a block are read together); the layers are
+    interleaved so that after any number of features each layer has had its share, to
+    within one feature. The order depends only on the plan and the seed: a re-run with
+    the same seed goes through the features left in the same order."""
+    by_layer: dict[int, list[str]] = {}
+    for fid, layer, _ in features:
+        by_layer.setdefault(layer, []).append(fid)
+    keyed: list[tuple[float, int, str]] = []
+    for layer, fids in by_layer.items():
+        blocks = [fids[i : i + WORK_BLOCK] for i in range(0, len(fids), WORK_BLOCK)]
+        order = np.random.default_rng([seed, layer]).permutation(len(blocks))
+        queue = [fid for b in order for fid in blocks[b]]
+        keyed.extend(((k + 0.5) / len(queue), layer, fid) for k, fid in enumerate(queue))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    return [fid for _, _, fid in keyed]
 
 
 def negatives_for(run: RunData, record: FeatureRecord, seed: int) -> dict[str, list[Snippet]]:
