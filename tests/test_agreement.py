@@ -22,7 +22,7 @@ from labeler.reporting.agreement import (
     percent_agreement,
     unit_percent_agreement,
 )
-from labeler.reporting.agreement_plot import plot_agreement
+from labeler.reporting.agreement_plot import agreement_figure, heatmap_cells, plot_agreement
 
 M = MISSING
 IntArray = npt.NDArray[np.int64]
@@ -442,7 +442,8 @@ def test_plot_agreement_writes_a_png(tmp_path: Path) -> None:
     report.pairs.append(
         PairAgreement(rater_a=HEUR, rater_b="nobody", n=0, kappa=None, percent=None)
     )
-    report.raters.append("nobody")
+    report.pairs.append(PairAgreement(rater_a=GPT, rater_b="many", n=960, kappa=0.8, percent=0.9))
+    report.raters.extend(["nobody", "many"])
     path = tmp_path / "agreement.png"
     plot_agreement(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -460,3 +461,50 @@ def test_plot_agreement_refuses_an_empty_report(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no raters"):
         plot_agreement(empty, tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
+
+
+def _few_and_many() -> AgreementReport:
+    """Three raters: one pair agrees perfectly on a single feature, another on 960."""
+    pairs = [
+        PairAgreement(rater_a="a", rater_b="b", n=1, kappa=1.0, percent=1.0),
+        PairAgreement(rater_a="a", rater_b="c", n=960, kappa=1.0, percent=1.0),
+        PairAgreement(rater_a="b", rater_b="c", n=0, kappa=None, percent=None),
+    ]
+    return AgreementReport(raters=["a", "b", "c"], n_units=961, n_compared=961, pairs=pairs,
+                           alpha=1.0, percent=1.0)  # fmt: skip
+
+
+def test_heatmap_colours_only_cells_with_enough_features() -> None:
+    cells = {(c.row, c.col): c for c in heatmap_cells(_few_and_many())}
+    assert len(cells) == 9
+    few, many, empty = cells[0, 1], cells[0, 2], cells[1, 2]
+    assert (few.n, few.kappa, few.coloured) == (1, 1.0, False)
+    assert (many.n, many.kappa, many.coloured) == (960, 1.0, True)
+    assert (empty.n, empty.kappa, empty.coloured) == (0, None, False)
+    assert cells[1, 0] == few.model_copy(update={"row": 1, "col": 0})  # symmetric
+    assert not any(cells[i, i].coloured for i in range(3))  # the diagonal
+    # every off-diagonal cell says its n
+    assert "n=1" in few.caption and "n=960" in many.caption and "n=0" in empty.caption
+    assert few.caption.startswith("1.00") and many.caption.startswith("1.00")
+
+
+def test_heatmap_figure_greys_and_hatches_cells_under_the_minimum() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = agreement_figure(_few_and_many())
+    try:
+        ax = fig.axes[0]
+        grid = ax.images[0].get_array()
+        assert grid is not None
+        mask = np.ma.getmaskarray(grid)
+        # only a-c (960 features) is drawn in colour; a-b (1 feature) is not
+        assert [(i, j) for i in range(3) for j in range(3) if not mask[i, j]] == [(0, 2), (2, 0)]
+        hatched = sorted(
+            (round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches if p.get_hatch()
+        )
+        assert hatched == [(0, 1), (1, 0)]  # (x, y): the pair with too few, not the empty one
+        assert f"under {SMALL_N}" in ax.get_title() and "hatched" in ax.get_title()
+        texts = [t.get_text() for t in ax.texts]
+        assert sum("n=1" in t and "n=1," not in t for t in texts) == 2
+    finally:
+        plt.close(fig)
