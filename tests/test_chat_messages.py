@@ -312,3 +312,45 @@ def test_a_multi_turn_deepseek_layout_needs_the_end_of_sentence_token(tmp_path: 
                                                        THINK_END), 400, BOS, BOS, BOS)  # fmt: skip
     with pytest.raises(CorpusError, match=f"'{EOS}' encodes as"):
         load(tmp_path, [three_exchanges()], without_eos)
+
+
+# --- --chat-format auto -------------------------------------------------------------------
+
+
+def test_auto_picks_the_format_the_tokenizer_has(tmp_path: Path, tokenizer: Any) -> None:
+    from collectors.errors import CollectError
+    from collectors.tokenizer_check import choose_chat_format
+
+    traces = list(read_traces(write_jsonl(tmp_path / "c.jsonl", [three_exchanges()])))
+    deepseek_only = train_bpe_tokenizer(TRAINING_TEXTS, SPECIAL_TOKENS, 400, BOS, EOS, PAD)
+    qwen_only = train_bpe_tokenizer(TRAINING_TEXTS, (*QWEN_SPECIAL_TOKENS, THINK_START,
+                                                     THINK_END), 400, EOS, EOS, EOS)  # fmt: skip
+    assert choose_chat_format(deepseek_only, traces, "auto", tmp_path).name == "deepseek"
+    assert choose_chat_format(qwen_only, traces, "auto", tmp_path).name == "qwen"
+    assert choose_chat_format(qwen_only, traces, "deepseek", tmp_path).name == "deepseek"
+    with pytest.raises(CollectError, match="has the special tokens of both chat formats"):
+        choose_chat_format(tokenizer, traces, "auto", tmp_path)
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"
+    try:
+        choice = choose_chat_format(tokenizer, traces, "auto", tmp_path)
+    finally:
+        tokenizer.chat_template = None
+    assert (choice.name, "chat template" in choice.reason) == ("qwen", True)
+    laid_out = f"{IM_START}user\n{Q1}{IM_END}\n{IM_START}assistant\n{A1}"
+    texts = list(read_traces(write_jsonl(tmp_path / "t.jsonl", [{"text": laid_out}])))
+    choice = choose_chat_format(tokenizer, texts, "auto", tmp_path)
+    assert (choice.name, "laid out" in choice.reason) == ("qwen", True)
+
+
+def test_a_message_that_is_only_a_tool_call_is_counted_once(tmp_path: Path, tokenizer: Any) -> None:
+    call = {"type": "function", "function": {"name": "add", "arguments": "{}"}}
+    record = {"messages": [
+        {"role": "user", "content": Q1},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": A1},
+    ]}  # fmt: skip
+    corpus = load(tmp_path, [record], tokenizer)
+    assert corpus.dropped == {"tool_call": 1, "tool_message": 1}
+    assert region_runs(corpus, 0, tokenizer)[-2:] == [(ASSISTANT, "assistant_marker"),
+                                                      (A1, "answer")]  # fmt: skip

@@ -173,7 +173,8 @@ def test_collect_refuses_a_tokenizer_without_the_chat_specials(
                             unk_token="[UNK]")  # fmt: skip
     out = tmp_path / "run"
     result = labeler("collect", "--adapter", collected.paths.checkpoint, "--corpus",
-                     collected.paths.corpus, "--out", out, "--tokenizer", folder)  # fmt: skip
+                     collected.paths.corpus, "--out", out, "--tokenizer", folder,
+                     "--chat-format", "deepseek")  # fmt: skip
     needles = [f"{folder}: the tokenizer (", "deepseek chat format's special tokens",
                f"'{USER}' encodes as", "--tokenizer PATH_OR_ID", "--chat-format qwen"]  # fmt: skip
     assert_fails(result, *needles)

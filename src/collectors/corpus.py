@@ -309,8 +309,9 @@ def _fail(path: Path, line: int, what: str) -> CorpusError:
     return CorpusError(f"{path}:{line}: {what}")
 
 
-def _role(name: object, where: str, path: Path, line: int) -> Role | str:
-    """The role a turn is laid out as, or the reason (``DROP_REASONS``) it is left out."""
+def _role(name: object, where: str, path: Path, line: int, dropped: list[str]) -> Role | None:
+    """The role a turn is laid out as, or None when it is left out (its reason counted in
+    ``dropped``)."""
     if not isinstance(name, str):
         raise _fail(path, line, f"{where}: the role must be a string, not {type(name).__name__}")
     role = name.lower()
@@ -320,11 +321,10 @@ def _role(name: object, where: str, path: Path, line: int) -> Role | str:
         return "user"
     if role in ASSISTANT_ROLES:
         return "assistant"
-    if role in TOOL_ROLES:
-        return "tool_message"
-    if role in TOOL_CALL_ROLES:
-        return "tool_call"
-    return "unknown_role"
+    reason = ("tool_message" if role in TOOL_ROLES else "tool_call" if role in TOOL_CALL_ROLES
+              else "unknown_role")  # fmt: skip
+    dropped.append(reason)
+    return None
 
 
 def _content(
@@ -383,23 +383,25 @@ def _message(message: object, where: str, path: Path, line: int, dropped: list[s
         raise _fail(path, line, f"{where} must be an object, not {type(message).__name__}")
     if "role" not in message:
         raise _fail(path, line, f"{where}: missing field 'role'")
-    role = _role(message["role"], where, path, line)
-    if role in DROP_REASONS:
-        dropped.append(role)
+    role = _role(message["role"], where, path, line, dropped)
+    if role is None:
         return None
     text, part_thinking = _content(message, where, path, line, dropped)
-    if role == "assistant":
-        if message.get("tool_calls") or message.get("function_call"):
-            dropped.append("tool_call")
-        field_thinking = _thinking_field(message, where, path, line)
-        thinking = field_thinking if field_thinking is not None else part_thinking
-        if thinking is not None:
-            if THINK_START in text or THINK_END in text:
-                given = next((k for k in THINKING_FIELDS if message.get(k)), "thinking part")
-                raise _fail(path, line, f"{where} has its thinking in '{given}' and <think> in "
-                                        "its content; give the thinking in one place")  # fmt: skip
-            text = with_thinking(thinking, text)
-    return Turn(role, text, where)  # type: ignore[arg-type]
+    if role != "assistant":
+        return Turn(role, text, where)
+    field_thinking = _thinking_field(message, where, path, line)
+    thinking = field_thinking if field_thinking is not None else part_thinking
+    if message.get("tool_calls") or message.get("function_call"):
+        dropped.append("tool_call")
+        if not text and thinking is None:
+            return None  # nothing but the call: counted once, as the call
+    if thinking is not None:
+        if THINK_START in text or THINK_END in text:
+            given = next((k for k in THINKING_FIELDS if message.get(k)), "thinking part")
+            raise _fail(path, line, f"{where} has its thinking in '{given}' and <think> in "
+                                    "its content; give the thinking in one place")  # fmt: skip
+        text = with_thinking(thinking, text)
+    return Turn(role, text, where)
 
 
 def _sharegpt_turn(
@@ -408,14 +410,12 @@ def _sharegpt_turn(
     """One ``from``/``value`` turn (or a ``role``/``content`` message) of ``conversations``."""
     if isinstance(turn, dict) and "from" not in turn and "role" in turn:
         return _message(turn, where, path, line, dropped)
-    role = _role(_field(turn, "from", path, line), where, path, line)
+    name = _field(turn, "from", path, line)
     value = _field(turn, "value", path, line)
     if not isinstance(value, str):
         raise _fail(path, line, f"{where}.value must be a string")
-    if role in DROP_REASONS:
-        dropped.append(role)
-        return None
-    return Turn(role, value, where)  # type: ignore[arg-type]
+    role = _role(name, where, path, line, dropped)
+    return None if role is None else Turn(role, value, where)
 
 
 def _kept(turns: list[Turn | None], dropped: list[str]) -> list[Turn]:

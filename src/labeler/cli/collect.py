@@ -44,6 +44,31 @@ def _read_traces(corpus_path: Path) -> list[Any]:
     return traces
 
 
+def _load_tokenizer(adapter_path: str, tokenizer_path: str | None) -> Any:
+    """The tokenizer the model will be loaded with, alone (it is cheap): the one at
+    ``tokenizer_path``, or the checkpoint's own (a hub id: its tokenizer files only)."""
+    from adapters.checkpoint import resolve_checkpoint
+    from adapters.tokenizer_loading import load_tokenizer
+
+    if tokenizer_path is not None:
+        return load_tokenizer(tokenizer_path)
+    local = Path(adapter_path).expanduser()
+    hub_id = adapter_path.count("/") == 1 and not adapter_path.startswith((".", "/"))
+    if local.exists() or not hub_id:
+        return load_tokenizer(resolve_checkpoint(adapter_path))  # a missing folder says so
+    return load_tokenizer(adapter_path)
+
+
+def _chat_format(tokenizer: Any, traces: list[Any], params: Any, corpus_path: Path) -> Any:
+    """``params`` with the chat format resolved (``auto``: picked and said which)."""
+    from collectors.tokenizer_check import AUTO, choose_chat_format
+
+    choice = choose_chat_format(tokenizer, traces, params.chat_format, corpus_path)
+    if params.chat_format == AUTO:
+        console.print(f"chat format {choice.name} ({choice.reason})", highlight=False)
+    return params.model_copy(update={"chat_format": choice.name})
+
+
 def _read_corpus(
     corpus_path: Path, tokenizer: Any, params: Any, traces: list[Any] | None = None
 ) -> Any:
@@ -59,6 +84,13 @@ def _read_corpus(
         f"({corpus.n_truncated:,} truncated to {params.max_length}, "
         f"{corpus.n_unterminated_think:,} without </think>; all kept)"
     )
+    if corpus.dropped:
+        parts = ", ".join(f"{n:,} {reason}" for reason, n in corpus.dropped.items())
+        console.print(
+            f"left out {sum(corpus.dropped.values()):,} parts of the corpus's conversations: "
+            f"{parts} (no place in the chat layout; see docs/collecting.md)",
+            highlight=False,
+        )
     return corpus
 
 
@@ -79,15 +111,18 @@ def _collect(
     from collectors.collect import CollectJob, collect_run
     from labeler.cli.render import progress_bar
 
-    # Everything that can be checked without the model is checked before loading it.
+    # Everything that can be checked without the model is checked before loading it:
+    # the corpus, the output, and the tokenizer (loaded alone) against the chat format.
     parsed_shard = Shard.parse(shard) if shard else WHOLE
     check_output(out, overwrite)
     traces = _read_traces(corpus_path)
-    with console.status("loading the model"):
-        source, tokenizer, folder = _load_source(
-            adapter_path, params, device, dtype, tokenizer_path
-        )
+    with console.status("loading the tokenizer"):
+        tokenizer = _load_tokenizer(adapter_path, tokenizer_path)
+    params = _chat_format(tokenizer, traces, params, corpus_path)
     corpus = _read_corpus(corpus_path, tokenizer, params, traces)
+    with console.status("loading the model"):
+        # the same tokenizer is loaded again with the model; the one checked is kept
+        source, _, folder = _load_source(adapter_path, params, device, dtype, tokenizer_path)
     job = CollectJob(
         source=source, tokenizer=tokenizer, corpus=corpus, params=params, adapter_folder=folder,
         corpus_path=corpus_path, unit="neuron" if params.neurons else "feature",
@@ -118,11 +153,14 @@ def _collect(
               help="Checkpoint folder in the paper's format, or a hub id (with --neurons: "
                    "any Hugging Face causal LM).")  # fmt: skip
 @click.option("--corpus", "corpus_path", required=True, type=click.Path(path_type=Path),
-              help="JSONL: `conversations`, `prompt`/`response` or `text` records.")  # fmt: skip
+              help="JSONL: `conversations`, `messages`, `prompt`/`response` or `text` "
+                   "records (docs/collecting.md).")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
-@click.option("--chat-format", default="deepseek", type=click.Choice(["deepseek", "qwen"]),
+@click.option("--chat-format", default="auto", type=click.Choice(["auto", "deepseek", "qwen"]),
               show_default=True, help="Chat layout of conversation records, and of `text` "
-                   "records already laid out in it.")  # fmt: skip
+                   "records already laid out in it; auto: the one the corpus's texts are "
+                   "laid out in, else the one the tokenizer has (checked before the model "
+                   "loads).")  # fmt: skip
 @click.option("--tokenizer", "tokenizer_path", default=None, metavar="PATH_OR_ID",
               help="Folder or hub id of the tokenizer to use instead of the checkpoint's own "
                    "(default: its tokenizer.json as saved).")  # fmt: skip
