@@ -6,6 +6,7 @@ from labeler.cli import (  # noqa: F401  (registers them)
     demo,
     intervene,
     label,
+    make_adapter,
     neuronpedia,
     report,
     review,
