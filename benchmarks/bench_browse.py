@@ -17,6 +17,10 @@ third of the time, half of them with a filter (category, layer, detection or fre
 and a fifth of them sorted by detection or frequency; each is timed from the request to
 the last byte of the answer. Then ten of the features found are opened (their page's
 data, as the feature page fetches it).
+
+Then typing: every prefix, from one letter up, of label words (``hesitation``,
+``planning``, ``verification``, ``self_correction``) and of seeded words of the
+explanations, each sent as the page sends it while one types (a search per prefix).
 """
 
 from __future__ import annotations
@@ -106,6 +110,22 @@ def queries(index: Path, n: int, seed: int) -> list[dict[str, object]]:
             params |= {"sort": rng.choice(["detection", "frequency"]), "order": "desc"}
         out.append(params)
     return out
+
+
+LABEL_WORDS = ("hesitation", "planning", "verification", "self_correction")
+
+
+def typed_words(index: Path, n_words: int, seed: int) -> list[str]:
+    """The label words and ``n_words`` seeded words of the explanations."""
+    conn = sqlite3.connect(index)
+    words = sorted({
+        w.lower()
+        for (text,) in conn.execute(
+            "SELECT explanation FROM features WHERE explanation IS NOT NULL LIMIT 20000")
+        for w in re.findall(r"[A-Za-z]{6,}", text)
+    })  # fmt: skip
+    conn.close()
+    return [*LABEL_WORDS, *random.Random(seed).sample(words, min(n_words, len(words)))]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -225,6 +245,13 @@ def main() -> None:
             hits.append(answer["total"])
             found += [f["feature_id"] for f in answer["features"][:1]]
         opened = [get(f"{url}api/feature/{fid}")[0] for fid in found[:10]]
+        whole = typed_words(index, 4, args.seed)
+        typed = [word[:end] for word in whole for end in range(1, len(word) + 1)]
+        typing, typed_hits = [], []
+        for prefix in typed:
+            took, body = get(f"{url}api/catalog?{urlencode({'q': prefix})}")
+            typing.append(took)
+            typed_hits.append(json.loads(body)["total"])
         if args.decisions:
             decisions(url, args.run, args.decisions, asked, args.seed)
     finally:
@@ -235,6 +262,13 @@ def main() -> None:
           f"{statistics.median(hits):,.0f}, max {max(hits):,}")  # fmt: skip
     print(f"a feature's page data (/api/feature/ID, the review page's view): median "
           f"{1000 * statistics.median(opened):.0f} ms over {len(opened)}")  # fmt: skip
+    print(summary(f"typing: each prefix of {', '.join(whole)}", typing))
+    slowest = sorted(zip(typing, typed, typed_hits, strict=True), reverse=True)[:3]
+    print("  slowest: " + "; ".join(f"{p!r} {1000 * t:.0f} ms ({h:,} matches)"
+                                    for t, p, h in slowest))  # fmt: skip
+    empty = [p for p, h in zip(typed, typed_hits, strict=True) if h == 0]
+    print(f"  prefixes that found nothing: {len(empty)} of {len(typed)}"
+          + (f" ({', '.join(empty[:8])})" if empty else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.catalog_index import (
     INDEX_FILE,
+    MAX_PER_PAGE,
     SHOWN,
+    CatalogIndex,
+    CatalogQuery,
     build_index,
-    fts_query,
     open_index,
+    query_words,
 )
 from labeler.review.queue import record_decision
 from labeler.run.data import RunData
@@ -160,8 +163,7 @@ def test_filters_and_sorting_agree_with_the_catalog(browsed: Browsed) -> None:
 
 def test_search_by_word_stem_and_prefix(browsed: Browsed) -> None:
     def text(feature_id: str) -> str:
-        ok = [j for j in browsed.catalog[feature_id]["judgments"] if j["status"] == "ok"]
-        return " ".join(f"{j['explanation'] or ''} {j['rationale'] or ''}" for j in ok).lower()
+        return _searched_text(browsed.catalog[feature_id])
 
     cued = {f for f in browsed.catalog if "reasoning" in text(f)}
     assert len(cued) >= 20
@@ -177,11 +179,81 @@ def test_search_by_word_stem_and_prefix(browsed: Browsed) -> None:
         and browsed.catalog[f]["final_label"]["category"] == "reasoning"
     }  # fmt: skip
     # what a user types is words, never query syntax
-    for typed in ('"', "NEAR(", "a OR", "*", "-", "hesitation)", "^x", "col:x"):
+    for typed in ('"', "NEAR(", "a OR", "*", "-", "hesitation)", "^x", "col:x", "x_", "_"):
         status, _, body = http(f"{browsed.url}api/catalog?{urlencode({'q': typed})}")
         assert status == 200, (typed, body)
-    assert fts_query('he said "stop" OR') == '"he" "said" "stop" "OR"*'
-    assert fts_query(" ,; ") is None
+    assert query_words('he said "stop" OR self_correction') == [
+        "he", "said", "stop", "OR", "self", "correction",
+    ]  # fmt: skip
+    assert query_words(" ,; _ ") == []
+
+
+def _labeled_as(browsed: Browsed, subcategory: str) -> set[str]:
+    """The features whose final label (the exported catalog's) has this subcategory."""
+    return {
+        f for f, line in browsed.catalog.items()
+        if line["final_label"]["subcategory"] == subcategory
+    }  # fmt: skip
+
+
+def _searched_text(line: dict[str, Any]) -> str:
+    """What search reads of a catalog line: every judge's explanation, rationale and
+    label, and the final label (underscores as spaces, as a tokenizer splits them)."""
+    parts = [str(v) for v in line["final_label"].values() if v]
+    for judgment in line["judgments"]:
+        if judgment["status"] == "ok":
+            parts += [judgment["explanation"] or "", judgment["rationale"] or ""]
+            parts += [str(judgment[k]) for k in LABEL_FIELDS if judgment.get(k)]
+    return " ".join(parts).lower().replace("_", " ")
+
+
+def test_search_matches_the_labels(browsed: Browsed) -> None:
+    """A subcategory's name finds every feature with that final label, and what it
+    finds says the word (in a label or a text); a prefix of it, as typed, does too."""
+    for word, typed, stem in (
+        ("planning", "plann", "plan"),
+        ("verification", "verifica", "verif"),
+        ("self_correction", "correcti", "correct"),
+        ("hesitation", "hesitatio", "hesit"),
+    ):
+        labeled = _labeled_as(browsed, word)
+        assert len(labeled) >= 8, word
+        for query in (word, typed):
+            found = browsed.ids(q=query)
+            assert found >= labeled, (query, sorted(labeled - found))
+            assert all(stem in _searched_text(browsed.catalog[f]) for f in found), query
+    # a label's name and a word of the text, both required
+    both = browsed.ids(q="planning thinking")
+    assert both and both == {
+        f for f in browsed.ids(q="planning") if "think" in _searched_text(browsed.catalog[f])
+    }  # fmt: skip
+    assert browsed.ids(q="domain math") >= {
+        f for f, line in browsed.catalog.items() if line["final_label"]["domain_type"] == "math"
+    }  # fmt: skip
+
+
+def test_search_follows_typing_in_the_browser(browsed: Browsed, tab: Tab) -> None:
+    """Every prefix of "hesitation" from four letters up, typed into the page, keeps the
+    planted hesitation features among the results."""
+    planted = {t["feature_id"] for t in browsed.truth if t.get("subcategory") == "hesitation"}
+    labeled = _labeled_as(browsed, "hesitation")
+    assert len(planted) >= 10 and len(labeled & planted) >= 0.9 * len(planted)
+    page = tab.page
+    tab.open(browsed.url)
+    word = "hesitation"
+    for end in range(4, len(word) + 1):
+        typed = word[:end]
+        page.fill("#q", typed)
+        page.wait_for_selector(f'#catalog[data-loaded="q={typed}"]')
+        found = browsed.ids(q=typed)
+        assert found >= labeled and len(found & planted) >= 0.9 * len(planted), typed
+        assert (page.text_content("#status") or "").startswith(f"{len(found):,} features")
+        assert shown_rows(page) == sorted(found, key=_order(browsed))[:50]
+    for typed in ("plann", "verifica", "correcti"):
+        page.fill("#q", typed)
+        page.wait_for_selector(f'#catalog[data-loaded="q={typed}"]')
+        assert page.locator("#catalog tbody tr").count() > 0, typed
+    assert tab.errors == []
 
 
 def test_bad_queries_and_other_hosts_get_one_clear_answer(browsed: Browsed) -> None:
@@ -333,6 +405,88 @@ def test_a_refreshed_row_is_the_row_a_build_writes(labeled_copy: Path) -> None:
     assert sum(1 for row in built if row[SHOWN.index("label_source")] == "human") > 100
 
 
+def _searched(index: CatalogIndex, text: str) -> set[str]:
+    """Every feature a search finds, page by page."""
+    found: set[str] = set()
+    page = 1
+    while True:
+        answer = index.query(CatalogQuery(text=text, per_page=MAX_PER_PAGE, page=page))
+        found |= {row["feature_id"] for row in answer["features"]}
+        if len(found) >= answer["total"] or not answer["features"]:
+            assert len(found) == answer["total"]
+            return found
+        page += 1
+
+
+def test_searches_follow_decisions_as_a_fresh_build_answers_them(labeled_copy: Path) -> None:
+    """A decision's label is found by its words at once and its former label's are not;
+    after decisions on many features (some decided twice) every search answers what a
+    fresh build of the index answers, and the index passes its integrity checks."""
+    run = RunData.open(labeled_copy)
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    rules = DisputeRules()
+    queries = ("planning", "plann", "code", "cod", "language", "uninterpretable",
+               "domain math", "hesitation", "self correction", "verifica", "reasoning")  # fmt: skip
+    index = open_index(run, store, rules)
+    try:
+        assert index.conn is not None
+        language = [r[0] for r in index.conn.execute(
+            "SELECT feature_id FROM features WHERE category = 'language' ORDER BY id")]  # fmt: skip
+        feature = next(f for f in language if f not in _searched(index, "code"))
+        record_decision(store, {"feature_id": feature, "reviewer": "bo", "category": "domain",
+                                "domain_type": "code"})  # fmt: skip
+        assert feature in _searched(index, "code") and feature in _searched(index, "cod")
+        record_decision(store, {"feature_id": feature, "reviewer": "bo", "category": "reasoning",
+                                "subcategory": "planning", "mechanism": "output"})  # fmt: skip
+        assert feature not in _searched(index, "code")
+        assert feature in _searched(index, "plann") and feature in _searched(index, "outp")
+        planned = [r[0] for r in store.conn.execute("SELECT feature_id FROM planned")]
+        for i, other in enumerate(planned[::5]):
+            decision = ({"category": "domain", "domain_type": "code"},
+                        {"category": "reasoning", "subcategory": "planning"},
+                        {"category": "uninterpretable"})[i % 3]  # fmt: skip
+            record_decision(store, {"feature_id": other, "reviewer": f"r{i % 2}", **decision})
+            if i % 4 == 0:  # decided again: a label replaced twice
+                record_decision(store, {"feature_id": other, "reviewer": "cy",
+                                        "category": "language"})  # fmt: skip
+        refreshed = {q: _searched(index, q) for q in queries}
+        for table in ("search", "words"):
+            index.conn.execute(f"INSERT INTO {table} ({table}) VALUES ('integrity-check')")
+    finally:
+        index.close()
+    (labeled_copy / INDEX_FILE).unlink()
+    fresh = open_index(run, store, rules)
+    try:
+        assert {q: _searched(fresh, q) for q in queries} == refreshed
+        assert refreshed["code"] and refreshed["planning"] and refreshed["language"]
+    finally:
+        fresh.close()
+        store.close()
+
+
+def test_an_index_of_the_older_schema_is_rebuilt(labeled_copy: Path) -> None:
+    """An index written by the schema before labels were searched (version 2: one text
+    table, no words of labels) is rebuilt on start, and then finds labels by prefix."""
+    run = RunData.open(labeled_copy)
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    rules = DisputeRules()
+    path = labeled_copy / INDEX_FILE
+    builds: list[str] = []
+    try:
+        open_index(run, store, rules).close()
+        with closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+            conn.execute("DROP TABLE words")
+        index = open_index(run, store, rules, on_build=builds.append)
+        try:
+            assert builds == ["stale"]
+            assert _searched(index, "plann")
+        finally:
+            index.close()
+    finally:
+        store.close()
+
+
 def _served_copy(run: Path, *args: str) -> tuple[subprocess.Popen[str], Browsed]:
     process, url = _start(run, "--port", "0", *args, stderr=run.parent / "server.log",
                           command="browse")  # fmt: skip
@@ -472,6 +626,40 @@ def test_fifty_clients_deciding_at_once_are_all_stored(labeled_copy: Path) -> No
     assert statuses == [201] * len(features)
     assert sorted(f for f, _, _ in _stored(labeled_copy)) == sorted(features)
     assert {r["feature_id"] for r in searched} == set(features)
+
+
+SPECIAL_TOKENS = ["<｜Assistant｜>", "｜", "<｜", "▁the", XSS]
+
+
+def test_special_tokens_read_in_the_output_score_chips(labeled_copy: Path, tab: Tab) -> None:
+    """DeepSeek's markers (U+FF5C, which Chromium without CJK fonts draws as empty
+    boxes) read as text in the output score's chips, the stored token on hover; markup
+    stays text."""
+    feature = _features_by_layer(labeled_copy)[1][0]
+    score = {"feature_id": feature, "layer": 1, "size": 2.0, "tokens": ["wait"],
+             "logprob_change": 0.5, "lens_change": 0.5, "mass_change": 0.1, "kl": 0.01,
+             "null_high": 0.1, "p_value": 0.01, "significant": True,
+             "promoted": SPECIAL_TOKENS, "settings": "test"}  # fmt: skip
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    try:
+        store.put_output_scores([(feature, 1, json.dumps(score), True)])
+    finally:
+        store.close()
+    process, browsed = _served_copy(labeled_copy)
+    try:
+        page = tab.page
+        tab.open(f"{browsed.url}feature/{feature}")
+        page.wait_for_selector(f'#feature-panel[data-loaded="{feature}"]')
+        chips = page.locator("#output-score .logit")
+        shown = chips.evaluate_all("spans => spans.map(s => s.innerText)")
+        titles = chips.evaluate_all("spans => spans.map(s => s.title)")
+    finally:
+        _stop(process)
+    assert shown == ["‹Assistant›", "|", "<|", "▁the", XSS]
+    assert not any("\uff5c" in text for text in shown)
+    for raw, title in zip(SPECIAL_TOKENS[:3], titles[:3], strict=True):
+        assert json.dumps(raw, ensure_ascii=False) in title
+    assert tab.errors == [] and tab.pwned() == "undefined"
 
 
 def test_a_full_disk_names_the_index(labeled_copy: Path) -> None:

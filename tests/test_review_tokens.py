@@ -14,8 +14,17 @@ def test_special_tokens_have_short_names() -> None:
                 "<|im_start|>", "<|endoftext|>", "<think>", "</think>", "<s>", "</s>"]  # fmt: skip
     assert shown_tokens(specials) == ["‹bos›", "‹eos›", "‹User›", "‹pad›", "‹im_start›",
                                       "‹eos›", "‹think›", "‹/think›", "‹bos›", "‹eos›"]  # fmt: skip
-    # pieces of markers, and markup that is text, stay as they are
-    assert shown_tokens(["<｜", "｜>", "<script>", "<|"]) == ["<｜", "｜>", "<script>", "<|"]
+    # pieces of markers read in ASCII (U+FF5C has no glyph in most Latin fonts); markup
+    # that is text stays as it is
+    assert shown_tokens(["<｜", "｜>", "<script>", "<|"]) == ["<|", "|>", "<script>", "<|"]
+
+
+def test_fullwidth_forms_read_as_ascii() -> None:
+    assert [shown_token(t) for t in ("｜", "＜ｔｈｉｎｋ＞", "ＡＢＣ１２３", "（ok）", "，")] == [
+        "|", "<think>", "ABC123", "(ok)", ",",
+    ]  # fmt: skip
+    # the SentencePiece space (U+2581) and other text are kept; a special token keeps its name
+    assert shown_tokens(["▁the", "café", "<｜Assistant｜>"]) == ["▁the", "café", "‹Assistant›"]
 
 
 def test_byte_level_pieces_read_as_text_and_lone_bytes_as_hex() -> None:

@@ -1,6 +1,7 @@
 """The catalog browser's index (``labeler browse``): one row per planned feature with its
 final label and what the catalog page filters and sorts by, and a full-text index over
-every judge's explanation and rationale, kept in ``RUN/browse-index.sqlite``.
+every judge's explanation, rationale and label and the final label, kept in
+``RUN/browse-index.sqlite``.
 
 It is built once, from the same catalog lines ``labeler export`` writes. What it was
 built from is stored with it: a fingerprint of the judgments, output scores, planned
@@ -14,9 +15,24 @@ than the index has seen means a rebuild, written to a temporary file and swapped
 a killed build leaves the old index or none. A file replaced or deleted under a running
 server is noticed by its inode and reopened (or rebuilt).
 
-Full-text search uses SQLite's FTS5 with the ``porter`` stemmer ("hesitating" finds
-"hesitation"); a query's words are quoted (no FTS syntax leaks through), all must match,
-and the last one matches as a prefix, so results follow the typing.
+Search. Each feature has two documents in two FTS5 tables (contentless: the texts are
+not stored twice): ``search`` stems words with the ``porter`` stemmer, ``words`` keeps
+them as written; both fold case and diacritics and split at anything that is not a
+letter or digit (``self_correction`` is "self correction"). A feature ``id`` has its
+text at rowid ``2 * id`` (every judge's explanation, rationale and label) and its final
+label at rowid ``2 * id + 1``. The text changes only with the judgments (a rebuild); the
+label changes with reviews, and the trigger ``relabeled`` replaces the label document
+whenever a row's label changes, from the old row's values (a contentless FTS5 table
+forgets a document only when given exactly what it was made of).
+
+A query's words (letters and digits, at most ``MAX_QUERY_WORDS``) must all match a
+feature, each in its text or its label: every word but the last by its stem ("reasons"
+finds "reasoning"), the last by its stem or as the prefix of a word as written. The
+stemmed prefix alone did not follow typing: "hesita" stems to itself, a prefix of no
+stem ("hesitation" is indexed as "hesit"), so it found nothing between "hesi" and
+"hesitation"; the prefix of the written words finds, for every prefix of a word, the
+features that have that word. Words are passed as quoted FTS5 strings, so no query
+syntax leaks through.
 """
 
 from __future__ import annotations
@@ -47,7 +63,7 @@ from labeler.run.data import RunData
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "browse-index.sqlite"
-INDEX_VERSION = "2"
+INDEX_VERSION = "3"  # 3: the words table, judges' and final labels searched
 SYNCED = "reviews_synced"  # the meta key: the id of the last review the rows include
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -56,6 +72,7 @@ BUSY_TIMEOUT_S = 60.0  # another server on the same run may be writing the index
 _NO_ROOM = ("database or disk is full", "disk i/o error")
 _T = TypeVar("_T")
 
+LABEL_FIELDS = ("category", "subcategory", "mechanism", "domain_type")
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE features (
@@ -81,10 +98,27 @@ CREATE INDEX features_layer ON features (layer, idx);
 CREATE INDEX features_category ON features (category, layer, idx);
 CREATE INDEX features_detection ON features (detection);
 CREATE INDEX features_frequency ON features (frequency);
-CREATE VIRTUAL TABLE search USING fts5(
-    explanation, rationale, content='', tokenize='porter unicode61'
-);
+CREATE VIRTUAL TABLE search USING fts5(text, content='', tokenize='porter unicode61');
+CREATE VIRTUAL TABLE words USING fts5(text, content='', tokenize='unicode61');
+CREATE TRIGGER relabeled AFTER UPDATE OF category, subcategory, mechanism, domain_type
+ON features WHEN old.category IS NOT new.category OR old.subcategory IS NOT new.subcategory
+    OR old.mechanism IS NOT new.mechanism OR old.domain_type IS NOT new.domain_type
+BEGIN
+    INSERT INTO search (search, rowid, text) VALUES ('delete', 2 * old.id + 1, {old});
+    INSERT INTO words (words, rowid, text) VALUES ('delete', 2 * old.id + 1, {old});
+    INSERT INTO search (rowid, text) VALUES (2 * new.id + 1, {new});
+    INSERT INTO words (rowid, text) VALUES (2 * new.id + 1, {new});
+END;
 """
+
+
+def _label_text(row: str) -> str:
+    """The SQL expression of a ``features`` row's label document (``row``: its name)."""
+    return " || ' ' || ".join(f"coalesce({row}.{f}, '')" for f in LABEL_FIELDS)
+
+
+_SCHEMA = _SCHEMA.format(old=_label_text("old"), new=_label_text("new"))
+_FTS_TABLES = ("search", "words")
 _COLUMNS = ("id", "feature_id", "layer", "idx", "category", "subcategory", "mechanism",
             "domain_type", "label_source", "judge", "explanation", "detection", "frequency",
             "count", "disputed", "reviews", "output_significant")  # fmt: skip
@@ -99,7 +133,7 @@ SORTS = {
     "count": ("count", "layer", "idx"),
     "reviews": ("reviews", "layer", "idx"),
 }
-_WORD = re.compile(r"\w+", re.UNICODE)
+_WORD = re.compile(r"[^\W_]+")  # as FTS5's unicode61 splits words
 
 
 class BadQuery(ValueError):
@@ -121,6 +155,7 @@ def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .select(
             "feature_id", "label_source", "label_source_detail", "judge", "explanation",
             "rationale", pl.col("detection").struct.field("accuracy").alias("detection"),
+            *LABEL_FIELDS,
         )
     )  # fmt: skip
     labels = lines.select(
@@ -143,10 +178,10 @@ def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The index rows and texts from each feature's label columns and its successful
-    judgments (one row each). The shown judge is the final label's judge for a judges'
-    label, else the first judge (by name) with an answer; its explanation and detection
-    accuracy are shown. Both the full build and the refresh of a few features come here,
-    so that they cannot differ."""
+    judgments (one row each); a text is every judge's explanation, rationale and label.
+    The shown judge is the final label's judge for a judges' label, else the first judge
+    (by name) with an answer; its explanation and detection accuracy are shown. Both the
+    full build and the refresh of a few features come here, so that they cannot differ."""
     chosen = pl.when(pl.col("label_source").is_in(["consensus", "single_judge"])).then(
         pl.col("label_source_detail")
     )
@@ -160,10 +195,10 @@ def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFram
         judged.sort("feature_id", "judge")
         .group_by("feature_id")
         .agg(
-            pl.col("explanation").drop_nulls().str.join(" \n "),
-            pl.col("rationale").drop_nulls().str.join(" \n "),
+            pl.concat_str("explanation", "rationale", *LABEL_FIELDS, separator=" \n ",
+                          ignore_nulls=True).str.join(" \n ").alias("text"),
         )
-    )
+    )  # fmt: skip
     rows = labels.join(shown, on="feature_id", how="left", maintain_order="left").select(SHOWN)
     texts = rows.select("feature_id").join(text, on="feature_id", how="left", maintain_order="left")
     return rows, texts
@@ -231,7 +266,7 @@ def changed_rows(
                            pl.col("source_detail").alias("label_source_detail")),
               on="feature_id")
         .select("feature_id", "label_source", "label_source_detail", "judge", "explanation",
-                "rationale", "detection")
+                "rationale", "detection", *LABEL_FIELDS)
     )  # fmt: skip
     rows, _ = _shown_rows(labels, judged)
     return rows
@@ -312,20 +347,22 @@ def _write_index(
                     f"INSERT INTO features VALUES ({', '.join('?' * len(_COLUMNS))})",
                     ((i, *row) for i, row in zip(ids, rows.iter_rows(), strict=True)),
                 )
-                conn.executemany(
-                    "INSERT INTO search (rowid, explanation, rationale) VALUES (?, ?, ?)",
-                    (
-                        (i, explanation or "", rationale or "")
-                        for i, (_, explanation, rationale) in zip(
-                            ids, texts.iter_rows(), strict=True
-                        )
-                    ),
-                )
+                documents = [
+                    (2 * i, text or "") for i, (_, text) in zip(ids, texts.iter_rows(), strict=True)
+                ]
+                for table in _FTS_TABLES:
+                    conn.executemany(f"INSERT INTO {table} (rowid, text) VALUES (?, ?)", documents)
+                    conn.execute(
+                        f"INSERT INTO {table} (rowid, text) SELECT 2 * id + 1, "
+                        f"{_label_text('features')} FROM features WHERE id >= ? AND id < ?",
+                        (ids.start, ids.stop),
+                    )
             if progress is not None:
                 progress(rows.height)
         with conn:
             conn.executemany("INSERT INTO meta VALUES (?, ?)", stamp.items())
-        conn.execute("INSERT INTO search (search) VALUES ('optimize')")
+        for table in _FTS_TABLES:
+            conn.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")
         conn.commit()
 
 
@@ -348,15 +385,27 @@ def index_is_current(run: RunData, store: LabelStore, rules: DisputeRules, path:
         return False
 
 
-def fts_query(text: str) -> str | None:
-    """An FTS5 query for what a user typed: its words quoted, all required, the last one
-    a prefix; None when it holds no word."""
-    words = _WORD.findall(text)[:MAX_QUERY_WORDS]
+def query_words(text: str) -> list[str]:
+    """The words of what a user typed (an underscore separates words, as in label names)."""
+    return _WORD.findall(text)[:MAX_QUERY_WORDS]
+
+
+def search_sql(text: str) -> tuple[str, list[str]] | None:
+    """The SQL that selects the ids of the features matching what a user typed, and its
+    arguments (FTS5 strings); None when it holds no word. The last word's features (by
+    stem or by prefix) come first, then each other word's are intersected with them:
+    SQLite evaluates a compound SELECT from left to right."""
+    words = query_words(text)
     if not words:
         return None
-    quoted = [f'"{w}"' for w in words]
-    quoted[-1] += "*"
-    return " ".join(quoted)
+    stemmed = "SELECT rowid >> 1 FROM search WHERE search MATCH ?"
+    *others, last = words
+    parts = [f"{stemmed} UNION SELECT rowid >> 1 FROM words WHERE words MATCH ?"]
+    args = [f'"{last}"', f'"{last}"*']
+    for word in others:
+        parts.append(stemmed)
+        args.append(f'"{word}"')
+    return " INTERSECT ".join(parts), args
 
 
 @dataclass(frozen=True)
@@ -461,10 +510,10 @@ class CatalogQuery:
         if self.disputed is not None:
             parts.append("disputed = ?")
             args.append(int(self.disputed))
-        match = fts_query(self.text)
+        match = search_sql(self.text)
         if match is not None:
-            parts.append("id IN (SELECT rowid FROM search WHERE search MATCH ?)")
-            args.append(match)
+            parts.append(f"id IN ({match[0]})")
+            args.extend(match[1])
         return (" AND ".join(parts) or "1"), args
 
 

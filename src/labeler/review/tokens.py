@@ -12,7 +12,10 @@ paper's feature JSON) as the tokenizer's own piece. Neither always reads well:
   kept only ``�``, from the tokenizer's ``tokenizer.json`` next to the run's adapter
   (:class:`Pieces`) when it is at hand;
 - a newline is shown ``⏎``, a tab ``⇥``, other control characters ``<0x1F>``, invisible
-  format characters ``<U+200B>``.
+  format characters ``<U+200B>``;
+- fullwidth forms of ASCII (U+FF01 to U+FF5E: DeepSeek's ``｜`` in ``<｜`` is U+FF5C) are
+  shown as ASCII: a browser without CJK fonts draws them as empty boxes. The page shows
+  the token as stored on hover.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"
+_FULLWIDTH = range(0xFF01, 0xFF5F)  # FULLWIDTH EXCLAMATION MARK to FULLWIDTH TILDE
+_FULLWIDTH_SHIFT = 0xFF01 - ord("!")
 _ALIASES = {
     "begin_of_sentence": "bos", "begin_of_text": "bos", "startoftext": "bos", "s": "bos",
     "end_of_sentence": "eos", "end_of_text": "eos", "endoftext": "eos", "/s": "eos",
@@ -114,6 +119,8 @@ def _visible(text: str) -> str:
             out.append(f"<0x{ord(c):02X}>" if ord(c) < 0x80 else f"<U+{ord(c):04X}>")
         elif unicodedata.category(c) in ("Cf", "Cs", "Co", "Cn"):
             out.append(f"<U+{ord(c):04X}>")
+        elif ord(c) in _FULLWIDTH:
+            out.append(chr(ord(c) - _FULLWIDTH_SHIFT))
         else:
             out.append(c)
     return "".join(out)

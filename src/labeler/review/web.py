@@ -7,7 +7,8 @@ over :mod:`labeler.review.queue`:
 - ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
 - ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative
   first, each with its preferred judge's explanation;
-- ``GET /api/feature/ID``: everything about one feature, with ``disagreement``;
+- ``GET /api/feature/ID``: everything about one feature, with ``disagreement`` and its
+  output score's promoted tokens as shown (``promoted_shown``, :mod:`labeler.review.tokens`);
 - ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
   ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it
   (201), every decision on the feature and whether the reviewers disagree. A
@@ -45,6 +46,7 @@ from labeler.errors import USER_ERRORS, UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.queue import UnknownFeature, feature_view, record_decision_once, review_queue
+from labeler.review.tokens import shown_tokens
 from labeler.run.data import RunData
 from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, load_taxonomy
@@ -256,6 +258,8 @@ class ReviewApp:
             return error_response(404, str(exc), feature_id=feature_id)
         data = view.model_dump(mode="json")
         data["disagreement"] = reviewers_disagree(view.reviews)
+        if view.output_score is not None:
+            data["output_score"]["promoted_shown"] = shown_tokens(view.output_score.promoted)
         return json_response(200, data)
 
     def _decide(self, request: Request, feature_id: str) -> Response:
