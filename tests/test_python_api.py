@@ -97,7 +97,9 @@ def test_one_feature_holds_its_examples_judgments_and_label(labeled_copy: Path) 
         run.feature("bad-id")
 
 
-def test_label_from_python_plans_what_the_command_plans(collected_copies: list[Path]) -> None:
+def test_label_from_python_plans_what_the_command_plans(
+    collected_copies: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     import labeler as api
 
     by_api, by_cli = collected_copies
@@ -112,8 +114,32 @@ def test_label_from_python_plans_what_the_command_plans(collected_copies: list[P
     mine, theirs = api.open_run(by_api).labels(), api.open_run(by_cli).labels()
     assert mine.height == 5 * len(layers)
     assert mine.equals(theirs)
-    again = api.label(by_api, ["heuristic"], sample_per_layer=5, seed=3)["heuristic"]
-    assert (again.skipped, again.labeled) == (5 * len(layers), 0)
+    assert capsys.readouterr() == ("", "")  # quiet by default
+    again = api.label(by_api, ["heuristic"], sample_per_layer=5, seed=3, progress=True)
+    assert (again["heuristic"].skipped, again["heuristic"].labeled) == (5 * len(layers), 0)
+    assert "labeling (heuristic)" in capsys.readouterr().err
+
+
+def test_a_study_of_listed_features_with_the_commands_settings(labeled_copy: Path) -> None:
+    import labeler as api
+
+    run = api.open_run(labeled_copy)
+    chosen = run.labels().filter(pl.col("mechanism") == "output")["feature_id"].to_list()[:3]
+    report = api.study(run, features=chosen, teacher_forced=True, controls=0, limit=4,
+                       modes=["ablated"], words=["wait"], out=labeled_copy / "mine")  # fmt: skip
+    assert report.n_selected == len(chosen) == 3 and report.n_controls == 0
+    assert report.words == ["wait"] and [m.mode for m in report.modes] == ["ablated"]
+    assert {c.name for c in report.conditions} == {"baseline", "ablated"}
+    assert all(c.n == 4 for c in report.conditions)
+    stored = json.loads((labeled_copy / "mine" / "report.json").read_text())
+    assert stored == report.model_dump(mode="json")
+    frame = api.effects(report)
+    assert frame.rows() == [("ablated", "selection", "ablated", "baseline",
+                             report.modes[0].selection.reference_rate,
+                             report.modes[0].selection.rate,
+                             report.modes[0].selection.difference,
+                             report.modes[0].selection.low, report.modes[0].selection.high,
+                             None)]  # fmt: skip
 
 
 def test_bad_inputs_raise_user_errors_not_exits(run_copy: Path) -> None:
