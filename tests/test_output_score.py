@@ -37,7 +37,7 @@ def scored(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         store.close()
     truth = {t["feature_id"]: t for t in json.loads(labeled.paths.ground_truth.read_text())}
-    return {"run": run, "scores": scores, "truth": truth}
+    return {"run": run, "scores": scores, "truth": truth, "stdout": result.stdout}
 
 
 def _split(scored: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
@@ -94,6 +94,32 @@ def test_summary_and_catalog_carry_the_scores(scored: dict[str, Any], tmp_path: 
         assert by_id[fid]["output_score"]["logprob_change"] == pytest.approx(
             score["logprob_change"]
         )
+
+
+def test_the_command_prints_progress_by_layer_and_the_top_features(
+    scored: dict[str, Any],
+) -> None:
+    out = scored["stdout"]
+    lines = out.splitlines()
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for score in scored["scores"].values():
+        by_layer.setdefault(score["layer"], []).append(score)
+    for layer, scores in sorted(by_layer.items()):
+        significant = sum(s["significant"] for s in scores)
+        assert f"layer {layer}: {len(scores)} features scored, {significant} significant" in out
+    # the top 10 by the judged statistic, in order, each with its promoted tokens
+    top = sorted(scored["scores"].values(), key=lambda s: -s["lens_change"])[:10]
+    assert "top 10 of 960 features by lens change" in out
+    rows = [line for line in lines if line.startswith("│ L")]
+    assert [row.split("│")[1].strip() for row in rows] == [s["feature_id"] for s in top]
+    for row, score in zip(rows, top, strict=True):
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert float(cells[1]) == pytest.approx(score["lens_change"], abs=0.01)
+        assert cells[4] == ("yes" if score["significant"] else "no")
+        assert cells[5].startswith(score["promoted"][0].strip()[:3])
+    n_significant = sum(s["significant"] for s in scored["scores"].values())
+    assert f"{n_significant} of 960 significant" in out
+    assert "labeler export" in out  # where every feature's score is
 
 
 def test_a_second_run_scores_nothing_again(scored: dict[str, Any]) -> None:

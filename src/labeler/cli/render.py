@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -29,6 +30,9 @@ from labeler.reporting.summarize import Comparison, LabelSummary, RunSummary, Sh
 from labeler.reporting.summarize import Estimate as PopulationShare
 from labeler.review.queue import QueueItem
 from prompts import CATEGORIES
+
+if TYPE_CHECKING:
+    from labeler.causal.output_score import OutputScore
 
 
 class RateColumn(ProgressColumn):
@@ -150,6 +154,15 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     if summary.prices:
         total += f"; prices: {escape(summary.prices)}"
     out.append(total)
+    undefined = [(j.rater, j.n_detection_undefined) for j in summary.judges
+                 if j.n_detection_undefined]  # fmt: skip
+    if undefined:
+        n = sum(count for _, count in undefined)
+        by_judge = ", ".join(f"{escape(rater)}: {count:,}" for rater, count in undefined)
+        out.append(
+            f"detection undefined for {plural(n, unit)} ({by_judge}): no non-activating "
+            "(or no activating) examples to test the explanation on; shown as missing"
+        )
     out.extend(_agreement_parts(summary))
     if summary.steering is not None:
         steering = Table(
@@ -415,6 +428,28 @@ def estimate_table(estimates: list[Estimate]) -> Table:
             "unpriced" if e.cost_usd is None else _dollars(e.cost_usd),
             "-" if e.batch_cost_usd is None else _dollars(e.batch_cost_usd),
         )
+    return table
+
+
+def output_score_table(scores: list[OutputScore], top: int) -> Table:
+    """The ``top`` features by lens change (the statistic judged against random
+    directions), most first: its p-value, whether significant, the tokens it promotes."""
+    ranked = sorted(scores, key=lambda s: (-s.lens_change, s.feature_id))[:top]
+    table = Table(
+        title=f"top {len(ranked)} of {len(scores):,} features by lens change",
+        title_justify="left",
+        caption="lens change: mean change in log-probability of the feature's logit-lens "
+        "tokens when it is steered; KL: of the next-token distribution",
+        caption_justify="left",
+    )
+    table.add_column("feature", no_wrap=True)
+    for column in ("lens\nchange", "KL", "p", "significant"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("promotes", overflow="fold")
+    for s in ranked:
+        promoted = ", ".join(escape(t.strip() or repr(t)) for t in s.promoted[:3])
+        table.add_row(s.feature_id, f"{s.lens_change:.3f}", f"{s.kl:.3f}", f"{s.p_value:.3g}",
+                      "yes" if s.significant else "no", promoted)  # fmt: skip
     return table
 
 

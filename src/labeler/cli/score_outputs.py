@@ -11,7 +11,9 @@ from labeler.cli.app import _layers, _open_labels, cli, console
 from labeler.errors import UserError
 
 if TYPE_CHECKING:
-    from labeler.causal.output_score import LayerNull
+    from rich.console import Console
+
+    from labeler.causal.output_score import LayerNull, OutputScore
     from labeler.labeling.store import LabelStore
 
 
@@ -117,7 +119,7 @@ def score_outputs(
     import polars as pl
 
     from collectors.run_format import read_run_info
-    from labeler.causal.output_score import ScoreSettings, score_features, windows
+    from labeler.causal.output_score import OutputScore, ScoreSettings, score_features, windows
     from labeler.cli.intervene import _selected
     from labeler.cli.render import progress_bar
     from labeler.reporting.label_table import judgment_frame
@@ -183,8 +185,11 @@ def score_outputs(
         def decode(i: int) -> str:
             return str(tokenizer.decode([i]))
 
+        layer_counts = todo.group_by("layer").len()
+        per_layer = dict(zip(layer_counts["layer"], layer_counts["len"], strict=True))
         with progress_bar(console, "steering", "features") as progress:
             task = progress.add_task("steering", total=len(todo))
+            tally = _LayerTally(per_layer, progress.console)
             for scores in score_features(adapter, todo, explanations, vocabulary, context_ids,
                                          settings, decode, rows_per_batch, alive,
                                          _StoredNulls(store, settings.key())):  # fmt: skip
@@ -192,6 +197,46 @@ def score_outputs(
                     [(s.feature_id, s.layer, s.model_dump_json(), s.significant) for s in scores]
                 )
                 progress.advance(task, len(scores))
+                tally.add(scores)
+        selected = set(features["feature_id"].to_list())
+        every = [
+            OutputScore.model_validate_json(payload)
+            for fid, payload in store.output_scores().items() if fid in selected
+        ]  # fmt: skip
     finally:
         store.close()
+    from labeler.cli.render import output_score_table
+
     console.print(f"scored {len(todo):,} features; `labeler summarize {run}` shows the shares")
+    current = [s for s in every if s.settings == settings.key()]
+    if not current:
+        return
+    significant = sum(s.significant for s in current)
+    level = f"{settings.level:g}"
+    console.print(f"{significant:,} of {len(current):,} significant (p at most {level} "
+                  "against random directions of the same size)")  # fmt: skip
+    console.print(output_score_table(current, TOP_SHOWN))
+    console.print(f"every feature's score: `labeler export {run}` (each line's "
+                  f"output_score) or `labeler browse {run}`")  # fmt: skip
+
+
+TOP_SHOWN = 10
+"""Features shown at the end of ``score-outputs``, by the statistic judged."""
+
+
+class _LayerTally:
+    """Prints a line as each layer's features are all scored: how many, how many of them
+    significant."""
+
+    def __init__(self, per_layer: dict[int, int], out: Console) -> None:
+        self.total, self.left, self.out = dict(per_layer), dict(per_layer), out
+        self.significant: dict[int, int] = {}
+
+    def add(self, scores: list[OutputScore]) -> None:
+        for score in scores:
+            layer = score.layer
+            self.left[layer] -= 1
+            self.significant[layer] = self.significant.get(layer, 0) + int(score.significant)
+            if self.left[layer] == 0:
+                self.out.print(f"layer {layer}: {self.total[layer]:,} features scored, "
+                               f"{self.significant[layer]:,} significant")  # fmt: skip
