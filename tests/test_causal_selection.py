@@ -107,7 +107,12 @@ def test_controls_are_distinct_sets_and_a_small_pool_gives_what_it_has() -> None
     assert sorted(draw.controls) == [
         [(0, 12), (1, 21)], [(0, 12), (1, 23)], [(0, 14), (1, 21)], [(0, 14), (1, 23)]
     ]  # fmt: skip
-    assert "4 distinct" in draw.shortfall and "asked for 9" in draw.shortfall
+    assert draw.shortfall == (
+        "asked for 9 controls, drew 4 distinct: only 4 distinct matched control sets exist "
+        "(choosing 1 of the 2 unselected alive features of layer 0's frequency decile 5 of 10 "
+        "and 1 of the 2 unselected alive features of layer 1's frequency decile 8 of 10); "
+        "p-values are over the 4"
+    )
     fewer = draw_controls(features, selected, k=3, seed=0)
     assert fewer.available == 4 and len(fewer.controls) == 3 and fewer.shortfall == ""
     assert len({frozenset(c) for c in fewer.controls}) == 3

@@ -142,6 +142,166 @@ def test_the_study_writes_its_figure_and_measures_every_condition(
     assert len(log) == 10 * 16
 
 
+def _figure(folder: Path) -> tuple[dict[str, str], Any]:
+    """The study's PNG metadata, and its figure drawn again from its report.json by the
+    function that drew it (what each mark is, without reading pixels)."""
+    from PIL import Image
+
+    from labeler.causal.plot import study_figure
+    from labeler.causal.results import StudyReport
+
+    with Image.open(folder / "study.png") as png:
+        metadata = dict(png.text)  # type: ignore[attr-defined]
+    report = StudyReport.model_validate_json((folder / "report.json").read_text())
+    return metadata, study_figure(report, metadata["Title"])
+
+
+def _intervals(fig: Any) -> list[tuple[float, float, float]]:
+    """Every plotted interval as (x, low, high)."""
+    out = []
+    for ax in fig.axes:
+        for collection in ax.collections:
+            if collection.get_gid() == "interval":
+                for segment in collection.get_segments():
+                    (x, y0), (_, y1) = segment
+                    out.append((float(x), min(y0, y1), max(y0, y1)))
+    return out
+
+
+def test_the_figure_names_the_selection_and_measure_and_no_rate_interval_crosses_zero(
+    studies: dict[str, Any],
+) -> None:
+    """The title is the selection and the measure (not the run folder's name); the
+    intervals drawn are each rate's own bootstrap interval, never below zero, though the
+    ablated rate is near zero and its change's interval spans more than the rate."""
+    import matplotlib.pyplot as plt
+
+    for name, measure in (("sampled", "sampled"), ("forced", "teacher-forced")):
+        metadata, fig = _figure(studies["folder"] / name)
+        assert metadata["Title"] == f"{HESITATION_OUTPUT} · {measure}"
+        assert fig._suptitle.get_text() == metadata["Title"]
+        assert "95% percentile bootstrap interval" in metadata["Description"]
+        intervals = _intervals(fig)
+        assert len(intervals) == 2 * len(fig.axes) == 4  # reference and selection, per mode
+        assert all(low >= 0 for _, low, _ in intervals), intervals
+        plt.close(fig)
+    ablated = mode(studies["sampled"], "ablated")["selection"]
+    assert ablated["reference_rate"] + ablated["low"] < 0  # what the old figure drew
+    assert 0 <= ablated["rate_low"] <= ablated["rate"] <= ablated["rate_high"]
+
+
+def test_the_printed_p_value_names_its_resolution(studies: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    from labeler.causal.results import StudyReport
+    from labeler.cli.render_study import render_study
+
+    console = Console(record=True, width=240)
+    render_study(console, StudyReport.model_validate(studies["sampled"]))
+    lines = console.export_text().splitlines()
+    for name in ("ablated", "added"):
+        p = mode(studies["sampled"], name)["p_value"]
+        assert mode(studies["sampled"], name)["smallest_p"] == pytest.approx(1 / 4)
+        assert f"{name}: p = {p:.3g}" in "\n".join(lines)
+    assert (
+        "ablated: p = 0.25, the smallest possible with 3 controls; --controls 19 for p ≤ 0.05"
+        in lines
+    )
+
+
+def test_the_default_controls_reach_p_005_on_the_demo(
+    labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    """Without --controls the study draws 19 distinct controls, so a selection beyond
+    every control gets p = 0.05, and the terminal says it is the smallest possible."""
+    out = tmp_path / "forced"
+    result = labeler("intervene", labeled.run, "--select", HESITATION_OUTPUT,
+                     "--teacher-forced", "--modes", "ablated", "--limit", "8",
+                     "--out", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_controls"] == report["controls_asked"] == 19
+    ablated = mode(report, "ablated")
+    assert len(ablated["controls"]) == 19 and ablated["p_value"] == pytest.approx(0.05)
+    assert "ablated: p = 0.05, the smallest possible with 19 controls\n" in result.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    sets = [frozenset(c["features"]) for c in plan["conditions"] if c["control"] is not None]
+    assert len(sets) == len(set(sets)) == 19
+
+
+def _a_small_pool(run: Path) -> tuple[list[str], int]:
+    """One feature: its controls are each one other feature of its layer's frequency
+    decile, so there are as many distinct control sets as the decile has other
+    features. The deciles are cut as the study cuts them (a layer's alive features
+    ranked by frequency, then index)."""
+    import polars as pl
+
+    from labeler.run.data import RunData
+
+    features = RunData.open(run).features
+    layer = features.filter(pl.col("alive") & (pl.col("layer") == 0)).sort("frequency", "index")
+    n = layer.height
+    decile = [i for rank, i in enumerate(layer["index"].to_list()) if rank * 10 // n == 0]
+    return [f"L0F{decile[0]}"], len(decile) - 1
+
+
+def test_a_pool_with_fewer_distinct_controls_than_asked_gives_each_once(
+    labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    selection, distinct = _a_small_pool(labeled.run)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(selection) + "\n", encoding="utf-8")
+    asked = distinct + 4
+    out = tmp_path / "small"
+    result = labeler("intervene", labeled.run, "--features", ids, "--teacher-forced",
+                     "--controls", asked, "--modes", "ablated", "--limit", "2", "--out", out,
+                     "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(
+        f"warning: asked for {asked} controls, drew {distinct} distinct: only {distinct} "
+        "distinct matched control sets exist (choosing "
+    ), warnings
+    assert f"p-values are over the {distinct}" in warnings[0]
+    report = json.loads(result.stdout)
+    assert report["n_controls"] == distinct and report["controls_asked"] == asked
+    plan = json.loads((out / "plan.json").read_text())
+    sets = [frozenset(c["features"]) for c in plan["conditions"] if c["control"] is not None]
+    assert len(sets) == len(set(sets)) == distinct
+    assert all(not s & set(selection) and len(s) == len(selection) for s in sets)
+    ablated = mode(report, "ablated")
+    effect = abs(ablated["selection"]["difference"])
+    beyond = sum(abs(c["difference"]) >= effect for c in ablated["controls"])
+    assert len(ablated["controls"]) == distinct
+    assert ablated["p_value"] == pytest.approx((1 + beyond) / (1 + distinct))
+    assert ablated["smallest_p"] == pytest.approx(1 / (1 + distinct))
+
+
+def test_a_zero_rate_is_drawn_as_a_zero(labeled: CollectedDemo, tmp_path: Path) -> None:
+    """A word the model never says: every rate is zero, and every bar of zero height
+    carries its mark on the axis and the label "0", with an interval of [0, 0]."""
+    import matplotlib.pyplot as plt
+
+    prompts = write_prompts(labeled.paths.corpus, tmp_path / "prompts.jsonl", 2)
+    out = tmp_path / "zero"
+    result = labeler("intervene", labeled.run, "--select", HESITATION_OUTPUT, "--prompts",
+                     prompts, "--words", "zebra", "--controls", "1", "--modes", "ablated",
+                     "--max-new-tokens", "4", "--out", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _, fig = _figure(out)
+    (ax,) = fig.axes
+    bars = [(p.get_x() + p.get_width() / 2, p.get_height()) for p in ax.patches
+            if type(p).__name__ == "Rectangle"]  # fmt: skip
+    assert [h for _, h in bars] == [0, 0]
+    zeros = [line.get_xdata()[0] for line in ax.lines if line.get_gid() == "zero-bar"]
+    labels = [t.xy[0] for t in ax.texts if t.get_text() == "0"]
+    assert sorted(zeros) == sorted(labels) == sorted(x for x, _ in bars)
+    assert all(low == high == 0 for _, low, high in _intervals(fig))
+    plt.close(fig)
+
+
 def test_a_stopped_study_resumes_without_regenerating(
     studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
 ) -> None:

@@ -1,6 +1,6 @@
 """What an intervention study found: per condition, its measures; per mode (ablated,
 added), the selection's effect against its reference, the controls' effects, and the
-permutation p-value of the selection among them."""
+permutation p-value of the selection among them (over the distinct controls drawn)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from labeler.causal.measures import (
     permutation_p,
     rate_effect,
     rate_per_1000,
+    smallest_p,
 )
 
 
@@ -46,9 +47,16 @@ class EffectResult(BaseModel):
     rate: float
     difference: float
     low: float
+    """``low``, ``high``: the 95% percentile bootstrap interval of the difference."""
     high: float
     ratio: float | None
     excludes_zero: bool
+    reference_low: float = 0.0
+    """``reference_low`` .. ``rate_high``: each rate's own 95% percentile bootstrap
+    interval, from the same resamples (never below zero)."""
+    reference_high: float = 0.0
+    rate_low: float = 0.0
+    rate_high: float = 0.0
 
     @staticmethod
     def of(condition: str, reference: str, effect: Effect) -> EffectResult:
@@ -56,6 +64,8 @@ class EffectResult(BaseModel):
             condition=condition, reference=reference, reference_rate=effect.baseline,
             rate=effect.condition, difference=effect.difference, low=effect.low,
             high=effect.high, ratio=effect.ratio, excludes_zero=effect.excludes_zero,
+            reference_low=effect.baseline_low, reference_high=effect.baseline_high,
+            rate_low=effect.condition_low, rate_high=effect.condition_high,
         )  # fmt: skip
 
 
@@ -65,6 +75,8 @@ class ModeResult(BaseModel):
     controls: list[EffectResult]
     p_value: float | None
     """How often a control moved the rate as far (None without controls)."""
+    smallest_p: float | None = None
+    """The smallest p-value this many controls can give, ``1 / (1 + K)``."""
 
 
 class StudyReport(BaseModel):
@@ -74,6 +86,9 @@ class StudyReport(BaseModel):
     n_selected: int
     selected_per_layer: dict[str, int]
     n_controls: int
+    """The distinct control selections drawn (and measured)."""
+    controls_asked: int | None = None
+    """``--controls``: more than ``n_controls`` when the pool held fewer distinct sets."""
     complete: bool
     conditions: list[ConditionResult]
     modes: list[ModeResult]
@@ -102,7 +117,10 @@ def _modes(conditions: Sequence[Condition], effect_of: Any, present: set[str]) -
             if controls
             else None
         )
-        out.append(ModeResult(mode=mode, selection=selection, controls=controls, p_value=p))
+        out.append(ModeResult(
+            mode=mode, selection=selection, controls=controls, p_value=p,
+            smallest_p=smallest_p(len(controls)) if controls else None,
+        ))  # fmt: skip
     return out
 
 

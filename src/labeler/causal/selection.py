@@ -74,7 +74,7 @@ class ControlDraw:
     asked: int
     available: int
     tightest: str = ""
-    """The layer and decile that leave the fewest choices, in words."""
+    """Where the choices are, in words: the deciles a control chooses from."""
 
     @property
     def shortfall(self) -> str:
@@ -143,12 +143,7 @@ def draw_controls(
     taken = _taken(pools, bin_of, selected)
     ways = {key: math.comb(len(pools[key[0]][key[1]]), n) for key, n in taken.items()}
     available = math.prod(ways.values())
-    tightest = ""
-    if ways:
-        (layer, b), fewest = min(ways.items(), key=lambda kv: (kv[1], kv[0]))
-        tightest = (f"layer {layer}'s frequency decile {b + 1} of 10 gives {fewest} way"
-                    f"{'s' if fewest != 1 else ''} to choose its {taken[layer, b]} of "
-                    f"{len(pools[layer][b])} unselected alive features")  # fmt: skip
+    tightest = _why_so_few(pools, taken, ways)
     rng = random.Random(seed)
     if available <= k:  # every matched set, in a seeded order
         parts = [list(combinations(pools[la][b], n)) for (la, b), n in sorted(taken.items())]
@@ -164,6 +159,21 @@ def draw_controls(
             seen.add(frozenset(control))
             controls.append(control)
     return ControlDraw(controls, k, available, tightest)
+
+
+def _why_so_few(
+    pools: Pools, taken: dict[tuple[int, int], int], ways: dict[tuple[int, int], int]
+) -> str:
+    """The deciles that leave a choice (fewest ways first, at most three), in words."""
+    choices = sorted((w, key) for key, w in ways.items() if w > 1)
+    if not choices:
+        return "every decile a control draws from is taken whole"
+    named = [f"{taken[la, b]} of the {len(pools[la][b])} unselected alive features of layer "
+             f"{la}'s frequency decile {b + 1} of {FREQUENCY_BINS}"
+             for _, (la, b) in choices[:3]]  # fmt: skip
+    more = f" and {len(choices) - 3} more deciles" if len(choices) > 3 else ""
+    whole = "; the other deciles are taken whole" if len(choices) < len(ways) else ""
+    return f"choosing {' and '.join(named)}{more}{whole}"
 
 
 def matched_controls(

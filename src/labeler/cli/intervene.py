@@ -13,6 +13,7 @@ from labeler.cli.app import _open_labels, cli, console, err_console
 from labeler.errors import UserError
 
 DEFAULT_WORDS = "wait,hmm,alternatively"
+DEFAULT_CONTROLS = 19  # the fewest whose smallest p-value, 1 / (1 + K), is 0.05
 _NAMED_DAMAGED = 5  # damaged log lines named one by one; the rest are counted
 _NO_LIMIT = 10**8  # a tokenizer's model_max_length at or above this means "not set"
 
@@ -96,9 +97,11 @@ def _words(value: str) -> list[str]:
 )
 @click.option(
     "--controls",
-    default=5,
+    default=DEFAULT_CONTROLS,
     show_default=True,
-    help="Random control selections, matched per layer and in activation frequency.",
+    help="Distinct random control selections, matched per layer and in activation "
+    "frequency (fewer when the pool holds fewer). K controls can give p = 1 / (1 + K) at "
+    "the smallest: 19 for 0.05. Each control is one more condition per mode to measure.",
 )
 @click.option("--modes", default="ablated,added", show_default=True,
               help="ablated: the selection ablated in the adapter model; added: only the "
@@ -158,7 +161,8 @@ def intervene(
     Measured: the word set per 1,000 generated tokens, response length, the share of
     responses that close their thinking, accuracy against 'answer' (the last \\boxed{}).
     Effects come with 95% bootstrap intervals and a permutation p-value among the
-    controls. Results are stored as they finish; run it again to resume.
+    distinct controls, stated with the smallest value that many controls can give.
+    Results are stored as they finish; run it again to resume.
 
     \b
       labeler intervene RUN --prompts prompts.jsonl \\
@@ -192,16 +196,18 @@ def intervene(
     info = read_run_info(run)
     selected = _selected(run, groups, ids_file)
     from labeler.causal.conditions import conditions as study_conditions
-    from labeler.causal.selection import matched_controls
+    from labeler.causal.selection import draw_controls
     from labeler.run.data import RunData
 
     try:
-        drawn = matched_controls(RunData.open(run).features, selected, controls, seed)
+        drawn = draw_controls(RunData.open(run).features, selected, controls, seed)
     except ValueError as exc:
         raise UserError(f"{run}: {exc}") from exc
-    plan_conditions = study_conditions(selected, drawn, chosen_modes)  # type: ignore[arg-type]
-    folder = out or run / "interventions" / ("teacher-forced" if teacher_forced else "sampled")
     chatter = err_console if as_json else console  # --json keeps stdout for the report
+    if drawn.shortfall:
+        chatter.print(f"warning: {drawn.shortfall}", markup=False, highlight=False)
+    plan_conditions = study_conditions(selected, drawn.controls, chosen_modes)  # type: ignore[arg-type]
+    folder = out or run / "interventions" / ("teacher-forced" if teacher_forced else "sampled")
     study = _Study(run, info, folder, plan_conditions, word_set, seed, device, dtype, overwrite,
                    chatter)  # fmt: skip
     if teacher_forced:
@@ -213,11 +219,12 @@ def intervene(
         settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         report = study.sampled(prompts_path, limit, samples, settings, batch_size)
     from adapters.outputs import write_text_atomic
-    from labeler.causal.plot import plot_study
+    from labeler.causal.plot import plot_study, study_title
 
+    report = report.model_copy(update={"controls_asked": controls})
     write_text_atomic(folder / "report.json", report.model_dump_json(indent=1) + "\n")
     figure = plot_path or folder / "study.png"
-    plot_study(report, f"{run.name}: {len(selected)} selected features", figure)
+    plot_study(report, study_title(groups, ids_file, report.measure), figure)
     if as_json:
         click.echo(report.model_dump_json(indent=1))
         return

@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from labeler.causal.measures import p_value_text
 from labeler.causal.results import StudyReport
 
 
@@ -17,8 +18,9 @@ def render_study(console: Console, report: StudyReport) -> None:
     per_layer = ", ".join(f"L{k}: {v}" for k, v in report.selected_per_layer.items())
     unit = "generated" if report.measure == "sampled" else "predicted (teacher-forced)"
     console.print(
-        f"[bold]{report.n_selected} selected features[/bold] ({per_layer}); "
-        f"{report.n_controls} matched control selections; "
+        f"[bold]{report.n_selected} selected feature{'' if report.n_selected == 1 else 's'}"
+        f"[/bold] ({per_layer}); "
+        f"{report.n_controls} distinct matched control selections; "
         f"rate of {', '.join(report.words)} per 1,000 {unit} tokens"
     )
     if not report.complete:
@@ -58,6 +60,12 @@ def render_study(console: Console, report: StudyReport) -> None:
         )  # fmt: skip
     console.print(effects)
     console.print(
-        "controls: the range of the matched random selections' changes; p: how often a "
-        "control changed the rate as much (with the selection counted)"
-    )
+        "change: the selection's rate minus its reference's, with a 95% percentile bootstrap "
+        "interval; controls: the range of the matched random selections' changes; p: "
+        "(1 + k) / (1 + K), k of the K controls changing the rate as much",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    for mode in report.modes:
+        if mode.p_value is not None:
+            text = p_value_text(mode.p_value, len(mode.controls), report.controls_asked)
+            console.print(f"{mode.mode}: {text}", markup=False, highlight=False)
