@@ -28,6 +28,7 @@ from adapters.checkpoint import (
     resolve_checkpoint,
 )
 from adapters.errors import CheckpointError
+from adapters.threads import configure_torch_threads
 from adapters.tokenizer_loading import load_tokenizer
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    configure_torch_threads()  # every command that loads a model comes through here
     torch_device = resolve_device(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the transcoder tensors are "unexpected" to the base class

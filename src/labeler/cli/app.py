@@ -5,7 +5,9 @@ imports its heavy modules (torch, transformers, polars) only inside the command.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 DEMO_MARKER = ".labeler-demo"
+
+log = logging.getLogger("labeler.cli")
 
 
 def _layers(value: str | None) -> list[int] | None:
@@ -40,16 +44,54 @@ def _version() -> str:
 
 _verbose = False
 
+LIBRARY_LOGGERS = ("matplotlib", "PIL", "urllib3", "httpx", "httpcore", "filelock", "openai",
+                   "anthropic", "asyncio", "fsspec", "huggingface_hub", "transformers",
+                   "celery", "kombu", "redis", "multipart", "uvicorn")  # fmt: skip
+"""Third-party loggers kept at WARNING under ``-v`` (their debug lines drown ours);
+``-vv`` lets them through."""
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Our loggers at INFO under ``-v``, everyone's at DEBUG under ``-vv``; the choice of
+    torch threads (``adapters.threads``) said as a plain line."""
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if verbosity < 2 else logging.NOTSET)
+    threads = logging.getLogger("adapters.threads")
+    for handler in [h for h in threads.handlers if h.get_name() == "plain"]:
+        threads.removeHandler(handler)
+    threads.propagate = verbosity > 0
+    if verbosity == 0:  # a plain line, not a log record
+        plain = logging.StreamHandler(sys.stderr)
+        plain.set_name("plain")
+        plain.setFormatter(logging.Formatter("%(message)s"))
+        threads.addHandler(plain)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-v",
     "--verbose",
-    is_flag=True,
-    help="Log what happens (to stderr); on an unexpected error, its traceback.",
+    count=True,
+    help="Log what happens (to stderr), with each step's time; on an unexpected error, its "
+    "traceback. -vv: also the libraries' own debug lines (matplotlib, PIL, httpx, ...).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Torch threads of a command that loads a model (same as LABELER_THREADS=N); "
+    "default: OMP_NUM_THREADS if set, else the cores not busy with other work.",
 )
 @click.version_option(_version(), "--version", prog_name="labeler", message="%(prog)s %(version)s")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, threads: int | None) -> None:
     """Label the features of transcoder adapters.
 
     \b
@@ -73,11 +115,14 @@ def cli(verbose: bool) -> None:
     Or all of it on a planted tiny model, offline:  labeler demo
     """
     global _verbose
-    _verbose = verbose
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    _verbose = verbose > 0
+    _configure_logging(verbose)
+    if threads is not None:
+        os.environ["LABELER_THREADS"] = str(threads)  # read where the model loads
+    command, started = ctx.invoked_subcommand, time.monotonic()
+    log.info("labeler %s %s: started", _version(), command)
+    ctx.call_on_close(
+        lambda: log.info("%s: finished in %.1f s", command, time.monotonic() - started)
     )
     from labeler.redaction import redact_handlers
 
