@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from collectors.demo_model import DemoPaths, build_demo
+from collectors.demo_cache import CACHE_ENV, demo_inputs
+from collectors.demo_model import DemoPaths
 from tests.fake_llm import FakeLLMServer, oracle
 from tests.fleet import reap
 from tests.redis_server import RedisServer
@@ -27,8 +28,25 @@ class CollectedDemo:
 
 
 @pytest.fixture(scope="session")
-def demo_paths(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
-    return build_demo(tmp_path_factory.mktemp("demo") / "inputs", seed=0)
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The labeler's cache folder for this test session (the planted model's cache),
+    shared by the test processes of one ``pytest -n`` run: the cache's lock makes them
+    build the model once. Passed explicitly, never set for the whole session: the same
+    ``LABELER_CACHE_DIR`` turns on the judges' shared reply cache. A developer's explicit
+    ``LABELER_CACHE_DIR`` is used (the cache checks itself), to keep it across runs."""
+    kept = os.environ.get(CACHE_ENV)
+    if kept:
+        return Path(kept)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return shared / "labeler-cache"
+
+
+@pytest.fixture(scope="session")
+def demo_paths(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path) -> DemoPaths:
+    """The planted demo's inputs as `labeler demo` uses them: from the session's cache."""
+    inputs = tmp_path_factory.mktemp("demo") / "inputs"
+    return demo_inputs(inputs, seed=0, cache=demo_cache).paths
 
 
 @pytest.fixture(scope="session")

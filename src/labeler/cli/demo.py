@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -18,15 +21,33 @@ from labeler.cli.label import _label
 from labeler.cli.report import _export, _summarize
 from labeler.errors import UserError
 
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _phase(name: str, times: dict[str, float]) -> Iterator[None]:
+    """Time one phase of the demo and log it (``labeler -v demo``)."""
+    start = time.monotonic()
+    yield
+    times[name] = time.monotonic() - start
+    log.info("demo phase %s: %.1f s", name, times[name])
+
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-run"),
               show_default=True, help="Folder for everything the demo makes.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
-def demo(out: Path, seed: int) -> None:
+@click.option("--rebuild", is_flag=True,
+              help="Build the planted model anew even if the cache holds it.")  # fmt: skip
+def demo(out: Path, seed: int, rebuild: bool) -> None:
     """Build a planted tiny model and corpus, then collect, label, summarize and export,
-    and compare the labels with the planted ground truth. Offline, CPU, about a minute."""
-    from collectors.demo_model import build_demo
+    and compare the labels with the planted ground truth. Offline, CPU.
+
+    The planted model is built once per seed and version (about a minute on 2 cores)
+    and reused from the cache: $LABELER_CACHE_DIR, else
+    $XDG_CACHE_HOME/transcoder-labeler, else ~/.cache/transcoder-labeler. An entry that
+    does not match its manifest is said and built anew. The demo then takes seconds."""
+    from collectors.demo_cache import demo_inputs
     from collectors.run_format import CollectParams
     from labeler.cli.render import ground_truth_table
     from labeler.labeling.store import LabelStore
@@ -39,17 +60,33 @@ def demo(out: Path, seed: int) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / DEMO_MARKER).write_text("made by `labeler demo`; replaced on the next run\n")
-    with console.status("building the planted model, tokenizer and corpus"):
-        paths = build_demo(out / "inputs", seed=seed)
-    console.print(f"built {paths.checkpoint} and {paths.corpus}")
+    times: dict[str, float] = {}
+    with _phase("planted model", times), console.status("preparing the planted model"):
+        inputs = demo_inputs(out / "inputs", seed=seed, rebuild=rebuild)
+    if inputs.problem is not None:
+        console.print(f"planted model cache: {inputs.problem}; built anew", highlight=False)
+    if inputs.entry is None:
+        console.print(f"planted model: built in {times['planted model']:.0f} s (not cached)")
+    elif inputs.built:
+        console.print(f"planted model: built in {times['planted model']:.0f} s, cached in "
+                      f"{inputs.entry}", highlight=False)  # fmt: skip
+    else:
+        console.print(f"planted model: reused from {inputs.entry} (built {inputs.built_at})",
+                      highlight=False)  # fmt: skip
+    paths = inputs.paths
     run_path = out / "run"
-    _collect(str(paths.checkpoint), paths.corpus, run_path, CollectParams(seed=seed), "cpu",
-             "float32", False)  # fmt: skip
+    with _phase("collect", times):
+        _collect(str(paths.checkpoint), paths.corpus, run_path, CollectParams(seed=seed),
+                 "cpu", "float32", False)  # fmt: skip
     from labeler.labeling.request import LabelingRequest
 
-    _label(run_path, "local", LabelingRequest(judges=("heuristic",), seed=seed), dry_run=False)
-    _summarize(run_path, False, None)
-    _export(run_path, None, True)
+    with _phase("label", times):
+        request = LabelingRequest(judges=("heuristic",), seed=seed)
+        _label(run_path, "local", request, dry_run=False)
+    with _phase("summarize", times):
+        _summarize(run_path, False, None)
+    with _phase("export", times):
+        _export(run_path, None, True)
     store = LabelStore(run_path / "labels.sqlite")
     try:
         report = compare_with_ground_truth(paths.ground_truth, store, "heuristic")
@@ -58,7 +95,10 @@ def demo(out: Path, seed: int) -> None:
     (out / "ground_truth_report.json").write_text(report.model_dump_json(indent=2) + "\n")
     for part in ground_truth_table(report):
         console.print(part)
-    console.print(f"demo finished in {time.monotonic() - started:.0f} s; everything is in {out}")
+    total = time.monotonic() - started
+    log.info("demo phases: %s; total %.1f s",
+             ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), total)  # fmt: skip
+    console.print(f"demo finished in {total:.0f} s; everything is in {out}")
     console.print(next_steps(run_path), highlight=False)
 
 
