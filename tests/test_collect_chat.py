@@ -93,8 +93,6 @@ def test_collect_a_messages_corpus(collected: CollectedDemo, tmp_path: Path) -> 
     assert by_region == {REGIONS[code]: int(n) for code, n in enumerate(counts) if n}
 
 
-@pytest.mark.xfail(strict=True, reason="run.json has no field for the parts left out yet: "
-                   "RunInfo (collectors/run_format.py) needs `n_dropped`")  # fmt: skip
 def test_run_json_counts_the_parts_left_out(collected: CollectedDemo, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = labeler("collect", "--adapter", collected.paths.checkpoint, "--corpus",

@@ -258,6 +258,7 @@ def write_run(
         n_tokens=coverage.n_tokens,
         n_truncated=int(corpus.truncated[coverage.sequences].sum()),
         n_unterminated_think=int(corpus.unterminated[coverage.sequences].sum()),
+        n_dropped=dict(corpus.dropped),
         domains=coverage.sequences_by_domain(),
         tokens_by_domain=coverage.tokens_by_domain(),
         tokens_by_region=coverage.tokens_by_region(),

@@ -138,6 +138,11 @@ class RunInfo(BaseModel):
     n_tokens: int
     n_truncated: int
     n_unterminated_think: int
+    n_dropped: dict[str, int] = Field(
+        default_factory=dict,
+        description="parts of the corpus's conversations left out, by reason "
+        "(collectors.corpus.DROP_REASONS); the whole corpus's, in every shard",
+    )
     domains: dict[str, int] = Field(description="sequences per domain")
     tokens_by_domain: dict[str, int]
     tokens_by_region: dict[str, int]
