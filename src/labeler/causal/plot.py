@@ -76,8 +76,8 @@ def _panel(ax: Axes, mode: ModeResult, report: StudyReport, unit: str) -> None:
     if mode.controls:
         rates = [c.rate for c in mode.controls]
         ax.fill_between([1.65, 2.35], min(rates), max(rates), color="#3498db", alpha=0.15)
-        ax.scatter([2 + 0.25 * ((i % 5) - 2) / 2 for i in range(len(rates))], rates,
-                   color="#2471a3", zorder=3, s=18)  # fmt: skip
+        spread = [0.5] if len(rates) == 1 else [i / (len(rates) - 1) for i in range(len(rates))]
+        ax.scatter([1.7 + 0.6 * x for x in spread], rates, color="#2471a3", zorder=3, s=18)
     lines = [TITLES[mode.mode], f"change {s.difference:+.2f} per 1,000 [{s.low:+.2f}, "
              f"{s.high:+.2f}]"]  # fmt: skip
     if mode.p_value is not None:
