@@ -18,12 +18,15 @@ server is noticed by its inode and reopened (or rebuilt).
 Search. Each feature has two documents in two FTS5 tables (contentless: the texts are
 not stored twice): ``search`` stems words with the ``porter`` stemmer, ``words`` keeps
 them as written; both fold case and diacritics and split at anything that is not a
-letter or digit (``self_correction`` is "self correction"). A feature ``id`` has its
-text at rowid ``2 * id`` (every judge's explanation, rationale and label) and its final
-label at rowid ``2 * id + 1``. The text changes only with the judgments (a rebuild); the
-label changes with reviews, and the trigger ``relabeled`` replaces the label document
-whenever a row's label changes, from the old row's values (a contentless FTS5 table
-forgets a document only when given exactly what it was made of).
+letter or digit (``self_correction`` is "self correction"); ``words`` also indexes the
+first one and two letters of each word (FTS5's ``prefix``), so that the first letters
+typed, which match nearly every feature, read one list instead of merging those of
+every word they start. A feature ``id`` has its text at rowid ``2 * id`` (every judge's
+explanation, rationale and label) and its final label at rowid ``2 * id + 1``. The text
+changes only with the judgments (a rebuild); the label changes with reviews, and the
+trigger ``relabeled`` replaces the label document whenever a row's label changes, from
+the old row's values (a contentless FTS5 table forgets a document only when given
+exactly what it was made of).
 
 A query's words (letters and digits, at most ``MAX_QUERY_WORDS``) must all match a
 feature, each in its text or its label: every word but the last by its stem ("reasons"
@@ -99,7 +102,7 @@ CREATE INDEX features_category ON features (category, layer, idx);
 CREATE INDEX features_detection ON features (detection);
 CREATE INDEX features_frequency ON features (frequency);
 CREATE VIRTUAL TABLE search USING fts5(text, content='', tokenize='porter unicode61');
-CREATE VIRTUAL TABLE words USING fts5(text, content='', tokenize='unicode61');
+CREATE VIRTUAL TABLE words USING fts5(text, content='', tokenize='unicode61', prefix='1 2');
 CREATE TRIGGER relabeled AFTER UPDATE OF category, subcategory, mechanism, domain_type
 ON features WHEN old.category IS NOT new.category OR old.subcategory IS NOT new.subcategory
     OR old.mechanism IS NOT new.mechanism OR old.domain_type IS NOT new.domain_type
