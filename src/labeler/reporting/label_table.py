@@ -31,8 +31,12 @@ _BRIEF = (
     ("mechanism", "mechanism", pl.String),
     ("domain_type", "domain_type", pl.String),
     ("confidence", "confidence", pl.String),
-    ("detection", "detection", pl.Float64),
-)
+    ("detection", "CASE WHEN CAST(payload ->> '$.detection.n_positive' AS INTEGER) > 0 AND "
+     "CAST(payload ->> '$.detection.n_negative' AS INTEGER) > 0 THEN detection END",
+     pl.Float64),
+)  # fmt: skip
+"""``detection`` is null where it is undefined: without both activating and
+non-activating examples an accuracy measures one class only (see ``undefined``)."""
 _SCORE_FIELDS: tuple[tuple[str, pl.DataType], ...] = (
     ("accuracy", pl.Float64()),
     ("precision", pl.Float64()),
@@ -43,6 +47,10 @@ _SCORE_FIELDS: tuple[tuple[str, pl.DataType], ...] = (
 )
 _POOLED = ("accuracy", "precision", "recall", "auroc")  # what the catalog keeps pooled
 _SETS = ("top", "random")
+_BALANCED = ("accuracy", "precision", "recall")
+"""Scores that need both classes: over activating examples alone accuracy is recall and
+precision is 1 whatever the explanation says; over non-activating alone neither means
+anything. Where a class is missing they are null (auroc is null there already)."""
 
 
 def _json_field(path: str, name: str, dtype: pl.DataType) -> tuple[str, str, pl.DataType]:
@@ -53,7 +61,7 @@ def _json_field(path: str, name: str, dtype: pl.DataType) -> tuple[str, str, pl.
 # The full frame pulls what it keeps out of each judgment's JSON in SQLite, whose JSON
 # functions parse a row's payload once, instead of decoding the JSON in polars.
 _SCORES = (
-    *(_json_field(f"detection.{n}", f"pooled_{n}", d) for n, d in _SCORE_FIELDS if n in _POOLED),
+    *(_json_field(f"detection.{n}", f"pooled_{n}", d) for n, d in _SCORE_FIELDS),
     *(_json_field(f"detection_by_set.{s}.{n}", f"{s}_{n}", d)
       for s in _SETS for n, d in _SCORE_FIELDS),
 )  # fmt: skip
@@ -122,15 +130,38 @@ def judgment_frame(
     if not full:
         return frame
 
-    def scores(prefix: str, names: Sequence[str]) -> pl.Expr:
-        return pl.struct(pl.col(f"{prefix}_{n}").alias(n) for n in names)
+    def scores(prefix: str, names: Sequence[str], defined_only: bool = False) -> pl.Expr:
+        both = (pl.col(f"{prefix}_n_positive") > 0) & (pl.col(f"{prefix}_n_negative") > 0)
+        return pl.struct(
+            (pl.when(both).then(pl.col(f"{prefix}_{n}")) if defined_only and n in _BALANCED
+             else pl.col(f"{prefix}_{n}")).alias(n)
+            for n in names
+        )  # fmt: skip
 
+    # each set's scores as stored, with their counts (what the delphi export checks its
+    # answers against); the pooled score, the one shown, null where undefined
     every_score = [n for n, _ in _SCORE_FIELDS]
     scored = pl.any_horizontal(pl.col(f"{s}_n_positive").is_not_null() for s in _SETS)
     by_set = pl.when(scored).then(pl.struct(scores(s, every_score).alias(s) for s in _SETS))
     return frame.with_columns(
-        pl.struct(scores("pooled", _POOLED).struct.unnest(), by_set.alias("by_set")).alias("scores")
+        pl.struct(
+            scores("pooled", _POOLED, defined_only=True).struct.unnest(),
+            undefined_reason("pooled").alias("undefined"),
+            by_set.alias("by_set"),
+        ).alias("scores")
     ).drop(name for name, _, _ in _SCORES)
+
+
+def undefined_reason(prefix: str) -> pl.Expr:
+    """Why a detection score's accuracy, precision and recall are null: no
+    non-activating examples, or no activating ones; null where they are defined."""
+    positives, negatives = pl.col(f"{prefix}_n_positive"), pl.col(f"{prefix}_n_negative")
+    return (
+        pl.when(negatives == 0)
+        .then(pl.lit("no negatives: the explanation was tested on activating examples only"))
+        .when(positives == 0)
+        .then(pl.lit("no positives: the explanation was tested on non-activating examples only"))
+    )
 
 
 def layer_range(layer: int) -> tuple[str, str]:

@@ -139,6 +139,11 @@ class LabelSummary(BaseModel):
     n_alive_covered: int = Field(description="alive features of the layers with labels")
     by_source: dict[str, int] = Field(default_factory=dict, description="final labels only")
     cost_usd: float | None = None
+    n_detection_undefined: int = Field(
+        0,
+        description="labeled features whose detection score is undefined (missing): no "
+        "non-activating, or no activating, examples to test the explanation on",
+    )
 
 
 class DisputeCounts(BaseModel):
@@ -325,7 +330,9 @@ def summarize(
         mine = judgments.filter(pl.col("judge") == judge)
         ok = mine.filter(pl.col("status") == "ok")
         failed = mine.filter(pl.col("status") == "failed")["reason"].to_list()
-        per_judge.append(_label_summary(judge, ok, planned, alive, failed, cost_of.get(judge)))
+        summary = _label_summary(judge, ok, planned, alive, failed, cost_of.get(judge))
+        summary.n_detection_undefined = ok["detection"].null_count()
+        per_judge.append(summary)
     disputes = find_disputes(judgments, rules)
     human = final.filter(pl.col("source") == "human").select("feature_id")
     decided = reviews.filter(pl.col("action") == "decide")
