@@ -4,6 +4,7 @@ run folder to it, the round trips both ways, and refusals of bad input that name
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from labeler.formats.circuit_tracer import (
     import_circuit_tracer,
 )
 from labeler.run.data import RunData
+from tests.conftest import CollectedDemo
+from tests.test_bad_input import labeler
 
 PAPER_KEYS = ("total_tokens", "tokens_per_domain", "tokens_per_region", "tokens_per_thinking_bin",
               "features")  # fmt: skip
@@ -640,3 +643,74 @@ def test_import_refuses_to_overwrite_unless_asked(paper: Path, tmp_path: Path) -
         import_circuit_tracer(paper, out)
     import_circuit_tracer(paper, out, overwrite=True)
     assert RunData.open(out).info.source == "import"
+
+
+# --- the round trip of a labeled run ---------------------------------------------------------
+
+LOGIT_LENS_KEYS = ("top_logit_ids", "top_logit_values", "bottom_logit_ids", "bottom_logit_values")
+"""Export writes the logit lens's ids and values beside the paper's token lists."""
+
+
+def _final_labels(run: Path) -> tuple[float, dict[str, tuple[Any, ...]]]:
+    """The run's final reasoning share and each feature's final label, by the CLI."""
+    summary = labeler("summarize", run, "--json")
+    assert summary.returncode == 0, summary.stderr
+    share = json.loads(summary.stdout)["final"]["reasoning"]["share"]
+    catalog = run.parent / f"{run.name}-catalog.jsonl"
+    exported = labeler("export", run, "--out", catalog)
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in catalog.read_text().splitlines()]
+    fields = ("category", "subcategory", "mechanism", "domain_type")
+    return share, {x["feature_id"]: tuple(x["final_label"][f] for f in fields) for x in lines}
+
+
+def _round_trip(run: Path, tmp_path: Path, strip_values: bool) -> tuple[str, Path]:
+    folder = tmp_path / "ct"
+    result = labeler("export", run, "--format", "circuit-tracer", "--out", folder)
+    assert result.returncode == 0, result.stderr
+    if strip_values:  # as the paper's files are: the logit tokens without their values
+        for path in (folder / "features").iterdir():
+            record = read_json(path)
+            for key in LOGIT_LENS_KEYS:
+                del record[key]
+            path.write_text(json.dumps(record), encoding="utf-8")
+    back = tmp_path / "back"
+    imported = labeler("import", folder, "--out", back)
+    assert imported.returncode == 0, imported.stderr
+    relabeled = labeler("label", back, "--judge", "heuristic")
+    assert relabeled.returncode == 0, relabeled.stderr
+    return imported.stderr, back
+
+
+def test_a_labeled_demo_run_keeps_its_labels_through_the_format(
+    labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(labeled.run, run)
+    share, labels = _final_labels(run)
+    warnings, back = _round_trip(run, tmp_path, strip_values=False)
+    assert "logit" not in warnings  # the logit lens is carried
+    features = pl.read_parquet(back / FEATURES).filter(pl.col("alive")).sort("layer", "index")
+    original = pl.read_parquet(run / FEATURES).filter(pl.col("alive")).sort("layer", "index")
+    for column in LOGIT_LENS_KEYS:
+        assert features[column].equals(original[column]), column
+    share_back, labels_back = _final_labels(back)
+    assert sorted(labels_back) == sorted(labels) and len(labels) == 960
+    assert [f for f in labels if labels[f] != labels_back[f]] == []
+    assert share_back == pytest.approx(share)
+
+
+def test_an_import_without_logit_values_says_what_it_could_not_carry(
+    labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(labeled.run, run)
+    _, labels = _final_labels(run)
+    warnings, back = _round_trip(run, tmp_path, strip_values=True)
+    _, labels_back = _final_labels(back)
+    changed = [f for f in labels if labels[f] != labels_back[f]]
+    assert changed  # the heuristic cannot find output features without the values
+    said = " ".join(warnings.split())
+    assert "960 of 960 alive features" in said
+    for field in ("top_logit_values", "bottom_logit_values", "act_mean"):
+        assert field in said

@@ -77,6 +77,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -110,6 +111,8 @@ from collectors.run_format import (
 )
 from labeler.errors import UserError
 
+log = logging.getLogger(__name__)
+
 FEATURES_DIR = "features"
 METADATA_JSON = "feature_metadata.json"
 TOP_GROUP = "Top activations"
@@ -120,6 +123,13 @@ NEGATIVES_SEED = 0
 PERCENTILES = 100
 HISTOGRAM_BINS = 32
 CHUNK = 2048  # feature files per examples part (import); features per batch (export)
+LOGIT_LENS_KEYS = ("top_logit_ids", "top_logit_values", "bottom_logit_ids", "bottom_logit_values")
+"""The logit lens beside the paper's token lists: written by export, read back by import."""
+NOT_CARRIED = (
+    "act_mean",
+    "each example's sequence, position, corpus_position, domain, region, think_bin and token_ids",
+)
+"""What the format has no place for: an import writes sentinels (the module's docstring)."""
 
 _QUANTILE_NAME = re.compile(r"Quantile (0|[1-9][0-9]*)")
 _CANTOR_NAME = re.compile(r"(0|[1-9][0-9]*)\.json")
@@ -198,6 +208,11 @@ class _Feature(BaseModel):
 
     top_logits: list[StrictStr]
     bottom_logits: list[StrictStr]
+    # written by export_circuit_tracer, absent from the paper's files
+    top_logit_ids: list[StrictInt] | None = None
+    top_logit_values: list[StrictFloat | StrictInt] | None = None
+    bottom_logit_ids: list[StrictInt] | None = None
+    bottom_logit_values: list[StrictFloat | StrictInt] | None = None
     act_min: StrictFloat
     act_max: StrictFloat
     activation_frequency: StrictFloat
@@ -294,7 +309,7 @@ def export_circuit_tracer(run_folder: Path, out: Path, overwrite: bool = False) 
     alive = (
         features.filter(pl.col("alive"))
         .select("layer", "index", "count", "frequency", "act_min", "act_max", "top_logits",
-                "bottom_logits")
+                "bottom_logits", *LOGIT_LENS_KEYS)
         .sort("layer", "index")
     )  # fmt: skip
     staging = staging_folder(out, overwrite)
@@ -385,8 +400,9 @@ def _write_layer(
                 }
             )
         fields = batch.select(
-            "index", "count", "frequency", "act_min", "act_max", "top_logits", "bottom_logits"
-        )
+            "index", "count", "frequency", "act_min", "act_max", "top_logits", "bottom_logits",
+            *LOGIT_LENS_KEYS,
+        )  # fmt: skip
         for (
             index,
             count,
@@ -395,6 +411,7 @@ def _write_layer(
             act_max,
             top_logits,
             bottom_logits,
+            *lens,
         ) in fields.iter_rows():
             groups = by_feature.get(index) or {n: [] for n in group_names}
             sample = sampled.get(index) or shown.get(index) or []
@@ -417,6 +434,9 @@ def _write_layer(
                 "layer": layer,
                 "feature": index,
             }
+            # the logit lens's ids and values, where the run has them (not an import of
+            # the paper's files, which hold the tokens only)
+            record |= {k: v for k, v in zip(LOGIT_LENS_KEYS, lens, strict=True) if v}
             path = folder / f"{cantor_id(layer, index)}.json"
             path.write_text(json.dumps(record), encoding="utf-8")
     return features.height
@@ -597,6 +617,11 @@ class _Imported:
     act_max: list[float] = field(default_factory=list)
     top_logits: list[list[str]] = field(default_factory=list)
     bottom_logits: list[list[str]] = field(default_factory=list)
+    lens: dict[str, list[list[float] | list[int]]] = field(
+        default_factory=lambda: {k: [] for k in LOGIT_LENS_KEYS}
+    )
+    without_values: int = 0
+    """Alive features with logit tokens and no logit values (the paper's files)."""
     group_sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXAMPLE_KINDS, 0))
     top_quantile: int = -1
     context_before: int = 0
@@ -644,7 +669,25 @@ def import_circuit_tracer(src: Path, out: Path, overwrite: bool = False) -> RunI
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _say_what_was_not_carried(src, imported)
     return info
+
+
+def _say_what_was_not_carried(src: Path, imported: _Imported) -> None:
+    """Warn of what the folder could not give the run: the logit values where missing (a
+    judge's reading of what a feature promotes, and so its label, can differ from the
+    run's), and what the format never holds."""
+    never = "; ".join(NOT_CARRIED)
+    if not imported.without_values:
+        log.info("%s: not carried by the format (sentinels written): %s", src, never)
+        return
+    log.warning(
+        "%s: %d of %d alive features have logit tokens without values (no "
+        "top_logit_values, bottom_logit_values; the paper's files hold none): a judge "
+        "cannot tell which tokens a feature promotes most, so output features may be "
+        "labeled otherwise than in the run the folder came from; also not carried: %s",
+        src, imported.without_values, len(imported.layer), never,
+    )  # fmt: skip
 
 
 def _feature_files(src: Path) -> list[tuple[int, int, Path]]:
@@ -720,6 +763,20 @@ def _add_feature(
     imported.act_max.append(feature.act_max)
     imported.top_logits.append(feature.top_logits)
     imported.bottom_logits.append(feature.bottom_logits)
+    for key, tokens in (("top", feature.top_logits), ("bottom", feature.bottom_logits)):
+        for part in ("ids", "values"):
+            name = f"{key}_logit_{part}"
+            values: list[Any] | None = getattr(feature, name)
+            if values is not None and len(values) != len(tokens):
+                raise CircuitTracerError(
+                    f"{path}: field '{name}': {len(values)} entries for the {len(tokens)} of "
+                    f"'{key}_logits'; write one per token, or leave the field out"
+                )
+            imported.lens[name].append(values or [])
+    if (feature.top_logits or feature.bottom_logits) and not (
+        feature.top_logit_values or feature.bottom_logit_values
+    ):
+        imported.without_values += 1
     imported.logit_k = max(imported.logit_k, len(feature.top_logits), len(feature.bottom_logits))
     groups: list[tuple[tuple[int, int], int, str, int | None]] = []
     seen: set[str] = set()
@@ -821,6 +878,7 @@ def _import_features(
     by_bin = [np.zeros(size, dtype=np.int64) for _ in range(THINK_BINS)]
     top_logits: list[list[str]] = [[] for _ in range(size)]
     bottom_logits: list[list[str]] = [[] for _ in range(size)]
+    lens: dict[str, list[list[Any]]] = {k: [[] for _ in range(size)] for k in LOGIT_LENS_KEYS}
     for k, (layer, index) in enumerate(zip(imported.layer, imported.index, strict=True)):
         row = slot[layer] * n + index
         alive[row] = True
@@ -830,6 +888,8 @@ def _import_features(
         act_mean[row] = np.nan  # unknown: written as null
         top_logits[row] = imported.top_logits[k]
         bottom_logits[row] = imported.bottom_logits[k]
+        for key in LOGIT_LENS_KEYS:
+            lens[key][row] = imported.lens[key][k]
         entry = by_key.get((layer, index))
         if entry is None:
             count[row] = round(imported.frequency[k] * meta.total_tokens)
@@ -870,15 +930,14 @@ def _import_features(
         f"density_think_bin_{b}": v / t if t else v * 0.0
         for b, (v, t) in enumerate(zip(by_bin, bin_tokens, strict=True))
     }
-    empty_ids = pl.Series([[] for _ in range(size)], dtype=pl.List(pl.Int64))
-    empty_values = pl.Series([[] for _ in range(size)], dtype=pl.List(pl.Float32))
+    ids, values = pl.List(pl.Int64), pl.List(pl.Float32)
     data |= {
         "top_logits": pl.Series(top_logits, dtype=pl.List(pl.String)),
-        "top_logit_ids": empty_ids,
-        "top_logit_values": empty_values,
+        "top_logit_ids": pl.Series(lens["top_logit_ids"], dtype=ids),
+        "top_logit_values": pl.Series(lens["top_logit_values"], dtype=values),
         "bottom_logits": pl.Series(bottom_logits, dtype=pl.List(pl.String)),
-        "bottom_logit_ids": empty_ids,
-        "bottom_logit_values": empty_values,
+        "bottom_logit_ids": pl.Series(lens["bottom_logit_ids"], dtype=ids),
+        "bottom_logit_values": pl.Series(lens["bottom_logit_values"], dtype=values),
     }
     return pl.DataFrame(data)
 
