@@ -108,7 +108,7 @@ def test_dry_run_and_status_count_input_tokens_the_same_way(
     # both tables say what their input column holds, in the same words
     spending = "tokens and cost by judge"
     est_columns, real_columns = _columns(dry, "estimate"), _columns(status.stdout, spending)
-    assert est_columns[3:5] == real_columns[2:4] == ["tokens in (all)", "of them cached"]
+    assert est_columns[3:5] == real_columns[2:4] == ["tokens in", "of them cached"]
     est = _table_row(dry, "estimate", JUDGE)
     real = _table_row(status.stdout, spending, JUDGE)
     # estimate: features, calls, tokens in, of them cached; status: calls, tokens in, ...

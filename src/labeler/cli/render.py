@@ -305,10 +305,10 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-INPUT_COLUMNS = ("tokens in\n(all)", "of them\ncached")
+INPUT_COLUMNS = ("tokens\nin", "of them\ncached")
 """The input columns of the status and the dry run's tables, counted the same way: every
 input token (read from the provider's cache, written to it, or neither), then how many of
-them were read from the cache."""
+them were read from the cache ("of them": they are part of the first)."""
 
 
 def _count(value: int | None) -> str:
