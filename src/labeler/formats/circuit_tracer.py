@@ -38,6 +38,12 @@ Conventions
   an example's rank is its position in its group. Import refuses any other group name.
 - Export writes alive features only, as the paper does (so the logit lens of a dead feature is
   not carried; an import lists dead features with empty logit lists). Beside the paper's
+  ``top_logits`` and ``bottom_logits`` it writes the logit lens's ``top_logit_ids``,
+  ``top_logit_values``, ``bottom_logit_ids`` and ``bottom_logit_values`` (one per token;
+  left out where the run has none, as in an import of the paper's files), which import
+  reads back: a judge reads which tokens a feature promotes most from the values, so
+  without them output features can be labeled otherwise. An import of files without
+  values warns how many alive features lack them. Beside the paper's
   metadata keys it writes ``layers``, ``n_features_per_layer``, ``n_features``,
   ``n_feature_files``, ``n_alive`` and ``n_dead`` (per layer), ``unit``, ``n_sequences``,
   ``sequences_per_domain``, ``n_truncated``, ``n_unterminated_think`` and ``run``
@@ -54,7 +60,7 @@ What an import cannot know, and the sentinel it writes instead
   ``"unknown"``; ``think_bin`` -1; ``token_ids`` -1 for every token of the window.
 - features: ``act_mean`` null for alive features; the logit ids and values
   (``top_logit_ids``, ``top_logit_values``, ``bottom_logit_ids``, ``bottom_logit_values``) empty
-  lists. ``count`` is the metadata's ``activation_count``, else
+  lists where the feature file has none. ``count`` is the metadata's ``activation_count``, else
   ``round(activation_frequency * total_tokens)``. Counts per domain and region are
   ``round(fraction * activation_count)`` and per thinking bin ``round(density * bin tokens)``
   from the metadata, and 0 where it has no entry for the feature; regions outside REGIONS (the
