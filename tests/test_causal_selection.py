@@ -117,6 +117,16 @@ def test_controls_are_distinct_sets_and_a_small_pool_gives_what_it_has() -> None
     assert fewer.available == 4 and len(fewer.controls) == 3 and fewer.shortfall == ""
     assert len({frozenset(c) for c in fewer.controls}) == 3
     assert matched_controls(features, selected, k=9) == draw.controls
+    # drawn in one seeded order, so fewer controls are the first of more (a study asked
+    # for more controls keeps those it measured)
+    for k in (1, 2, 3):
+        assert draw_controls(features, selected, k=k, seed=0).controls == draw.controls[:k]
+    large = _features()
+    some = [
+        (0, int(i)) for i in large.filter(pl.col("alive") & (pl.col("layer") == 0))["index"][:4]
+    ]
+    many = draw_controls(large, some, k=12, seed=5).controls
+    assert draw_controls(large, some, k=5, seed=5).controls == many[:5]
 
 
 def test_many_controls_from_a_large_pool_never_repeat_a_set() -> None:

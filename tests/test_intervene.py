@@ -302,6 +302,33 @@ def test_a_zero_rate_is_drawn_as_a_zero(labeled: CollectedDemo, tmp_path: Path) 
     plt.close(fig)
 
 
+def test_more_controls_extend_a_finished_study(
+    studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
+) -> None:
+    """Controls are drawn in a seeded order, so a study asked for more of them keeps
+    every condition it measured and measures only the new controls; asking for other
+    controls than those there is still refused."""
+    folder = tmp_path / "forced"
+    shutil.copytree(studies["folder"] / "forced", folder)
+    before_plan = json.loads((folder / "plan.json").read_text())
+    before_log = (folder / "teacher_forced.jsonl").read_bytes()
+    args = ["intervene", labeled.run, "--select", HESITATION_OUTPUT, "--teacher-forced",
+            "--limit", "60", "--out", folder, "--json"]  # fmt: skip
+    result = labeler(*args, "--controls", "5")
+    assert result.returncode == 0, result.stderr
+    assert "resuming: 600 of 840 traces already read" in result.stderr  # 10 of 14 conditions
+    after_log = (folder / "teacher_forced.jsonl").read_bytes()
+    assert after_log.startswith(before_log) and len(after_log.splitlines()) == 840
+    plan = json.loads((folder / "plan.json").read_text())
+    measured = {c["name"] for c in before_plan["conditions"]}
+    kept = [c for c in plan["conditions"] if c["name"] in measured]
+    assert kept == before_plan["conditions"]
+    report = json.loads(result.stdout)
+    assert report["n_controls"] == 5 and report["complete"]
+    other_seed = labeler(*args, "--controls", "5", "--seed", "1", timeout=120)
+    assert other_seed.returncode != 0 and "--seed 0 there, 1 now" in other_seed.stderr
+
+
 def test_a_stopped_study_resumes_without_regenerating(
     studies: dict[str, Any], labeled: CollectedDemo, tmp_path: Path
 ) -> None:

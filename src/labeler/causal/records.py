@@ -2,8 +2,10 @@
 
 ``plan.json`` holds everything the results depend on (the conditions with their feature
 lists, the prompts' hash, the sampling settings, the word set, the device and dtype the
-model runs in); a study started again with the same plan resumes, one with another plan
-is refused, naming the options that differ. Results are appended to a JSONL log, one line
+model runs in); a study started again with the same plan resumes, and so does one whose
+plan only adds conditions (more controls: they are drawn in a seeded order, so the
+controls measured are the first of the new plan's); one with another plan is refused,
+naming the options that differ. Results are appended to a JSONL log, one line
 per response (or per teacher-forced trace), flushed and synced after each batch, so a
 killed study loses at most the batch in progress.
 
@@ -50,6 +52,19 @@ def _differences(previous: dict[str, Any], plan: dict[str, Any]) -> list[str]:
     return out
 
 
+def _extends(previous: Any, plan: dict[str, Any]) -> bool:
+    """Whether ``plan`` is ``previous`` with conditions added: every other setting and
+    every condition measured the same (name, mode, control and features)."""
+    if not isinstance(previous, dict) or not isinstance(previous.get("conditions"), list):
+        return False
+    rest = {k: v for k, v in previous.items() if k != "conditions"}
+    if rest != {k: v for k, v in plan.items() if k != "conditions"}:
+        return False
+    now = {c["name"]: c for c in plan["conditions"]}
+    return all(isinstance(c, dict) and now.get(c.get("name")) == c
+               for c in previous["conditions"])  # fmt: skip
+
+
 def open_plan(folder: Path, plan: dict[str, Any], overwrite: bool) -> bool:
     """Write the plan, or check it against the one there; True when resuming."""
     path = folder / PLAN
@@ -60,6 +75,9 @@ def open_plan(folder: Path, plan: dict[str, Any], overwrite: bool) -> bool:
             raise UserError(
                 f"{path}: not JSON ({exc.msg}); pass --overwrite to start again"
             ) from exc
+        if previous != plan and _extends(previous, plan):
+            write_text_atomic(path, json.dumps(plan, indent=1) + "\n")
+            return True
         if previous != plan:
             changed = _differences(previous if isinstance(previous, dict) else {}, plan)
             raise UserError(

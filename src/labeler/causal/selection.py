@@ -12,7 +12,8 @@ Control selections are distinct sets: a draw that repeats an earlier set is draw
 Which decile each of a control's features comes from does not depend on the random
 picks (a decile lends to the next only once it has run out), so the number of distinct
 matched sets is the product, over layers and deciles, of "pool choose taken"; a pool
-that holds fewer sets than asked gives every set it has, once.
+that holds fewer sets than asked gives every set it has, once. The sets come in one
+seeded order, so ``k`` controls are the first ``k`` of any larger number.
 """
 
 from __future__ import annotations
@@ -145,19 +146,23 @@ def draw_controls(
     available = math.prod(ways.values())
     tightest = _why_so_few(pools, taken, ways)
     rng = random.Random(seed)
-    if available <= k:  # every matched set, in a seeded order
-        parts = [list(combinations(pools[la][b], n)) for (la, b), n in sorted(taken.items())]
-        every = [sorted(f for part in choice for f in part) for choice in product(*parts)]
-        rng.shuffle(every)
-        return ControlDraw(every, k, available, tightest)
+    target = min(k, available)
     controls: list[list[Feature]] = []
     seen: set[frozenset[Feature]] = set()
-    while len(controls) < k:
+    tries = 0
+    while len(controls) < target and (available > k or tries < 20 * target + 100):
+        tries += 1
         chosen: set[Feature] = set()
         control = sorted(_draw(pools[f[0]], bin_of[f], chosen, rng, f) for f in sorted(selected))
         if frozenset(control) not in seen:  # a repeated set is drawn again
             seen.add(frozenset(control))
             controls.append(control)
+    if len(controls) < target:  # the last sets of a small pool, rarely drawn: in seeded order
+        parts = [list(combinations(pools[la][b], n)) for (la, b), n in sorted(taken.items())]
+        rest = [sorted(f for part in choice for f in part) for choice in product(*parts)]
+        rest = [c for c in rest if frozenset(c) not in seen]
+        rng.shuffle(rest)
+        controls += rest[: target - len(controls)]
     return ControlDraw(controls, k, available, tightest)
 
 
