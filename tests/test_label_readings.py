@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,25 @@ def test_a_budget_stop_leaves_labels_spread_over_every_layer(
     _label(run_copy, fake, prices, "--sample-per-layer", "24")
     assert _labeled_by_layer(run_copy, JUDGE) == Counter({0: 24, 1: 24, 2: 24, 3: 24})
     assert len(fake.requests) == 96 * 4
+
+
+def test_the_work_order_spreads_every_prefix_over_the_layers() -> None:
+    from labeler.labeling.plan import RECORD_CHUNK, WORK_BLOCK, work_order
+
+    sizes = {0: 8192, 1: 4096, 2: 100, 5: 7}
+    features = [(f"L{la}F{i}", la, i) for la, n in sizes.items() for i in range(n)]
+    order = work_order(features, seed=3)
+    assert sorted(order) == sorted(f for f, _, _ in features)  # each feature once
+    assert order == work_order(features, seed=3) != work_order(features, seed=4)
+    total = len(features)
+    for stop in (50, 1000, 5000, 10_000):
+        seen = Counter(int(f[1 : f.index("F")]) for f in order[:stop])
+        for layer, n in sizes.items():
+            share = stop * n / total
+            assert abs(seen[layer] - share) <= WORK_BLOCK + 1, (stop, layer, seen)
+    # a chunk of records read together is a few runs of consecutive features
+    index = {f: (la, i) for f, la, i in features}
+    for start in range(0, total, RECORD_CHUNK):
+        chunk = [index[f] for f in order[start : start + RECORD_CHUNK]]
+        runs = 1 + sum(1 for a, b in pairwise(chunk) if (b[0], b[1] - 1) != a)
+        assert runs <= RECORD_CHUNK // WORK_BLOCK + 8, (start, runs)

@@ -13,7 +13,11 @@ from labeler.run.schemas import FeatureRecord, Snippet
 N_NEGATIVES = 5
 RECORD_CHUNK = 128
 WORK_BLOCK = 32
-"""Consecutive features of a layer labeled together (their records lie close together)."""
+"""At most this many consecutive features of a layer are labeled together (their records
+lie close together in the examples file, and are read together)."""
+MIN_BLOCKS = 16
+"""Each layer is cut into at least this many blocks, so that a labeling stopped early
+has labeled each layer in proportion to within a sixteenth of it."""
 
 
 def plan_features(
@@ -93,22 +97,26 @@ def work_order(features: list[tuple[str, int, int]], seed: int) -> list[str]:
     stops (its budget spent, Ctrl-C) what it labeled is spread over the layers in
     proportion to what each has planned, and over each layer's features.
 
-    Each layer's features, in index order, are cut into blocks of ``WORK_BLOCK`` taken
-    in a seeded random order (the records of a block are read together); the layers are
-    interleaved so that after any number of features each layer has had its share, to
-    within one feature. The order depends only on the plan and the seed: a re-run with
-    the same seed goes through the features left in the same order."""
+    Each layer's features, in index order, are cut into blocks of consecutive features
+    (``WORK_BLOCK`` at most, and at least ``MIN_BLOCKS`` blocks a layer) taken in a
+    seeded random order; the layers' blocks are interleaved so that after any number of
+    blocks each layer has had its share, to within one block. A block's records are read
+    together, so a chunk of records spans a few short runs of the examples file rather
+    than every layer's whole span. The order depends only on the plan and the seed: a
+    re-run with the same seed goes through the features left in the same order."""
     by_layer: dict[int, list[str]] = {}
     for fid, layer, _ in features:
         by_layer.setdefault(layer, []).append(fid)
-    keyed: list[tuple[float, int, str]] = []
+    keyed: list[tuple[float, int, list[str]]] = []
     for layer, fids in by_layer.items():
-        blocks = [fids[i : i + WORK_BLOCK] for i in range(0, len(fids), WORK_BLOCK)]
+        size = max(1, min(WORK_BLOCK, len(fids) // MIN_BLOCKS))
+        blocks = [fids[i : i + size] for i in range(0, len(fids), size)]
         order = np.random.default_rng([seed, layer]).permutation(len(blocks))
-        queue = [fid for b in order for fid in blocks[b]]
-        keyed.extend(((k + 0.5) / len(queue), layer, fid) for k, fid in enumerate(queue))
+        keyed.extend(
+            ((k + 0.5) / len(blocks), layer, blocks[b]) for k, b in enumerate(order.tolist())
+        )
     keyed.sort(key=lambda t: (t[0], t[1]))
-    return [fid for _, _, fid in keyed]
+    return [fid for _, _, block in keyed for fid in block]
 
 
 def negatives_for(run: RunData, record: FeatureRecord, seed: int) -> dict[str, list[Snippet]]:
