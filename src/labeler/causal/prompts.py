@@ -4,6 +4,9 @@ A prompts file is JSONL in the corpus formats (``docs/corpus.md``); only the que
 used:
 
 - ``{"conversations": [{"from": "human", "value": PROMPT}, ...]}``: the first user turn;
+- ``{"messages": [{"role": "user", "content": PROMPT}, ...]}`` (the OpenAI / Hugging Face
+  form, ``content`` a string or a list of text parts): the first user message; system
+  messages and later turns are not part of a prompt;
 - ``{"prompt": PROMPT}`` (a ``response`` is allowed and ignored);
 - ``{"text": TEXT}``: the text as is, already laid out (generation continues it).
 
@@ -37,6 +40,7 @@ from collectors.corpus import (
     Trace,
     TraceKind,
     _decode_line,
+    _message,
     segments,
 )
 from labeler.errors import UserError
@@ -74,6 +78,8 @@ def _question(record: dict[str, object], where: str) -> tuple[str, TraceKind]:
                     raise UserError(f"{where}: the user turn's 'value' must be a non-empty string")
                 return value, "conversations"
         raise UserError(f"{where}: 'conversations' has no user turn (from: human or user)")
+    if "messages" in record:
+        return _first_user_message(record["messages"], where), "messages"
     formats: tuple[tuple[str, TraceKind], ...] = (("prompt", "prompt_response"), ("text", "text"))
     for key, kind in formats:
         if key in record:
@@ -81,7 +87,23 @@ def _question(record: dict[str, object], where: str) -> tuple[str, TraceKind]:
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"{where}: '{key}' must be a non-empty string")
             return value, kind
-    raise UserError(f"{where}: a prompt record needs 'conversations', 'prompt' or 'text'")
+    raise UserError(
+        f"{where}: a prompt record needs 'conversations', 'messages', 'prompt' or 'text'"
+    )
+
+
+def _first_user_message(messages: object, where: str) -> str:
+    """The text of the first ``role: user`` message, read as ``collect`` reads messages."""
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: 'messages' must be a list of messages")
+    path, _, line = where.rpartition(":")
+    for i, message in enumerate(messages):
+        turn = _message(message, f"messages[{i}]", Path(path), int(line), [])
+        if turn is not None and turn.role == "user":
+            if not turn.text.strip():
+                raise UserError(f"{where}: the user message's 'content' must be non-empty text")
+            return turn.text
+    raise UserError(f"{where}: 'messages' has no user turn (role: user)")
 
 
 def _check_layout(question: str, kind: TraceKind, chat_format: str, path: Path, line: int) -> None:
