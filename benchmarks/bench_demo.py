@@ -20,6 +20,7 @@ from pathlib import Path
 
 LABELER = Path(sys.executable).parent / "labeler"
 PHASE = re.compile(r"demo phase ([a-z ]+): (\d+\.\d+) s")
+THREADS = re.compile(r"torch threads: (\d+)")
 
 
 def one_demo(out: Path, cache: Path, threads: int | None) -> dict[str, float]:
@@ -34,6 +35,9 @@ def one_demo(out: Path, cache: Path, threads: int | None) -> dict[str, float]:
         raise SystemExit(f"labeler demo failed:\n{result.stderr[-3000:]}")
     times = {"whole command": wall}
     times.update({name: float(seconds) for name, seconds in PHASE.findall(result.stderr)})
+    threads = THREADS.search(result.stderr)
+    if threads:
+        times["torch threads (count)"] = float(threads.group(1))
     return times
 
 
@@ -56,9 +60,10 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: |")
     for cache, timed in rounds.items():
         for key in timed[0]:
-            values = [r[key] for r in timed]
-            print(f"| {key} | {cache} | {statistics.median(values):.1f} s | "
-                  f"{min(values):.1f} s | {max(values):.1f} s |")  # fmt: skip
+            values = [r[key] for r in timed if key in r]
+            unit = "" if key.endswith("(count)") else " s"
+            print(f"| {key} | {cache} | {statistics.median(values):.1f}{unit} | "
+                  f"{min(values):.1f}{unit} | {max(values):.1f}{unit} |")  # fmt: skip
 
 
 if __name__ == "__main__":
