@@ -636,10 +636,16 @@ class _Snippets:
         act, pred = pl.col("activating"), pl.col("prediction")
         tp, fp, fn = (act & pred).sum(), (~act & pred).sum(), (act & ~pred).sum()
         n = pl.len()
+        both = (tp + fn > 0) & (n - tp - fn > 0)  # accuracy and precision need both classes
         recomputed = answered.group_by("index", "set").agg(
-            ((n - fp - fn) / n).alias("accuracy"),
-            pl.when(tp + fp > 0).then(tp / (tp + fp)).otherwise(0.0).alias("precision"),
-            pl.when(tp + fn > 0).then(tp / (tp + fn)).otherwise(0.0).alias("recall"),
+            pl.when(both).then((n - fp - fn) / n).alias("accuracy"),
+            pl.when(~both)
+            .then(None)
+            .when(tp + fp > 0)
+            .then(tp / (tp + fp))
+            .otherwise(0.0)
+            .alias("precision"),
+            pl.when(tp + fn > 0).then(tp / (tp + fn)).alias("recall"),
             (tp + fn).cast(pl.Int64).alias("n_positive"),
             (n - tp - fn).cast(pl.Int64).alias("n_negative"),
         )
@@ -648,7 +654,7 @@ class _Snippets:
             recomputed, on=["index", "set"], how="full", coalesce=True, suffix="_new"
         )
         same = pl.all_horizontal(
-            *(pl.col(f) == pl.col(f"{f}_new") for f in _SCORE_FIELDS)
+            *(pl.col(f).eq_missing(pl.col(f"{f}_new")) for f in _SCORE_FIELDS)
         ).fill_null(False)
         scored = joined.select("index").unique()
         agree = scored.join(joined.filter(~same), on="index", how="anti")

@@ -1,4 +1,9 @@
-"""Detection scores: accuracy, precision, recall, and AUROC from probabilities."""
+"""Detection scores: accuracy, precision, recall, and AUROC from probabilities.
+
+Accuracy and precision need both classes: over activating examples alone accuracy is
+recall, and every "active" answer is right, so a feature without non-activating
+examples would score 1.00 whatever its explanation. Such scores are null, with the reason
+in ``undefined``; recall is null only without activating examples."""
 
 from __future__ import annotations
 
@@ -24,11 +29,16 @@ def detection_score(
     fn = sum(y and not p for y, p in zip(labels, predicted, strict=True))
     tn = len(labels) - tp - fp - fn
     n = len(labels)
+    n_positive, n_negative = tp + fn, tn + fp
+    missing = [name for name, k in (("activating", n_positive), ("non-activating", n_negative))
+               if k == 0]  # fmt: skip
+    undefined = f"no {' and no '.join(missing)} examples were scored" if missing else None
     return DetectionScore(
-        accuracy=(tp + tn) / n if n else 0.0,
-        precision=tp / (tp + fp) if tp + fp else 0.0,
-        recall=tp / (tp + fn) if tp + fn else 0.0,
-        n_positive=tp + fn,
-        n_negative=tn + fp,
+        accuracy=None if undefined else (tp + tn) / n,
+        precision=None if undefined else (tp / (tp + fp) if tp + fp else 0.0),
+        recall=tp / n_positive if n_positive else None,
+        n_positive=n_positive,
+        n_negative=n_negative,
         auroc=auroc(labels, probs) if probs is not None else None,
+        undefined=undefined,
     )

@@ -96,11 +96,16 @@ class DetectionScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    accuracy: float
-    precision: float
-    recall: float
+    accuracy: float | None = Field(description="null when a class is missing (``undefined``)")
+    precision: float | None = Field(description="null when a class is missing (``undefined``)")
+    recall: float | None = Field(description="null without activating examples")
     n_positive: int
     n_negative: int
+    undefined: str | None = Field(
+        None,
+        description="why accuracy and precision are null: no non-activating or no "
+        "activating examples were scored (accuracy over one class says nothing)",
+    )
     auroc: float | None = Field(
         None, description="from the judge's probability of 'active', where the backend yields one"
     )
