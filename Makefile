@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-run
-# test files run on this many processes (each builds the planted model once)
+# test files run on this many processes (they share one build of the planted model)
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck check install browser clean

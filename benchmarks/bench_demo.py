@@ -25,7 +25,7 @@ THREADS = re.compile(r"torch threads: (\d+)")
 
 def one_demo(out: Path, cache: Path, threads: int | None) -> dict[str, float]:
     """Run `labeler -v demo` in a fresh process: its wall time and its phases' times."""
-    env = {**os.environ, "LABELER_CACHE_DIR": str(cache)}
+    env = {**os.environ, "LABELER_DEMO_CACHE": str(cache)}
     options = ["--threads", str(threads)] if threads else []
     start = time.perf_counter()
     result = subprocess.run([LABELER, "-v", *options, "demo", "--out", out], env=env,

@@ -31,9 +31,8 @@ class CollectedDemo:
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The labeler's cache folder for this test session (the planted model's cache),
     shared by the test processes of one ``pytest -n`` run: the cache's lock makes them
-    build the model once. Passed explicitly, never set for the whole session: the same
-    ``LABELER_CACHE_DIR`` turns on the judges' shared reply cache. A developer's explicit
-    ``LABELER_CACHE_DIR`` is used (the cache checks itself), to keep it across runs."""
+    build the model once. A developer's ``LABELER_DEMO_CACHE`` is used (the cache checks
+    itself), to keep it across runs."""
     kept = os.environ.get(CACHE_ENV)
     if kept:
         return Path(kept)

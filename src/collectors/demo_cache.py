@@ -12,7 +12,7 @@ manifest: an entry that is missing a file, has a file that does not match, or a
 manifest that does not parse or names another key is a miss, said in one line, and is
 built anew.
 
-The cache folder is ``$LABELER_CACHE_DIR``, else ``$XDG_CACHE_HOME/transcoder-labeler``,
+The cache folder is ``$LABELER_DEMO_CACHE``, else ``$XDG_CACHE_HOME/transcoder-labeler``,
 else ``~/.cache/transcoder-labeler``.
 """
 
@@ -38,9 +38,9 @@ from collectors.demo_model import GROUND_TRUTH, DemoPaths, DemoShape, build_demo
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "LABELER_CACHE_DIR"
-"""Also the judges' shared reply cache when set (``labeler.judges.requests``): the demo's
-entries live in their own subfolder of it."""
+CACHE_ENV = "LABELER_DEMO_CACHE"
+"""Its own variable: ``LABELER_CACHE_DIR`` is the judges' shared reply cache, which
+setting it turns on (``labeler.judges.requests``)."""
 DEMO_FOLDER = "planted-demo"
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -73,7 +73,7 @@ BUILD_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy"
 
 
 def cache_root(environ: dict[str, str] | None = None) -> Path:
-    """The per-user cache folder: ``$LABELER_CACHE_DIR``, else
+    """The per-user cache folder: ``$LABELER_DEMO_CACHE``, else
     ``$XDG_CACHE_HOME/transcoder-labeler``, else ``~/.cache/transcoder-labeler``."""
     env = os.environ if environ is None else environ
     if env.get(CACHE_ENV):

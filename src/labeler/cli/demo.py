@@ -44,7 +44,7 @@ def demo(out: Path, seed: int, rebuild: bool) -> None:
     and compare the labels with the planted ground truth. Offline, CPU.
 
     The planted model is built once per seed and version (about a minute on 2 cores)
-    and reused from the folder planted-demo of the cache: $LABELER_CACHE_DIR, else
+    and reused from the folder planted-demo of the cache: $LABELER_DEMO_CACHE, else
     $XDG_CACHE_HOME/transcoder-labeler, else ~/.cache/transcoder-labeler. An entry that
     does not match its manifest is said and built anew. The demo then takes seconds."""
     from collectors.demo_cache import demo_inputs
