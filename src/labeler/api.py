@@ -340,7 +340,9 @@ def _ids_file(
     if isinstance(features, (str, Path)):
         return Path(features)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="labeler-study-")))
-    path = folder / "features.txt"
+    ids = list(features)
+    shown = ",".join(ids[:3]) + (f"+{len(ids) - 3}" if len(ids) > 3 else "")
+    path = folder / f"{shown or 'none'}.txt"  # the study's title names its file
     path.write_text("".join(f"{fid}\n" for fid in features), encoding="utf-8")
     return path
 

@@ -113,6 +113,9 @@ def cli(ctx: click.Context, verbose: int, threads: int | None) -> None:
       labeler intervene RUN --prompts P.jsonl --select mechanism=output [--teacher-forced]
       labeler score-outputs RUN
     Or all of it on a planted tiny model, offline:  labeler demo
+    A random adapter of your model's shape, to try the pipeline:
+      labeler make-adapter --out DIR [--like HUB_ID | --arch llama --layers N --d-model D]
+    From Python: labeler.open_run, labeler.label, labeler.study (docs/python.md)
     """
     global _verbose
     _verbose = verbose > 0

@@ -171,8 +171,9 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
 @click.option("--executor", type=click.Choice(["local", "celery", "batch"]), default="local",
               show_default=True,
               help="local: in this process. celery: on the worker fleet behind "
-                   "LABELER_REDIS_URL (start workers with `celery -A workers worker -Q ...`; "
-                   "see docs/fleet.md). batch: the providers' batch APIs at half price, "
+                   "LABELER_REDIS_URL (start workers with "
+                   "`.venv/bin/celery -A workers worker -Q ...`; see docs/fleet.md). "
+                   "batch: the providers' batch APIs at half price, "
                    "replies within 24 h (openai: and anthropic: judges; see "
                    "docs/batches.md).")  # fmt: skip
 @click.option("--max-inflight", type=int, default=None,
