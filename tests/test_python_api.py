@@ -149,6 +149,11 @@ def test_bad_inputs_raise_user_errors_not_exits(run_copy: Path) -> None:
         api.label(run_copy, "nonsense")
     with pytest.raises(UserError, match="concurrency"):
         api.label(run_copy, concurrency=0)
+    # the request's checks are the command's, whoever makes the request
+    with pytest.raises(UserError, match="not with --executor batch"):
+        api.label(run_copy, "openai:gpt-5-mini", executor="batch", budget_usd=5.0)
+    with pytest.raises(UserError, match="--max-inflight applies to --executor celery and batch"):
+        api.label(run_copy, max_inflight=4)
     with pytest.raises(UserError, match="n_examples"):
         api.label(run_copy, options={"n_examples": 0})
     with pytest.raises(USER_ERRORS, match="run folder not found"):

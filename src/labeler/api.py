@@ -217,10 +217,6 @@ def label(
         raise UserError("judges: name at least one judge (heuristic, openai:MODEL, ...)")
     if executor not in TRANSPORTS:
         raise UserError(f"executor {executor!r}: choose one of {', '.join(TRANSPORTS)}")
-    if concurrency < 1:
-        raise UserError("concurrency: must be at least 1")
-    if budget_usd is not None and budget_usd <= 0:
-        raise UserError("budget_usd: must be positive")
     if not isinstance(options, JudgeOptions):
         try:
             options = JudgeOptions(**({"seed": seed} | dict(options or {})))

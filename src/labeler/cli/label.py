@@ -297,10 +297,6 @@ def label(
 
     from labeler.judges.base import JudgeOptions
 
-    if concurrency < 1:
-        raise UserError("--concurrency: must be at least 1")
-    if budget_usd is not None and budget_usd <= 0:
-        raise UserError("--budget-usd: must be positive")
     api = openai_api or ("chat" if base_url else "responses")
     try:
         options = JudgeOptions(
@@ -312,21 +308,6 @@ def label(
         first = exc.errors()[0]
         name = {"timeout_s": "timeout"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UserError(f"--{name.replace('_', '-')}: {first['msg']}") from exc
-    if max_inflight is not None and max_inflight < 1:
-        raise UserError("--max-inflight: must be at least 1")
-    if requeue and executor != "celery":
-        raise UserError("--requeue applies to --executor celery only")
-    if max_inflight is not None and executor == "local":
-        raise UserError("--max-inflight applies to --executor celery and batch")
-    if poll_s is not None and (executor != "batch" or poll_s <= 0):
-        raise UserError("--poll-s: a positive number of seconds, with --executor batch")
-    if executor == "batch" and budget_usd is not None:
-        raise UserError("--budget-usd: not with --executor batch (a batch's cost is known only "
-                        "when it ends); --dry-run gives the batch cost and --sample-per-layer "
-                        "bounds it")  # fmt: skip
-    if executor == "batch" and (service_tier == "flex" or rpm or tpm):
-        raise UserError("--executor batch: --service-tier flex, --rpm and --tpm are for "
-                        "synchronous calls (batches have their own limits)")  # fmt: skip
     from labeler.labeling.request import LabelingRequest
 
     request = LabelingRequest(
@@ -334,6 +315,7 @@ def label(
         budget_usd=budget_usd, wait=wait, limits=_rate_limits(judges, rpm, tpm),
         concurrency=concurrency, max_inflight=max_inflight, poll_s=poll_s, requeue=requeue,
     )  # fmt: skip
+    request.check(cast("TransportName", executor))  # a dry run is refused what a run is
     _label(run_path, cast("TransportName", executor), request, dry_run)
 
 

@@ -187,4 +187,5 @@ TRANSPORTS: dict[TransportName, Callable[[LabelingRequest], Prepared]] = {
 
 def prepare(name: TransportName, request: LabelingRequest) -> Prepared:
     """The transport ``name`` made ready for ``request`` (refusing what it cannot do)."""
+    request.check(name)
     return TRANSPORTS[name](request)
