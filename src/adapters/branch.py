@@ -273,6 +273,20 @@ def load_adapter(
     return attach_branch(model, config, weights), loaded_tokenizer, folder
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off for the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_adapter(adapter: AdapterModel, tokenizer: Any, folder: Path) -> None:
     """Write a checkpoint folder in the paper's format (config keys and tensor names)."""
     cfg = adapter.model.config
@@ -281,7 +295,8 @@ def save_adapter(adapter: AdapterModel, tokenizer: Any, folder: Path) -> None:
     architecture = f"{type(adapter.model).__name__}WithTranscoder"
     cfg.architectures = [architecture]
     folder.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(folder)
+    with _quiet_progress():  # transformers' bar over one shard says nothing
+        adapter.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # save_pretrained writes the class name of the base model; restore the paper's
     # (Qwen2ForCausalLMWithTranscoder for a Qwen2 model).
