@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from collectors.collect import file_sha256
 from collectors.demo_model import GROUND_TRUTH, DemoPaths, DemoShape, build_demo
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,6 @@ def cache_root(environ: dict[str, str] | None = None) -> Path:
     return Path.home() / ".cache" / "transcoder-labeler"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _module_file(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
@@ -107,9 +100,9 @@ def _version(package: str) -> str:
 
 def key_parts(seed: int, shape: DemoShape) -> dict[str, Any]:
     """Everything that determines what ``build_demo`` writes."""
-    sources = {name: _sha256_file(_module_file(name)) for name in BUILD_MODULES}
+    sources = {name: file_sha256(_module_file(name)) for name in BUILD_MODULES}
     for package, resource in BUILD_DATA:
-        sources[f"{package}/{resource}"] = _sha256_file(_module_file(package).parent / resource)
+        sources[f"{package}/{resource}"] = file_sha256(_module_file(package).parent / resource)
     return {
         "format": CACHE_FORMAT,
         "seed": seed,
@@ -157,7 +150,7 @@ def write_manifest(folder: Path, key: str, parts: dict[str, Any]) -> None:
         "key": key,
         "built_at": _now(),
         "parts": parts,
-        "files": {name: _sha256_file(folder / name) for name in _files(folder)},
+        "files": {name: file_sha256(folder / name) for name in _files(folder)},
     }
     partial = folder / f".{MANIFEST}.partial"
     partial.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
