@@ -26,6 +26,7 @@ from labeler.labeling.accounting import Estimate, JudgeStatus
 from labeler.labeling.batch_records import Submission
 from labeler.reporting.agreement import SMALL_N
 from labeler.reporting.ground_truth import GroundTruthReport
+from labeler.reporting.score_distributions import Spread
 from labeler.reporting.summarize import Comparison, LabelSummary, RunSummary, Share
 from labeler.reporting.summarize import Estimate as PopulationShare
 from labeler.review.queue import QueueItem
@@ -163,6 +164,9 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
             f"detection undefined for {plural(n, unit)} ({by_judge}): no non-activating "
             "(or no activating) examples to test the explanation on; shown as missing"
         )
+    spreads = detection_spread_table(summary)
+    if spreads is not None:
+        out.append(spreads)
     out.extend(_agreement_parts(summary))
     if summary.steering is not None:
         steering = Table(
@@ -197,6 +201,40 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
     if comparison is not None:
         out.append(comparison_table(comparison))
     return out
+
+
+def _spread(s: Spread) -> str:
+    if s.median is None or s.q1 is None or s.q3 is None:
+        return "-"
+    return f"{s.median:.2f} [{s.q1:.2f}, {s.q3:.2f}]"
+
+
+def detection_spread_table(summary: RunSummary) -> Table | None:
+    """Each judge's detection F1 and balanced accuracy: median [quartiles] by final
+    category and by layer (within 80 columns)."""
+    judges = [j for j in summary.judges if j.detection_distribution is not None]
+    if not judges:
+        return None
+    table = Table(
+        title=f"detection F1 and balanced accuracy by judge: median [IQR] over {summary.unit}s",
+        title_justify="left",
+    )
+    for column in ("judge", "final label", "n", "F1", "balanced acc."):
+        table.add_column(column, justify="left" if column in ("judge", "final label") else "right")
+    for judge in judges:
+        dist = judge.detection_distribution
+        assert dist is not None
+        groups = [
+            *dist.by_category.items(),
+            *((f"layer {la}", s) for la, s in dist.by_layer.items()),
+        ]
+        for i, (group, s) in enumerate(groups):
+            table.add_row(
+                escape(judge.rater) if i == 0 else "", group, f"{s.f1.n:,}",
+                _spread(s.f1), _spread(s.balanced_accuracy),
+                end_section=i == len(groups) - 1,
+            )  # fmt: skip
+    return table
 
 
 def _disputes_and_reviews(summary: RunSummary) -> str:

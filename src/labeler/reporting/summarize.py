@@ -32,6 +32,11 @@ from labeler.reporting.agreement import AgreementReport, PairAgreement, agreemen
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.final_labels import SOURCES, final_labels, human_labels
 from labeler.reporting.label_table import judge_names, judgment_frame, planned_frame, review_frame
+from labeler.reporting.score_distributions import (
+    DetectionDistribution,
+    detection_scores,
+    distribution,
+)
 from labeler.run.feature_ids import feature_order
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
@@ -143,6 +148,12 @@ class LabelSummary(BaseModel):
         0,
         description="labeled features whose detection score is undefined (missing): no "
         "non-activating, or no activating, examples to test the explanation on",
+    )
+    detection_distribution: DetectionDistribution | None = Field(
+        None,
+        description="judges only: the median and interquartile range (with n) of the "
+        "detection F1 and balanced accuracy by final category and by layer; scores that "
+        "pass the sanity checks of Oikarinen et al. (ICML 2025), where accuracy does not",
     )
 
 
@@ -326,12 +337,17 @@ def summarize(
     # A judge is unpriced when none of its rows has a cost (a failure may carry none).
     cost_of = {j: (float(c) if priced else None) for j, c, priced in costs.iter_rows()}
     per_judge = []
+    scores = detection_scores(store)
+    layers = [str(layer) for layer in sorted(set(planned["layer"].to_list()))]
     for judge in judge_names(judgments):
         mine = judgments.filter(pl.col("judge") == judge)
         ok = mine.filter(pl.col("status") == "ok")
         failed = mine.filter(pl.col("status") == "failed")["reason"].to_list()
         summary = _label_summary(judge, ok, planned, alive, failed, cost_of.get(judge))
         summary.n_detection_undefined = ok["detection"].null_count()
+        summary.detection_distribution = distribution(
+            scores.filter(pl.col("judge") == judge), labeled_final, CATEGORIES, layers
+        )
         per_judge.append(summary)
     disputes = find_disputes(judgments, rules)
     human = final.filter(pl.col("source") == "human").select("feature_id")

@@ -109,6 +109,22 @@ class DetectionScore(BaseModel):
     auroc: float | None = Field(
         None, description="from the judge's probability of 'active', where the backend yields one"
     )
+    f1: float | None = Field(
+        None,
+        description="2 tp / (2 tp + fp + fn); null when a class is missing (``undefined``) "
+        "and in judgments stored before it was computed",
+    )
+    balanced_accuracy: float | None = Field(
+        None,
+        description="the mean of the true-positive and true-negative rates (0.5 for answers "
+        "independent of the truth); null when a class is missing or stored before",
+    )
+    auprc: float | None = Field(
+        None,
+        description="average precision (step-wise, not interpolated) from the judge's "
+        "probability of 'active', where the backend yields one; null when a class is "
+        "missing or stored before",
+    )
 
 
 class Usage(BaseModel):
