@@ -21,7 +21,9 @@ from labeler.judges.metrics import (
 )
 from labeler.labeling.store import LabelStore
 from labeler.run.schemas import DetectionScore
+from tests.fake_llm import FakeLLMServer
 from tests.test_bad_input import labeler
+from tests.test_llm_judges import _label, fake, server  # noqa: F401 (fixtures)
 
 
 def _brute_average_precision(labels: list[bool], scores: list[float]) -> float:
@@ -179,8 +181,9 @@ def test_summarize_reports_f1_by_category_and_layer(
     assert worst_interpretable > by_category["uninterpretable"]["f1"]["median"]
     # against the planted truth, not the judge's own category: each feature's stored F1
     store = LabelStore(labeled_copy / "labels.sqlite")
-    stored = {fid: o.judgment.detection.f1 for fid, o in store.judgments("heuristic").items()
-              if o.judgment is not None}  # fmt: skip
+    judged = [o.judgment for o in store.judgments("heuristic").values() if o.judgment]
+    stored = {j.feature_id: j.detection.f1 for j in judged}
+    assert all(j.detection.auprc is None for j in judged)  # the heuristic gives no probabilities
     store.close()
     f1_by_planted: dict[bool, list[float]] = {True: [], False: []}
     for t in truth:
@@ -201,3 +204,19 @@ def test_summarize_reports_f1_by_category_and_layer(
     assert sum("layer " in line for line in table) == len(
         heuristic["detection_distribution"]["by_layer"]
     )
+
+
+def test_judge_probabilities_give_an_average_precision(
+    run_copy: Path,
+    fake: FakeLLMServer,  # noqa: F811 (the fixture imported above)
+) -> None:
+    _, store = _label(run_copy, fake, "chat", logprobs=True)
+    judged = [s.judgment for s in store.judgments("openai:fake-model").values() if s.judgment]
+    assert judged
+    for j in judged:
+        for score in (j.detection, *j.detection_by_set.values()):
+            if score.undefined is None:
+                assert score.auprc is not None and 0.0 < score.auprc <= 1.0
+                assert score.f1 is not None and score.balanced_accuracy is not None
+            else:
+                assert score.auprc is None
