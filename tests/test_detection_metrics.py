@@ -220,3 +220,25 @@ def test_judge_probabilities_give_an_average_precision(
                 assert score.f1 is not None and score.balanced_accuracy is not None
             else:
                 assert score.auprc is None
+
+
+def test_the_catalog_carries_the_metrics(labeled_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "catalog.jsonl"
+    result = labeler("export", labeled_copy, "--out", out)
+    assert result.returncode == 0, result.stderr
+    scores = [
+        judgment["detection"]
+        for line in out.read_text().splitlines()
+        for judgment in json.loads(line)["judgments"]
+        if judgment["detection"] is not None
+    ]
+    assert len(scores) == 960
+    defined = [s for s in scores if s["undefined"] is None]
+    assert len(defined) == 954  # the demo's 6 features without a non-activating window
+    assert all(0.0 <= s["f1"] <= 1.0 and 0.0 <= s["balanced_accuracy"] <= 1.0 for s in defined)
+    assert all(s["f1"] is None and s["balanced_accuracy"] is None
+               for s in scores if s["undefined"] is not None)  # fmt: skip
+    assert all(s["auprc"] is None for s in scores)  # the heuristic gives no probabilities
+    by_set = [s["by_set"][kind] for s in defined for kind in ("top", "random")
+              if s["by_set"] and s["by_set"][kind]]  # fmt: skip
+    assert by_set and all("f1" in entry for entry in by_set)

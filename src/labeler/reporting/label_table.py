@@ -44,10 +44,15 @@ _SCORE_FIELDS: tuple[tuple[str, pl.DataType], ...] = (
     ("n_positive", pl.Int64()),
     ("n_negative", pl.Int64()),
     ("auroc", pl.Float64()),
+    ("f1", pl.Float64()),
+    ("balanced_accuracy", pl.Float64()),
+    ("auprc", pl.Float64()),
 )
-_POOLED = ("accuracy", "precision", "recall", "auroc")  # what the catalog keeps pooled
+_POOLED = (  # what the catalog keeps pooled
+    "accuracy", "precision", "recall", "auroc", "f1", "balanced_accuracy", "auprc",
+)  # fmt: skip
 _SETS = ("top", "random")
-_BALANCED = ("accuracy", "precision", "recall")
+_BALANCED = ("accuracy", "precision", "recall", "f1", "balanced_accuracy", "auprc")
 """Scores that need both classes: over activating examples alone accuracy is recall and
 precision is 1 whatever the explanation says; over non-activating alone neither means
 anything. Where a class is missing they are null (auroc is null there already)."""
