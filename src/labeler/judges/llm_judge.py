@@ -114,6 +114,9 @@ class Ledger:
     usage: dict[str, Usage] = field(default_factory=dict)
     cost: float | None = 0.0
     kept: list[KeptReply] = field(default_factory=list)
+    tickets: list[str] = field(default_factory=list)
+    """Calls answered (``CallLog`` tickets) whose usage is in this ledger: ended in the
+    journal once the stage's outcome, with that usage, is stored."""
 
     def add(self, stage: Stage, usage: Usage, tier: Tier = "standard") -> None:
         self.usage[stage] = self.usage.get(stage, Usage()) + usage
@@ -225,12 +228,15 @@ class LLMJudge:
             else:
                 raise ValueError(f"an LLM judge has no stage {stage!r}")
         except Reschedule as exc:  # from a rate limiter: what the stage used so far goes too
+            self._settled(ledger)
             raise Reschedule(exc.retry_after, ledger.usage, str(exc)) from exc
         except AwaitingReply as wait:  # what the replies in so far cost goes with it
+            self._settled(ledger)
             wait.usage, wait.cost_usd = ledger.usage, ledger.cost
             raise
         except TransientError as exc:
             if exc.kind == "rate_limited" and self.retry.reschedule_rate_limits:
+                self._settled(ledger)
                 raise Reschedule(exc.retry_after, ledger.usage, exc.reason) from exc
             out.ok, out.reason = False, f"{exc.kind}: {exc.stage}: {exc.reason}"
         except BackendError as exc:
@@ -238,7 +244,16 @@ class LLMJudge:
         out.usage = ledger.usage
         out.cost_usd = ledger.cost
         out.kept = ledger.kept if out.ok else []
+        out.hold(ledger.tickets)
         return out
+
+    def _settled(self, ledger: Ledger) -> None:
+        """The ledger's calls end here: their usage leaves with an exception that carries
+        it to where it is stored (a transport without a journal)."""
+        if self.calls is not None:
+            for ticket in ledger.tickets:
+                self.calls.end(ticket)
+        ledger.tickets.clear()
 
     def cost(self, usage: dict[str, Usage], tier: Tier = "standard") -> float | None:
         return self._price(sum(usage.values(), Usage()), tier)
@@ -275,14 +290,15 @@ class LLMJudge:
             await self._clear()
             if self.calls is None or not estimate:  # a free call (local models): none
                 return await call()
-            # a call cancelled or killed before its reply stays noted as unanswered
+            # a call cancelled or killed before its reply stays noted as unanswered, and
+            # so does an answered one until its stage's outcome (its usage) is stored
             ticket = self.calls.begin(self.name, stage, estimate)
             try:
                 result = await call()
             except BackendError:  # answered: what it used comes with the error
-                self.calls.end(ticket)
+                ledger.tickets.append(ticket)
                 raise
-            self.calls.end(ticket)
+            ledger.tickets.append(ticket)
             return result
 
         async def limited() -> V:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from labeler.judges.metrics import detection_score
 from labeler.judges.requests import KeptReply
@@ -79,6 +79,16 @@ class StageOutcome(BaseModel):
         default_factory=list,
         description="replies the stage accepted, for the reply cache (not stored with it)",
     )
+    _tickets: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def tickets(self) -> list[str]:
+        """The journal tickets of the calls whose usage this outcome holds (not stored):
+        ended once the outcome is (``labeling.call_journal``)."""
+        return self._tickets
+
+    def hold(self, tickets: list[str]) -> None:
+        self._tickets = tickets
 
 
 def provider_of(judge: str) -> str:

@@ -170,7 +170,9 @@ class _Local:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for finished in done:
-                    applied = self.engine.apply(finished.result(), unit=unit)
+                    outcome = finished.result()
+                    applied = self.engine.apply(outcome, unit=unit)
+                    self._calls_accounted(judge, outcome)
                     if applied.finished is not None and self.on_result is not None:
                         self.on_result(unit.judge, applied.finished)
                 launch()
@@ -182,6 +184,15 @@ class _Local:
         finally:
             slots.release()
             self.beat.update(self._running())
+
+    @staticmethod
+    def _calls_accounted(judge: Judge, outcome: StageOutcome) -> None:
+        """The outcome is stored, and with it what its calls used: their journal lines
+        end (a labeler killed before this leaves them to be counted as unanswered)."""
+        calls = getattr(judge, "calls", None)
+        if calls is not None:
+            for ticket in outcome.tickets:
+                calls.end(ticket)
 
     def _running(self) -> dict[str, int]:
         running = dict.fromkeys(self.judges, 0)
