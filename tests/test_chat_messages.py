@@ -7,8 +7,6 @@ Tokenizers are tiny byte-level BPEs trained here, so the special-token handling 
 
 from __future__ import annotations
 
-import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,12 @@ from collectors.corpus import (
     THINK_END,
     THINK_START,
     USER,
-    TokenizedCorpus,
     dropped_counts,
     read_traces,
-    tokenize_traces,
 )
 from collectors.errors import CorpusError
 from collectors.run_format import REGIONS, THINK_BINS
+from tests.test_corpus_formats import load, region_runs, write_jsonl
 
 SYSTEM = "You are a careful tutor."
 Q1, Q2, Q3 = "What is 2 + 2?", "And 3 + 3?", "Thanks. Now 4 + 4?"
@@ -52,36 +49,6 @@ def tokenizer() -> Any:
     return train_bpe_tokenizer(
         TRAINING_TEXTS, SPECIAL_TOKENS, 400, BOS, EOS, PAD, QWEN_SPECIAL_TOKENS
     )
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def load(
-    tmp_path: Path, records: list[dict[str, Any]], tokenizer: Any, chat_format: str = "deepseek"
-) -> TokenizedCorpus:
-    traces = list(read_traces(write_jsonl(tmp_path / "corpus.jsonl", records)))
-    return tokenize_traces(traces, tokenizer, 4096, chat_format=chat_format)
-
-
-def region_runs(corpus: TokenizedCorpus, i: int, tokenizer: Any) -> list[tuple[str, str]]:
-    """Sequence ``i`` as (decoded text, region) runs of consecutive tokens of one region."""
-    start, end = int(corpus.offsets[i]), int(corpus.offsets[i + 1])
-    regions = corpus.regions[start:end]
-    cuts = [0, *(np.flatnonzero(np.diff(regions)) + 1).tolist(), end - start]
-    return [
-        (
-            tokenizer.decode(
-                corpus.token_ids[start + a : start + b].tolist(),
-                skip_special_tokens=False,
-                clean_up_tokenization_spaces=False,
-            ),
-            REGIONS[regions[a]],
-        )
-        for a, b in itertools.pairwise(cuts)
-    ]
 
 
 def three_exchanges() -> dict[str, Any]:
@@ -170,7 +137,7 @@ DROPPED_THREE = {
 def test_messages_with_a_system_turn_and_three_exchanges(
     tmp_path: Path, tokenizer: Any, chat_format: str, expected: list[tuple[str, str]]
 ) -> None:
-    corpus = load(tmp_path, [three_exchanges()], tokenizer, chat_format)
+    corpus = load(tmp_path, [three_exchanges()], tokenizer, chat_format=chat_format)
     assert region_runs(corpus, 0, tokenizer) == expected
     assert corpus.domain_names == ["math"]
     assert not corpus.unterminated[0] and not corpus.truncated[0]
@@ -247,7 +214,7 @@ def test_conversations_keep_their_system_turn_and_every_exchange(
 
 def test_prompt_response_with_a_system_field(tmp_path: Path, tokenizer: Any) -> None:
     record = {"system": SYSTEM, "prompt": Q1, "response": A1}
-    corpus = load(tmp_path, [record], tokenizer, "qwen")
+    corpus = load(tmp_path, [record], tokenizer, chat_format="qwen")
     assert region_runs(corpus, 0, tokenizer) == [
         (f"{IM_START}system\n", "user_marker"), (SYSTEM, "question"),
         (f"{IM_END}\n{IM_START}user\n", "user_marker"), (Q1, "question"),
