@@ -108,7 +108,7 @@ class Driver:
         self.key = store.store_id()
         hashes = {judge: _prompt_hash(judge) for judge in job.judges}
         self.engine = Engine(run, store, hashes, job.sample_per_layer, job.seed, job.budget_usd,
-                             executor="celery")  # fmt: skip
+                             executor="celery", scorers=job.options.scorers)  # fmt: skip
 
     @property
     def active(self) -> dict[tuple[str, str], Unit]:
@@ -453,7 +453,7 @@ class Driver:
 
 
 def _all_stages(judge: str) -> list[StageName]:
-    return stages_for(judge, ["top", "random"])
+    return stages_for(judge, ["top", "random"], ("detection", "fuzz", "intruder"))
 
 
 def _prompt_hash(judge: str) -> str:

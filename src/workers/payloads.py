@@ -37,8 +37,8 @@ class StageTask(BaseModel):
 def trimmed(record: FeatureRecord, stage: StageName, n_examples: int) -> FeatureRecord:
     """The record with only the examples the stage shows the model (a staged LLM judge
     uses the first top examples and the first random ones), to keep messages small."""
-    if stage == "label":
-        return record
+    if stage in ("label", "fuzz", "intruder"):
+        return record  # these show top and random examples
     keep: list[str] = []
     if stage in ("explain", "classify") or stage == "detect_top":
         keep = ["top"]

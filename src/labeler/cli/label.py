@@ -165,6 +165,12 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                    "ensemble (each judge labels the same features).")  # fmt: skip
 @click.option("--sample-per-layer", type=int, default=None,
               help="Label N random alive features per layer (default: all alive).")  # fmt: skip
+@click.option("--scorers", default="detection", show_default=True, metavar="LIST",
+              help="How explanations are scored, comma-separated: detection (always), fuzz "
+                   "(are the marked tokens the ones the explanation predicts), intruder "
+                   "(find the window that does not belong; no explanation). Adding a "
+                   "scorer later scores the labeled features without labeling them again. "
+                   "See docs/labeling.md.")  # fmt: skip
 @click.option("--concurrency", default=8, show_default=True,
               help="Model requests in flight per judge.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
@@ -252,6 +258,7 @@ def label(
     run_path: Path,
     judges: tuple[str, ...],
     sample_per_layer: int | None,
+    scorers: str,
     concurrency: int,
     seed: int,
     executor: str,
@@ -292,10 +299,12 @@ def label(
       labeler label RUN --judge openai:gpt-5-mini --executor celery --rpm 5000 --tpm 4000000
       labeler label RUN --judge openai:gpt-5-mini --executor batch   (half price, <= 24 h)
       labeler label RUN --judge openai:gpt-5-mini --service-tier flex
+      labeler label RUN --scorers detection,fuzz,intruder
     """
     from pydantic import ValidationError
 
     from labeler.judges.base import JudgeOptions
+    from labeler.judges.scorers import parse_scorers
 
     api = openai_api or ("chat" if base_url else "responses")
     try:
@@ -303,6 +312,7 @@ def label(
             base_url=base_url, openai_api=api, timeout_s=timeout_s, max_attempts=max_attempts,
             logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
             device=device, dtype=dtype, prices=prices, seed=seed, service_tier=service_tier,
+            scorers=parse_scorers(scorers),
         )  # fmt: skip
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from labeler.errors import UnknownJudgeError
+from labeler.judges.scorers import DEFAULT_SCORERS, Scorer
 from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 
 
@@ -65,6 +66,9 @@ class JudgeOptions(BaseModel):
     dtype: str = Field("auto", description="hf: judges: auto, float32 or bfloat16")
     prices: Path | None = Field(None, description="price table overriding the packaged one")
     seed: int = 0
+    scorers: tuple[Scorer, ...] = Field(
+        DEFAULT_SCORERS, description="scorers every judgment carries (judges.scorers)"
+    )
 
 
 JudgeFactory = Callable[[str, JudgeOptions], Judge]

@@ -41,7 +41,7 @@ def _llm_judge(name: str, backend: object, options: JudgeOptions) -> LLMJudge:
 def heuristic_judge(name: str, options: JudgeOptions) -> Judge:
     if name != "heuristic":
         raise UnknownJudgeError(f"judge {name!r}: the heuristic judge takes no model")
-    return HeuristicJudge(name)
+    return HeuristicJudge(name, scorers=options.scorers, seed=options.seed)
 
 
 def _require(module: str, judge: str) -> None:

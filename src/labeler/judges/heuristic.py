@@ -23,20 +23,36 @@ Method (documented in docs/heuristic-judge.md):
    - otherwise uninterpretable.
    Confidence: high at 85% or more of the votes (or three promoted cue words), medium at
    70%, low below.
+5. **Fuzzing** (when asked): an example's marks are judged right when every marked
+   token is a pattern token.
+6. **Intruder** (when asked; the explanation is not used): a token's *keys* are the
+   token and, where it is a cue word, its cue group. In a trial, a key found in all windows
+   but one points at that window; of the keys that do, the one doing so in the most
+   trials wins; a trial without such a key gets a seeded guess.
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
 from labeler.judges import metrics
 from labeler.judges.prompting import SNIPPET_AFTER, SNIPPET_BEFORE
+from labeler.judges.scorers import (
+    DEFAULT_SCORERS,
+    FuzzItem,
+    IntruderTrial,
+    fuzz_items,
+    intruder_score,
+    intruder_trials,
+)
 from labeler.run.schemas import (
     Classification,
     DetectionScore,
     Example,
     FeatureRecord,
+    IntruderScore,
     Judgment,
     Snippet,
 )
@@ -96,6 +112,47 @@ def detection_score(pattern: list[str], snippets: list[Snippet]) -> DetectionSco
     return metrics.detection_score([s.activating for s in snippets], predicted)
 
 
+def fuzz_score(pattern: list[str], items: list[FuzzItem]) -> DetectionScore:
+    """Marks are judged right when every marked token is a pattern token."""
+    wanted = set(pattern)
+    predicted = [
+        all((normalize_token(it.tokens[i]) or it.tokens[i]) in wanted for i in it.marked)
+        for it in items
+    ]
+    return metrics.detection_score([it.correct for it in items], predicted)
+
+
+def intruder_picks(
+    trials: list[IntruderTrial], cues: dict[str, tuple[str, str]], seed: int
+) -> list[int]:
+    """The window each trial's intruder is guessed to be (module docstring, step 6)."""
+
+    def keys(token: str) -> set[str]:
+        norm = normalize_token(token) or token
+        cue = _cue(cues, norm)
+        return {norm, f"{cue[0]}/{cue[1]}"} if cue else {norm}
+
+    keyed = [[set().union(*(keys(t) for t in w)) for w in trial.windows] for trial in trials]
+    pointers: list[dict[str, int]] = []  # per trial: key -> the one window lacking it
+    for windows in keyed:
+        size = len(windows)
+        counts = Counter(k for w in windows for k in w)
+        pointers.append({
+            k: next(i for i, w in enumerate(windows) if k not in w)
+            for k, n in counts.items() if n == size - 1
+        })  # fmt: skip
+    strength = Counter(k for found in pointers for k in found)
+    rng = random.Random(seed)
+    picks: list[int] = []
+    for trial, found in zip(trials, pointers, strict=True):
+        if found:
+            best = max(found, key=lambda k: (strength[k], k))
+            picks.append(found[best])
+        else:
+            picks.append(rng.randrange(len(trial.windows)))
+    return picks
+
+
 def _confidence(share: float) -> str:
     return "high" if share >= 0.85 else "medium" if share >= 0.7 else "low"
 
@@ -109,8 +166,16 @@ class HeuristicJudge:
 
     calls_per_feature = 0
 
-    def __init__(self, name: str = "heuristic", taxonomy: Taxonomy | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "heuristic",
+        taxonomy: Taxonomy | None = None,
+        scorers: tuple[str, ...] = DEFAULT_SCORERS,
+        seed: int = 0,
+    ) -> None:
         self.name = name
+        self.scorers = tuple(scorers)
+        self.seed = seed
         self.taxonomy = taxonomy or load_taxonomy()
         self.cues = self.taxonomy.cue_index()
         self.prompt_hash = taxonomy_hash()
@@ -147,8 +212,20 @@ class HeuristicJudge:
             detection=detection_score(pattern, pooled),
             detection_by_set=by_set,
             classification=classification,
+            fuzz=fuzz_score(pattern, fuzz_items(feature, self.seed))
+            if "fuzz" in self.scorers
+            else None,
+            intruder=self.intruder(feature, negatives.get("intruder", []))
+            if "intruder" in self.scorers
+            else None,
             cost_usd=0.0,
         )
+
+    def intruder(self, feature: FeatureRecord, intruders: list[Snippet]) -> IntruderScore:
+        trials = intruder_trials(feature, intruders, self.seed)
+        seed = self.seed * 7919 + feature.layer * 1_000_003 + feature.index
+        picks = intruder_picks(trials, self.cues, seed)
+        return intruder_score([t.intruder for t in trials], picks)
 
     def explain(
         self, feature: FeatureRecord, pattern: list[str], classification: Classification

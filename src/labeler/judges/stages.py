@@ -2,11 +2,13 @@
 
 An LLM judge's work on one feature is four model calls: the explanation, detection on
 the top and on the random positives (both need the explanation), and the
-classification. Each is a *stage* with its own result; :func:`assemble` turns the
-results into the judgment. The local executor runs the stages in one process; the
-Celery executor runs each as a task on a queue named by stage group and provider
-(``explain.openai``, ``score.local``, ...), so that a paid call that succeeded is kept
-even when a later stage of the same feature fails or its worker dies.
+classification; the scorers asked for beyond detection add theirs (``fuzz`` needs the
+explanation, ``intruder`` does not). Each is a *stage* with its own result;
+:func:`assemble` turns the results into the judgment. The local executor runs the
+stages in one process; the Celery executor runs each as a task on a queue named by
+stage group and provider (``explain.openai``, ``score.local``, ...), so that a paid
+call that succeeded is kept even when a later stage of the same feature fails or its
+worker dies.
 
 Judges that are not staged (the heuristic judge, third-party backends) run as one
 ``label`` stage whose result is the whole judgment.
@@ -20,13 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from labeler.judges.metrics import detection_score
 from labeler.judges.requests import KeptReply
-from labeler.run.schemas import Classification, DetectionScore, Judgment, Usage
+from labeler.judges.scorers import intruder_score
+from labeler.run.schemas import Classification, DetectionScore, IntruderScore, Judgment, Usage
 
-StageName = Literal["explain", "detect_top", "detect_random", "classify", "label"]
+StageName = Literal[
+    "explain", "detect_top", "detect_random", "fuzz", "intruder", "classify", "label"
+]
 STAGE_GROUPS: dict[StageName, str] = {
     "explain": "explain",
     "detect_top": "score",
     "detect_random": "score",
+    "fuzz": "score",
+    "intruder": "score",
     "classify": "classify",
     "label": "label",
 }
@@ -37,8 +44,10 @@ STAGED_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "hf": "local"}
 DEPENDS_ON: dict[StageName, tuple[StageName, ...]] = {
     "detect_top": ("explain",),
     "detect_random": ("explain",),
+    "fuzz": ("explain",),
     "classify": ("explain",),
 }
+SCORER_STAGES: dict[str, StageName] = {"fuzz": "fuzz", "intruder": "intruder"}
 STAGE_SCHEMA_VERSION = 1
 
 
@@ -54,6 +63,19 @@ class Detection(BaseModel):
 
     def score(self) -> DetectionScore:
         return detection_score(self.truth, self.predicted, self.probs)
+
+
+class Intrusion(BaseModel):
+    """Answers of the intruder trials: where each intruder was and which window the
+    judge picked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    truth: list[int]
+    picked: list[int]
+
+    def score(self) -> IntruderScore:
+        return intruder_score(self.truth, self.picked)
 
 
 class StageOutcome(BaseModel):
@@ -72,7 +94,8 @@ class StageOutcome(BaseModel):
     usage: dict[str, Usage] = Field(default_factory=dict)
     cost_usd: float | None = 0.0
     explanation: str | None = None
-    detection: Detection | None = None
+    detection: Detection | None = Field(None, description="detect_* and fuzz stages")
+    intrusion: Intrusion | None = None
     classification: Classification | None = None
     judgment: Judgment | None = Field(None, description="the whole judgment ('label' stage)")
     kept: list[KeptReply] = Field(
@@ -100,15 +123,24 @@ def is_staged(judge: str) -> bool:
     return judge.split(":", 1)[0] in STAGED_PROVIDERS
 
 
-def stages_for(judge: str, detection_sets: list[str]) -> list[StageName]:
+def stages_for(
+    judge: str, detection_sets: list[str], scorers: tuple[str, ...] = ("detection",)
+) -> list[StageName]:
     """The stages of one (feature, judge); ``detection_sets`` are the example kinds the
-    feature has positives of ('top', 'random')."""
+    feature has positives of ('top', 'random'); ``scorers`` those asked for (detection
+    is always part of a judgment)."""
     if not is_staged(judge):
         return ["label"]
     detect: list[StageName] = [
         s for s in ("detect_top", "detect_random") if s[7:] in detection_sets
     ]
-    return ["explain", *detect, "classify"]
+    more = [SCORER_STAGES[s] for s in scorers if s in SCORER_STAGES]
+    return ["explain", *detect, *more, "classify"]
+
+
+def has_scorers(judgment: Judgment, scorers: tuple[str, ...]) -> bool:
+    """Whether a judgment carries every scorer's result asked for."""
+    return all(getattr(judgment, s) is not None for s in scorers if s in SCORER_STAGES)
 
 
 def queue_for(judge: str, stage: StageName) -> str:
@@ -158,6 +190,8 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
             if pooled.probs is None or part.detection.probs is None
             else pooled.probs + part.detection.probs
         )
+    fuzz = by_stage.get("fuzz")
+    intruder = by_stage.get("intruder")
     return Judgment(
         feature_id=first.feature_id,
         judge=first.judge,
@@ -166,6 +200,12 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
         detection=pooled.score(),
         detection_by_set=by_set,
         classification=classification,
+        fuzz=fuzz.detection.score() if fuzz is not None and fuzz.detection is not None else None,
+        intruder=(
+            intruder.intrusion.score()
+            if intruder is not None and intruder.intrusion is not None
+            else None
+        ),
         usage=add_usage(*(o.usage for o in outcomes)),
         cost_usd=add_costs([o.cost_usd for o in outcomes]),
     )

@@ -36,6 +36,7 @@ from labeler.judges.stages import (
     add_costs,
     add_usage,
     assemble,
+    has_scorers,
     ready,
     stages_for,
 )
@@ -146,8 +147,10 @@ class Engine:
         seed: int = 0,
         budget_usd: float | None = None,
         executor: str = "local",
+        scorers: tuple[str, ...] = ("detection",),
     ) -> None:
-        """``judges`` maps each judge's name to the prompt hash its stages report."""
+        """``judges`` maps each judge's name to the prompt hash its stages report;
+        ``scorers`` are those every judgment is to carry (``judges.scorers``)."""
         self.run = run
         self.store = store
         self.hashes = dict(judges)
@@ -155,6 +158,7 @@ class Engine:
         self.seed = seed
         self.budget_usd = budget_usd
         self.executor = executor
+        self.scorers = tuple(scorers)
         self.active: dict[tuple[str, str], Unit] = {}
         self.finished: set[tuple[str, str]] = set()
         self.tally = {judge: Tally() for judge in judges}
@@ -183,7 +187,7 @@ class Engine:
             log.warning("extending the run's plan: %s", grown)
         self.store.add_planned(selection.added)
         planned = work_order(selection.features, self.seed)
-        done = {judge: self.store.done(judge) for judge in self.hashes}
+        done = {judge: self.store.done(judge, self.scorers) for judge in self.hashes}
         for judge, tally in self.tally.items():
             tally.planned = len(planned)
             tally.skipped = sum(1 for fid in planned if fid in done[judge])
@@ -244,10 +248,14 @@ class Engine:
         unit = Unit(
             feature_id=feature_id, judge=judge, prompt_hash=hashed,
             attempt=self.store.failed_attempts(feature_id, judge), record=record,
-            negatives=negatives_for(self.run, record, self.seed),
-            stages=stages_for(judge, sets),
+            negatives=negatives_for(self.run, record, self.seed, self.scorers),
+            stages=stages_for(judge, sets, self.scorers),
         )  # fmt: skip
         for outcome in self.store.stage_outcomes(feature_id, judge, hashed):
+            if outcome.stage == "label" and (
+                outcome.judgment is None or not has_scorers(outcome.judgment, self.scorers)
+            ):
+                continue  # a whole judgment made without a scorer now asked for
             if outcome.stage in unit.stages:
                 unit.outcomes[outcome.stage] = outcome
         self.active[key] = unit

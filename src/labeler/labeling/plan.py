@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labeler.judges.scorers import INTRUDER_TRIALS
 from labeler.run.data import RunData
 from labeler.run.schemas import FeatureRecord, Snippet
 
@@ -119,12 +120,18 @@ def work_order(features: list[tuple[str, int, int]], seed: int) -> list[str]:
     return [fid for _, _, block in keyed for fid in block]
 
 
-def negatives_for(run: RunData, record: FeatureRecord, seed: int) -> dict[str, list[Snippet]]:
-    """Corpus windows checked not to activate the feature, per detection set."""
-    return {
+def negatives_for(
+    run: RunData, record: FeatureRecord, seed: int, scorers: tuple[str, ...] = ()
+) -> dict[str, list[Snippet]]:
+    """Corpus windows checked not to activate the feature, per detection set, and the
+    intruder trials' intruders (under ``intruder``) when that scorer is asked for."""
+    out = {
         kind: run.negative_snippets(record, N_NEGATIVES, seed + offset)
         for offset, kind in enumerate(("top", "random"))
     }
+    if "intruder" in scorers:
+        out["intruder"] = run.negative_snippets(record, INTRUDER_TRIALS, seed + 2)
+    return out
 
 
 def records_of(

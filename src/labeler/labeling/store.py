@@ -25,7 +25,7 @@ from typing import Any
 
 from labeler.errors import UserError, note_store
 from labeler.judges.requests import ApiRequest, KeptReply, pack, served_by, unpack
-from labeler.judges.stages import StageOutcome, add_costs, add_usage
+from labeler.judges.stages import SCORER_STAGES, StageOutcome, add_costs, add_usage
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
@@ -305,10 +305,13 @@ class LabelStore:
         row = self.conn.execute("SELECT 1 FROM planned WHERE feature_id=?", (feature_id,))
         return row.fetchone() is not None
 
-    def done(self, judge: str) -> set[str]:
-        """Features with a successful judgment by ``judge``."""
+    def done(self, judge: str, scorers: tuple[str, ...] = ()) -> set[str]:
+        """Features with a successful judgment by ``judge`` that carries the result of
+        every scorer in ``scorers`` beyond detection (``fuzz``, ``intruder``)."""
+        wanted = [s for s in scorers if s in SCORER_STAGES]
+        carries = "".join(f" AND json_extract(payload, '$.{s}') IS NOT NULL" for s in wanted)
         rows = self.conn.execute(
-            "SELECT feature_id FROM judgments WHERE judge=? AND status='ok'", (judge,)
+            "SELECT feature_id FROM judgments WHERE judge=? AND status='ok'" + carries, (judge,)
         )
         return {r[0] for r in rows}
 
@@ -322,8 +325,37 @@ class LabelStore:
         when it differs from the judgment's own (stages charged by an earlier attempt).
         A successful judgment already stored stays as it is."""
         usage, cost = charge if charge is not None else (judgment.usage, judgment.cost_usd)
+        with self.transaction():
+            if self._add_scores(judgment):
+                self.add_cost(judgment.feature_id, judgment.judge, usage, cost)
+                return
         self._put(judgment.feature_id, judgment.judge, "ok", judgment.model_dump_json(), None,
                   judgment.prompt_hash, usage, cost)  # fmt: skip
+
+    def _add_scores(self, judgment: Judgment) -> bool:
+        """Where ``judgment``'s (feature, judge) is stored as ok already: add the scorer
+        results it carries and the stored one lacks (a scorer asked for later), leaving
+        the rest as it is; whether a successful judgment was stored."""
+        row = self.conn.execute(
+            "SELECT payload FROM judgments WHERE feature_id=? AND judge=? AND status='ok'",
+            (judgment.feature_id, judgment.judge),
+        ).fetchone()
+        if row is None:
+            return False
+        stored = Judgment.model_validate_json(row[0])
+        added = {
+            s: getattr(judgment, s)
+            for s in SCORER_STAGES
+            if getattr(stored, s) is None and getattr(judgment, s) is not None
+        }
+        if added:
+            added["schema_version"] = judgment.schema_version
+            self.conn.execute(
+                "UPDATE judgments SET payload=? WHERE feature_id=? AND judge=?",
+                (redact(stored.model_copy(update=added).model_dump_json()),
+                 judgment.feature_id, judgment.judge),
+            )  # fmt: skip
+        return True
 
     def put_failure(
         self,

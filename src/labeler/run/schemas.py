@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prompts import Category, Confidence, DomainType, Mechanism, Subcategory, load_taxonomy
 
-JUDGMENT_SCHEMA_VERSION = 2
+JUDGMENT_SCHEMA_VERSION = 3
 CATALOG_SCHEMA_VERSION = 2
 
 
@@ -127,6 +127,25 @@ class DetectionScore(BaseModel):
     )
 
 
+class IntruderScore(BaseModel):
+    """How often the odd window out was found among the feature's windows
+    (``judges.scorers``), against chance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int
+    n_correct: int
+    n_choices: int = Field(description="windows per trial; chance is one in this")
+    chance: float
+    accuracy: float | None = Field(description="n_correct / n_trials; null without trials")
+    interval: list[float] | None = Field(
+        None, description="95% Wilson interval of the accuracy [low, high]"
+    )
+    p_value: float | None = Field(
+        None, description="exact one-sided binomial p-value of the accuracy against chance"
+    )
+
+
 class Usage(BaseModel):
     """Tokens that calls used, as the provider reported them."""
 
@@ -169,8 +188,15 @@ class Judgment(BaseModel):
     detection: DetectionScore
     detection_by_set: dict[str, DetectionScore]
     classification: Classification
+    fuzz: DetectionScore | None = Field(
+        None, description="the fuzzing scorer's: 'marked right' is the truth; null unless asked"
+    )
+    intruder: IntruderScore | None = Field(
+        None, description="the intruder scorer's; null unless asked"
+    )
     usage: dict[str, Usage] = Field(
-        default_factory=dict, description="tokens per stage: explain, detect, classify"
+        default_factory=dict,
+        description="tokens per stage: explain, detect, classify (fuzz, intruder)",
     )
     cost_usd: float | None = Field(None, description="None where the model has no price")
 
