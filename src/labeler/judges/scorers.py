@@ -62,6 +62,13 @@ def parse_scorers(text: str | Iterable[str]) -> tuple[Scorer, ...]:
     return tuple(s for s in SCORERS if s in names)
 
 
+def scorers_of(judges: Iterable[object]) -> tuple[Scorer, ...]:
+    """The scorers the judges were built with (``scorers`` of each; detection alone for
+    a judge that has none), in the fixed order."""
+    asked = {s for judge in judges for s in getattr(judge, "scorers", DEFAULT_SCORERS)}
+    return tuple(s for s in SCORERS if s in asked)
+
+
 def window(example: Example) -> tuple[list[str], list[float]]:
     """The example's tokens and activations cut as detection cuts its positives."""
     lo = max(0, example.highlight - SNIPPET_BEFORE)

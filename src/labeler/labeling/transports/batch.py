@@ -34,7 +34,7 @@ from labeler.judges.batch_api import BatchApi, LineResult, batch_api
 from labeler.judges.halting import Halted
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.requests import AwaitingReply
-from labeler.judges.scorers import DEFAULT_SCORERS
+from labeler.judges.scorers import scorers_of
 from labeler.judges.stages import StageName, StageOutcome
 from labeler.labeling.batch_records import (
     Awaiting,
@@ -106,7 +106,7 @@ def label_in_batches(
     on_result: OnResult | None = None,
     interrupts: Interrupts | None = None,
     wait: bool = False,
-    scorers: tuple[str, ...] = DEFAULT_SCORERS,
+    scorers: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, LabelReport], BatchReport]:
     """Every judge on the planned features through provider batches, holding the run's
     lock throughout; a report per judge, and what is still in flight at the provider."""
@@ -114,7 +114,8 @@ def label_in_batches(
     cancelled = None if interrupts is None else interrupts.requested.is_set
     with RunLock(store.path, "labeler label (batch)", wait=wait, cancelled=cancelled) as lock:
         engine = Engine(run, store, {j.name: j.prompt_hash for j in judges}, sample_per_layer,
-                        seed, budget_usd, executor="batch", scorers=scorers)  # fmt: skip
+                        seed, budget_usd, executor="batch",
+                        scorers=scorers or scorers_of(judges))  # fmt: skip
         labeling = _Batches(engine, judges, apis, settings or BatchSettings(), on_start,
                             on_result, interrupts, lock)  # fmt: skip
         asyncio.run(labeling.run())

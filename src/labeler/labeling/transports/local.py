@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from labeler.judges import Judge
-from labeler.judges.scorers import DEFAULT_SCORERS
+from labeler.judges.scorers import scorers_of
 from labeler.judges.stages import StageName, StageOutcome
 from labeler.labeling.accounting import count_unanswered
 from labeler.labeling.call_journal import CallJournal
@@ -62,7 +62,7 @@ def label_judges(
     on_result: OnResult | None = None,
     interrupts: Interrupts | None = None,
     wait: bool = False,
-    scorers: tuple[str, ...] = DEFAULT_SCORERS,
+    scorers: tuple[str, ...] | None = None,
 ) -> dict[str, LabelReport]:
     """Every judge on the planned features, holding the run's lock throughout; a report
     per judge. With ``interrupts``, a signal stops new work and the stages in flight are
@@ -70,7 +70,8 @@ def label_judges(
     cancelled = None if interrupts is None else interrupts.requested.is_set
     with RunLock(store.path, "labeler label (local)", wait=wait, cancelled=cancelled) as lock:
         engine = Engine(run, store, {j.name: j.prompt_hash for j in judges}, sample_per_layer,
-                        seed, budget_usd, executor="local", scorers=scorers)  # fmt: skip
+                        seed, budget_usd, executor="local",
+                        scorers=scorers or scorers_of(judges))  # fmt: skip
         labeling = _Local(engine, judges, concurrency, on_start, on_result, interrupts, lock)
         asyncio.run(labeling.run())
         lock.check()  # taken over meanwhile: say so rather than report a partial labeling
