@@ -69,6 +69,11 @@ class JudgeOptions(BaseModel):
     scorers: tuple[Scorer, ...] = Field(
         DEFAULT_SCORERS, description="scorers every judgment carries (judges.scorers)"
     )
+    explain_from: tuple[Literal["examples", "outputs"], ...] = Field(
+        ("examples",),
+        description="what the explainer sees: the top examples, and/or what the feature "
+        "does to the output (logit lens, steering)",
+    )
 
 
 JudgeFactory = Callable[[str, JudgeOptions], Judge]

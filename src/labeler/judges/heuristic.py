@@ -6,7 +6,10 @@ Method (documented in docs/heuristic-judge.md):
    activating token, normalized (``prompts.normalize_token``).
 2. **Explanation.** The tokens covering 80% of the votes (at most six) form the
    feature's *pattern*; the explanation names them, the region where the feature fires
-   most, and the logit-lens tokens it promotes.
+   most, and, for an output feature (step 4), the logit-lens tokens it promotes. With
+   ``explain_from`` holding ``outputs``: the logit-lens tokens that dominate (10x the
+   tenth listed) whatever the classification, and the tokens steering promotes where
+   ``score-outputs`` ran.
 3. **Detection.** A snippet is predicted activating when it contains a pattern token.
    Scored as in the paper on 5 top and 5 random positives, each set with 5 corpus
    windows checked to be non-activating; positives are cut to the negatives' width
@@ -43,6 +46,7 @@ from labeler.judges.scorers import (
     DEFAULT_SCORERS,
     FuzzItem,
     IntruderTrial,
+    explained_hash,
     fuzz_items,
     intruder_score,
     intruder_trials,
@@ -64,6 +68,7 @@ CATEGORY_SHARE = 0.6
 DOMAIN_SHARE = 0.9
 DOMAIN_ENRICHMENT = 1.2
 OUTLIER_RATIO = 1.5
+NAMED_OUTPUT_RATIO = 10.0
 N_POSITIVES = 5
 
 
@@ -153,6 +158,33 @@ def intruder_picks(
     return picks
 
 
+def _outlier_floor(feature: FeatureRecord) -> float:
+    """A logit-lens value standing out: at least 1.5x the last (tenth) one listed."""
+    return OUTLIER_RATIO * feature.top_logit_values[-1] if feature.top_logit_values else 0.0
+
+
+def _standing_out(feature: FeatureRecord) -> list[str]:
+    """The logit lens's top three tokens whose values stand out (none for a random
+    decoder column)."""
+    floor = _outlier_floor(feature)
+    return [
+        t
+        for t, v in zip(feature.top_logits[:3], feature.top_logit_values[:3], strict=False)
+        if v >= floor > 0
+    ]
+
+
+def _dominant_outputs(feature: FeatureRecord) -> list[str]:
+    """The logit lens's top three tokens at least ``NAMED_OUTPUT_RATIO`` times the tenth
+    one listed: what an explanation from outputs names. On the demo a random decoder
+    column's top token is at most 6x its tenth, a planted output feature's over 100x."""
+    values = feature.top_logit_values
+    if not values or values[-1] <= 0:
+        return []
+    floor = NAMED_OUTPUT_RATIO * values[-1]
+    return [t for t, v in zip(feature.top_logits[:3], values[:3], strict=False) if v >= floor]
+
+
 def _confidence(share: float) -> str:
     return "high" if share >= 0.85 else "medium" if share >= 0.7 else "low"
 
@@ -172,13 +204,15 @@ class HeuristicJudge:
         taxonomy: Taxonomy | None = None,
         scorers: tuple[str, ...] = DEFAULT_SCORERS,
         seed: int = 0,
+        explain_from: tuple[str, ...] = ("examples",),
     ) -> None:
         self.name = name
+        self.explain_from = tuple(explain_from)
         self.scorers = tuple(scorers)
         self.seed = seed
         self.taxonomy = taxonomy or load_taxonomy()
         self.cues = self.taxonomy.cue_index()
-        self.prompt_hash = taxonomy_hash()
+        self.prompt_hash = explained_hash(taxonomy_hash(), self.explain_from)
 
     def limit_requests(self, n: int) -> None:
         """No requests: nothing to limit."""
@@ -232,17 +266,21 @@ class HeuristicJudge:
     ) -> str:
         region = max(feature.by_region, key=lambda r: feature.by_region[r])
         text = f"Fires on {_quote(pattern)}, mostly in the {region.replace('_', ' ')} region"
-        if classification.mechanism == "output":
+        if "outputs" in self.explain_from:
+            named = list(dict.fromkeys(normalize_token(t) for t in _dominant_outputs(feature)))
+            if named:
+                text += f"; promotes {_quote(named)}"
+            if feature.steering_promotes:
+                steered = list(
+                    dict.fromkeys(normalize_token(t) for t in feature.steering_promotes[:3])
+                )
+                text += f"; steering it raises {_quote(steered)}"
+        elif classification.mechanism == "output":
             text += f"; promotes {_quote([normalize_token(t) for t in feature.top_logits[:3]])}"
         return text + "."
 
     def classify(self, feature: FeatureRecord, votes: Votes) -> Classification:
-        floor = OUTLIER_RATIO * feature.top_logit_values[-1] if feature.top_logit_values else 0.0
-        promoted = [
-            _cue(self.cues, normalize_token(t))
-            for t, v in zip(feature.top_logits[:3], feature.top_logit_values[:3], strict=False)
-            if v >= floor > 0
-        ]
+        promoted = [_cue(self.cues, normalize_token(t)) for t in _standing_out(feature)]
         promoted_reasoning = [c[1] for c in promoted if c and c[0] == "reasoning"]
         if len(promoted_reasoning) >= 2:
             sub = Counter(promoted_reasoning).most_common(1)[0][0]

@@ -69,6 +69,16 @@ def scorers_of(judges: Iterable[object]) -> tuple[Scorer, ...]:
     return tuple(s for s in SCORERS if s in asked)
 
 
+def explained_hash(prompt_hash: str, explain_from: tuple[str, ...]) -> str:
+    """A judge's prompt hash, marked when its explanations are not made from the examples
+    alone, so that labels made from different evidence are never mixed."""
+    return (
+        prompt_hash
+        if tuple(explain_from) == ("examples",)
+        else (f"{prompt_hash}+{'+'.join(explain_from)}")
+    )
+
+
 def window(example: Example) -> tuple[list[str], list[float]]:
     """The example's tokens and activations cut as detection cuts its positives."""
     lo = max(0, example.highlight - SNIPPET_BEFORE)

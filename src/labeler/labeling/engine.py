@@ -23,6 +23,7 @@ The run's lock (``labeling.lock``) is taken by :func:`locked` around all of it.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -171,6 +172,9 @@ class Engine:
         self._unreachable: dict[str, int] = {}
         self._held: dict[str, list[tuple[Unit, StageOutcome]]] = {}
         self.shared = folder_cache_from_env()
+        self.steering: dict[str, list[str]] = {}
+        """Per feature, the tokens steering it promotes (``score-outputs``), shown to an
+        explainer asked to explain from outputs."""
 
     # -- the plan ------------------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class Engine:
             tally.skipped = sum(1 for fid in planned if fid in done[judge])
         self.store.set_meta("executor", self.executor)
         _ = self.run.negative_pool  # read once here
+        self.steering = steering_promotes(self.store)
         return [(fid, j) for fid in planned for j in self.hashes if fid not in done[j]]
 
     def _check_batches(self) -> None:
@@ -243,6 +248,8 @@ class Engine:
         key = (feature_id, judge)
         if key in self.finished or key in self.active:
             return None
+        if feature_id in self.steering:
+            record = record.model_copy(update={"steering_promotes": self.steering[feature_id]})
         hashed = self.hashes[judge]
         sets = [kind for kind in ("top", "random") if record.of_kind(kind)]
         unit = Unit(
@@ -482,6 +489,16 @@ class Engine:
             spent_usd=self.spent_by_judge.get(judge, 0.0),
             budget_reached=self.budget_reached, stopped=self.stopped,
         )  # fmt: skip
+
+
+def steering_promotes(store: LabelStore) -> dict[str, list[str]]:
+    """The tokens each feature scored by ``labeler score-outputs`` promotes."""
+    out: dict[str, list[str]] = {}
+    for fid, payload in store.output_scores().items():
+        promoted = json.loads(payload).get("promoted")
+        if isinstance(promoted, list):
+            out[fid] = [str(t) for t in promoted]
+    return out
 
 
 def _plus(total: float | None, cost: float | None) -> float | None:

@@ -54,6 +54,11 @@ class FeatureRecord(BaseModel):
     top_logit_values: list[float]
     bottom_logits: list[str]
     examples: list[Example]
+    steering_promotes: list[str] = Field(
+        default_factory=list,
+        description="the tokens whose probability rose most when the feature was steered "
+        "(`labeler score-outputs`); empty where it has not run",
+    )
 
     def of_kind(self, kind: str) -> list[Example]:
         """The examples of one kind in order (quantile samples: highest quantile first)."""
