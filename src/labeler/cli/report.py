@@ -27,6 +27,7 @@ def _summarize(
     plot: Path | None,
     compare_with: Path | None = None,
     rules_path: Path | None = None,
+    baseline: Path | None = None,
 ) -> Any:
     from collectors.run_format import read_run_info
     from labeler.cli.render import summary_tables
@@ -46,6 +47,10 @@ def _summarize(
             store.close()
 
     summary = load(run_path)
+    if baseline is not None:
+        from labeler.cli.baseline import against_baseline
+
+        summary.baseline = against_baseline(run_path, baseline)
     other = load(compare_with) if compare_with is not None else None
     comparison = compare(summary, other) if other is not None else None
     write_text_atomic(run_path / "summary.json", summary.model_dump_json(indent=2) + "\n")
@@ -71,6 +76,10 @@ def _summarize(
     else:
         for part in summary_tables(summary, comparison):
             console.print(part)
+        if summary.baseline is not None:
+            from labeler.cli.baseline import baseline_table
+
+            console.print(baseline_table(summary.baseline))
         console.print(f"plots: {', '.join(map(str, plots))}; JSON: {run_path / 'summary.json'}")
     return summary
 
@@ -87,8 +96,12 @@ def _summarize(
                    "baseline).")  # fmt: skip
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
+@click.option("--baseline", "baseline", metavar="BASE", default=None,
+              type=click.Path(path_type=Path),
+              help="Read the scores against a control run (`labeler baseline`; "
+                   "docs/baseline.md).")  # fmt: skip
 def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Path | None,
-              rules_path: Path | None) -> None:  # fmt: skip
+              rules_path: Path | None, baseline: Path | None) -> None:  # fmt: skip
     """The share of reasoning features among all alive features with its 95% CI (each
     layer's sample weighted by its alive features), the breakdown by category, for the
     final labels and each judge side by side; judge and human agreement; disputes; cost.
@@ -97,7 +110,7 @@ def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Pa
     Final labels: a person's decision, else the judges' consensus, else one judge.
     Writes RUN/summary.json and PNG plots (shares by layer; agreement; comparison).
     """
-    _summarize(run_path, as_json, plot, compare_with, rules_path)
+    _summarize(run_path, as_json, plot, compare_with, rules_path, baseline)
 
 
 # polars' bundled allocator (jemalloc) gives freed memory back to the kernel within a

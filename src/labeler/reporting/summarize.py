@@ -29,6 +29,7 @@ from collectors.run_format import RunInfo, package_versions
 from labeler.errors import UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
+from labeler.reporting.baseline_compare import BaselineComparison
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.final_labels import SOURCES, final_labels, human_labels
 from labeler.reporting.label_table import judge_names, judgment_frame, planned_frame, review_frame
@@ -238,6 +239,9 @@ class RunSummary(BaseModel):
     )
     steering: SteeringSummary | None = Field(
         None, description="output scores by mechanism, when `labeler score-outputs` ran"
+    )
+    baseline: BaselineComparison | None = Field(
+        None, description="the scores against a control run (`summarize --baseline`)"
     )
 
 
