@@ -23,7 +23,8 @@ from labeler.judges import make_judge
 from labeler.judges.base import JudgeOptions
 from labeler.judges.heuristic import _window, activating_votes, pattern_of
 from labeler.judges.prompting import snippet_text
-from labeler.labeling import label_judges
+from labeler.judges.scorers import fuzz_items, window
+from labeler.labeling import label_judges, label_run
 from labeler.labeling.plan import negatives_for
 from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
@@ -102,10 +103,12 @@ def check_folder(folder: Path, judgments: dict[str, Judgment]) -> pl.DataFrame:
     """What every judge's folder must satisfy; returns its scores as delphi reads them."""
     config = json.loads((folder / "run_config.json").read_text())
     modules = config["hookpoints"]
-    assert config["scorers"] == ["detection"] and config["constructor_cfg"] == {}
+    fuzzed = (folder / "scores/fuzz").exists()
+    assert config["scorers"] == ["detection", "fuzz"][: 1 + fuzzed]
+    assert config["constructor_cfg"] == {}
     assert not [(a, b) for a in modules for b in modules if a != b and a in b]
     # every file is found by exactly one module's glob
-    for sub in ("explanations", "scores/detection"):
+    for sub in ("explanations", "scores/detection", "scores/fuzz")[: 2 + fuzzed]:
         files = sorted(p.name for p in (folder / sub).iterdir())
         found = sorted(p.name for m in modules for p in (folder / sub).glob(f"*{m}*"))
         assert files == found
@@ -116,7 +119,7 @@ def check_folder(folder: Path, judgments: dict[str, Judgment]) -> pl.DataFrame:
     assert explained == {f: j.explanation for f, j in judgments.items()}
 
     frame = delphi_frame(folder / "scores", modules)
-    stats = per_latent(frame)
+    stats = per_latent(frame.filter(pl.col("score_type") == "detection"))
     scored = {feature_of(m, i): s for (m, i), s in stats.items()}
     assert set(scored) == set(judgments)
     for fid, s in scored.items():
@@ -160,6 +163,7 @@ def test_heuristic_scores_are_recomputed_and_read_back_by_delphi(
             "explanations": len(judgments),
             "scores": len(judgments),
             "without_scores": 0,
+            "fuzz_scores": 0,
             "scores_from": "recomputed",
         }
     ]
@@ -201,6 +205,91 @@ def test_heuristic_scores_are_recomputed_and_read_back_by_delphi(
     assert sorted(counts) == sorted({module_name(layer) for _, layer, _ in planned})
     for row in features.iter_rows(named=True):
         assert counts[module_name(row["layer"])][row["index"]].item() == row["count"]
+    store.close()
+
+
+# -- the fuzzing scorer ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzzed(collected: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo labeled by the heuristic judge with every scorer."""
+    run = tmp_path_factory.mktemp("delphi-fuzz") / "run"
+    shutil.copytree(collected.run, run)
+    store = LabelStore(run / "labels.sqlite")
+    judge = make_judge("heuristic", JudgeOptions(scorers=("detection", "fuzz", "intruder")))
+    label_run(RunData.open(run), store, judge)
+    store.close()
+    return run
+
+
+def test_fuzz_files_are_the_items_shown_and_read_back_by_delphi(
+    fuzzed: Path, tmp_path: Path
+) -> None:
+    run, store = RunData.open(fuzzed), LabelStore(fuzzed / "labels.sqlite")
+    out = tmp_path / "delphi"
+    export_delphi(run, store, out)
+    judgments = ok_judgments(store, "heuristic")
+    assert all(j.fuzz is not None for j in judgments.values())
+    [summary] = json.loads((out / "judges.json").read_text())
+    assert summary["fuzz_scores"] == summary["scores"] == len(judgments)
+    frame = check_folder(out / "heuristic", judgments)  # detection as before, beside fuzz
+    fuzz = frame.filter(pl.col("score_type") == "fuzz")
+    stats = {feature_of(m, i): s for (m, i), s in per_latent(fuzz).items()}
+    assert set(stats) == set(judgments)
+    n_compared = 0
+    for fid, s in stats.items():
+        stored = judgments[fid].fuzz
+        assert stored is not None
+        assert s["share_correct"] == pytest.approx(stored.accuracy, abs=1e-12), fid
+        if stored.precision is not None:  # both kinds of item: delphi's confusion is ours
+            assert s["accuracy"] == pytest.approx(stored.accuracy, abs=1e-12), fid
+            assert s["precision"] == pytest.approx(stored.precision, abs=1e-12), fid
+            assert s["recall"] == pytest.approx(stored.recall, abs=1e-12), fid
+            n_compared += 1
+    assert n_compared > 0.9 * len(stats)
+
+    # each file holds the fuzzing items the judge saw, in its order, with their windows'
+    # activations: rightly marked ones by their set, fuzzed ones as delphi's "active"
+    # fuzzing records them (not activating, distance -1, real activations)
+    for feature in run.records(sorted(judgments)[:40]):
+        items = fuzz_items(feature, 0)
+        path = out / "heuristic/scores/fuzz" / latent_file(feature.layer, feature.index)
+        records = json.loads(path.read_bytes())
+        assert [(r["str_tokens"], r["activating"]) for r in records] == [
+            (it.tokens, it.correct) for it in items
+        ]
+        windows: dict[tuple[str, ...], list[tuple[list[float], int]]] = {}
+        for d, kind in enumerate(("top", "random")):
+            for e in feature.of_kind(kind)[:5]:
+                windows.setdefault(tuple(window(e)[0]), []).append((window(e)[1], d))
+        for r, item in zip(records, items, strict=True):
+            # the window it was cut from (a top example can be a random one too): its
+            # activations, and the marks on its active tokens or off them
+            sets = [
+                d
+                for acts, d in windows[tuple(r["str_tokens"])]
+                if r["activations"] == pytest.approx(acts)
+            ]
+            active = {i for i, a in enumerate(r["activations"]) if a > 0}
+            if item.correct:
+                assert active == set(item.marked) and r["distance"] in sets
+            else:
+                assert not active & set(item.marked) and sets and r["distance"] == -1
+            assert max(r["activations"]) > 0 and r["probability"] is None
+            assert r["correct"] == (r["prediction"] == r["activating"])
+    # the intruder scorer has no file: delphi's loader reads every scores folder as
+    # per-example classifier records, which an intruder trial is not
+    assert sorted(p.name for p in (out / "heuristic/scores").iterdir()) == ["detection", "fuzz"]
+    store.close()
+
+
+def test_fuzz_files_need_the_labeling_seed(fuzzed: Path, tmp_path: Path) -> None:
+    run, store = RunData.open(fuzzed), LabelStore(fuzzed / "labels.sqlite")
+    export_delphi(run, store, tmp_path / "delphi", seed=5)
+    [summary] = json.loads((tmp_path / "delphi/judges.json").read_text())
+    assert summary["fuzz_scores"] == 0
+    assert not (tmp_path / "delphi/heuristic/scores/fuzz").exists()
     store.close()
 
 
@@ -252,6 +341,7 @@ def test_llm_answers_are_the_kept_ones_on_the_snippets_shown(
         "explanations": 8,
         "scores": 8,
         "without_scores": 0,
+        "fuzz_scores": 0,
         "scores_from": "stages",
     }
     assert folders["heuristic"]["scores"] == 8

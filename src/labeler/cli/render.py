@@ -211,7 +211,11 @@ def _spread(s: Spread) -> str:
 
 def detection_spread_table(summary: RunSummary) -> Table | None:
     """Each judge's detection F1 and balanced accuracy: median [quartiles] by final
-    category and by layer (within 80 columns)."""
+    category and by layer (within 80 columns); below it, where judges were scored by the
+    fuzzing or intruder scorers, a second table of the fuzzing F1 and the intruder
+    accuracy (against its chance), the two in one grid so the summary shows both."""
+    from labeler.judges.scorers import INTRUDER_SIZE  # this function's alone
+
     judges = [j for j in summary.judges if j.detection_distribution is not None]
     if not judges:
         return None
@@ -221,6 +225,16 @@ def detection_spread_table(summary: RunSummary) -> Table | None:
     )
     for column in ("judge", "final label", "n", "F1", "balanced acc."):
         table.add_column(column, justify="left" if column in ("judge", "final label") else "right")
+    others = {"fuzz.f1": "fuzzing F1", "intruder.accuracy": "intruder acc."}
+    scored = [j for j in judges if j.detection_distribution
+              and set(others) & set(j.detection_distribution.by_metric)]  # fmt: skip
+    extra = Table(
+        title=f"fuzzing F1 and intruder accuracy by judge: median [IQR] over {summary.unit}s "
+        f"(intruder chance: 1 in {INTRUDER_SIZE})",
+        title_justify="left",
+    )
+    for column in ("judge", "final label", "n", *others.values()):
+        extra.add_column(column, justify="left" if column in ("judge", "final label") else "right")
     for judge in judges:
         dist = judge.detection_distribution
         assert dist is not None
@@ -234,7 +248,27 @@ def detection_spread_table(summary: RunSummary) -> Table | None:
                 _spread(s.f1), _spread(s.balanced_accuracy),
                 end_section=i == len(groups) - 1,
             )  # fmt: skip
-    return table
+        if judge not in scored:
+            continue
+        metrics = [dist.by_metric.get(name) for name in others]
+        keys = [*(("by_category", c) for c in dist.by_category),
+                *(("by_layer", la) for la in dist.by_layer)]  # fmt: skip
+        for i, (by, key) in enumerate(keys):
+            cells = [None if m is None else getattr(m, by)[key] for m in metrics]
+            n = max((c.n for c in cells if c is not None), default=0)
+            extra.add_row(
+                escape(judge.rater) if i == 0 else "",
+                key if by == "by_category" else f"layer {key}", f"{n:,}",
+                *(_spread(c) if c is not None else "-" for c in cells),
+                end_section=i == len(keys) - 1,
+            )  # fmt: skip
+    if not scored:
+        return table
+    both = Table.grid()
+    both.add_row(table)
+    both.add_row("")
+    both.add_row(extra)
+    return both
 
 
 def _disputes_and_reviews(summary: RunSummary) -> str:

@@ -23,6 +23,10 @@ writes its own, one delphi results folder per judge::
                                 the judge's detection answers: a JSON array of
                                 {str_tokens, activations, distance, activating,
                                  prediction, probability, correct}
+        scores/fuzz/MODULE_latentI.txt
+                                the judge's fuzzing answers, records of the same
+                                layout (``labeler.formats.delphi_fuzz``), where it was
+                                scored by fuzzing
 
 A layer's module is ``layers.{layer}.mlp`` (the adapter sits on each MLP, as delphi names
 its transcoder hookpoints); no module name is part of another's, so delphi's glob
@@ -50,6 +54,11 @@ negatives are drawn with the same seed); otherwise the seed or the run is not th
 labeling's, and the layer gets explanations only. A heuristic-only run labeled with
 another seed is not always caught (its answers on other negatives can give the same
 scores). Other judges get explanations only.
+
+Intruder scores are not written: delphi 0.1.3's pipeline neither runs nor writes its
+intruder scorer, whose results (one pick among a trial's windows) are not per-example
+records, and its analysis reads every folder under ``scores/`` as such records. They
+are in the catalog (docs/delphi.md).
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ import polars as pl
 from collectors.run_format import EXAMPLES, FEATURES, publish
 from labeler.formats.catalog import LayerReader
 from labeler.formats.circuit_tracer import staging_folder
+from labeler.formats.delphi_fuzz import FUZZ, FUZZ_SCORES, LayerFuzz, layer_fuzz
 from labeler.judges.heuristic import N_POSITIVES as HEURISTIC_POSITIVES
 from labeler.judges.heuristic import PATTERN_COVERAGE, PATTERN_MAX
 from labeler.judges.llm_judge import DETECTION_SETS, JudgeSettings
@@ -169,6 +179,7 @@ class _Judge:
     folder: Path
     explained: int = 0
     scored: int = 0
+    fuzz_scored: int = 0
 
     def __post_init__(self) -> None:
         (self.folder / EXPLANATIONS).mkdir(parents=True)
@@ -191,6 +202,7 @@ class _LayerFiles:
     explanations: dict[str, pl.DataFrame] = field(default_factory=dict)  # (index, text)
     scores: dict[str, pl.DataFrame] = field(default_factory=dict)  # (index, text)
     mismatched: int = 0
+    fuzz: LayerFuzz = field(default_factory=LayerFuzz)
 
 
 def _write(
@@ -208,7 +220,7 @@ def _write(
         name: _Judge(name, folder / sub) for name, sub in folder_names(store.judges()).items()
     }
     layer_data = _LayerData(run, store, rules or DisputeRules(), seed, set(judges))
-    explained = mismatched = 0
+    explained = mismatched = fuzz_mismatched = 0
     with (
         (folder / LABELS).open("wb") as labels,
         ThreadPoolExecutor(PREPARING, "delphi-layer") as pool,
@@ -226,8 +238,13 @@ def _write(
                     )
                 if name in files.scores:
                     judge.scored += _write_texts(judge.folder / SCORES, layer, files.scores[name])
+                if name in files.fuzz.texts:
+                    judge.fuzz_scored += _write_texts(
+                        judge.folder / FUZZ_SCORES, layer, files.fuzz.texts[name]
+                    )
             explained += files.explained
             mismatched += files.mismatched
+            fuzz_mismatched += files.fuzz.mismatched
             if progress is not None:
                 progress(files.planned)
     _write_logs(run, layers, list(judges.values()))
@@ -238,6 +255,7 @@ def _write(
             "explanations": j.explained,
             "scores": j.scored,
             "without_scores": j.explained - j.scored,
+            "fuzz_scores": j.fuzz_scored,
             "scores_from": j.source,
         }
         for j in judges.values()
@@ -248,6 +266,13 @@ def _write(
             "%d judgments got no scores file: their layer's detection snippets, rebuilt "
             "with seed %d, do not all match what is stored",
             mismatched,
+            seed,
+        )
+    if fuzz_mismatched:
+        log.warning(
+            "%d judgments with a fuzzing score got no fuzz file: their layer's fuzzing "
+            "items, rebuilt with seed %d, do not all score to what is stored",
+            fuzz_mismatched,
             seed,
         )
     return explained
@@ -280,7 +305,7 @@ def _write_logs(run: RunData, layers: list[int], judges: list[_Judge]) -> None:
             "name": judge.folder.name,
             "sparse_model": run.info.adapter_path,
             "hookpoints": modules,
-            "scorers": [SCORER] if judge.scored else [],
+            "scorers": [n for n, k in ((SCORER, judge.scored), (FUZZ, judge.fuzz_scored)) if k],
             "explainer_model": judge.name,
             "constructor_cfg": {},
         }
@@ -331,6 +356,7 @@ class _LayerData:
         self.reader = LayerReader(run, store, rules, False, {"run": str(run.folder)}, None)
         self.judges = judges
         self.snippets = _Snippets(run, seed)
+        self.run, self.seed = run, seed
 
     def prepare(self, layer: int) -> _LayerFiles:
         lines = self.reader.lines(layer)
@@ -349,6 +375,7 @@ class _LayerData:
                 .str.strip_suffix("}"),
             )
         self._scores(layer, ok, files)
+        files.fuzz = layer_fuzz(self.run, self.reader.connection(), layer, self.seed, self.judges)
         return files
 
     def _scores(self, layer: int, ok: pl.DataFrame, files: _LayerFiles) -> None:

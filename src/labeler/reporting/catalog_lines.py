@@ -40,6 +40,8 @@ def _judgment_lists(judgments: pl.DataFrame) -> pl.DataFrame:
         "confidence",
         "rationale",
         pl.when(pl.col("status") == "ok").then(pl.col("scores")).alias("detection"),
+        pl.when(pl.col("status") == "ok").then(pl.col("fuzz")).alias("fuzz"),
+        pl.when(pl.col("status") == "ok").then(pl.col("intruder")).alias("intruder"),
         "prompt_hash",
         "attempts",
         "created_at",

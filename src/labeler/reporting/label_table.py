@@ -51,6 +51,12 @@ _SCORE_FIELDS: tuple[tuple[str, pl.DataType], ...] = (
 _POOLED = (  # what the catalog keeps pooled
     "accuracy", "precision", "recall", "auroc", "f1", "balanced_accuracy", "auprc",
 )  # fmt: skip
+_FUZZ = ("accuracy", "balanced_accuracy", "f1", "auroc", "auprc", "n_positive", "n_negative")
+"""What the catalog keeps of the fuzzing scorer's score (``labeler.judges.scorers``)."""
+_INTRUDER = (
+    ("accuracy", pl.Float64()), ("chance", pl.Float64()), ("p_value", pl.Float64()),
+    ("n_trials", pl.Int64()), ("n_correct", pl.Int64()),
+)  # fmt: skip
 _SETS = ("top", "random")
 _BALANCED = ("accuracy", "precision", "recall", "f1", "balanced_accuracy", "auprc")
 """Scores that need both classes: over activating examples alone accuracy is recall and
@@ -69,6 +75,10 @@ _SCORES = (
     *(_json_field(f"detection.{n}", f"pooled_{n}", d) for n, d in _SCORE_FIELDS),
     *(_json_field(f"detection_by_set.{s}.{n}", f"{s}_{n}", d)
       for s in _SETS for n, d in _SCORE_FIELDS),
+    *(_json_field(f"fuzz.{n}", f"fuzz_{n}", d) for n, d in _SCORE_FIELDS if n in _FUZZ),
+    *(_json_field(f"intruder.{n}", f"intruder_{n}", d) for n, d in _INTRUDER),
+    *(_json_field(f"intruder.interval[{i}]", f"intruder_{b}", pl.Float64())
+      for i, b in enumerate(("low", "high"))),
 )  # fmt: skip
 _FULL: tuple[tuple[str, str, pl.DataType], ...] = (
     *((name, expr, dtype()) for name, expr, dtype in _BRIEF),
@@ -119,8 +129,9 @@ def judgment_frame(
 ) -> pl.DataFrame:
     """One row per stored (feature, judge): status and reason, cost, the classification
     and the detection accuracy; with ``full`` also the explanation, rationale, every
-    detection score (``scores``: the pooled one and ``by_set``), prompt hash, attempts and
-    time. Of one feature with ``feature_id``, of one layer's features with ``layer``."""
+    detection score (``scores``: the pooled one and ``by_set``), the other scorers' scores
+    (``fuzz``, ``intruder``: null where not scored), prompt hash, attempts and time. Of
+    one feature with ``feature_id``, of one layer's features with ``layer``."""
     conn = store.conn if isinstance(store, LabelStore) else store
     columns = _FULL if full else _BRIEF
     select = ", ".join(expr for _, expr, _ in columns)
@@ -153,7 +164,26 @@ def judgment_frame(
             scores("pooled", _POOLED, defined_only=True).struct.unnest(),
             undefined_reason("pooled").alias("undefined"),
             by_set.alias("by_set"),
-        ).alias("scores")
+        ).alias("scores"),
+        pl.when(pl.col("fuzz_n_positive").is_not_null())
+        .then(scores("fuzz", _FUZZ, defined_only=True))
+        .alias("fuzz"),
+        pl.when(pl.col("intruder_n_trials").is_not_null())
+        .then(
+            pl.struct(
+                "intruder_accuracy",
+                "intruder_chance",
+                pl.when(pl.col("intruder_low").is_not_null())
+                .then(pl.concat_list("intruder_low", "intruder_high"))
+                .alias("interval"),
+                "intruder_p_value",
+                "intruder_n_trials",
+                "intruder_n_correct",
+            ).struct.rename_fields(
+                ["accuracy", "chance", "interval", "p_value", "n_trials", "n_correct"]
+            )
+        )
+        .alias("intruder"),
     ).drop(name for name, _, _ in _SCORES)
 
 

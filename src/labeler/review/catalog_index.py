@@ -66,7 +66,7 @@ from labeler.run.data import RunData
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "browse-index.sqlite"
-INDEX_VERSION = "3"  # 3: the words table, judges' and final labels searched
+INDEX_VERSION = "4"  # 4: every scorer's headline score; 3: the words table, labels searched
 SYNCED = "reviews_synced"  # the meta key: the id of the last review the rows include
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -90,7 +90,12 @@ CREATE TABLE features (
     label_source TEXT NOT NULL,     -- human, consensus, single_judge or none
     judge TEXT,                     -- whose explanation and detection score are shown
     explanation TEXT,
-    detection REAL,
+    detection REAL,                 -- the shown judge's detection accuracy
+    detection_f1 REAL,              -- its detection F1, fuzzing F1 and intruder accuracy
+    fuzz_f1 REAL,                   --   (null where undefined or not scored), and the
+    intruder_accuracy REAL,         --   intruder's chance and p-value against it
+    intruder_chance REAL,
+    intruder_p_value REAL,
     frequency REAL,
     count INTEGER,
     disputed INTEGER NOT NULL,
@@ -100,6 +105,9 @@ CREATE TABLE features (
 CREATE INDEX features_layer ON features (layer, idx);
 CREATE INDEX features_category ON features (category, layer, idx);
 CREATE INDEX features_detection ON features (detection);
+CREATE INDEX features_detection_f1 ON features (detection_f1);
+CREATE INDEX features_fuzz_f1 ON features (fuzz_f1);
+CREATE INDEX features_intruder_accuracy ON features (intruder_accuracy);
 CREATE INDEX features_frequency ON features (frequency);
 CREATE VIRTUAL TABLE search USING fts5(text, content='', tokenize='porter unicode61');
 CREATE VIRTUAL TABLE words USING fts5(text, content='', tokenize='unicode61', prefix='1 2');
@@ -123,15 +131,23 @@ def _label_text(row: str) -> str:
 _SCHEMA = _SCHEMA.format(old=_label_text("old"), new=_label_text("new"))
 _FTS_TABLES = ("search", "words")
 _COLUMNS = ("id", "feature_id", "layer", "idx", "category", "subcategory", "mechanism",
-            "domain_type", "label_source", "judge", "explanation", "detection", "frequency",
+            "domain_type", "label_source", "judge", "explanation", "detection", "detection_f1",
+            "fuzz_f1", "intruder_accuracy", "intruder_chance", "intruder_p_value", "frequency",
             "count", "disputed", "reviews", "output_significant")  # fmt: skip
+SCORE_COLUMNS = ("detection", "detection_f1", "fuzz_f1", "intruder_accuracy")
+"""The scores the catalog filters (``NAME_min``, ``NAME_max``) and sorts by: the shown
+judge's detection accuracy, detection F1, fuzzing F1 and intruder accuracy
+(``labeler.judges.score_values.HEADLINE``, with accuracy kept for links made before)."""
+_SHOWN_SCORES = (*SCORE_COLUMNS, "intruder_chance", "intruder_p_value")
+_BOUNDS = tuple(f"{c}_{b}" for c in SCORE_COLUMNS for b in ("min", "max"))
+_NULLS_LAST = (*_SHOWN_SCORES, "frequency", "category")
 SHOWN = _COLUMNS[1:]
 FACETS = ("category", "subcategory", "mechanism", "domain_type", "label_source", "layer")
 SORTS = {
     "feature": ("layer", "idx"),
     "layer": ("layer", "idx"),
     "category": ("category", "layer", "idx"),
-    "detection": ("detection", "layer", "idx"),
+    **{name: (name, "layer", "idx") for name in SCORE_COLUMNS},
     "frequency": ("frequency", "layer", "idx"),
     "count": ("count", "layer", "idx"),
     "reviews": ("reviews", "layer", "idx"),
@@ -147,6 +163,18 @@ class BadQuery(ValueError):
         self.field = field
 
 
+def _scores(detection: str) -> list[pl.Expr]:
+    """The shown scores of a frame of judgments whose detection scores are the struct
+    ``detection`` and whose other scorers' are the structs ``fuzz`` and ``intruder``."""
+    return [
+        pl.col(detection).struct.field("accuracy").alias("detection"),
+        pl.col(detection).struct.field("f1").alias("detection_f1"),
+        pl.col("fuzz").struct.field("f1").alias("fuzz_f1"),
+        *(pl.col("intruder").struct.field(n).alias(f"intruder_{n}")
+          for n in ("accuracy", "chance", "p_value")),
+    ]  # fmt: skip
+
+
 def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """From one layer's catalog lines (``LayerReader.lines``, without examples): the rows
     of ``features`` (without ``id``) and each feature's searchable text."""
@@ -157,8 +185,7 @@ def index_rows(lines: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .filter(pl.col("status") == "ok")
         .select(
             "feature_id", "label_source", "label_source_detail", "judge", "explanation",
-            "rationale", pl.col("detection").struct.field("accuracy").alias("detection"),
-            *LABEL_FIELDS,
+            "rationale", *_scores("detection"), *LABEL_FIELDS,
         )
     )  # fmt: skip
     labels = lines.select(
@@ -183,7 +210,7 @@ def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFram
     """The index rows and texts from each feature's label columns and its successful
     judgments (one row each); a text is every judge's explanation, rationale and label.
     The shown judge is the final label's judge for a judges' label, else the first judge
-    (by name) with an answer; its explanation and detection accuracy are shown. Both the
+    (by name) with an answer; its explanation and scores are shown. Both the
     full build and the refresh of a few features come here, so that they cannot differ."""
     chosen = pl.when(pl.col("label_source").is_in(["consensus", "single_judge"])).then(
         pl.col("label_source_detail")
@@ -192,7 +219,7 @@ def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFram
         judged.with_columns((pl.col("judge") != chosen).fill_null(True).alias("_later"))
         .sort("feature_id", "_later", "judge")
         .group_by("feature_id", maintain_order=True)
-        .agg(pl.col("judge").first(), pl.col("explanation").first(), pl.col("detection").first())
+        .agg(pl.col("judge", "explanation", *_SHOWN_SCORES).first())
     )
     text = (
         judged.sort("feature_id", "judge")
@@ -269,7 +296,7 @@ def changed_rows(
                            pl.col("source_detail").alias("label_source_detail")),
               on="feature_id")
         .select("feature_id", "label_source", "label_source_detail", "judge", "explanation",
-                "rationale", "detection", *LABEL_FIELDS)
+                "rationale", *_scores("scores"), *LABEL_FIELDS)
     )  # fmt: skip
     rows, _ = _shown_rows(labels, judged)
     return rows
@@ -424,6 +451,12 @@ class CatalogQuery:
     layer: int | None = None
     detection_min: float | None = None
     detection_max: float | None = None
+    detection_f1_min: float | None = None
+    detection_f1_max: float | None = None
+    fuzz_f1_min: float | None = None
+    fuzz_f1_max: float | None = None
+    intruder_accuracy_min: float | None = None
+    intruder_accuracy_max: float | None = None
     frequency_min: float | None = None
     frequency_max: float | None = None
     disputed: bool | None = None
@@ -436,8 +469,8 @@ class CatalogQuery:
     def from_params(cls, params: dict[str, list[str]]) -> CatalogQuery:
         """From URL query parameters; BadQuery names the first unusable one."""
         known = {"q", "category", "subcategory", "mechanism", "domain_type", "label_source",
-                 "layer", "detection_min", "detection_max", "frequency_min", "frequency_max",
-                 "disputed", "sort", "order", "page", "per_page"}  # fmt: skip
+                 "layer", "frequency_min", "frequency_max", "disputed", "sort", "order", "page",
+                 "per_page", *_BOUNDS}  # fmt: skip
         for name in params:
             if name not in known:
                 raise BadQuery(name, f"unknown parameter; use {', '.join(sorted(known))}")
@@ -477,8 +510,7 @@ class CatalogQuery:
             domain_type=last.get("domain_type"),
             label_source=last.get("label_source"),
             layer=whole("layer", 0, 10_000),
-            detection_min=number("detection_min", 0, 1),
-            detection_max=number("detection_max", 0, 1),
+            **{name: number(name, 0, 1) for name in _BOUNDS},
             frequency_min=number("frequency_min", 0, 1),
             frequency_max=number("frequency_max", 0, 1),
             disputed=None if disputed is None else disputed == "1",
@@ -501,8 +533,11 @@ class CatalogQuery:
                 args.append(value)
         for name, column, op in (
             ("layer", "layer", "="),
-            ("detection_min", "detection", ">="),
-            ("detection_max", "detection", "<="),
+            *(
+                (f"{c}_{b}", c, op)
+                for c in SCORE_COLUMNS
+                for b, op in (("min", ">="), ("max", "<="))
+            ),
             ("frequency_min", "frequency", ">="),
             ("frequency_max", "frequency", "<="),
         ):
@@ -647,7 +682,7 @@ def _page(conn: sqlite3.Connection, q: CatalogQuery) -> dict[str, Any]:
     total = conn.execute(f"SELECT count(*) FROM features WHERE {where}", args).fetchone()
     direction = "DESC" if q.descending else "ASC"
     order = ", ".join(
-        f"{c} IS NULL, {c} {direction}" if c in ("detection", "frequency", "category")
+        f"{c} IS NULL, {c} {direction}" if c in _NULLS_LAST
         else f"{c} {direction}"
         for c in SORTS[q.sort]
     )  # fmt: skip

@@ -7,7 +7,9 @@ over :mod:`labeler.review.queue`:
 - ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
 - ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative
   first, each with its preferred judge's explanation;
-- ``GET /api/feature/ID``: everything about one feature, with ``disagreement`` and its
+- ``GET /api/feature/ID``: everything about one feature, each judge's scores of every
+  scorer (``scores``: detection, ``fuzz``, ``intruder``; :func:`judge_scores`), with
+  ``disagreement`` and its
   output score's promoted tokens as shown (``promoted_shown``, :mod:`labeler.review.tokens`);
 - ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
   ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it
@@ -45,6 +47,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from labeler.errors import USER_ERRORS, UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
+from labeler.reporting.label_table import judgment_frame
 from labeler.review.queue import UnknownFeature, feature_view, record_decision_once, review_queue
 from labeler.review.tokens import shown_tokens
 from labeler.run.data import RunData
@@ -129,6 +132,20 @@ def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
     """Whether the reviewers' latest decisions on a feature name different categories."""
     latest = {r.reviewer: r.category for r in reviews if r.action == "decide"}
     return len(set(latest.values())) > 1
+
+
+def judge_scores(store: LabelStore, feature_id: str) -> dict[str, dict[str, object]]:
+    """Each judge's scores of one feature, as the page shows them: ``scores`` (detection,
+    pooled: accuracy, precision, recall, F1, balanced accuracy, AUROC, AUPRC, counts),
+    ``fuzz`` (the same metrics) and ``intruder`` (accuracy, chance, 95% interval,
+    p-value, trials), each null where the judge was not asked for it or failed. The
+    page's one ``detection`` number (accuracy) predates the other scorers."""
+    frame = judgment_frame(store, full=True, feature_id=feature_id)
+    fields = ("scores", "fuzz", "intruder")
+    return {
+        row["judge"]: {f: row[f] if row["status"] == "ok" else None for f in fields}
+        for row in frame.select("judge", "status", *fields).iter_rows(named=True)
+    }
 
 
 def read_page(name: str = PAGE) -> str:
@@ -258,6 +275,9 @@ class ReviewApp:
             return error_response(404, str(exc), feature_id=feature_id)
         data = view.model_dump(mode="json")
         data["disagreement"] = reviewers_disagree(view.reviews)
+        scores = judge_scores(self.store, feature_id)
+        for judge in data["judges"]:
+            judge.update(scores.get(judge["judge"], {}))
         if view.output_score is not None:
             data["output_score"]["promoted_shown"] = shown_tokens(view.output_score.promoted)
         return json_response(200, data)
