@@ -385,6 +385,44 @@ def test_snippets_rebuilt_with_another_seed_give_no_scores(
     store.close()
 
 
+def test_an_llm_judges_kept_fuzz_answers_are_its_fuzz_files(
+    collected: CollectedDemo, tmp_path: Path
+) -> None:
+    """An OpenAI judge on the fake server, asked for fuzzing with log probabilities: its
+    files hold the answers its fuzzing stage kept, on the items it was shown."""
+    run = tmp_path / "run"
+    shutil.copytree(collected.run, run)
+    scorers = ("detection", "fuzz")
+    with FakeLLMServer(oracle) as fake, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test")
+        mp.delenv("OPENAI_BASE_URL", raising=False)
+        options = JudgeOptions(base_url=f"{fake.base_url}/v1", openai_api="chat",
+                               logprobs=True, seed=SEED, scorers=scorers)  # fmt: skip
+        store = LabelStore(run / "labels.sqlite")
+        label_judges(RunData.open(run), store, [make_judge(LLM, options)],
+                     sample_per_layer=2, seed=SEED)  # fmt: skip
+    out = tmp_path / "delphi"
+    export_delphi(RunData.open(run), store, out, seed=SEED)
+    [summary] = json.loads((out / "judges.json").read_text())
+    judgments = ok_judgments(store, LLM)
+    assert summary["fuzz_scores"] == len(judgments) == 8
+    frame = check_folder(out / "openai_fake-model", judgments)
+    fuzz = frame.filter(pl.col("score_type") == "fuzz")
+    assert fuzz["probability"].is_not_null().all()
+    for (module, latent), s in per_latent(fuzz).items():
+        stored = judgments[feature_of(module, latent)].fuzz
+        assert stored is not None
+        assert s["share_correct"] == pytest.approx(stored.accuracy, abs=1e-12)
+    for feature in RunData.open(run).records(sorted(judgments)):
+        path = out / "openai_fake-model/scores/fuzz" / latent_file(feature.layer, feature.index)
+        records = json.loads(path.read_bytes())
+        items = fuzz_items(feature, SEED)
+        assert [(r["str_tokens"], r["activating"]) for r in records] == [
+            (it.tokens, it.correct) for it in items
+        ]
+    store.close()
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
