@@ -96,6 +96,10 @@ TEMPLATES = (
     "classify",
     "likelihood_detect",
     "likelihood_classify",
+    "fuzz",
+    "intruder",
+    "likelihood_fuzz",
+    "likelihood_intruder",
 )
 
 

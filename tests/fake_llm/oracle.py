@@ -3,7 +3,8 @@
 It imitates the heuristic judge (``labeler.judges.heuristic``) on what a prompt shows:
 the marked ``<<token>>`` of each example, the promoted tokens with their logit-lens
 values and the share of activations by domain. The task is read from the first line of
-the user text (``TASK: EXPLAIN`` / ``TASK: DETECT`` / ``TASK: CLASSIFY``).
+the user text (``TASK: EXPLAIN`` / ``TASK: DETECT`` / ``TASK: CLASSIFY`` / ``TASK: FUZZ``
+/ ``TASK: INTRUDER``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections import Counter
 from functools import cache
 from typing import Any
 
+from labeler.judges.heuristic import intruder_picks
+from labeler.judges.scorers import IntruderTrial
 from prompts import load_taxonomy, normalize_token
 from tests.fake_llm.server import FakeAnswer, FakeRequest
 
@@ -31,6 +34,12 @@ _FIRST_ACTIVE = re.compile(r'^Active tokens: "(.*?)" [-+0-9.e]+(?:, |$)')
 _PROMOTED = re.compile(r'"(.*?)" ([+-](?:inf|nan|[0-9.]+(?:e[+-]?\d+)?))(?=, "|$)')
 _DOMAIN_SHARE = re.compile(r"^(.+) (\d+(?:\.\d+)?)%$")
 _SNIPPET = re.compile(r"^Snippet (\d+): ?(.*)$")
+_FUZZ_EXAMPLE = re.compile(r"^Example (\d+): ?(.*)$")
+_TRIAL = re.compile(r"^Trial (\d+):$")
+_WINDOW = re.compile(r"^Window (\d+): ?(.*)$")
+# how the oracle cuts a window's text back into tokens: words with their leading space,
+# and every other character alone (close to how the planted model's tokenizer cuts)
+_TOKEN = re.compile(r" ?\w+|\s|[^\w\s]")
 _QUOTED = re.compile(r"'(.+?)'(?=[,.;:)!?]|\s|$)")
 DESCRIPTION_PREFIX = 'A feature is described as: "'
 
@@ -267,11 +276,52 @@ def classify(user: str) -> FakeAnswer:
     )
 
 
-TASKS = {"TASK: EXPLAIN": explain, "TASK: DETECT": detect, "TASK: CLASSIFY": classify}
+def fuzz(user: str) -> FakeAnswer:
+    """Marks are right when every marked token is one the description quotes (the
+    heuristic judge's rule, ``fuzz_score``)."""
+    quoted = {_vote_key(t) for t in quoted_tokens(description_of(user))}
+    correct: list[bool] = []
+    for line in user.split("\n"):
+        match = _FUZZ_EXAMPLE.match(line)
+        if match:
+            marked = _MARKED.findall(match.group(2))
+            correct.append(bool(marked) and all(_vote_key(t) in quoted for t in marked))
+    return FakeAnswer({"correct": correct}, [P_TRUE if c else P_FALSE for c in correct])
+
+
+def trials_of(user: str) -> list[list[str]]:
+    """Each trial's windows, as shown."""
+    trials: list[list[str]] = []
+    for line in user.split("\n"):
+        if _TRIAL.match(line):
+            trials.append([])
+        elif (match := _WINDOW.match(line)) and trials:
+            trials[-1].append(match.group(2))
+    return trials
+
+
+def intruder(user: str) -> FakeAnswer:
+    """The heuristic judge's rule (``intruder_picks``) on the windows cut back into
+    tokens; numbered from 1 as the prompt numbers them."""
+    trials = [
+        IntruderTrial(windows=[_TOKEN.findall(_unvisible(w)) for w in windows], intruder=0)
+        for windows in trials_of(user)
+    ]
+    picks = intruder_picks(trials, _cues(), seed=len(user))
+    return FakeAnswer({"intruders": [p + 1 for p in picks]})
+
+
+TASKS = {
+    "TASK: EXPLAIN": explain,
+    "TASK: DETECT": detect,
+    "TASK: CLASSIFY": classify,
+    "TASK: FUZZ": fuzz,
+    "TASK: INTRUDER": intruder,
+}
 
 
 def oracle(request: FakeRequest) -> FakeAnswer:
-    """Answer an EXPLAIN, DETECT or CLASSIFY prompt; anything else raises ValueError
+    """Answer an EXPLAIN, DETECT, CLASSIFY, FUZZ or INTRUDER prompt; anything else raises ValueError
     (the server answers 500)."""
     first = request.user.lstrip().split("\n", 1)[0].strip()
     task = TASKS.get(first)

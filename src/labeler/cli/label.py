@@ -148,9 +148,17 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
         planned = work_order(select_features(run, stored, sample, seed).features, seed)
         estimates = []
         for judge in judges:
-            done = store.done(judge.name) if store is not None else set()
-            todo = [fid for fid in planned if fid not in done]
-            estimates.append(estimate(run, judge, todo, prices, store))
+            # a feature whose judgment lacks a scorer asked for now is asked that
+            # scorer's call only; one not judged yet, every call
+            scorers = getattr(judge, "scorers", ())
+            judged = store.done(judge.name) if store is not None else set()
+            todo = [fid for fid in planned if fid not in judged]
+            rescore: dict[str, list[str]] = {}
+            for scorer in scorers:
+                if store is not None and scorer != "detection":
+                    carrying = store.done(judge.name, (scorer,))
+                    rescore[scorer] = [f for f in planned if f in judged and f not in carrying]
+            estimates.append(estimate(run, judge, todo, prices, store, rescore))
     finally:
         if store is not None:
             store.close()

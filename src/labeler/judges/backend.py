@@ -24,8 +24,10 @@ from labeler.judges.pricing import Tier
 from labeler.judges.requests import ApiRequest
 from labeler.run.schemas import Usage
 
-Stage = Literal["explain", "detect", "classify"]
-STAGES: tuple[Stage, ...] = ("explain", "detect", "classify")
+Stage = Literal["explain", "detect", "classify", "fuzz", "intruder"]
+"""What a call's usage is counted under (``fuzz`` and ``intruder``: the scorers beyond
+detection, ``judges.scorers``)."""
+STAGES: tuple[Stage, ...] = ("explain", "detect", "classify", "fuzz", "intruder")
 
 T = TypeVar("T", bound=BaseModel)
 

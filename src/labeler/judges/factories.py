@@ -24,7 +24,7 @@ FLEX_MAX_DELAY_S = 300.0
 
 def _llm_judge(name: str, backend: object, options: JudgeOptions) -> LLMJudge:
     settings = JudgeSettings(n_examples=options.n_examples, logprobs=options.logprobs,
-                             seed=options.seed)  # fmt: skip
+                             seed=options.seed, scorers=options.scorers)  # fmt: skip
     retry = RetryPolicy(max_attempts=options.max_attempts)
     if options.service_tier == "flex":
         retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=FLEX_BASE_DELAY_S,

@@ -1,10 +1,11 @@
 """The LLM judge: explainer, detection scorer and classifier over one injected backend.
 
 Per feature: one explanation call, then, concurrently, two detection calls (top and
-random positives, each mixed with checked negatives) and one classification call.
+random positives, each mixed with checked negatives), one call per scorer asked for
+beyond detection (fuzzing, intruder: ``judges.scorers``) and one classification call.
 A chat backend answers each with a validated JSON object; a likelihood backend (an
-open model in-process) detects and classifies by the likelihood of each allowed
-answer and generates only the explanation.
+open model in-process) detects, fuzzes, picks intruders and classifies by the
+likelihood of each allowed answer and generates only the explanation.
 
 Every call goes through the retry policy; an invalid reply is asked again once, then
 the feature fails with the reason. Tokens are counted per stage, failed attempts
@@ -29,6 +30,7 @@ from labeler.judges.backend import (
     ChatBackend,
     InvalidReply,
     LikelihoodBackend,
+    OptionScores,
     Prompt,
     Reply,
     Stage,
@@ -41,15 +43,22 @@ from labeler.judges.prompting import (
     detect_prompt,
     detection_snippets,
     explain_prompt,
+    fuzz_prompt,
+    intruder_prompt,
     likelihood_classify_prompt,
     likelihood_detect_prompt,
+    likelihood_fuzz_prompt,
+    likelihood_intruder_prompt,
 )
 from labeler.judges.ratelimit import RateLimiter
 from labeler.judges.replies import (
     ClassificationReply,
     DetectionReply,
     ExplanationReply,
+    FuzzReply,
+    IntruderReply,
     check_explanation,
+    check_intruders,
     validation_reason,
 )
 from labeler.judges.requests import (
@@ -61,7 +70,23 @@ from labeler.judges.requests import (
     served_by,
 )
 from labeler.judges.retry import RetryPolicy, with_retries
-from labeler.judges.stages import Detection, StageName, StageOutcome, add_usage, assemble
+from labeler.judges.scorers import (
+    DEFAULT_SCORERS,
+    FuzzItem,
+    IntruderTrial,
+    Scorer,
+    fuzz_items,
+    intruder_trials,
+)
+from labeler.judges.stages import (
+    SCORER_STAGES,
+    Detection,
+    Intrusion,
+    StageName,
+    StageOutcome,
+    add_usage,
+    assemble,
+)
 from labeler.redaction import redact_json
 from labeler.run.schemas import (
     Classification,
@@ -78,7 +103,7 @@ T = TypeVar("T", bound=BaseModel)
 V = TypeVar("V")
 
 DETECTION_SETS = ("top", "random")
-CALLS_PER_FEATURE = 4  # explain, detect top, detect random, classify
+CALLS_PER_FEATURE = 4  # explain, detect top, detect random, classify; one more per scorer
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,9 @@ class JudgeSettings:
     explanation_tokens: int = 48
     """New tokens an in-process model may generate for an explanation."""
     seed: int = 0
+    """Seeds the detection sets' order, the fuzzing sets and the intruder trials."""
+    scorers: tuple[Scorer, ...] = DEFAULT_SCORERS
+    """Scorers every judgment carries: each beyond detection is one more call."""
     output_allowance: int = 256
     """Output tokens reserved per request by a tokens-per-minute limit until the real
     count is known."""
@@ -127,8 +155,6 @@ class Ledger:
 class LLMJudge:
     """A judge backed by a chat model or an in-process open model."""
 
-    calls_per_feature = CALLS_PER_FEATURE
-
     def __init__(
         self,
         name: str,
@@ -143,6 +169,10 @@ class LLMJudge:
         self._chat = backend if isinstance(backend, ChatBackend) else None
         self._likely = None if self._chat is not None else cast(LikelihoodBackend, backend)
         self.settings = settings or JudgeSettings()
+        self.scorers: tuple[Scorer, ...] = self.settings.scorers
+        self.calls_per_feature = CALLS_PER_FEATURE + sum(s in SCORER_STAGES for s in self.scorers)
+        """Model calls per feature: explain, two detection sets, classify, and one per
+        scorer beyond detection (a likelihood backend's calls are batches of prompts)."""
         self.retry = retry or RetryPolicy()
         self.prices = prices
         self.prompt_hash = prompt_hash()
@@ -198,8 +228,12 @@ class LLMJudge:
         return assemble(outcomes)
 
     def stages(self, feature: FeatureRecord) -> list[StageName]:
+        """The stages in ``stages_for``'s order, whatever the judge's name (a test's or
+        a library user's judge may carry any)."""
         sets = [kind for kind in DETECTION_SETS if feature.of_kind(kind)]
-        return ["explain", *(f"detect_{kind}" for kind in sets), "classify"]  # type: ignore[list-item]
+        detect: list[StageName] = [f"detect_{kind}" for kind in sets]  # type: ignore[misc]
+        more = [SCORER_STAGES[s] for s in self.scorers if s in SCORER_STAGES]
+        return ["explain", *detect, *more, "classify"]
 
     async def run_stage(
         self,
@@ -223,6 +257,12 @@ class LLMJudge:
                 out.detection = await self._detect_set(
                     feature, kind, negatives.get(kind, []), explanation, ledger
                 )
+            elif stage == "fuzz":
+                if explanation is None:
+                    raise ValueError("stage fuzz needs the explanation")
+                out.detection = await self._fuzz(feature, explanation, ledger)
+            elif stage == "intruder":
+                out.intrusion = await self._intruder(feature, negatives.get("intruder", []), ledger)
             elif stage == "classify":
                 out.classification = await self._classify(feature, ledger)
             else:
@@ -489,6 +529,86 @@ class LLMJudge:
             check,
             logprobs=self.settings.logprobs,
         )
+
+    async def _fuzz(self, feature: FeatureRecord, explanation: str, ledger: Ledger) -> Detection:
+        """Whether each fuzzing example's marks are the activating tokens; truth: they
+        are (``scorers.fuzz_items``). Scored as detection is."""
+        items = fuzz_items(feature, self.settings.seed)
+        truth = [it.correct for it in items]
+        if not items:
+            return Detection(truth=[], predicted=[], probs=None)
+        if self._likely is not None:
+            guessed, likely = await self._fuzz_by_likelihood(explanation, items, ledger)
+            return Detection(truth=truth, predicted=guessed, probs=likely)
+
+        def check(reply: Reply[FuzzReply]) -> tuple[list[bool], list[float] | None]:
+            answers = reply.parsed.correct
+            if len(answers) != len(items):
+                raise ValueError(f"{len(answers)} answers for {len(items)} examples")
+            probs = reply.true_probs
+            if probs is not None and len(probs) != len(items):
+                probs = None
+            return answers, probs
+
+        predicted, probs = await self._ask(
+            fuzz_prompt(explanation, items), FuzzReply, ledger, check,
+            logprobs=self.settings.logprobs,
+        )  # fmt: skip
+        return Detection(truth=truth, predicted=predicted, probs=probs)
+
+    async def _fuzz_by_likelihood(
+        self, explanation: str, items: list[FuzzItem], ledger: Ledger
+    ) -> tuple[list[bool], list[float]]:
+        backend = self._likely
+        assert backend is not None
+        prompts = [likelihood_fuzz_prompt(explanation, it) for it in items]
+        scores = await self._call(
+            "fuzz", ledger, lambda: backend.score_options(prompts, [" yes", " no"])
+        )
+        ledger.add("fuzz", scores.usage)
+        p_yes = [_softmax(row)[0] for row in scores.logprobs]
+        return [p > 0.5 for p in p_yes], p_yes
+
+    async def _intruder(
+        self, feature: FeatureRecord, intruders: list[Snippet], ledger: Ledger
+    ) -> Intrusion:
+        """The window picked as the intruder in each trial (0-based), without the
+        explanation; a feature without trials (too few examples or intruders) asks
+        nothing."""
+        trials = intruder_trials(feature, intruders, self.settings.seed)
+        truth = [t.intruder for t in trials]
+        if not trials:
+            return Intrusion(truth=[], picked=[])
+        if self._likely is not None:
+            return Intrusion(truth=truth, picked=await self._pick_by_likelihood(trials, ledger))
+        sizes = [len(t.windows) for t in trials]
+        picked = await self._ask(
+            intruder_prompt(trials), IntruderReply, ledger,
+            lambda r: check_intruders(r.parsed.intruders, sizes),
+        )  # fmt: skip
+        return Intrusion(truth=truth, picked=picked)
+
+    async def _pick_by_likelihood(self, trials: list[IntruderTrial], ledger: Ledger) -> list[int]:
+        """Per trial, the window number " 1".." N" the model finds likeliest; trials of
+        one size share a call."""
+        backend = self._likely
+        assert backend is not None
+        picked: dict[int, int] = {}
+        for size in sorted({len(t.windows) for t in trials}):
+            at = [i for i, t in enumerate(trials) if len(t.windows) == size]
+            prompts = [likelihood_intruder_prompt(trials[i]) for i in at]
+            options = [f" {n}" for n in range(1, size + 1)]
+
+            def score(
+                prompts: list[Prompt] = prompts, options: list[str] = options
+            ) -> Awaitable[OptionScores]:
+                return backend.score_options(prompts, options)
+
+            scores = await self._call("intruder", ledger, score)
+            ledger.add("intruder", scores.usage)
+            for i, row in zip(at, scores.logprobs, strict=True):
+                picked[i] = row.index(max(row))
+        return [picked[i] for i in range(len(trials))]
 
     async def _classify(self, feature: FeatureRecord, ledger: Ledger) -> Classification:
         if self._likely is not None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import random
 from functools import cache
+from typing import TYPE_CHECKING
 
 from labeler.judges.backend import Prompt
 from labeler.run.schemas import Example, FeatureRecord, Snippet
 from prompts import load_taxonomy, load_template
+
+if TYPE_CHECKING:  # scorers builds its items with this module's window sizes
+    from labeler.judges.scorers import FuzzItem, IntruderTrial
 
 CONTEXT_BEFORE = 24
 CONTEXT_AFTER = 8
@@ -165,3 +169,55 @@ def likelihood_classify_prompt(
         question=question,
     )
     return Prompt("classify", system_prompt(), user)
+
+
+# -- the scorers beyond detection (``judges.scorers``) ---------------------------------------
+
+
+def marked_text(tokens: list[str], marked: list[int]) -> str:
+    """A fuzzing example's text with each marked token wrapped ``<<token>>``, as the
+    explanation prompt marks the activating one."""
+    at = set(marked)
+    return "".join(
+        f"<<{_visible(t)}>>" if i in at else _visible(t) for i, t in enumerate(tokens)
+    ).strip()
+
+
+def fuzz_prompt(explanation: str, items: list[FuzzItem]) -> Prompt:
+    """The explanation and the fuzzing examples, numbered, their marks shown."""
+    listed = "\n".join(
+        f"Example {n}: {marked_text(it.tokens, it.marked)}" for n, it in enumerate(items, start=1)
+    )
+    user = load_template("fuzz").substitute(
+        explanation=explanation, examples=listed, n_examples=len(items)
+    )
+    return Prompt("fuzz", system_prompt(), user)
+
+
+def _windows(windows: list[list[str]]) -> str:
+    return "\n".join(f"Window {n}: {snippet_text(w)}" for n, w in enumerate(windows, start=1))
+
+
+def intruder_prompt(trials: list[IntruderTrial]) -> Prompt:
+    """The trials' windows, numbered from 1 within each trial; no explanation and no
+    marks (the scorer tests the feature's coherence, not its description)."""
+    listed = "\n\n".join(
+        f"Trial {t}:\n{_windows(trial.windows)}" for t, trial in enumerate(trials, start=1)
+    )
+    size = max((len(trial.windows) for trial in trials), default=0)
+    user = load_template("intruder").substitute(trials=listed, n_trials=len(trials), size=size)
+    return Prompt("intruder", system_prompt(), user)
+
+
+def likelihood_fuzz_prompt(explanation: str, item: FuzzItem) -> Prompt:
+    user = load_template("likelihood_fuzz").substitute(
+        explanation=explanation, example=marked_text(item.tokens, item.marked)
+    )
+    return Prompt("fuzz", system_prompt(), user)
+
+
+def likelihood_intruder_prompt(trial: IntruderTrial) -> Prompt:
+    user = load_template("likelihood_intruder").substitute(
+        windows=_windows(trial.windows), size=len(trial.windows)
+    )
+    return Prompt("intruder", system_prompt(), user)

@@ -28,6 +28,22 @@ class DetectionReply(BaseModel):
     activating: list[bool]
 
 
+class FuzzReply(BaseModel):
+    """Per fuzzing example: whether its marks are on the tokens the feature fires on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    correct: list[bool]
+
+
+class IntruderReply(BaseModel):
+    """Per intruder trial: the window (numbered from 1) that does not belong."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    intruders: list[int]
+
+
 class ClassificationReply(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +77,17 @@ def check_explanation(text: str) -> str:
     if words > MAX_EXPLANATION_WORDS:
         raise ValueError(f"the explanation has {words} words, more than {MAX_EXPLANATION_WORDS}")
     return cleaned
+
+
+def check_intruders(picks: list[int], sizes: list[int]) -> list[int]:
+    """The 1-based window numbers of an intruder reply as 0-based indices, one per trial
+    of ``sizes`` windows each; raises ``ValueError`` with what is wrong."""
+    if len(picks) != len(sizes):
+        raise ValueError(f"{len(picks)} answers for {len(sizes)} trials")
+    for n, (pick, size) in enumerate(zip(picks, sizes, strict=True), start=1):
+        if not 1 <= pick <= size:
+            raise ValueError(f"trial {n}: window {pick} is not between 1 and {size}")
+    return [pick - 1 for pick in picks]
 
 
 def validation_reason(exc: ValidationError, text: str | None = None) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field
 
 from labeler.judges import Judge
+from labeler.judges.backend import Prompt
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.pricing import PriceTable
 from labeler.judges.prompting import (
@@ -20,7 +21,11 @@ from labeler.judges.prompting import (
     detect_prompt,
     detection_snippets,
     explain_prompt,
+    fuzz_prompt,
+    intruder_prompt,
+    system_prompt,
 )
+from labeler.judges.scorers import INTRUDER_TRIALS, fuzz_items, intruder_trials
 from labeler.labeling.call_journal import forget, unanswered
 from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
@@ -31,8 +36,9 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4.0
 ESTIMATE_SAMPLE = 20
 MEASURED_MIN = 5
-# Output tokens per call when nothing has been measured yet (a non-reasoning model).
-DEFAULT_OUTPUT_TOKENS = {"explain": 30, "detect": 40, "classify": 80}
+# Output tokens per call when nothing has been measured yet (a non-reasoning model): a
+# fuzzing reply holds ten booleans as a detection reply does, an intruder reply five numbers.
+DEFAULT_OUTPUT_TOKENS = {"explain": 30, "detect": 40, "classify": 80, "fuzz": 40, "intruder": 20}
 PLACEHOLDER_EXPLANATION = " ".join(["word"] * 15)
 
 
@@ -163,53 +169,52 @@ def estimate(
     feature_ids: list[str],
     prices: PriceTable,
     store: LabelStore | None = None,
+    rescore: dict[str, list[str]] | None = None,
 ) -> Estimate:
     """Render the prompts of up to 20 of the features and extrapolate: input tokens at
     about 4 characters a token, the shared instructions read from the prompt cache after
     the first call; output tokens as measured on this judge's earlier judgments in the
-    store, else typical values of a non-reasoning model."""
+    store, else typical values of a non-reasoning model. The scorers beyond detection
+    the judge was built with (fuzz, intruder) add their prompts and calls.
+
+    ``rescore`` maps a scorer to features judged already whose judgment lacks it: the
+    labeling asks only that scorer's call of them (the other stages are stored)."""
+    rescore = {s: ids for s, ids in (rescore or {}).items() if ids}
     n = len(feature_ids)
-    calls_per_feature = judge.calls_per_feature
-    if not isinstance(judge, LLMJudge) or n == 0:
-        return Estimate(judge=judge.name, features=n, calls=n * calls_per_feature,
+    features = len(set(feature_ids).union(*rescore.values()))
+    extra_calls = sum(len(ids) for ids in rescore.values())
+    calls = n * judge.calls_per_feature + extra_calls
+    if not isinstance(judge, LLMJudge) or calls == 0:
+        return Estimate(judge=judge.name, features=features, calls=calls,
                         input_tokens=0, cached_tokens=0, output_tokens=0, cost_usd=0.0,
                         output_measured=False)  # fmt: skip
-    settings = judge.settings
-    sample = run.records(feature_ids[:ESTIMATE_SAMPLE])
-    user_tokens: list[int] = []
-    system_tokens = 0
-    negatives = [Snippet(tokens=list(t), activating=False) for t in run.negatives["tokens"][:5]]
-    for record in sample:
-        prompts = [
-            explain_prompt(record, settings.n_examples),
-            classify_prompt(record, settings.n_examples, settings.n_logits),
-        ] + [
-            detect_prompt(
-                PLACEHOLDER_EXPLANATION,
-                detection_snippets(record.of_kind(kind)[: settings.n_positives], negatives, 0),
+    scorers = [s for s in ("fuzz", "intruder") if s in judge.scorers]
+    full = ["explain", "detect_top", "detect_random", "classify", *scorers]
+    user_tokens = {stage: 0.0 for stage in full}
+    for stage in full:
+        ids = feature_ids if stage not in rescore else feature_ids + rescore[stage]
+        if ids:
+            user_tokens[stage] = statistics.fmean(
+                _tokens(p.user) for p in _sample_prompts(run, judge, ids, stage)
             )
-            for kind in ("top", "random")
-        ]
-        system_tokens = _tokens(prompts[0].system)
-        user_tokens.append(sum(_tokens(p.user) for p in prompts))
-    calls = n * calls_per_feature
+    system_tokens = _tokens(system_prompt())
     measured = _measured_output(store, judge.name)
-    per_stage = measured or {k: float(v) for k, v in DEFAULT_OUTPUT_TOKENS.items()}
-    output_per_feature = (
-        per_stage.get("explain", 0)
-        + 2 * per_stage.get("detect", 0)
-        + (per_stage.get("classify", 0))
-    )
-    cached = system_tokens * max(0, calls - 1)
+    # a stage not measured yet (a scorer asked for the first time) takes the default
+    per_stage = {k: float(v) for k, v in DEFAULT_OUTPUT_TOKENS.items()} | (measured or {})
+    input_tokens = output_tokens = 0.0
+    for stage in full:
+        n_calls = n + len(rescore.get(stage, []))
+        input_tokens += user_tokens[stage] * n_calls
+        output_tokens += per_stage[stage.removesuffix("_top").removesuffix("_random")] * n_calls
     usage = Usage(
         calls=calls,
-        input_tokens=round(statistics.fmean(user_tokens) * n) + system_tokens,
-        cached_tokens=cached,
-        output_tokens=round(output_per_feature * n),
+        input_tokens=round(input_tokens) + system_tokens,
+        cached_tokens=system_tokens * max(0, calls - 1),
+        output_tokens=round(output_tokens),
     )
     return Estimate(
         judge=judge.name,
-        features=n,
+        features=features,
         calls=calls,
         input_tokens=usage.input_tokens,
         cached_tokens=usage.cached_tokens,
@@ -218,6 +223,31 @@ def estimate(
         output_measured=measured is not None,
         batch_cost_usd=prices.cost(judge.name, usage, "batch") if _batchable(judge) else None,
     )
+
+
+def _sample_prompts(
+    run: RunData, judge: LLMJudge, feature_ids: list[str], stage: str
+) -> list[Prompt]:
+    """One stage's prompts for up to 20 of the features, a placeholder explanation
+    standing in for the one the labeling would get."""
+    settings = judge.settings
+    negatives = [Snippet(tokens=list(t), activating=False) for t in run.negatives["tokens"][:5]]
+    prompts: list[Prompt] = []
+    for record in run.records(feature_ids[:ESTIMATE_SAMPLE]):
+        if stage == "explain":
+            prompts.append(explain_prompt(record, settings.n_examples))
+        elif stage == "classify":
+            prompts.append(classify_prompt(record, settings.n_examples, settings.n_logits))
+        elif stage == "fuzz":
+            prompts.append(fuzz_prompt(PLACEHOLDER_EXPLANATION, fuzz_items(record, settings.seed)))
+        elif stage == "intruder":
+            trials = intruder_trials(record, negatives[:INTRUDER_TRIALS], settings.seed)
+            prompts.append(intruder_prompt(trials))
+        else:
+            positives = record.of_kind(stage.removeprefix("detect_"))[: settings.n_positives]
+            snippets = detection_snippets(positives, negatives, 0)
+            prompts.append(detect_prompt(PLACEHOLDER_EXPLANATION, snippets))
+    return prompts
 
 
 def _batchable(judge: LLMJudge) -> bool:
