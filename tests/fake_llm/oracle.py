@@ -169,9 +169,34 @@ def _quote(tokens: list[str]) -> str:
     return ", ".join(f"'{_visible(t)}'" for t in tokens)
 
 
+OUTPUTS_HEADER = "What it does to the model's output:"
+STEERED_PREFIX = "Tokens made more likely when the feature is steered: "
+NAMED_OUTPUT_RATIO = 10.0
+
+
+def steered_tokens(user: str) -> list[str]:
+    for line in user.split("\n"):
+        if line.startswith(STEERED_PREFIX):
+            return re.findall(r'"(.*?)"(?=, "|$)', line[len(STEERED_PREFIX) :])
+    return []
+
+
 def explain(user: str) -> FakeAnswer:
+    """The marked tokens; with the outputs section (``--explain-from outputs``), also the
+    logit lens's dominant tokens (10x the last listed, as the heuristic judge names them)
+    and the first tokens steering raises."""
     pattern = pattern_of(votes_of(user))
-    text = f"Fires on {_quote(pattern)}." if pattern else "No recognizable pattern."
+    parts = [f"Fires on {_quote(pattern)}"] if pattern else []
+    if OUTPUTS_HEADER in user:
+        promoted = promoted_tokens(user)
+        floor = NAMED_OUTPUT_RATIO * promoted[-1][1] if promoted else 0.0
+        named = list(dict.fromkeys(_vote_key(t) for t, v in promoted[:3] if v >= floor > 0))
+        if named:
+            parts.append(f"promotes {_quote(named)}")
+        steered = list(dict.fromkeys(_vote_key(t) for t in steered_tokens(user)[:3]))
+        if steered:
+            parts.append(f"steering it raises {_quote(steered)}")
+    text = "; ".join(parts) + "." if parts else "No recognizable pattern."
     return FakeAnswer({"explanation": text})
 
 

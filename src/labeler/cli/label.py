@@ -179,6 +179,11 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                    "(find the window that does not belong; no explanation). Adding a "
                    "scorer later scores the labeled features without labeling them again. "
                    "See docs/labeling.md.")  # fmt: skip
+@click.option("--explain-from", default="examples", show_default=True, metavar="LIST",
+              help="What the explainer sees, comma-separated: examples (the top activating "
+                   "examples) and/or outputs (the logit lens with values and, where "
+                   "`labeler score-outputs` ran, the tokens steering promotes). Recorded in "
+                   "each label's prompt hash.")  # fmt: skip
 @click.option("--concurrency", default=8, show_default=True,
               help="Model requests in flight per judge.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and negatives.")
@@ -267,6 +272,7 @@ def label(
     judges: tuple[str, ...],
     sample_per_layer: int | None,
     scorers: str,
+    explain_from: str,
     concurrency: int,
     seed: int,
     executor: str,
@@ -308,11 +314,12 @@ def label(
       labeler label RUN --judge openai:gpt-5-mini --executor batch   (half price, <= 24 h)
       labeler label RUN --judge openai:gpt-5-mini --service-tier flex
       labeler label RUN --scorers detection,fuzz,intruder
+      labeler label RUN --judge openai:gpt-5-mini --explain-from examples,outputs
     """
     from pydantic import ValidationError
 
     from labeler.judges.base import JudgeOptions
-    from labeler.judges.scorers import parse_scorers
+    from labeler.judges.scorers import parse_explain_from, parse_scorers
 
     api = openai_api or ("chat" if base_url else "responses")
     try:
@@ -320,7 +327,7 @@ def label(
             base_url=base_url, openai_api=api, timeout_s=timeout_s, max_attempts=max_attempts,
             logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
             device=device, dtype=dtype, prices=prices, seed=seed, service_tier=service_tier,
-            scorers=parse_scorers(scorers),
+            scorers=parse_scorers(scorers), explain_from=parse_explain_from(explain_from),
         )  # fmt: skip
     except ValidationError as exc:
         first = exc.errors()[0]

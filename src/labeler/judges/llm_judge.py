@@ -75,6 +75,7 @@ from labeler.judges.scorers import (
     FuzzItem,
     IntruderTrial,
     Scorer,
+    explained_hash,
     fuzz_items,
     intruder_trials,
 )
@@ -125,6 +126,9 @@ class JudgeSettings:
     """Seeds the detection sets' order, the fuzzing sets and the intruder trials."""
     scorers: tuple[Scorer, ...] = DEFAULT_SCORERS
     """Scorers every judgment carries: each beyond detection is one more call."""
+    explain_from: tuple[str, ...] = ("examples",)
+    """What the explainer sees: the top examples and/or what the feature does to the
+    output (``judges.prompting.render_outputs``)."""
     output_allowance: int = 256
     """Output tokens reserved per request by a tokens-per-minute limit until the real
     count is known."""
@@ -175,7 +179,7 @@ class LLMJudge:
         scorer beyond detection (a likelihood backend's calls are batches of prompts)."""
         self.retry = retry or RetryPolicy()
         self.prices = prices
-        self.prompt_hash = prompt_hash()
+        self.prompt_hash = explained_hash(prompt_hash(), self.settings.explain_from)
         self._gate: asyncio.Semaphore | None = None
         self.limiter: RateLimiter | None = None
         """Shared requests- and tokens-per-minute limits (set by the executor)."""
@@ -458,7 +462,7 @@ class LLMJudge:
     # -- stages ------------------------------------------------------------------------------
 
     async def _explain(self, feature: FeatureRecord, ledger: Ledger) -> str:
-        prompt = explain_prompt(feature, self.settings.n_examples)
+        prompt = explain_prompt(feature, self.settings.n_examples, self.settings.explain_from)
         if self._likely is not None:
             return await self._generate_explanation(prompt, ledger)
         return await self._ask(

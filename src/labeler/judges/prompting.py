@@ -91,15 +91,46 @@ def _shares(counts: dict[str, int]) -> str:
     )
 
 
-def explain_prompt(feature: FeatureRecord, n_examples: int) -> Prompt:
-    examples = feature.of_kind("top")[:n_examples]
+def explain_prompt(
+    feature: FeatureRecord, n_examples: int, explain_from: tuple[str, ...] = ("examples",)
+) -> Prompt:
+    """The explainer's request, from the feature's top examples and, with ``outputs`` in
+    ``explain_from``, from what it does to the output: its logit lens with values and,
+    where ``labeler score-outputs`` has run, the tokens steering it promotes
+    (output-centric descriptions, Gur-Arieh et al., ACL 2025)."""
+    parts: list[str] = []
+    if "examples" in explain_from:
+        examples = feature.of_kind("top")[:n_examples]
+        parts.append(
+            f"Its {len(examples)} most strongly activating examples:\n\n"
+            + render_examples(examples)
+        )
+    if "outputs" in explain_from:
+        parts.append(render_outputs(feature))
     user = load_template("explain").substitute(
-        feature_id=feature.feature_id,
-        layer=feature.layer,
-        n_examples=len(examples),
-        examples=render_examples(examples),
+        feature_id=feature.feature_id, layer=feature.layer, evidence="\n\n".join(parts)
     )
     return Prompt("explain", system_prompt(), user)
+
+
+OUTPUT_TOKENS_SHOWN = 10
+
+
+def render_outputs(feature: FeatureRecord) -> str:
+    """What the feature does to the output, for the explainer."""
+    n = OUTPUT_TOKENS_SHOWN
+    lines = [
+        "What it does to the model's output:",
+        "Promoted tokens (logit lens, with values): "
+        + _with_values(feature.top_logits[:n], feature.top_logit_values),
+        f"Suppressed tokens (logit lens): {_quoted(feature.bottom_logits[:n])}",
+    ]
+    if feature.steering_promotes:
+        lines.append(
+            "Tokens made more likely when the feature is steered: "
+            + _quoted(feature.steering_promotes[:n])
+        )
+    return "\n".join(lines)
 
 
 def classify_prompt(feature: FeatureRecord, n_examples: int, n_logits: int) -> Prompt:

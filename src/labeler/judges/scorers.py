@@ -69,6 +69,21 @@ def scorers_of(judges: Iterable[object]) -> tuple[Scorer, ...]:
     return tuple(s for s in SCORERS if s in asked)
 
 
+EVIDENCE = ("examples", "outputs")
+
+
+def parse_explain_from(text: str) -> tuple[Literal["examples", "outputs"], ...]:
+    """``examples``, ``outputs`` or both (``examples,outputs``), in that order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVIDENCE]
+    if unknown or not names:
+        raise UserError(
+            f"--explain-from: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}; "
+            "write examples, outputs or examples,outputs"
+        )
+    return tuple(e for e in ("examples", "outputs") if e in names)
+
+
 def explained_hash(prompt_hash: str, explain_from: tuple[str, ...]) -> str:
     """A judge's prompt hash, marked when its explanations are not made from the examples
     alone, so that labels made from different evidence are never mixed."""

@@ -235,7 +235,7 @@ def _sample_prompts(
     prompts: list[Prompt] = []
     for record in run.records(feature_ids[:ESTIMATE_SAMPLE]):
         if stage == "explain":
-            prompts.append(explain_prompt(record, settings.n_examples))
+            prompts.append(explain_prompt(record, settings.n_examples, settings.explain_from))
         elif stage == "classify":
             prompts.append(classify_prompt(record, settings.n_examples, settings.n_logits))
         elif stage == "fuzz":
