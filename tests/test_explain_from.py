@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,48 @@ def test_an_llm_explains_output_features_by_their_words_only_when_shown(
         words = truth[fid]["promotes"]
         assert all(_names(both[fid], w) for w in words), (fid, both[fid])
         assert not any(_names(plain[fid], w) for w in words), (fid, plain[fid])
+
+
+def test_scorers_added_under_other_prompts_ask_nothing_else_and_see_the_stored_explanation(
+    run_copy: Path, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run labeled by an earlier version (its stages kept under another prompt hash):
+    asked for fuzzing and intruder now, the labeler sends one call per scorer and
+    feature, and fuzzing is asked about the explanation the label carries."""
+    from tests.test_llm_scorers import _cli_env, _label_args, _tasks
+
+    server.reset()
+    server.latency = 0.0
+    monkeypatch.delenv("LABELER_CACHE_DIR", raising=False)
+    first = subprocess.run(_label_args(run_copy, server, "detection"), env=_cli_env(),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = LabelStore(run_copy / "labels.sqlite")
+    try:
+        store.conn.execute("UPDATE stages SET prompt_hash='made-by-an-earlier-version'")
+        store.conn.execute(
+            "UPDATE judgments SET prompt_hash='made-by-an-earlier-version', payload="
+            "json_set(payload, '$.explanation', 'Fires on ''zebra''.')"
+        )
+        store.conn.commit()
+        labeled = set(store.done("openai:fake-model"))
+    finally:
+        store.close()
+    assert len(labeled) == 4
+    server.reset()
+    later = subprocess.run(_label_args(run_copy, server, "detection,fuzz,intruder"),
+                           env=_cli_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert _tasks(server) == {"FUZZ": 4, "INTRUDER": 4}
+    fuzz_prompts = [
+        json.dumps(r.body) for r in server.requests if "TASK: FUZZ" in json.dumps(r.body)
+    ]
+    assert len(fuzz_prompts) == 4 and all("'zebra'" in body for body in fuzz_prompts)
+    store = LabelStore(run_copy / "labels.sqlite")
+    try:
+        judgments = {f: s.judgment for f, s in store.judgments("openai:fake-model").items()}
+    finally:
+        store.close()
+    for judgment in judgments.values():
+        assert judgment is not None and judgment.explanation == "Fires on 'zebra'."
+        assert judgment.fuzz is not None and judgment.intruder is not None

@@ -16,7 +16,7 @@ Judges that are not staged (the heuristic judge, third-party backends) run as on
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -165,6 +165,22 @@ def add_costs(costs: list[float | None]) -> float | None:
     return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
 
 
+def scorer_results(outcomes: list[StageOutcome]) -> dict[str, DetectionScore | IntruderScore]:
+    """The scores of the fuzz and intruder stages among ``outcomes`` (those present)."""
+    out: dict[str, DetectionScore | IntruderScore] = {}
+    for outcome in outcomes:
+        if outcome.stage == "fuzz" and outcome.detection is not None:
+            out["fuzz"] = outcome.detection.score()
+        elif outcome.stage == "intruder" and outcome.intrusion is not None:
+            out["intruder"] = outcome.intrusion.score()
+    return out
+
+
+def extend(judgment: Judgment, outcomes: list[StageOutcome]) -> Judgment:
+    """A stored judgment with the scores of scorer stages run for it later."""
+    return judgment.model_copy(update=scorer_results(outcomes))
+
+
 def assemble(outcomes: list[StageOutcome]) -> Judgment:
     """The judgment from every stage of one (feature, judge), all ok."""
     by_stage = {o.stage: o for o in outcomes}
@@ -190,8 +206,7 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
             if pooled.probs is None or part.detection.probs is None
             else pooled.probs + part.detection.probs
         )
-    fuzz = by_stage.get("fuzz")
-    intruder = by_stage.get("intruder")
+    scores = scorer_results(outcomes)
     return Judgment(
         feature_id=first.feature_id,
         judge=first.judge,
@@ -200,12 +215,8 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
         detection=pooled.score(),
         detection_by_set=by_set,
         classification=classification,
-        fuzz=fuzz.detection.score() if fuzz is not None and fuzz.detection is not None else None,
-        intruder=(
-            intruder.intrusion.score()
-            if intruder is not None and intruder.intrusion is not None
-            else None
-        ),
+        fuzz=cast("DetectionScore | None", scores.get("fuzz")),
+        intruder=cast("IntruderScore | None", scores.get("intruder")),
         usage=add_usage(*(o.usage for o in outcomes)),
         cost_usd=add_costs([o.cost_usd for o in outcomes]),
     )

@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING
 from labeler.errors import UserError
 from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
+    SCORER_STAGES,
     StageName,
     StageOutcome,
     add_costs,
     add_usage,
     assemble,
+    extend,
     has_scorers,
     ready,
     stages_for,
@@ -46,7 +48,7 @@ from labeler.labeling.stages import HALTED
 from labeler.labeling.store import LabelStore
 from labeler.redaction import redact
 from labeler.run.data import RunData
-from labeler.run.schemas import FeatureRecord, Snippet
+from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 
 if TYPE_CHECKING:
     from labeler.labeling.interrupts import Interrupts
@@ -106,6 +108,9 @@ class Unit:
     stages: list[StageName]
     outcomes: dict[StageName, StageOutcome] = field(default_factory=dict)
     sent: set[StageName] = field(default_factory=set)
+    extends: Judgment | None = None
+    """A judgment stored already that this unit only adds scorers to: its stages are the
+    missing scorers', its explanation stands in for the explain stage."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -258,6 +263,8 @@ class Engine:
             negatives=negatives_for(self.run, record, self.seed, self.scorers),
             stages=stages_for(judge, sets, self.scorers),
         )  # fmt: skip
+        if unit.stages != ["label"]:
+            self._only_missing_scorers(unit)
         for outcome in self.store.stage_outcomes(feature_id, judge, hashed):
             if outcome.stage == "label" and (
                 outcome.judgment is None or not has_scorers(outcome.judgment, self.scorers)
@@ -271,6 +278,21 @@ class Engine:
                 self._finish_ok(unit)
             return None
         return unit
+
+    def _only_missing_scorers(self, unit: Unit) -> None:
+        """A feature this judge labeled already, asked for scorers it lacks, runs only
+        those: nothing it was labeled with is asked again (whatever prompts it was made
+        under), and the scorers see the explanation it was labeled with."""
+        stored = self.store.ok_judgment(unit.feature_id, unit.judge)
+        if stored is None:
+            return
+        unit.extends = stored
+        unit.stages = [s for s in unit.stages if s in SCORER_STAGES.values()
+                       and getattr(stored, s) is None]  # fmt: skip
+        unit.outcomes["explain"] = StageOutcome(
+            feature_id=unit.feature_id, judge=unit.judge, prompt_hash=unit.prompt_hash,
+            stage="explain", ok=True, explanation=stored.explanation, cost_usd=0.0,
+        )  # fmt: skip
 
     def reply_cache(self) -> ReplyCache:
         """What answers a request before any call: the run's store, then the shared
@@ -422,7 +444,10 @@ class Engine:
         """Store the unit's judgment; False (and the unit failed) if its stages do not
         make a valid one."""
         try:
-            judgment = assemble([unit.outcomes[s] for s in unit.stages])
+            outcomes = [unit.outcomes[s] for s in unit.stages]
+            judgment = (
+                assemble(outcomes) if unit.extends is None else extend(unit.extends, outcomes)
+            )
         except (ValueError, AssertionError) as exc:  # a validation error is a ValueError
             failure = StageOutcome(
                 feature_id=unit.feature_id, judge=unit.judge, prompt_hash=unit.prompt_hash,
@@ -437,6 +462,11 @@ class Engine:
         return True
 
     def _finish_failed(self, unit: Unit, outcome: StageOutcome) -> None:
+        if unit.extends is not None:
+            log.warning(
+                "%s %s: %s (its label stays; a rerun asks this scorer again)",
+                unit.feature_id, unit.judge, redact(outcome.reason or "unknown"),
+            )  # fmt: skip
         usage, cost = self.store.charge_stages(unit.feature_id, unit.judge, unit.prompt_hash)
         total_cost = add_costs([cost, outcome.cost_usd])
         self.store.put_failure(

@@ -410,6 +410,14 @@ class LabelStore:
                  json.dumps({k: u.model_dump() for k, u in usage.items()}), cost_usd),
             )  # fmt: skip
 
+    def ok_judgment(self, feature_id: str, judge: str) -> Judgment | None:
+        """The successful judgment stored for (feature, judge), if any."""
+        row = self.conn.execute(
+            "SELECT payload FROM judgments WHERE feature_id=? AND judge=? AND status='ok'",
+            (feature_id, judge),
+        ).fetchone()
+        return None if row is None else Judgment.model_validate_json(row[0])
+
     def status_of(self, feature_id: str, judge: str) -> str | None:
         row = self.conn.execute(
             "SELECT status FROM judgments WHERE feature_id=? AND judge=?", (feature_id, judge)
