@@ -518,13 +518,7 @@ class LLMJudge:
             return [p > 0.5 for p in p_yes], p_yes
 
         def check(reply: Reply[DetectionReply]) -> tuple[list[bool], list[float] | None]:
-            answers = reply.parsed.activating
-            if len(answers) != len(snippets):
-                raise ValueError(f"{len(answers)} answers for {len(snippets)} snippets")
-            probs = reply.true_probs
-            if probs is not None and len(probs) != len(snippets):
-                probs = None
-            return answers, probs
+            return _yes_no_answers(reply, reply.parsed.activating, len(snippets), "snippets")
 
         return await self._ask(
             detect_prompt(explanation, snippets),
@@ -546,13 +540,7 @@ class LLMJudge:
             return Detection(truth=truth, predicted=guessed, probs=likely)
 
         def check(reply: Reply[FuzzReply]) -> tuple[list[bool], list[float] | None]:
-            answers = reply.parsed.correct
-            if len(answers) != len(items):
-                raise ValueError(f"{len(answers)} answers for {len(items)} examples")
-            probs = reply.true_probs
-            if probs is not None and len(probs) != len(items):
-                probs = None
-            return answers, probs
+            return _yes_no_answers(reply, reply.parsed.correct, len(items), "examples")
 
         predicted, probs = await self._ask(
             fuzz_prompt(explanation, items), FuzzReply, ledger, check,
@@ -676,6 +664,17 @@ class LLMJudge:
                 "rationale": rationale,
             }
         )
+
+
+def _yes_no_answers(
+    reply: Reply[Any], answers: list[bool], expected: int, noun: str
+) -> tuple[list[bool], list[float] | None]:
+    """One answer per item shown, or the reply is invalid; the probabilities of "true"
+    where the backend gave one per item."""
+    if len(answers) != expected:
+        raise ValueError(f"{len(answers)} answers for {expected} {noun}")
+    probs = reply.true_probs
+    return answers, probs if probs is not None and len(probs) == expected else None
 
 
 def _tokens_used(result: object) -> int:
