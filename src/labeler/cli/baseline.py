@@ -181,7 +181,9 @@ def against_baseline(run_path: Path, base: Path) -> BaselineComparison:
 
 
 def baseline_table(comparison: BaselineComparison) -> RenderableType:
-    """The comparison as a table, one row per judge and score, and its verdict."""
+    """The comparison as a table, one row per judge and scorer (its headline score:
+    ``score_values.HEADLINE``; summary.json holds every score), and its verdict."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -189,21 +191,27 @@ def baseline_table(comparison: BaselineComparison) -> RenderableType:
     from labeler.judges.score_values import HEADLINE
 
     judges = {row.judge for row in comparison.metrics}
-    table = Table(title=f"scores against the baseline {comparison.baseline}")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        title=f"scores against the baseline {comparison.baseline}",
+    )
     if len(judges) > 1:
         table.add_column("judge")
     table.add_column("score", no_wrap=True)
-    table.add_column("run median [IQR]", justify="right")
-    table.add_column("baseline", justify="right")
-    table.add_column("reach its p95", justify="right")
-    table.add_column("reasoning among them", justify="right")
+    table.add_column("run [IQR]", justify="right", no_wrap=True)
+    table.add_column("baseline", justify="right", no_wrap=True)
+    table.add_column("reach p95", justify="right", no_wrap=True)
+    table.add_column("reasoning", justify="right", no_wrap=True)
 
     def cell(s: Spread) -> str:
         if s.median is None or s.q1 is None or s.q3 is None:
             return "-"
         return f"{s.median:.2f} [{s.q1:.2f}, {s.q3:.2f}]"
 
-    for row in comparison.metrics:
+    shown = [row for row in comparison.metrics if row.metric in HEADLINE]
+    for row in shown or comparison.metrics:
         share = f"{row.share_reach:.0%} vs {row.baseline_share_reach:.0%}"
         share += "" if row.separates else " ~"
         reasoning = "-" if row.reasoning_among_reach is None else f"{row.reasoning_among_reach:.1%}"
@@ -211,6 +219,12 @@ def baseline_table(comparison: BaselineComparison) -> RenderableType:
         table.add_row(*([row.judge] if len(judges) > 1 else []), *cells)
     lines = [r.sentence for r in comparison.metrics if r.metric in HEADLINE]
     notes = "\n".join(
-        [*lines, comparison.verdict, "~: no more of the run reaches it than of the baseline"]
+        [
+            "medians [IQR]; reach p95: the run's share at or above the baseline's 95th "
+            "percentile, vs the baseline's own; reasoning: among those; ~: no more of the "
+            "run reaches it than of the baseline; every score: summary.json",
+            *lines,
+            comparison.verdict,
+        ]
     )
     return Group(table, Text(notes))
