@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from labeler.errors import UnknownJudgeError
-from labeler.judges.scorers import DEFAULT_SCORERS, Scorer
+from labeler.judges.scorers import DEFAULT_SCORERS, SCORERS, Scorer
 from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 
 
@@ -74,6 +74,20 @@ class JudgeOptions(BaseModel):
         description="what the explainer sees: the top examples, and/or what the feature "
         "does to the output (logit lens, steering)",
     )
+
+    @field_validator("scorers")
+    @classmethod
+    def _detection_first(cls, value: tuple[Scorer, ...]) -> tuple[Scorer, ...]:
+        """Detection is part of every judgment; the order is fixed."""
+        asked = {"detection", *value}
+        return tuple(s for s in SCORERS if s in asked)
+
+    @field_validator("explain_from")
+    @classmethod
+    def _some_evidence(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name examples, outputs or both")
+        return tuple(e for e in ("examples", "outputs") if e in value)
 
 
 JudgeFactory = Callable[[str, JudgeOptions], Judge]
