@@ -321,20 +321,32 @@ def test_an_in_process_model_fuzzes_by_yes_no_and_picks_intruders_by_number(
     run_copy: Path,
     tiny_judge_model: Path,  # noqa: F811  (the fixture)
 ) -> None:
+    """The two scorer stages of an hf: judge on two features (the other stages have
+    their own tests in test_hf_judge.py)."""
+    import asyncio
+
     from labeler.judges.hf_backend import HFBackend
     from labeler.judges.llm_judge import JudgeSettings, LLMJudge
+    from labeler.labeling.plan import negatives_for
 
     name = f"hf:{tiny_judge_model}"
     backend = HFBackend(name, str(tiny_judge_model), "cpu", "float32", batch_size=8)
-    settings = JudgeSettings(n_examples=3, explanation_tokens=12, scorers=ALL)
-    judge = LLMJudge(name, backend, settings)
-    store = LabelStore(run_copy / "labels.sqlite")
-    report = label_run(RunData.open(run_copy), store, judge, sample_per_layer=1)
-    ok = [s.judgment for s in store.judgments(name).values() if s.judgment is not None]
-    assert report.planned == 4 and ok
-    for j in ok:
-        assert j.fuzz is not None and j.fuzz.n_positive + j.fuzz.n_negative == 10
-        assert j.fuzz.auroc is not None or j.fuzz.n_positive in (0, 10)  # probabilities
-        assert j.intruder is not None and j.intruder.n_trials >= 1
-        assert j.usage["fuzz"].calls >= 1 and j.usage["intruder"].calls >= 1  # model batches
-    store.close()
+    judge = LLMJudge(name, backend, JudgeSettings(n_examples=3, scorers=ALL))
+    run = RunData.open(run_copy)
+
+    async def score(fid: str) -> dict[str, Any]:
+        record = run.records([fid])[0]
+        negatives = negatives_for(run, record, 0, ALL)
+        fuzz = await judge.run_stage("fuzz", record, negatives, "Fires on 'a'.")
+        intruder = await judge.run_stage("intruder", record, negatives)
+        return {"fuzz": fuzz, "intruder": intruder}
+
+    for fid in ("L0F1", "L1F11"):
+        outcomes = asyncio.run(score(fid))
+        fuzz, intruder = outcomes["fuzz"], outcomes["intruder"]
+        assert fuzz.ok and intruder.ok, (fuzz.reason, intruder.reason)
+        assert fuzz.detection is not None and len(fuzz.detection.truth) == 10
+        assert fuzz.detection.probs is not None and len(fuzz.detection.probs) == 10
+        assert intruder.intrusion is not None and len(intruder.intrusion.truth) >= 1
+        assert all(0 <= p < 5 for p in intruder.intrusion.picked)
+        assert fuzz.usage["fuzz"].calls >= 1 and intruder.usage["intruder"].calls >= 1
