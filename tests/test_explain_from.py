@@ -9,7 +9,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from labeler.labeling.store import LabelStore
 from labeler.run.data import RunData
 from prompts import normalize_token
 from tests.conftest import CollectedDemo
-from tests.fake_llm import FakeLLMServer, oracle
+from tests.fake_llm import FakeLLMServer
 from tests.test_bad_input import assert_fails, labeler
 
 BOTH = ("examples", "outputs")
@@ -74,11 +73,8 @@ def test_the_heuristic_names_the_words_output_features_promote(
         judgment = stored[fid].judgment
         assert judgment is not None
         assert judgment.prompt_hash.endswith("+examples+outputs")
-        named = [w for w in truth[fid]["promotes"] if _names(judgment.explanation, w)]
-        assert named == truth[fid]["promotes"] or set(named) == set(truth[fid]["promotes"]), (
-            fid,
-            judgment.explanation,
-        )
+        words = truth[fid]["promotes"]
+        assert all(_names(judgment.explanation, w) for w in words), (fid, judgment.explanation)
         assert "steering it raises" in judgment.explanation
         first = normalize_token(steering[fid][0])
         assert _names(judgment.explanation, first), (fid, judgment.explanation)
@@ -111,14 +107,8 @@ def test_explain_from_is_checked(run_copy: Path) -> None:
                  "--explain-from", "logits")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 def test_an_llm_explains_output_features_by_their_words_only_when_shown(
-    server: FakeLLMServer, collected: CollectedDemo, monkeypatch: pytest.MonkeyPatch
+    fresh_fake: FakeLLMServer, collected: CollectedDemo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the real OpenAI SDK to the fake server's oracle: the explanation of each
     planted output feature names the words it promotes with outputs shown, and none of
@@ -129,7 +119,7 @@ def test_an_llm_explains_output_features_by_their_words_only_when_shown(
     run = RunData.open(collected.run)
     fids = [f for f, t in truth.items() if t["promotes"]]
     records = run.records(fids)
-    base = f"{server.base_url}/v1"
+    base = f"{fresh_fake.base_url}/v1"
 
     async def explain(explain_from: tuple[str, ...]) -> dict[str, str]:
         options = JudgeOptions(base_url=base, openai_api="chat", explain_from=explain_from)  # type: ignore[arg-type]
@@ -152,15 +142,14 @@ def test_an_llm_explains_output_features_by_their_words_only_when_shown(
 
 
 def test_scorers_added_under_other_prompts_ask_nothing_else_and_see_the_stored_explanation(
-    run_copy: Path, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+    run_copy: Path, fresh_fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run labeled by an earlier version (its stages kept under another prompt hash):
     asked for fuzzing and intruder now, the labeler sends one call per scorer and
     feature, and fuzzing is asked about the explanation the label carries."""
     from tests.test_llm_scorers import _cli_env, _label_args, _tasks
 
-    server.reset()
-    server.latency = 0.0
+    server = fresh_fake
     monkeypatch.delenv("LABELER_CACHE_DIR", raising=False)
     first = subprocess.run(_label_args(run_copy, server, "detection"), env=_cli_env(),
                            capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from labeler.labeling.transports.batch import label_in_batches
 from labeler.run.data import RunData
 from labeler.run.schemas import Judgment, Snippet
 from prompts import TEMPLATES, prompt_hash
-from tests.fake_llm import FakeLLMServer, Hang, oracle
+from tests.fake_llm import FakeLLMServer, Hang
 from tests.fleet import BIN
 from tests.test_hf_judge import tiny_judge_model  # noqa: F401  (a fixture)
 from tests.test_prompts_golden import feature
@@ -51,22 +50,15 @@ WIRES = {"chat": "openai:fake-model", "anthropic": "anthropic:fake-claude"}
 _TASK = re.compile(r"TASK: (\w+)")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer(oracle) as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> FakeLLMServer:
-    server.reset()
-    server.latency = 0.0
+def fake(fresh_fake: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> FakeLLMServer:
+    """The conftest's oracle server, with this module's key and no reply cache folder."""
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fresh_fake.base_url)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("LABELER_CACHE_DIR", raising=False)
-    return server
+    return fresh_fake
 
 
 def _options(fake: FakeLLMServer, wire: str, scorers: tuple[str, ...] = ALL) -> JudgeOptions:
