@@ -191,9 +191,10 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
            rules_path: Path | None) -> None:  # fmt: skip
     """Browse every feature of a labeled run in the browser, on 127.0.0.1: full-text
     search over the judges' explanations and rationales; filters by category,
-    subcategory, mechanism, domain type, layer, label source, detection score and
-    activation frequency; sortable and paged. A feature's page is its review page
-    (examples, logit lens, every judgment and review, output score, the decision form).
+    subcategory, mechanism, domain type, layer, label source, detection accuracy and
+    F1, fuzzing F1, intruder accuracy and activation frequency; sortable and paged. A
+    feature's page is its review page (examples, logit lens, every judgment and review,
+    output score, the decision form).
 
     \b
     The index is built once into RUN/browse-index.sqlite (a progress bar shows it) and
