@@ -508,14 +508,8 @@ class LLMJudge:
         self, explanation: str, snippets: list[Snippet], ledger: Ledger
     ) -> tuple[list[bool], list[float] | None]:
         if self._likely is not None:
-            backend = self._likely
             prompts = [likelihood_detect_prompt(explanation, s) for s in snippets]
-            scores = await self._call(
-                "detect", ledger, lambda: backend.score_options(prompts, [" yes", " no"])
-            )
-            ledger.add("detect", scores.usage)
-            p_yes = [_softmax(row)[0] for row in scores.logprobs]
-            return [p > 0.5 for p in p_yes], p_yes
+            return await self._yes_no_by_likelihood("detect", prompts, ledger)
 
         def check(reply: Reply[DetectionReply]) -> tuple[list[bool], list[float] | None]:
             return _yes_no_answers(reply, reply.parsed.activating, len(snippets), "snippets")
@@ -551,13 +545,20 @@ class LLMJudge:
     async def _fuzz_by_likelihood(
         self, explanation: str, items: list[FuzzItem], ledger: Ledger
     ) -> tuple[list[bool], list[float]]:
+        prompts = [likelihood_fuzz_prompt(explanation, it) for it in items]
+        return await self._yes_no_by_likelihood("fuzz", prompts, ledger)
+
+    async def _yes_no_by_likelihood(
+        self, stage: Stage, prompts: list[Prompt], ledger: Ledger
+    ) -> tuple[list[bool], list[float]]:
+        """An in-process model's answer to each prompt: " yes" over " no" by likelihood,
+        with the probability of " yes"."""
         backend = self._likely
         assert backend is not None
-        prompts = [likelihood_fuzz_prompt(explanation, it) for it in items]
         scores = await self._call(
-            "fuzz", ledger, lambda: backend.score_options(prompts, [" yes", " no"])
+            stage, ledger, lambda: backend.score_options(prompts, [" yes", " no"])
         )
-        ledger.add("fuzz", scores.usage)
+        ledger.add(stage, scores.usage)
         p_yes = [_softmax(row)[0] for row in scores.logprobs]
         return [p > 0.5 for p in p_yes], p_yes
 
