@@ -29,7 +29,7 @@ from labeler.judges.stages import SCORER_STAGES, StageOutcome, add_costs, add_us
 from labeler.redaction import redact, redact_optional
 from labeler.run.schemas import Judgment, ReviewDecision, Usage
 
-STORE_SCHEMA_VERSION = 10
+STORE_SCHEMA_VERSION = 11
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -132,6 +132,26 @@ CREATE TABLE IF NOT EXISTS unanswered_calls (
     cost_usd REAL,
     noted_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audits (
+    audit_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    n_drawn INTEGER NOT NULL,
+    seed INTEGER,
+    weighting TEXT NOT NULL,
+    n_frame INTEGER NOT NULL,
+    frame_hash TEXT NOT NULL,
+    source TEXT NOT NULL,
+    made_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_frame (
+    audit_id INTEGER NOT NULL,
+    feature_id TEXT NOT NULL,
+    size REAL,
+    position INTEGER,
+    probability REAL,
+    PRIMARY KEY (audit_id, feature_id)
+);
+CREATE INDEX IF NOT EXISTS audit_frame_drawn ON audit_frame (audit_id, position)
+    WHERE position IS NOT NULL;
 CREATE TABLE IF NOT EXISTS run_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     token TEXT NOT NULL,
@@ -183,6 +203,7 @@ _MIGRATIONS = {
     8: (),  # the output_scores table is created if missing
     9: (),  # the unanswered_calls table is created if missing
     10: (),  # reviews.request_key, added by _add_missing_columns where the table lacks it
+    11: (),  # the audits and audit_frame tables are created if missing
 }
 
 
@@ -197,6 +218,22 @@ def _review(row: tuple[Any, ...]) -> ReviewDecision:
 
 # (table, column, type) added after the table was first made
 _ADDED_COLUMNS = (("reviews", "request_key", "TEXT"),)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit's design (``labeler.audit``): ``source`` is ``drawn`` or where its
+    decisions were imported from; a drawn audit keeps every frame feature's size, an
+    imported one the inclusion probability of each drawn feature."""
+
+    audit_id: int
+    n_drawn: int
+    seed: int | None
+    weighting: str
+    n_frame: int
+    frame_hash: str
+    source: str
+    made_at: str
 
 
 @dataclass(frozen=True)
@@ -610,6 +647,11 @@ class LabelStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    @property
+    def audits(self) -> AuditTables:
+        """The audits drawn for (or imported into) this run."""
+        return AuditTables(self)
+
     def reviews(self, feature_id: str | None = None) -> list[ReviewDecision]:
         """Decisions in the order they were made, of one feature or of all."""
         query = f"SELECT {_REVIEW_COLUMNS} FROM reviews"
@@ -617,6 +659,61 @@ class LabelStore:
         if feature_id is not None:
             query, args = query + " WHERE feature_id=?", (feature_id,)
         return [_review(row) for row in self.conn.execute(query + " ORDER BY id", args)]
+
+
+class AuditTables:
+    """The audits of a label store (``labeler.audit``): appended, never changed."""
+
+    def __init__(self, store: LabelStore) -> None:
+        self.store = store
+
+    def add(
+        self,
+        audit: AuditRow,
+        rows: Iterable[tuple[str, float | None, int | None, float | None]],
+    ) -> int:
+        """Store an audit and its frame: (feature_id, size, position, probability) rows.
+        Returns the new audit's id (``audit.audit_id`` is ignored)."""
+        conn = self.store.conn
+        with self.store.transaction():
+            cursor = conn.execute(
+                "INSERT INTO audits (n_drawn, seed, weighting, n_frame, frame_hash, source, "
+                "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (audit.n_drawn, audit.seed, audit.weighting, audit.n_frame, audit.frame_hash,
+                 audit.source, audit.made_at or _now()),
+            )  # fmt: skip
+            audit_id = int(cursor.lastrowid or 0)
+            conn.executemany(
+                "INSERT INTO audit_frame VALUES (?, ?, ?, ?, ?)",
+                ((audit_id, fid, size, pos, prob) for fid, size, pos, prob in rows),
+            )
+        return audit_id
+
+    def all(self) -> list[AuditRow]:
+        rows = self.store.conn.execute(
+            "SELECT audit_id, n_drawn, seed, weighting, n_frame, frame_hash, source, made_at "
+            "FROM audits ORDER BY audit_id"
+        )
+        return [AuditRow(*row) for row in rows]
+
+    def frame(self, audit_id: int) -> list[tuple[str, float | None, int | None, float | None]]:
+        """(feature_id, size, position, probability) of every frame row of an audit."""
+        return [
+            (str(f), s, p, q)
+            for f, s, p, q in self.store.conn.execute(
+                "SELECT feature_id, size, position, probability FROM audit_frame WHERE audit_id=?",
+                (audit_id,),
+            )
+        ]
+
+    def drawn(self, audit_id: int | None = None) -> list[tuple[int, str, int]]:
+        """(audit_id, feature_id, position) of the drawn features, in draw order."""
+        query = "SELECT audit_id, feature_id, position FROM audit_frame WHERE position IS NOT NULL"
+        args: tuple[int, ...] = ()
+        if audit_id is not None:
+            query, args = query + " AND audit_id=?", (audit_id,)
+        rows = self.store.conn.execute(query + " ORDER BY audit_id, position", args)
+        return [(int(a), str(f), int(p)) for a, f, p in rows]
 
 
 def connect(path: Path, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:

@@ -87,6 +87,7 @@ _FULL: tuple[tuple[str, str, pl.DataType], ...] = (
     ("created_at", "created_at", pl.String()),
     _json_field("explanation", "explanation", pl.String()),
     _json_field("classification.rationale", "rationale", pl.String()),
+    _json_field("resamples.confidence", "resample_confidence", pl.Float64()),
     *_SCORES,
 )
 REVIEW_SCHEMA = pl.Schema(
@@ -130,7 +131,9 @@ def judgment_frame(
     """One row per stored (feature, judge): status and reason, cost, the classification
     and the detection accuracy; with ``full`` also the explanation, rationale, every
     detection score (``scores``: the pooled one and ``by_set``), the other scorers' scores
-    (``fuzz``, ``intruder``: null where not scored), prompt hash, attempts and time. Of
+    (``fuzz``, ``intruder``: null where not scored), the resampled classifier's
+    confidence (``resample_confidence``, ``label --resamples``), prompt hash, attempts and
+    time. Of
     one feature with ``feature_id``, of one layer's features with ``layer``."""
     conn = store.conn if isinstance(store, LabelStore) else store
     columns = _FULL if full else _BRIEF

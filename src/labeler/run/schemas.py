@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prompts import Category, Confidence, DomainType, Mechanism, Subcategory, load_taxonomy
 
-JUDGMENT_SCHEMA_VERSION = 3
+JUDGMENT_SCHEMA_VERSION = 4
 CATALOG_SCHEMA_VERSION = 2
 
 
@@ -151,6 +151,22 @@ class IntruderScore(BaseModel):
     )
 
 
+class Resampling(BaseModel):
+    """The classifier asked again on resampled subsets of the examples (``label
+    --resamples K``): how stable the label is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[Category] = Field(description="the category of each resampled answer")
+    confidence: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="share of the resampled answers that agree with the label's category",
+    )
+    mode: Category = Field(description="the most common resampled category")
+    mode_share: float = Field(ge=0.0, le=1.0, description="share of answers giving the mode")
+
+
 class Usage(BaseModel):
     """Tokens that calls used, as the provider reported them."""
 
@@ -198,6 +214,9 @@ class Judgment(BaseModel):
     )
     intruder: IntruderScore | None = Field(
         None, description="the intruder scorer's; null unless asked"
+    )
+    resamples: Resampling | None = Field(
+        None, description="the classifier on resampled examples; null unless asked"
     )
     usage: dict[str, Usage] = Field(
         default_factory=dict,
