@@ -41,7 +41,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, Field
 
 from labeler.audit.design import frame_hash, inclusion_probabilities
-from labeler.labeling.store import LabelStore
+from labeler.labeling.store import AuditRow, LabelStore
 
 Z95 = 1.959963984540054
 N_BINS = 10
@@ -74,6 +74,51 @@ class Sample:
         return len(np.unique(self.index))
 
 
+def labeled_population(store: LabelStore) -> list[str]:
+    """The features some judge labeled (what audits are drawn from and estimates are
+    of), in layer and index order."""
+    rows = store.conn.execute(
+        "SELECT feature_id FROM planned WHERE feature_id IN (SELECT feature_id FROM "
+        "judgments WHERE status = 'ok' AND category IS NOT NULL) ORDER BY layer, idx"
+    )
+    return [str(fid) for (fid,) in rows]
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The features of one audit that an estimate can use, with their inclusion
+    probabilities: a drawn audit's decided features in draw order up to the first
+    undecided one; an imported audit's decided features."""
+
+    audit: AuditRow
+    features: list[str]
+    pi: list[float]
+    pending: int = 0
+
+
+def audit_prefixes(store: LabelStore, decided: set[str]) -> list[Prefix]:
+    """Every audit's usable features, given the features people have decided."""
+    out = []
+    for audit in store.audits.all():
+        rows = store.audits.frame(audit.audit_id)
+        if audit.source == "drawn":
+            drawn = sorted((p, f) for f, _, p, _ in rows if p is not None)
+            prefix: list[str] = []
+            for _, fid in drawn:
+                if fid not in decided:
+                    break
+                prefix.append(fid)
+            size = np.array([s or 0.0 for _, s, _, _ in rows], dtype=np.float64)
+            pi_all = inclusion_probabilities(size, len(prefix))
+            pi_of = dict(zip((f for f, _, _, _ in rows), pi_all.tolist(), strict=True))
+            pis = [pi_of[f] for f in prefix]
+            out.append(Prefix(audit, prefix, pis, len(drawn) - len(prefix)))
+        else:
+            kept = [(f, q) for f, _, _, q in rows if q is not None and f in decided]
+            out.append(Prefix(audit, [f for f, _ in kept], [q for _, q in kept]))
+    return out
+
+
 def audit_sample(
     store: LabelStore, population: list[str], decided: set[str]
 ) -> tuple[Sample, list[AuditUse]]:
@@ -83,8 +128,8 @@ def audit_sample(
     current = frame_hash(population)
     parts: list[tuple[list[int], FloatArray, int]] = []
     uses: list[AuditUse] = []
-    for audit in store.audits.all():
-        rows = store.audits.frame(audit.audit_id)
+    for prefix in audit_prefixes(store, decided):
+        audit = prefix.audit
         base = {"audit_id": audit.audit_id, "source": audit.source,
                 "weighting": audit.weighting, "n_drawn": audit.n_drawn}  # fmt: skip
         if audit.frame_hash != current:
@@ -92,32 +137,15 @@ def audit_sample(
                 f"drawn from {audit.n_frame:,} labeled features; {len(population):,} are "
                 "labeled now: run `labeler audit` again")))  # fmt: skip
             continue
-        if audit.source == "drawn":
-            drawn = sorted((p, f) for f, _, p, _ in rows if p is not None)
-            prefix: list[str] = []
-            for _, fid in drawn:
-                if fid not in decided:
-                    break
-                prefix.append(fid)
-            frame_ids = [f for f, _, _, _ in rows]
-            size = np.array([s or 0.0 for _, s, _, _ in rows], dtype=np.float64)
-            pi_all = inclusion_probabilities(size, len(prefix))
-            pi_of = dict(zip(frame_ids, pi_all.tolist(), strict=True))
-            pis = np.array([pi_of[f] for f in prefix], dtype=np.float64)
-            pending = len(drawn) - len(prefix)
-        else:
-            prefix = [f for f, _, _, q in rows if q is not None and f in decided]
-            pis = np.array([q for f, _, _, q in rows if q is not None and f in decided])
-            pending = 0
         note = (
-            f"{pending} drawn features wait for a decision (the first undecided one stops "
-            "the audit's use)"
-            if pending
-            else None
-        )
-        uses.append(AuditUse(**base, n_used=len(prefix), used=bool(prefix), note=note))
-        if prefix:
-            parts.append(([position[f] for f in prefix], pis, len(prefix)))
+            f"{prefix.pending} drawn features wait for a decision (the first undecided one "
+            "stops the audit's use)" if prefix.pending else None
+        )  # fmt: skip
+        m = len(prefix.features)
+        uses.append(AuditUse(**base, n_used=m, used=bool(m), note=note))
+        if m:
+            pis = np.array(prefix.pi, dtype=np.float64)
+            parts.append(([position[f] for f in prefix.features], pis, m))
     total = sum(m for _, _, m in parts)
     index = np.array([i for idx, _, _ in parts for i in idx], dtype=np.int64)
     pi = np.concatenate([p for _, p, _ in parts]) if parts else np.zeros(0)
