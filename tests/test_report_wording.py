@@ -115,7 +115,7 @@ def test_summary_json_says_its_schema_the_tool_and_when(reviewed: Reviewed) -> N
     from labeler.reporting.summarize import SUMMARY_SCHEMA_VERSION
 
     written = json.loads((reviewed.run / "summary.json").read_text())
-    assert written["schema_version"] == SUMMARY_SCHEMA_VERSION == 1
+    assert written["schema_version"] == SUMMARY_SCHEMA_VERSION == 2
     assert written["tool_version"] == version("transcoder-labeler")
     made = dt.datetime.fromisoformat(written["created_at"])
     assert made.utcoffset() == dt.timedelta(0)

@@ -2,6 +2,7 @@
 Importing this package registers every command (and imports no torch)."""
 
 from labeler.cli import (  # noqa: F401  (registers them)
+    audit,
     baseline,
     collect,
     demo,

@@ -26,6 +26,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from collectors.run_format import RunInfo, package_versions
+from labeler.audit.report import NO_AUDIT_NOTE, AuditSummary, audit_summary
 from labeler.errors import UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
@@ -41,7 +42,7 @@ from labeler.reporting.score_distributions import (
 from labeler.run.feature_ids import feature_order
 from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES
 
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2
 """The version of ``summary.json``'s layout (docs/review.md), raised when it changes."""
 DISTRIBUTION = "transcoder-labeler"
 Z95 = 1.959963984540054
@@ -243,6 +244,14 @@ class RunSummary(BaseModel):
     baseline: BaselineComparison | None = Field(
         None, description="the scores against a control run (`summarize --baseline`)"
     )
+    audit: AuditSummary | None = Field(
+        None,
+        description="the shares corrected by people's audit labels, with intervals that "
+        "include the judges' error (`labeler audit`; docs/audit.md); null without an audit",
+    )
+    judge_error: str | None = Field(
+        None, description="what the intervals leave out: set when no audit corrects them"
+    )
 
 
 def reason_group(reason: str | None) -> str:
@@ -357,6 +366,7 @@ def summarize(
     human = final.filter(pl.col("source") == "human").select("feature_id")
     decided = reviews.filter(pl.col("action") == "decide")
     reasons = Counter(r for rs in disputes["reasons"].to_list() for r in rs)
+    audited = audit_summary(store, planned, judgments, reviews, alive)
     known_costs = [c for c in cost_of.values() if c is not None]
     total_cost = sum(known_costs) if known_costs else None
     return RunSummary(
@@ -387,6 +397,8 @@ def summarize(
         cost_usd=total_cost,
         prices=store.get_meta("prices"),
         steering=steering_summary(final, store.output_scores()),
+        audit=audited,
+        judge_error=NO_AUDIT_NOTE if audited is None or audited.reasoning is None else None,
         cost_per_labeled_usd=(
             total_cost / labeled_final.height
             if total_cost is not None and labeled_final.height
