@@ -12,10 +12,10 @@ and Wretman 1992, §6.3). Per labeled feature::
 
 Each ``z_i`` has mean ``Y_i`` over the audit's draw, whatever the judges got wrong, so
 the stratified mean of ``z`` (each layer weighted by its alive features, as the judges'
-estimate is) is unbiased for the share, and the sample variance of ``z`` within each
-layer over ``n_h`` counts both which features were labeled and which were audited: the
-95% interval includes the judges' error. Where the judges are right the errors are 0 and
-the interval is as narrow as the judges-only one; the more they err, the wider it gets.
+estimate is) is unbiased for the share. It is the judges' share plus the share they
+missed minus the share they gave wrongly; the 95% interval combines the three parts'
+intervals (:func:`audited_share`), so it includes the judges' error. Where the judges
+are right it is little wider than the judges-only one; the more they err, the wider.
 
 Several audits are combined by averaging their corrections, each weighted by the
 number of its features used (fixed before anyone reviews), so a second audit only adds.
@@ -191,17 +191,80 @@ def stratified_mean(
     return mean, math.sqrt(variance)
 
 
+def plan_weights(layers: npt.NDArray[np.int64], alive: dict[int, int]) -> FloatArray:
+    """Each labeled feature's share of the population: its layer's share of the alive
+    features over the layer's labeled ones (0 in a layer without alive features)."""
+    present = [h for h in np.unique(layers).tolist() if alive.get(h, 0) > 0]
+    total = sum(alive[h] for h in present)
+    out = np.zeros(len(layers))
+    for h in present:
+        mask = layers == h
+        out[mask] = alive[h] / total / mask.sum()
+    return out
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A population rate estimated from the audit, with its Wilson interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+def error_rate(errors: FloatArray, sample: Sample, plan_weight: FloatArray) -> Rate:
+    """The share of the population with an error of one kind (``errors`` is 0/1 at the
+    sample's positions): Horvitz-Thompson under Poisson sampling, with a Wilson interval
+    at an effective sample size in the manner of Korn and Graubard (Survey Methodology,
+    1998): the binomial size with the estimate's variance where errors were seen, and
+    Kish's effective size of the weights where none was (no error among 25 audited
+    features still leaves room for some among the features nobody looked at)."""
+    g = plan_weight[sample.index] * sample.weight / sample.pi
+    e = errors[sample.index]
+    rate = float((g * e).sum())
+    kish = float(g.sum() ** 2 / (g * g).sum()) if len(g) and (g * g).sum() > 0 else 0.0
+    if kish == 0.0:
+        return Rate(rate, 0.0, 1.0)
+    variance = float(((1.0 - sample.pi) * (g * e) ** 2).sum())
+    clipped = min(max(rate, 0.0), 1.0)
+    effective = kish
+    if variance > 0 and 0.0 < clipped < 1.0:
+        effective = clipped * (1 - clipped) / variance
+    low, high = wilson_bounds(clipped, max(effective, 1.0))
+    return Rate(rate, low, high)
+
+
 def audited_share(
     yhat: FloatArray, y: FloatArray, sample: Sample, layers: npt.NDArray[np.int64],
     alive: dict[int, int],
 ) -> AuditedShare:  # fmt: skip
-    """The prediction-powered share with its 95% normal interval (clipped to [0, 1])."""
-    share, se = stratified_mean(pseudo_outcomes(yhat, y, sample), layers, alive)
-    judged, _ = stratified_mean(yhat.astype(np.float64), layers, alive)
+    """The prediction-powered share ``judges' share + missed - false`` and its 95%
+    interval, built by the method of variance estimates recovery (MOVER; Zou and Donner,
+    Statistics in Medicine 2008; Newcombe 1998 for a difference of proportions) from
+    three intervals: the judges' share's (Wilson at its effective size, as
+    ``reporting.summarize``), and the Wilson intervals of the share the judges missed
+    (``Y = 1, Ŷ = 0``) and of the share they wrongly gave (``Y = 0, Ŷ = 1``). A plain
+    normal interval around the same estimate undercovers badly when errors are rare
+    and the audit small: no error drawn means no variance seen."""
+    z = pseudo_outcomes(yhat, y, sample)
+    share, se = stratified_mean(z, layers, alive)
+    judged, judged_se = stratified_mean(yhat.astype(np.float64), layers, alive)
+    has_spread = judged_se > 0 and 0.0 < judged < 1.0
+    effective = judged * (1 - judged) / judged_se**2 if has_spread else float(len(yhat))
+    j_low, j_high = wilson_bounds(judged, max(effective, 1.0))
+    weights = plan_weights(layers, alive)
+    missed = error_rate(((y == 1) & (yhat == 0)).astype(np.float64), sample, weights)
+    wrong = error_rate(((y == 0) & (yhat == 1)).astype(np.float64), sample, weights)
+    below = math.sqrt(
+        (judged - j_low) ** 2 + (missed.value - missed.low) ** 2 + (wrong.high - wrong.value) ** 2
+    )
+    above = math.sqrt(
+        (j_high - judged) ** 2 + (missed.high - missed.value) ** 2 + (wrong.value - wrong.low) ** 2
+    )
     return AuditedShare(
         share=share,
-        ci_low=max(0.0, share - Z95 * se),
-        ci_high=min(1.0, share + Z95 * se),
+        ci_low=max(0.0, share - below),
+        ci_high=min(1.0, share + above),
         std_error=se,
         judges_share=judged,
     )
