@@ -103,7 +103,8 @@ def _progress(store: Any, run_path: Path) -> None:
     decided = set(human_labels(review_frame(store))["feature_id"].to_list())
     _, uses = audit_sample(store, labeled_population(store), decided)
     for use in uses:
-        state = f"{use.n_used} of {use.n_drawn} decided in order" if use.used or not use.note \
-            else "not used"  # fmt: skip
-        line = f"audit {use.audit_id} ({use.source}, {use.weighting}): {state}"
+        line = (
+            f"audit {use.audit_id} ({use.source}, {use.weighting}): {use.n_used} of "
+            f"{use.n_drawn} decided in draw order"
+        )
         console.print(line + (f"; {use.note}" if use.note else ""))

@@ -64,6 +64,12 @@ def _summarize(
         plots.append(plot_path.with_name(plot_path.stem + "-agreement.png"))
         with replacing(plots[-1]) as tmp:
             plot_agreement(summary.agreement, tmp)
+    if summary.audit is not None and summary.audit.reasoning is not None:
+        from labeler.reporting.audit_plot import plot_audit
+
+        plots.append(plot_path.with_name(plot_path.stem + "-audit.png"))
+        with replacing(plots[-1]) as tmp:
+            plot_audit(summary.audit, summary.run, summary.unit, tmp)
     if other is not None:
         plots.append(plot_path.with_name(plot_path.stem + "-compare.png"))
         with replacing(plots[-1]) as tmp:

@@ -41,11 +41,18 @@ def layers_figure(summary: RunSummary) -> Figure:
         ax.bar(layers, heights, bottom=bottom, label=category, color=COLORS[category])
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     r, unit = summary.final.reasoning, summary.unit
+    audited = summary.audit.reasoning if summary.audit is not None else None
     ax.set_title(
         f"{summary.run}: final labels by layer, % of each layer's alive {unit}s\n"
         f"reasoning: {r.share:.1%} of {summary.final.n_alive_covered:,} alive {unit}s "
         f"(95% CI {r.ci_low:.1%} to {r.ci_high:.1%}),\n"
-        f"from {r.count:,} reasoning of {r.n:,} labeled",
+        f"from {r.count:,} reasoning of {r.n:,} labeled"
+        + (
+            f"; audited {audited.share:.1%} ({audited.ci_low:.1%} to {audited.ci_high:.1%}, "
+            "judges' error included)"
+            if audited is not None
+            else "; CI without the judges' error (no audit)"
+        ),
         fontsize=10,
     )
     alive = [summary.n_alive_by_layer.get(la, 0) for la in layers]
