@@ -128,6 +128,10 @@ def summary_tables(summary: RunSummary, comparison: Comparison | None = None) ->
         for reason, n in final.failures_by_reason.items():
             head += f"\n  failed ({n:,}): {reason}"
     out: list[Table | str] = [head]
+    if final.n_labeled:
+        from labeler.cli.render_audit import audit_parts
+
+        out.extend(audit_parts(summary))
     raters = [final, *summary.judges]
     out.append(
         _raters_table(
