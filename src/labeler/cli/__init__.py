@@ -6,6 +6,7 @@ from labeler.cli import (  # noqa: F401  (registers them)
     baseline,
     collect,
     demo,
+    gold,
     intervene,
     label,
     make_adapter,
