@@ -226,18 +226,21 @@ def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--format", "fmt",
-              type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia", "delphi"]),
+              type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia", "delphi", "gold"]),
               default="jsonl", show_default=True,
               help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
                    "folder (features/{cantor_id}.json and feature_metadata.json); "
                    "neuronpedia: the bodies of Neuronpedia's upload requests and its "
                    "bulk-import layout (docs/neuronpedia.md); delphi: explanations/ and "
                    "scores/detection/ as EleutherAI's delphi writes them, one folder per "
-                   "judge (docs/delphi.md).")  # fmt: skip
+                   "judge (docs/delphi.md); gold: people's review decisions, one JSON line "
+                   "each with the audits they belong to, for `labeler import-gold` into "
+                   "another run of the adapter (docs/gold.md).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
                    "circuit-tracer, neuronpedia and delphi a folder (default "
-                   "RUN/circuit-tracer, RUN/neuronpedia, RUN/delphi).")  # fmt: skip
+                   "RUN/circuit-tracer, RUN/neuronpedia, RUN/delphi); for gold a .jsonl "
+                   "file (default RUN/gold.jsonl).")  # fmt: skip
 @click.option(
     "--model-id",
     default=None,
@@ -269,12 +272,17 @@ def export(run_path: Path, fmt: str, out: Path | None, model_id: str | None,
     """Write the labeled feature catalog: per feature its final label and where it came
     from, every judgment, every review decision, scores and provenance
     (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format, for
-    Neuronpedia, or as delphi results."""
+    Neuronpedia, or as delphi results; or people's decisions as a gold file."""
     if fmt == "neuronpedia":
         _export_neuronpedia(run_path, out, model_id, source_set, rules_path, overwrite, layout)
         return
     if fmt == "delphi":
         _export_delphi(run_path, out, rules_path, overwrite, seed)
+        return
+    if fmt == "gold":
+        from labeler.cli.gold import export_gold
+
+        export_gold(run_path, out, overwrite)
         return
     if fmt == "circuit-tracer":
         from collectors.run_format import read_run_info
