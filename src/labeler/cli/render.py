@@ -530,18 +530,26 @@ def output_score_table(scores: list[OutputScore], top: int) -> Table:
 
 
 def queue_table(queue: list[QueueItem]) -> Table:
-    table = Table(title="disputed features, most informative first", title_justify="left")
+    """The review queue: audited features first (why: their place in the audit; the
+    judges' votes of one nobody has decided are not shown), then disputed ones."""
+    audited = any(q.audit is not None for q in queue)
+    title = ("audited features in audit order, then disputed ones, most informative first"
+             if audited else "disputed features, most informative first")  # fmt: skip
+    table = Table(title=title, title_justify="left")
     for column in ("feature", "score", "why", "judges", "lowest detection", "decided by"):
         table.add_column(
             column, justify="right" if column in ("score", "lowest detection") else "left"
         )
     for q in queue:
-        detection = "-" if q.min_detection is None else f"{q.min_detection:.2f}"
+        blind = q.audit is not None and not q.decided_by
+        detection = "-" if q.min_detection is None or blind else f"{q.min_detection:.2f}"
+        reasons = [r for r in q.reasons if r != "audit"]
+        why = [escape(q.audit)] if q.audit is not None else []
         table.add_row(
             q.feature_id,
             f"{q.score:.2f}",
-            ", ".join(q.reasons),
-            escape("; ".join(q.categories)),
+            ", ".join(why if blind else [*why, *reasons]),
+            "(hidden until decided)" if blind else escape("; ".join(q.categories)),
             detection,
             escape(", ".join(q.decided_by)),
         )

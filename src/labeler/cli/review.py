@@ -29,9 +29,11 @@ from labeler.errors import UserError
 )
 @click.option("--json", "as_json", is_flag=True, help="Print every disputed feature as JSON.")
 def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool) -> None:
-    """Disputed features, most informative first: judges disagree on the category, a
-    judge's confidence is low, a detection score is low, or the heuristic judge
-    disagrees with every model judge."""
+    """The review queue: the features an audit drew (``labeler audit``), in audit order,
+    then the disputed features, most informative first: judges disagree on the
+    category, a judge's confidence is low, a detection score is low, or the heuristic
+    judge disagrees with every model judge. An audited feature nobody has decided shows
+    no judges' votes (an audit measures the judges)."""
     from collectors.run_format import read_run_info
     from labeler.cli.render import queue_table
     from labeler.reporting.disputes import DisputeRules
@@ -48,14 +50,22 @@ def disputes(run_path: Path, rules_path: Path | None, limit: int, as_json: bool)
     if as_json:
         click.echo(json.dumps([q.model_dump() for q in queue], indent=2))
         return
-    open_items = sum(1 for q in queue if not q.decided_by)
-    console.print(f"{len(queue):,} disputed features, {open_items:,} not decided by anyone")
+    audited = [q for q in queue if q.audit is not None]
+    disputed = [q for q in queue if q.audit is None]
+    if audited:
+        waiting = sum(1 for q in audited if not q.decided_by)
+        console.print(f"{len(audited):,} audited features first, in audit order, {waiting:,} "
+                      "not decided by anyone (decide them in order: the first undecided one "
+                      "stops the audit's estimate)")  # fmt: skip
+    open_items = sum(1 for q in disputed if not q.decided_by)
+    console.print(f"{len(disputed):,} disputed features, {open_items:,} not decided by anyone")
     shown = [
         q.model_copy(
             update={
                 "feature_id": safe(q.feature_id),
                 "categories": [safe(c) for c in q.categories],
                 "decided_by": [safe(r) for r in q.decided_by],
+                "audit": None if q.audit is None else safe(q.audit),
             }
         )
         for q in (queue[:limit] if limit else queue)
@@ -135,9 +145,13 @@ def decide(run_path: Path, feature_id: str, reviewer: str, category: str,
               help=_RULES_HELP)  # fmt: skip
 def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_decided: bool,
            rules_path: Path | None) -> None:  # fmt: skip
-    """Walk the disputed features, most informative first, and decide their labels:
-    examples with the activating token and activation strength highlighted, the logit
-    lens, and the judges' answers (hidden until asked for, to avoid anchoring).
+    """Walk the review queue and decide the features' labels: first the features an
+    audit drew (``labeler audit``), in draw order, then the disputed features, most
+    informative first. Examples with the activating token and activation strength
+    highlighted, the logit lens, and the judges' answers (hidden until asked for, to
+    avoid anchoring; for an audited feature, decide before looking: an audit measures
+    the judges). Skipping an audited feature stops the audit's estimate there until
+    someone decides it.
 
     \b
     Terminal keys, single keys without Enter (from a pipe, one a line): r d l u

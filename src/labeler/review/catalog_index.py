@@ -61,12 +61,15 @@ from labeler.reporting.catalog_lines import LayerReader
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.final_labels import final_labels
 from labeler.reporting.label_table import PLANNED_SCHEMA, REVIEW_SCHEMA, judgment_frame
+from labeler.review.queue import audit_places
 from labeler.run.data import RunData
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "browse-index.sqlite"
-INDEX_VERSION = "4"  # 4: every scorer's headline score; 3: the words table, labels searched
+INDEX_VERSION = (
+    "5"  # 5: audits; 4: every scorer's headline score; 3: the words table, labels searched
+)
 SYNCED = "reviews_synced"  # the meta key: the id of the last review the rows include
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -100,8 +103,12 @@ CREATE TABLE features (
     count INTEGER,
     disputed INTEGER NOT NULL,
     reviews INTEGER NOT NULL,
-    output_significant INTEGER      -- null: no output score
+    output_significant INTEGER,     -- null: no output score
+    audit_id INTEGER,               -- the first audit that drew it (null: none), its
+    audit_position INTEGER,         --   place in that audit's draw order (1 first) and
+    audit_size INTEGER              --   how many that audit drew
 );
+CREATE INDEX features_audit ON features (audit_id, audit_position) WHERE audit_id IS NOT NULL;
 CREATE INDEX features_layer ON features (layer, idx);
 CREATE INDEX features_category ON features (category, layer, idx);
 CREATE INDEX features_detection ON features (detection);
@@ -134,14 +141,20 @@ _COLUMNS = ("id", "feature_id", "layer", "idx", "category", "subcategory", "mech
             "domain_type", "label_source", "judge", "explanation", "detection", "detection_f1",
             "fuzz_f1", "intruder_accuracy", "intruder_chance", "intruder_p_value", "frequency",
             "count", "disputed", "reviews", "output_significant")  # fmt: skip
+AUDIT_COLUMNS = ("audit_id", "audit_position", "audit_size")
+"""Where a feature stands in an audit (``labeler audit``): written at build, and the
+audits are in the fingerprint, so a new audit rebuilds the index. Whether it is decided
+is its ``label_source`` (``human``), kept up to date with the reviews."""
+AUDIT_FILTERS = ("todo", "all")
 SCORE_COLUMNS = ("detection", "detection_f1", "fuzz_f1", "intruder_accuracy")
 """The scores the catalog filters (``NAME_min``, ``NAME_max``) and sorts by: the shown
 judge's detection accuracy, detection F1, fuzzing F1 and intruder accuracy
 (``labeler.judges.score_values.HEADLINE``, with accuracy kept for links made before)."""
 _SHOWN_SCORES = (*SCORE_COLUMNS, "intruder_chance", "intruder_p_value")
 _BOUNDS = tuple(f"{c}_{b}" for c in SCORE_COLUMNS for b in ("min", "max"))
-_NULLS_LAST = (*_SHOWN_SCORES, "frequency", "category")
-SHOWN = _COLUMNS[1:]
+_NULLS_LAST = (*_SHOWN_SCORES, "frequency", "category", "audit_id", "audit_position")
+_ROW = _COLUMNS[1:]  # what a feature's labels, reviews and scores decide
+SHOWN = (*_ROW, *AUDIT_COLUMNS)
 FACETS = ("category", "subcategory", "mechanism", "domain_type", "label_source", "layer")
 SORTS = {
     "feature": ("layer", "idx"),
@@ -151,6 +164,7 @@ SORTS = {
     "frequency": ("frequency", "layer", "idx"),
     "count": ("count", "layer", "idx"),
     "reviews": ("reviews", "layer", "idx"),
+    "audit": ("audit_id", "audit_position", "layer", "idx"),
 }
 _WORD = re.compile(r"[^\W_]+")  # as FTS5's unicode61 splits words
 
@@ -229,7 +243,7 @@ def _shown_rows(labels: pl.DataFrame, judged: pl.DataFrame) -> tuple[pl.DataFram
                           ignore_nulls=True).str.join(" \n ").alias("text"),
         )
     )  # fmt: skip
-    rows = labels.join(shown, on="feature_id", how="left", maintain_order="left").select(SHOWN)
+    rows = labels.join(shown, on="feature_id", how="left", maintain_order="left").select(_ROW)
     texts = rows.select("feature_id").join(text, on="feature_id", how="left", maintain_order="left")
     return rows, texts
 
@@ -304,7 +318,8 @@ def changed_rows(
 
 def fingerprint(run: RunData, store: LabelStore, rules: DisputeRules) -> dict[str, str]:
     """What the index was built from, cheaply: counts and latest times of the store's
-    tables (all indexed), the features table's size and time, the dispute rules. Reviews
+    tables (all indexed; the audits too, so a new one rebuilds it), the features table's
+    size and time, the dispute rules. Reviews
     are not in it: they are caught up with by id (``SYNCED``)."""
     conn = store.conn
 
@@ -317,6 +332,7 @@ def fingerprint(run: RunData, store: LabelStore, rules: DisputeRules) -> dict[st
         "planned": one("SELECT count(*), max(feature_id) FROM planned"),
         "judgments": one("SELECT count(*), max(created_at) FROM judgments"),
         "output_scores": one("SELECT count(*), max(rowid) FROM output_scores"),
+        "audits": one("SELECT count(*), max(audit_id) FROM audits"),
         "features": json.dumps([features.st_size, features.st_mtime_ns]),
         "rules": rules.model_dump_json(),
     }
@@ -374,7 +390,8 @@ def _write_index(
             next_id += rows.height
             with conn:
                 conn.executemany(
-                    f"INSERT INTO features VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    f"INSERT INTO features ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
                     ((i, *row) for i, row in zip(ids, rows.iter_rows(), strict=True)),
                 )
                 documents = [
@@ -390,6 +407,14 @@ def _write_index(
             if progress is not None:
                 progress(rows.height)
         with conn:
+            conn.executemany(
+                "UPDATE features SET audit_id = ?, audit_position = ?, audit_size = ? "
+                "WHERE feature_id = ?",
+                (
+                    (p.audit_id, p.position, p.n_drawn, fid)
+                    for fid, p in audit_places(store).items()
+                ),
+            )
             conn.executemany("INSERT INTO meta VALUES (?, ?)", stamp.items())
         for table in _FTS_TABLES:
             conn.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")
@@ -460,6 +485,7 @@ class CatalogQuery:
     frequency_min: float | None = None
     frequency_max: float | None = None
     disputed: bool | None = None
+    audit: str | None = None  # todo: audited features nobody decided; all: every audited one
     sort: str = "feature"
     descending: bool = False
     page: int = 1
@@ -469,8 +495,8 @@ class CatalogQuery:
     def from_params(cls, params: dict[str, list[str]]) -> CatalogQuery:
         """From URL query parameters; BadQuery names the first unusable one."""
         known = {"q", "category", "subcategory", "mechanism", "domain_type", "label_source",
-                 "layer", "frequency_min", "frequency_max", "disputed", "sort", "order", "page",
-                 "per_page", *_BOUNDS}  # fmt: skip
+                 "layer", "frequency_min", "frequency_max", "disputed", "audit", "sort", "order",
+                 "page", "per_page", *_BOUNDS}  # fmt: skip
         for name in params:
             if name not in known:
                 raise BadQuery(name, f"unknown parameter; use {', '.join(sorted(known))}")
@@ -493,7 +519,10 @@ class CatalogQuery:
                 raise BadQuery(name, f"{last[name]!r} is not a whole number")
             return None if value is None else int(value)
 
-        sort = last.get("sort", "feature")
+        audit = last.get("audit")
+        if audit not in (None, *AUDIT_FILTERS):
+            raise BadQuery("audit", "use todo (audited, nobody decided) or all (every audited)")
+        sort = last.get("sort", "audit" if audit else "feature")
         if sort not in SORTS:
             raise BadQuery("sort", f"use one of {', '.join(SORTS)}")
         order = last.get("order", "asc")
@@ -514,6 +543,7 @@ class CatalogQuery:
             frequency_min=number("frequency_min", 0, 1),
             frequency_max=number("frequency_max", 0, 1),
             disputed=None if disputed is None else disputed == "1",
+            audit=audit,
             sort=sort,
             descending=order == "desc",
             page=whole("page", 1, 10_000_000) or 1,
@@ -548,6 +578,10 @@ class CatalogQuery:
         if self.disputed is not None:
             parts.append("disputed = ?")
             args.append(int(self.disputed))
+        if self.audit is not None:
+            parts.append("audit_id IS NOT NULL")
+            if self.audit == "todo":
+                parts.append("label_source IS NOT 'human'")
         match = search_sql(self.text)
         if match is not None:
             parts.append(f"id IN ({match[0]})")
@@ -628,7 +662,7 @@ class CatalogIndex:
         ``synced``: the review id they now include."""
         conn = self.open()
         rows = changed_rows(self.store, self.rules, conn, feature_ids)
-        names = [c for c in SHOWN if c != "feature_id"]
+        names = [c for c in _ROW if c != "feature_id"]
         assignments = ", ".join(f"{c} = ?" for c in names)
         with conn:
             conn.executemany(
@@ -710,6 +744,14 @@ def _facets(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
     }
     total = conn.execute("SELECT count(*) FROM features").fetchone()[0]
     facets["total"] = [{"value": None, "count": int(total)}]
+    todo, audited = conn.execute(
+        "SELECT count(*) FILTER (WHERE label_source IS NOT 'human'), count(*) FROM features "
+        "WHERE audit_id IS NOT NULL"
+    ).fetchone()
+    facets["audit"] = [
+        {"value": "todo", "count": int(todo)},
+        {"value": "all", "count": int(audited)},
+    ]
     return facets
 
 

@@ -1,5 +1,12 @@
-"""What a reviewer sees of a disputed feature and how a decision is recorded; shared by
-the terminal review and the browser review."""
+"""What a reviewer sees of a feature in the review queue and how a decision is recorded;
+shared by the terminal review and the browser review.
+
+The queue is the audited features nobody has decided, in audit order (``labeler audit``:
+audit id, then draw position), then the disputed features, most informative first. An
+audit's estimate uses its decided features in draw order up to the first undecided one,
+so the audit goes first and in order. An audited feature nobody has decided is *blind*:
+the pages hide the judges' answers until asked, since an audit measures the judges and a
+decision made after reading them would measure nothing."""
 
 from __future__ import annotations
 
@@ -17,10 +24,28 @@ from labeler.review.tokens import REPLACEMENT, Pieces, shown_tokens
 from labeler.run.data import RunData
 from labeler.run.schemas import Example, ReviewDecision
 
+AUDIT = "audit"
+"""The reason of an audited feature in the queue."""
+BLIND_WHY = "an audit measures the judges; decide before looking"
+
+
+class AuditPlace(BaseModel):
+    """Where a feature stands in an audit's draw order (its first audit, when several
+    drew it)."""
+
+    audit_id: int
+    position: int = Field(description="1 for the first feature drawn")
+    n_drawn: int
+
+    @property
+    def text(self) -> str:
+        return f"audit {self.audit_id}, {self.position} of {self.n_drawn}"
+
 
 class QueueItem(BaseModel):
     feature_id: str
-    reasons: list[str]
+    reasons: list[str] = Field(description="'audit' first for an audited feature, then why "
+                               "it is disputed")  # fmt: skip
     score: float
     categories: list[str] = Field(description="the judges' votes, judge=category, by judge")
     min_detection: float | None
@@ -29,6 +54,7 @@ class QueueItem(BaseModel):
         None, description="what the preferred judge (a model judge before the heuristic) "
         "says the feature does",
     )  # fmt: skip
+    audit: str | None = Field(None, description="its place in an audit, e.g. 'audit 1, 3 of 50'")
 
 
 class JudgeAnswer(BaseModel):
@@ -43,6 +69,11 @@ class JudgeAnswer(BaseModel):
     confidence: str | None
     rationale: str | None
     detection: float | None
+    resample_confidence: float | None = Field(
+        None, description="share of resampled answers agreeing with its category (label "
+        "--resamples); null unless asked",
+    )  # fmt: skip
+    resamples: int | None = Field(None, description="how many resampled answers there were")
 
 
 class ShownExample(Example):
@@ -77,6 +108,11 @@ class FeatureView(BaseModel):
     judges: list[JudgeAnswer]
     reviews: list[ReviewDecision]
     output_score: OutputScoreView | None = None
+    audit: AuditPlace | None = Field(None, description="its place in an audit, if drawn")
+    blind: bool = Field(
+        False, description="audited and nobody has decided it: the judges stay hidden until "
+        "the reviewer asks",
+    )  # fmt: skip
 
 
 class UnknownFeature(UserError):
@@ -86,23 +122,70 @@ class UnknownFeature(UserError):
 def review_queue(
     store: LabelStore, rules: DisputeRules, include_decided: bool = False
 ) -> list[QueueItem]:
-    """Disputed features, most informative first; without ``include_decided`` only those
-    nobody has decided yet."""
-    disputes = find_disputes(judgment_frame(store), rules)
+    """The audited features in audit order, then the disputed ones, most informative
+    first (an audited feature that is disputed too comes once, in the audit part);
+    without ``include_decided`` only those nobody has decided yet."""
+    judgments = judgment_frame(store)
+    disputes = find_disputes(judgments, rules)
     decided = (
         review_frame(store)
         .filter(pl.col("action") == "decide")
         .group_by("feature_id")
         .agg(pl.col("reviewer").unique().sort().alias("decided_by"))
     )
-    rows = disputes.join(decided, on="feature_id", how="left", maintain_order="left")
-    explanations = _explanations(store, rows["feature_id"].to_list())
+    places = audit_places(store)
+    audited = pl.DataFrame({"feature_id": list(places)}, schema={"feature_id": pl.String}).join(
+        _votes(judgments), on="feature_id", how="left", maintain_order="left"
+    )
+    disputed = {row["feature_id"]: row for row in disputes.iter_rows(named=True)}
+    rows = [
+        row
+        | {
+            "reasons": [AUDIT, *disputed.get(row["feature_id"], {}).get("reasons", [])],
+            "score": disputed.get(row["feature_id"], {}).get("score", 0.0),
+            "categories": row["categories"] or [],
+            "audit": places[row["feature_id"]].text,
+        }
+        for row in audited.iter_rows(named=True)
+    ] + [row for row in disputes.iter_rows(named=True) if row["feature_id"] not in places]
+    who = {f: list(r) for f, r in decided.iter_rows()}
+    explanations = _explanations(store, [row["feature_id"] for row in rows])
     items = [
-        QueueItem(**row | {"decided_by": row["decided_by"] or []},
+        QueueItem(**row | {"decided_by": who.get(row["feature_id"], [])},
                   explanation=explanations.get(row["feature_id"]))
-        for row in rows.iter_rows(named=True)
+        for row in rows
     ]  # fmt: skip
     return items if include_decided else [i for i in items if not i.decided_by]
+
+
+def audit_places(store: LabelStore) -> dict[str, AuditPlace]:
+    """Every drawn feature's place in the first audit that drew it, in audit order."""
+    drawn = store.audits.drawn()
+    sizes: dict[int, int] = {}
+    for audit_id, _, _ in drawn:
+        sizes[audit_id] = sizes.get(audit_id, 0) + 1
+    places: dict[str, AuditPlace] = {}
+    for audit_id, feature_id, position in drawn:
+        places.setdefault(feature_id, AuditPlace(
+            audit_id=audit_id, position=position, n_drawn=sizes[audit_id]))  # fmt: skip
+    return places
+
+
+def _votes(judgments: pl.DataFrame) -> pl.DataFrame:
+    """Each judged feature's votes (``judge=category``, by judge) and lowest detection,
+    as a dispute lists them."""
+    return (
+        judgments.sort("judge")
+        .group_by("feature_id")
+        .agg(
+            pl.concat_str(
+                pl.col("judge"), pl.lit("="),
+                pl.when(pl.col("status") == "ok").then(pl.col("category")).otherwise(
+                    pl.lit("failed")),
+            ).alias("categories"),
+            pl.col("detection").min().alias("min_detection"),
+        )
+    )  # fmt: skip
 
 
 def _explanations(store: LabelStore, feature_ids: list[str]) -> dict[str, str]:
@@ -175,10 +258,12 @@ def feature_view(
     record = run.records([feature_id])[0]
     judgments = judgment_frame(store, full=True, feature_id=feature_id)
     order = {name: i for i, name in enumerate(judge_names(judgments))}
+    counts = _resample_counts(store, feature_id)
     answers = sorted(
         (
             JudgeAnswer(
                 failure_reason=row["reason"],
+                resamples=counts.get(row["judge"]),
                 **{k: row[k] for k in JudgeAnswer.model_fields if k in row},
             )
             for row in judgments.iter_rows(named=True)
@@ -186,6 +271,8 @@ def feature_view(
         key=lambda a: order[a.judge],
     )
     disputes = find_disputes(judgments, rules)
+    reviews = store.reviews(feature_id)
+    place = audit_places(store).get(feature_id)
     return FeatureView(
         feature_id=feature_id,
         layer=record.layer,
@@ -200,9 +287,21 @@ def feature_view(
         examples=_shown_examples(run, feature_id, record.layer, record.index, record.examples),
         reasons=disputes["reasons"].to_list()[0] if disputes.height else [],
         judges=answers,
-        reviews=store.reviews(feature_id),
+        reviews=reviews,
         output_score=_output_score(store, feature_id),
+        audit=place,
+        blind=place is not None and not any(r.action == "decide" for r in reviews),
     )
+
+
+def _resample_counts(store: LabelStore, feature_id: str) -> dict[str, int]:
+    """Each judge's number of resampled answers for one feature (``label --resamples``)."""
+    rows = store.conn.execute(
+        "SELECT judge, json_array_length(payload, '$.resamples.categories') FROM judgments "
+        "WHERE feature_id = ? AND status = 'ok'",
+        (feature_id,),
+    )
+    return {str(judge): int(n) for judge, n in rows if n is not None}
 
 
 def _output_score(store: LabelStore, feature_id: str) -> OutputScoreView | None:

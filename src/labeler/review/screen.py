@@ -2,7 +2,8 @@
 
 Every line is cut to the width at a token's edge (``…`` marks the cut), never wrapped by
 the terminal, so no token is split across lines. From the top: the feature's title and
-place in the queue, its statistics and why it is disputed, the logit lens (a line each
+place in the queue, its statistics and why it is disputed (or its place in an audit,
+with a line saying why the judges stay hidden: an audit measures them), the logit lens (a line each
 way), the reviewer's own earlier decision; then one line per example (the tokens around
 the activating one, shaded by activation), or the judges' answers when asked for; at
 the bottom the keys. The examples fill what the other lines leave of the height.
@@ -23,7 +24,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from labeler.review.queue import FeatureView, ShownExample
+from labeler.review.queue import BLIND_WHY, FeatureView, ShownExample
 from labeler.run.schemas import ReviewDecision
 
 KIND_QUOTAS = (("top", 8), ("random", 4), ("quantile", 4))
@@ -221,9 +222,11 @@ def feature_lines(
 ) -> list[Text]:
     """The feature in at most ``rows`` lines of ``width`` cells: the header and the lens
     always, then the examples (or the judges) in what is left."""
+    why = (f"{view.audit.text} (blind)" if view.blind and view.audit
+           else f"disputed: {safe(', '.join(view.reasons)) or 'no'}")  # fmt: skip
     meta = Text(
         f"layer {view.layer}, index {view.index}; active on {view.count:,} tokens "
-        f"({view.frequency:.3%}); disputed: {safe(', '.join(view.reasons)) or 'no'}"
+        f"({view.frequency:.3%}); {why}"
     )
     lines = [
         title_line(view, position, width),
@@ -231,6 +234,10 @@ def feature_lines(
         lens_line("promotes", view.top_logits_shown, PROMOTED, width),
         lens_line("demotes", view.bottom_logits_shown, DEMOTED, width),
     ]
+    if view.blind and view.audit and not judges:
+        lines.extend(wrapped(Text(
+            f"{view.audit.text}: the judges' labels are hidden ({BLIND_WHY}); j shows them",
+            style="yellow"), console, width))  # fmt: skip
     status = own_status(view, reviewer)
     if status is not None:
         lines.append(fit(status, width))

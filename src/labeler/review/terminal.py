@@ -7,6 +7,10 @@ as "looked at, left undecided"); ``b`` or ← goes back to the previous feature,
 decision another key changes (a later decision supersedes: the store is append-only);
 ``n`` or → goes on without recording anything; ``j`` shows or hides the judges' answers
 (hidden at first, so that the reviewer forms a view from the examples); ``q`` quits.
+
+The queue starts with the features an audit drew, in draw order; for one nobody has
+decided, the screen says why the judges stay hidden (an audit measures them) and a skip
+is confirmed with a warning: it stops the audit's estimate at that feature.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ MAIN_KEYS = Text.assemble(
     ("q", "bold"), " quit > ",
 )  # fmt: skip
 PIPE_ROWS = 1000  # the rows a feature may take when the output is not a terminal: all
+
+
+def skip_warning(view: FeatureView) -> str | None:
+    """What skipping an audited feature nobody has decided does to the audit."""
+    if view.audit is None or not view.blind:
+        return None
+    return (f"A skip stops audit {view.audit.audit_id}'s estimate at this feature until "
+            "someone decides it. ")  # fmt: skip
 
 
 class _Cancel(Exception):
@@ -189,6 +201,7 @@ class Review:
         fid = self.view.feature_id
         prompt = Text.assemble(
             f"skip {safe(fid)}? It is recorded that you looked at it and left it undecided. ",
+            skip_warning(self.view) or "",
             ("s", "bold"), " or ", ("y", "bold"), " skips, any other key goes back > ",
         )  # fmt: skip
         if self.ask(prompt) not in ("s", "y"):
@@ -228,12 +241,15 @@ class Review:
         return fields
 
     def save(self, fields: dict[str, object]) -> ReviewDecision:
+        held = skip_warning(self.view) if fields.get("action") == "skip" else None
         stored = record_decision(self.store, fields)
         self.outcome[stored.feature_id] = stored.action
         self._views.pop(stored.feature_id, None)
         self._version += 1
         what = "skipped" if stored.action == "skip" else f"saved: {stored.category}"
         self.message = safe(f"{stored.feature_id} {what} by {self.reviewer}")
+        if held:
+            self.message += f". {held.strip()}"
         return stored
 
 
@@ -250,7 +266,7 @@ def review_in_terminal(
     input, else one key a line); decisions go to ``store`` as they are made."""
     queue = review_queue(store, rules, include_decided)
     if not queue:
-        console.print("nothing to review: no disputed feature is waiting for a decision")
+        console.print("nothing to review: no audited or disputed feature is waiting for a decision")
         return
     keys = keys if keys is not None else keys_from(sys.stdin)
     screen = Screen(console, live=keys.live and console.is_terminal)
