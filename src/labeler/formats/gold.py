@@ -292,8 +292,8 @@ def _import_audits(
         if audit.frame_hash != current:
             outcome.note = (f"not usable here: {run_name} labels a different set of features "
                             f"(drawn from {audit.n_frame:,}, frame {audit.frame_hash}; "
-                            f"{run_name}'s is {current}); its decisions are imported as gold "
-                            "reviews")  # fmt: skip
+                            f"{run_name}'s is {current}); the decisions are imported without "
+                            "it")  # fmt: skip
             continue
         if source in sources:
             outcome.note = _imported_before(store, sources[source], len(features))
