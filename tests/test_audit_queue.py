@@ -15,7 +15,7 @@ from labeler.audit.design import draw_audit
 from labeler.audit.estimate import audit_prefixes
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
-from labeler.review.catalog_index import CatalogIndex, open_index
+from labeler.review.catalog_index import CatalogIndex, CatalogQuery, open_index
 from labeler.review.queue import AUDIT, feature_view, record_decision, review_queue
 from labeler.run.data import RunData
 from labeler.run.schemas import Resampling
@@ -191,11 +191,28 @@ def test_the_catalog_offers_the_audit_first(labeled_copy: Path, tab: Tab) -> Non
     index = CatalogIndex(run, labeled_copy / "labels.sqlite", rules,
                          labeled_copy / "browse-index.sqlite")  # fmt: skip
     try:
-        from labeler.review.catalog_index import CatalogQuery
-
         every = index.query(CatalogQuery.from_params({"audit": ["all"]}))["features"]
         assert [r["feature_id"] for r in every] == drawn
         assert [r["audit_position"] for r in every] == list(range(1, N + 1))
+    finally:
+        index.close()
+
+
+def test_a_running_index_catches_up_with_an_audit_drawn_after_it(labeled_copy: Path) -> None:
+    run = RunData.open(labeled_copy)
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    try:
+        index = open_index(run, store, DisputeRules())
+    finally:
+        store.close()
+    try:
+        todo = CatalogQuery.from_params({"audit": ["todo"]})
+        assert index.query(todo)["total"] == 0
+        assert index.facets()["audit"] == [{"value": "todo", "count": 0},
+                                           {"value": "all", "count": 0}]  # fmt: skip
+        drawn, _ = _draw(labeled_copy)
+        assert [r["feature_id"] for r in index.query(todo)["features"]] == drawn
+        assert index.facets()["audit"][0] == {"value": "todo", "count": N}
     finally:
         index.close()
 

@@ -5,11 +5,13 @@ The review server's app (:class:`labeler.review.web.ReviewApp`, with its safety:
 Trusted Types) answers a few more routes:
 
 - ``GET /``: the catalog page (``browse_page.html``): search, filters, sorting, pages;
-- ``GET /review``: the review page's queue of disputed features;
+- ``GET /review``: the review page's queue (the audit first, then disputed features);
 - ``GET /api/catalog?q=&category=&...``: one page of matching features
   (:class:`labeler.review.catalog_index.CatalogQuery` lists the parameters; a bad one is a
   400 naming it);
-- ``GET /api/facets``: each filter's values with their feature counts.
+- ``GET /api/facets``: each filter's values with their feature counts, and ``audit``:
+  the audited features nobody decided (``todo``) and all of them, for the page's
+  "Audit: K to decide" entry (``audit=todo`` lists them in audit order).
 
 ``/feature/ID`` stays the review page of one feature (examples heat-highlighted, logit
 lens, every judgment and review, the output score, the decision form), so any feature in

@@ -644,6 +644,10 @@ class CatalogIndex:
         """The open index with every review in the store so far: the rows of the features
         reviewed since it was last brought up to date are recomputed (by any writer)."""
         conn = self.open()
+        if self._audits_changed(conn):  # an audit drawn meanwhile: rows gain their places
+            log.info("%s: an audit was drawn since it was built", self.path)
+            self._suspect = True
+            conn = self.open()
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (SYNCED,)).fetchone()
         synced, latest = int(row[0]), last_review(self.store)
         if latest == synced:
@@ -656,6 +660,13 @@ class CatalogIndex:
         )]  # fmt: skip
         self.refresh(reviewed, synced=latest)
         return conn
+
+    def _audits_changed(self, conn: sqlite3.Connection) -> bool:
+        """Whether the store's audits differ from those the index was built with (a
+        rebuild: an audit is drawn rarely, and it places features the build placed)."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'audits'").fetchone()
+        now = self.store.conn.execute("SELECT count(*), max(audit_id) FROM audits").fetchone()
+        return row is None or json.loads(row[0]) != list(now)
 
     def refresh(self, feature_ids: Sequence[str], synced: int | None = None) -> None:
         """Recompute these features' rows (their text, the judges' answers, is kept);

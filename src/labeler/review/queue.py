@@ -135,7 +135,10 @@ def review_queue(
     )
     places = audit_places(store)
     audited = pl.DataFrame({"feature_id": list(places)}, schema={"feature_id": pl.String}).join(
-        _votes(judgments), on="feature_id", how="left", maintain_order="left"
+        _votes(judgments.filter(pl.col("feature_id").is_in(list(places)))),
+        on="feature_id",
+        how="left",
+        maintain_order="left",
     )
     disputed = {row["feature_id"]: row for row in disputes.iter_rows(named=True)}
     rows = [

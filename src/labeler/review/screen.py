@@ -24,7 +24,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from labeler.review.queue import BLIND_WHY, FeatureView, ShownExample
+from labeler.review.queue import BLIND_WHY, FeatureView, JudgeAnswer, ShownExample
 from labeler.run.schemas import ReviewDecision
 
 KIND_QUOTAS = (("top", 8), ("random", 4), ("quantile", 4))
@@ -183,6 +183,17 @@ def _done(review: ReviewDecision) -> str:
     return f"decided {label} ({when})"
 
 
+def resampled(answer: JudgeAnswer) -> str:
+    """How often the classifier gave the same category on resampled examples (``label
+    --resamples``), as ``, agrees in 4 of 5 resamples``; empty when not asked."""
+    share = answer.resample_confidence
+    if share is None:
+        return ""
+    if answer.resamples:
+        return f", agrees in {round(share * answer.resamples)} of {answer.resamples} resamples"
+    return f", {share:.2f} resampled"
+
+
 def judge_lines(view: FeatureView, console: Console, width: int) -> list[Text]:
     """The judges' answers and other reviewers' decisions, wrapped to ``width``."""
     blocks: list[Text] = []
@@ -201,7 +212,7 @@ def judge_lines(view: FeatureView, console: Console, width: int) -> list[Text]:
             Text.assemble(
                 (f"{judge}: ", "bold"),
                 safe(f"{answer.category} {detail} ".replace("  ", " ")),
-                f"({safe(answer.confidence)} confidence, detection {detection})",
+                f"({safe(answer.confidence)} confidence{resampled(answer)}, detection {detection})",
             )
         )
         blocks.append(Text(f"  {safe(answer.explanation)}"))

@@ -5,12 +5,17 @@ over :mod:`labeler.review.queue`:
 
 - ``GET /`` and ``GET /feature/ID``: the page (status 404 for a feature not planned);
 - ``GET /api/session``: the server's reviewer, the queue setting and the taxonomy;
-- ``GET /api/queue[?include_decided=0|1]``: the disputed features, most informative
-  first, each with its preferred judge's explanation;
+- ``GET /api/queue[?include_decided=0|1]``: the review queue (:func:`review_queue`): the
+  audited features in audit order, each with its place (``audit``), then the disputed
+  ones, most informative first, each with its preferred judge's explanation (the page
+  hides an undecided audited one's);
 - ``GET /api/feature/ID``: everything about one feature, each judge's scores of every
   scorer (``scores``: detection, ``fuzz``, ``intruder``; :func:`judge_scores`), with
   ``disagreement`` and its
-  output score's promoted tokens as shown (``promoted_shown``, :mod:`labeler.review.tokens`);
+  output score's promoted tokens as shown (``promoted_shown``, :mod:`labeler.review.tokens`),
+  its place in an audit (``audit``) and whether it is ``blind`` (audited, undecided: the
+  page hides the judges until asked), each judge's resampled confidence
+  (``resample_confidence``, ``resamples``);
 - ``POST /api/feature/ID/decision``: append a decision (one flat JSON object of at most
   ``MAX_BODY`` bytes; anything else is a 400 or 413 with a one-line reason); answers it
   (201), every decision on the feature and whether the reviewers disagree. A
