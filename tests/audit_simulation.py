@@ -61,6 +61,7 @@ class AuditSimulator:
         self.judgments = judgment_frame(store).join(
             self.planned.select("feature_id", "layer"), on="feature_id"
         )
+        self._judges_interval: tuple[float, float] | None = None
 
     def decide(self, feature_ids: list[str]) -> None:
         with self.store.transaction():
@@ -94,7 +95,13 @@ class AuditSimulator:
                        *self.judges_interval(), audited.n_used)  # fmt: skip
 
     def judges_interval(self) -> tuple[float, float]:
-        """The judges-only 95% interval of the reasoning share, as `summarize` gives it."""
+        """The judges-only 95% interval of the reasoning share, as `summarize` gives it
+        (the same in every simulation: the audit does not change the judges' labels)."""
+        if self._judges_interval is None:
+            self._judges_interval = self._judges_only()
+        return self._judges_interval
+
+    def _judges_only(self) -> tuple[float, float]:
         from labeler.reporting.final_labels import judge_labels
         from labeler.reporting.summarize import stratified
 

@@ -4,6 +4,8 @@ coverage proved by seeded simulations on planted truth (docs/audit.md)."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +156,103 @@ def test_summarize_reports_the_audited_estimate(labeled_copy: Path, truth: dict[
     raters = [a["rater"] for a in audit["accuracy"]]
     assert raters == ["judges", "heuristic"]
     assert (labeled_copy / "summary-audit.png").stat().st_size > 10_000
+
+
+# --- coverage on planted truth, with a judge scripted to be biased ----------------------------
+
+N_SIMULATIONS = 200
+
+
+@pytest.fixture(scope="module")
+def biased(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The demo run labeled by the heuristic judge and by an OpenAI judge (the real SDK,
+    the loopback fake) whose classifier calls a third of the planted reasoning features
+    "language" (``tests.fake_llm.biased_oracle``), asked 3 times more on resampled
+    examples. The judges' label is the model judge's: a reasoning share a third low."""
+    from labeler.judges import make_judge
+    from labeler.judges.base import JudgeOptions
+    from labeler.labeling import label_run
+    from labeler.run.data import RunData
+    from tests.fake_llm import FakeLLMServer, biased_oracle
+
+    run = tmp_path_factory.mktemp("biased") / "run"
+    shutil.copytree(labeled.run, run)
+    with pytest.MonkeyPatch.context() as env, FakeLLMServer(biased_oracle) as fake:
+        env.setenv("OPENAI_API_KEY", "sk-test-audit")
+        env.delenv("OPENAI_BASE_URL", raising=False)
+        options = JudgeOptions(base_url=f"{fake.base_url}/v1", openai_api="chat", resamples=3)
+        store = LabelStore(run / "labels.sqlite")
+        report = label_run(RunData.open(run), store, make_judge("openai:gpt-5-mini", options),
+                           concurrency=16)  # fmt: skip
+        store.close()
+    assert (report.labeled, report.failed) == (960, 0)
+    yield run
+
+
+@pytest.fixture(scope="module")
+def simulator(biased: Path, labeled: CollectedDemo) -> Iterator[AuditSimulator]:
+    store = LabelStore(biased / "labels.sqlite")
+    yield AuditSimulator(store, planted_categories(labeled.paths.ground_truth), _alive(biased))
+    store.close()
+
+
+def _planted(simulator: AuditSimulator) -> float:
+    planned = [fid for fid, _, _ in simulator.store.planned()]
+    return sum(simulator.truth[f] == "reasoning" for f in planned) / len(planned)
+
+
+def test_the_audited_interval_covers_the_planted_share_where_the_judges_do_not(
+    simulator: AuditSimulator,
+) -> None:
+    """200 seeded audits of 50 features, each decided by a reviewer who answers the
+    planted category: the audited 95% interval holds the planted reasoning share (8.3%)
+    in at least 90% of them (measured: 100%); the judges' own interval (6.1%, from the
+    biased model judge) in none. Weighted selection gives a narrower interval than
+    uniform selection of the same size (median half-width measured: 6.1 against 8.0
+    points)."""
+    planted = _planted(simulator)
+    weighted = [simulator.run(50, seed) for seed in range(N_SIMULATIONS)]
+    covered = sum(o.covers(planted) for o in weighted)
+    judges = sum(o.judges_low <= planted <= o.judges_high for o in weighted)
+    assert covered >= 0.9 * N_SIMULATIONS, covered
+    assert judges == 0
+    assert all(o.judges_share < planted - 0.015 for o in weighted)
+    assert np.mean([o.share for o in weighted]) == pytest.approx(planted, abs=0.01)
+    uniform = [simulator.run(50, seed, "uniform") for seed in range(N_SIMULATIONS)]
+    assert sum(o.covers(planted) for o in uniform) >= 0.9 * N_SIMULATIONS
+    narrower = np.median([o.half_width for o in weighted])
+    wider = np.median([o.half_width for o in uniform])
+    assert narrower < 0.9 * wider, (narrower, wider)
+
+
+def test_a_second_audit_keeps_the_coverage(simulator: AuditSimulator) -> None:
+    """Two audits of 25 each, decided in full: the combined interval still holds the
+    planted share in at least 90% of 200 simulations."""
+    planted = _planted(simulator)
+    outcomes = [simulator.run(25, seed, audits=2) for seed in range(N_SIMULATIONS)]
+    assert sum(o.covers(planted) for o in outcomes) >= 0.9 * N_SIMULATIONS
+    assert all(o.n_used >= 25 for o in outcomes)
+
+
+def test_people_measure_the_biased_judge_and_its_calibration(
+    simulator: AuditSimulator,
+) -> None:
+    """An audit of 100 decided by the planted truth: the model judge's recall of
+    reasoning is well below 1 and the heuristic's is not; the model judge's resampled
+    confidence is calibrated against people's labels, with the reliability bins."""
+    simulator.reset()
+    drawn = draw_audit(simulator.store, 100, seed=11)
+    simulator.decide(drawn.feature_ids)
+    try:
+        audited = simulator.summary()
+    finally:
+        simulator.reset()
+    recall = {a.rater: a.recall for a in audited.accuracy}
+    model, heuristic = recall["openai:gpt-5-mini"], recall["heuristic"]
+    assert model.value is not None and heuristic.value is not None
+    assert model.ci_high is not None and model.value < 0.85 and heuristic.value > 0.9
+    assert recall["judges"] == model  # the judges' label is the model judge's
+    (calibrated,) = audited.calibration
+    assert calibrated.judge == "openai:gpt-5-mini" and calibrated.n == 100
+    assert calibrated.ece is not None and 0.0 <= calibrated.ece < 0.2
+    assert sum(b.n for b in calibrated.bins) == 100

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,15 +73,15 @@ def error_guess(s: Signals) -> float:
 
 def signals_of(store: LabelStore) -> dict[str, Signals]:
     """Each judge-labeled feature's signals, from its successful judgments."""
-    rows = store.conn.execute(
-        "SELECT feature_id, category, confidence, CAST(payload ->> '$.detection.f1' AS REAL), "
-        "CAST(payload ->> '$.resamples.confidence' AS REAL), "
-        "CAST(payload ->> '$.intruder.accuracy' AS REAL) "
-        "FROM judgments WHERE status = 'ok' AND category IS NOT NULL ORDER BY feature_id, judge"
+    rows = store.conn.execute(  # one JSON parse per row: a multi-path extract
+        "SELECT feature_id, category, confidence, json_extract(payload, '$.detection.f1', "
+        "'$.resamples.confidence', '$.intruder.accuracy') FROM judgments "
+        "WHERE status = 'ok' AND category IS NOT NULL ORDER BY feature_id, judge"
     )
     parts: dict[str, list[tuple[str, str | None, float | None, float | None, float | None]]]
     parts = {}
-    for fid, category, stated, f1, resampled, intruder in rows:
+    for fid, category, stated, extracted in rows:
+        f1, resampled, intruder = json.loads(extracted)
         parts.setdefault(str(fid), []).append((category, stated, f1, resampled, intruder))
     out = {}
     for fid, judged in parts.items():

@@ -78,6 +78,9 @@ def audit_summary(
     human = dict(human_labels(reviews).select("feature_id", "category").iter_rows())
     sample, uses = audit_sample(store, population, set(human))
     drawn = {fid for _, fid, _ in store.audits.drawn()}
+    for audit in audits:  # an imported audit keeps only its drawn features' rows
+        if audit.source != "drawn":
+            drawn |= {f for f, _, _, q in store.audits.frame(audit.audit_id) if q is not None}
     frame = (
         pl.DataFrame({"feature_id": population}, schema={"feature_id": pl.String})
         .join(planned.select("feature_id", "layer"), on="feature_id", how="left")
@@ -167,8 +170,8 @@ def _resample_confidence(store: LabelStore, population: list[str]) -> dict[str, 
     judges that have any."""
     position = {fid: i for i, fid in enumerate(population)}
     rows = store.conn.execute(
-        "SELECT feature_id, judge, CAST(payload ->> '$.resamples.confidence' AS REAL) "
-        "FROM judgments WHERE status = 'ok' AND payload ->> '$.resamples' IS NOT NULL"
+        "SELECT feature_id, judge, payload ->> '$.resamples.confidence' FROM judgments "
+        "WHERE status = 'ok'"
     )
     out: dict[str, np.ndarray] = {}
     for fid, judge, value in rows:
