@@ -13,7 +13,7 @@ from tests.fake_llm.batches import (
     LineRecord,
     UploadRecord,
 )
-from tests.fake_llm.oracle import oracle
+from tests.fake_llm.oracle import biased_feature, biased_oracle, oracle
 from tests.fake_llm.server import (
     Answer,
     BadRequest,
@@ -53,5 +53,7 @@ __all__ = [
     "ServerError",
     "UploadRecord",
     "Wire",
+    "biased_feature",
+    "biased_oracle",
     "oracle",
 ]

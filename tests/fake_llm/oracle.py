@@ -5,10 +5,16 @@ the marked ``<<token>>`` of each example, the promoted tokens with their logit-l
 values and the share of activations by domain. The task is read from the first line of
 the user text (``TASK: EXPLAIN`` / ``TASK: DETECT`` / ``TASK: CLASSIFY`` / ``TASK: FUZZ``
 / ``TASK: INTRUDER``).
+
+:func:`biased_oracle` is the same oracle with a scripted bias in its classifier: it
+calls a third of the reasoning features ``language``, and on fewer examples than a full
+view (``label --resamples``) it does so only for about 70% of the subsets, so that its
+resampled answers disagree where it is wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from functools import cache
@@ -345,14 +351,75 @@ TASKS = {
 }
 
 
+# --- a biased classifier ---------------------------------------------------------------------
+
+BIASED_ONE_IN = 3
+"""One reasoning feature in this many is mislabeled ``language`` by the biased oracle."""
+BIASED_SUBSET_SHARE = 0.7
+"""Shown fewer examples than a full view, the biased oracle keeps its mislabel on about
+this share of the subsets (and answers as the oracle on the others)."""
+FULL_VIEW = 10
+"""Examples a full classification prompt shows (``--n-examples``' default)."""
+_FEATURE_LINE = re.compile(r"^Feature (\S+) \(layer \d+\)\.$", re.MULTILINE)
+
+
+def _stable(text: str) -> int:
+    """A hash of ``text`` that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def feature_shown(user: str) -> str:
+    """The feature's identity as a classification prompt shows it (``Feature L3/12``)."""
+    match = _FEATURE_LINE.search(user)
+    return match.group(1) if match else ""
+
+
+def biased_feature(feature_id: str) -> bool:
+    """Whether the biased oracle mislabels this feature (when it is a reasoning one)."""
+    return _stable(f"biased:{feature_id}") % BIASED_ONE_IN == 0
+
+
+def biased_classify(user: str) -> FakeAnswer:
+    """The oracle's classification, but a reasoning feature chosen by
+    :func:`biased_feature` is called ``language``: always on a full view, and on a
+    subset of its examples (a resample) for about ``BIASED_SUBSET_SHARE`` of subsets,
+    chosen by a hash of the examples shown."""
+    answer = classify(user)
+    feature = feature_shown(user)
+    if answer.content["category"] != "reasoning" or not biased_feature(feature):
+        return answer
+    shown = marked_tokens(user)
+    if len(shown) < FULL_VIEW:
+        examples = "\n".join(line for line in user.split("\n") if line.startswith("Example "))
+        if _stable(f"{feature}\n{examples}") % 100 >= round(100 * BIASED_SUBSET_SHARE):
+            return answer
+    return FakeAnswer(
+        _classification("language", "medium", "its activating tokens are ordinary words")
+    )
+
+
+BIASED_TASKS = TASKS | {"TASK: CLASSIFY": biased_classify}
+
+
+def _answer(request: FakeRequest, tasks: dict[str, Any]) -> FakeAnswer:
+    first = request.user.lstrip().split("\n", 1)[0].strip()
+    task = tasks.get(first)
+    if task is None:
+        raise ValueError(f"the oracle does not know the task {first!r}")
+    answer: FakeAnswer = task(request.user)
+    return answer
+
+
+def biased_oracle(request: FakeRequest) -> FakeAnswer:
+    """:func:`oracle` with the biased classifier (:func:`biased_classify`): a scripted
+    judge that is wrong on some reasoning features and unsure there when resampled."""
+    return _answer(request, BIASED_TASKS)
+
+
 def oracle(request: FakeRequest) -> FakeAnswer:
     """Answer an EXPLAIN, DETECT, CLASSIFY, FUZZ or INTRUDER prompt; anything else raises ValueError
     (the server answers 500)."""
-    first = request.user.lstrip().split("\n", 1)[0].strip()
-    task = TASKS.get(first)
-    if task is None:
-        raise ValueError(f"the oracle does not know the task {first!r}")
-    return task(request.user)
+    return _answer(request, TASKS)
 
 
-__all__ = ["oracle"]
+__all__ = ["biased_feature", "biased_oracle", "oracle"]

@@ -158,6 +158,12 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                 if store is not None and scorer != "detection":
                     carrying = store.done(judge.name, (scorer,))
                     rescore[scorer] = [f for f in planned if f in judged and f not in carrying]
+            resamples = getattr(judge, "resamples", 0)
+            if store is not None and resamples and getattr(judge, "calls_per_feature", 0):
+                # K calls of each judged feature without resamples (a call per entry)
+                carrying = store.done(judge.name, ("resamples",))
+                lacking = [f for f in planned if f in judged and f not in carrying]
+                rescore["resample"] = lacking * resamples
             estimates.append(estimate(run, judge, todo, prices, store, rescore))
     finally:
         if store is not None:
@@ -179,6 +185,12 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                    "(find the window that does not belong; no explanation). Adding a "
                    "scorer later scores the labeled features without labeling them again. "
                    "See docs/labeling.md.")  # fmt: skip
+@click.option("--resamples", default=0, show_default=True, metavar="K",
+              help="Classify each feature K more times (0 to 20), each on a seeded random "
+                   "half of its examples, for a calibrated confidence: the share of those "
+                   "answers agreeing with the label (which stays the classification of all "
+                   "examples). K more classifier calls per feature; on a labeled run, only "
+                   "those calls. See docs/labeling.md.")  # fmt: skip
 @click.option("--explain-from", default="examples", show_default=True, metavar="LIST",
               help="What the explainer sees, comma-separated: examples (the top activating "
                    "examples) and/or outputs (the logit lens with values and, where "
@@ -272,6 +284,7 @@ def label(
     judges: tuple[str, ...],
     sample_per_layer: int | None,
     scorers: str,
+    resamples: int,
     explain_from: str,
     concurrency: int,
     seed: int,
@@ -314,13 +327,20 @@ def label(
       labeler label RUN --judge openai:gpt-5-mini --executor batch   (half price, <= 24 h)
       labeler label RUN --judge openai:gpt-5-mini --service-tier flex
       labeler label RUN --scorers detection,fuzz,intruder
+      labeler label RUN --judge openai:gpt-5-mini --resamples 5
       labeler label RUN --judge openai:gpt-5-mini --explain-from examples,outputs
     """
     from pydantic import ValidationError
 
     from labeler.judges.base import JudgeOptions
+    from labeler.judges.resampling import MAX_RESAMPLES
     from labeler.judges.scorers import parse_explain_from, parse_scorers
 
+    if not 0 <= resamples <= MAX_RESAMPLES:
+        raise UserError(
+            f"--resamples: {resamples} is out of range: 0 (none) to {MAX_RESAMPLES} "
+            "classifier calls more per feature"
+        )
     api = openai_api or ("chat" if base_url else "responses")
     try:
         options = JudgeOptions(
@@ -328,6 +348,7 @@ def label(
             logprobs=logprobs, n_examples=n_examples, max_output_tokens=max_output_tokens,
             device=device, dtype=dtype, prices=prices, seed=seed, service_tier=service_tier,
             scorers=parse_scorers(scorers), explain_from=parse_explain_from(explain_from),
+            resamples=resamples,
         )  # fmt: skip
     except ValidationError as exc:
         first = exc.errors()[0]

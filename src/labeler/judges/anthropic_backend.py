@@ -33,6 +33,10 @@ ENDPOINT = "/v1/messages"
 DEFAULT_ORIGIN = "https://api.anthropic.com"
 
 
+TASK_OF = {"resample": "classify"}
+"""The task a stage's calls perform, where it is not the stage's name."""
+
+
 class AnthropicBackend:
     provider = "anthropic"
 
@@ -80,7 +84,8 @@ class AnthropicBackend:
             "tools": [
                 {
                     "name": TOOL_NAME,
-                    "description": f"Record the {prompt.stage} answer.",
+                    # a resample is a classification (of fewer examples)
+                    "description": f"Record the {TASK_OF.get(prompt.stage, prompt.stage)} answer.",
                     "input_schema": strict_json_schema(schema),
                 }
             ],

@@ -24,10 +24,11 @@ from labeler.judges.pricing import Tier
 from labeler.judges.requests import ApiRequest
 from labeler.run.schemas import Usage
 
-Stage = Literal["explain", "detect", "classify", "fuzz", "intruder"]
+Stage = Literal["explain", "detect", "classify", "fuzz", "intruder", "resample"]
 """What a call's usage is counted under (``fuzz`` and ``intruder``: the scorers beyond
-detection, ``judges.scorers``)."""
-STAGES: tuple[Stage, ...] = ("explain", "detect", "classify", "fuzz", "intruder")
+detection, ``judges.scorers``; ``resample``: the classifier's resamples,
+``judges.resampling``)."""
+STAGES: tuple[Stage, ...] = ("explain", "detect", "classify", "fuzz", "intruder", "resample")
 
 T = TypeVar("T", bound=BaseModel)
 

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from labeler.errors import UnknownJudgeError
+from labeler.judges.resampling import MAX_RESAMPLES
 from labeler.judges.scorers import DEFAULT_SCORERS, SCORERS, Scorer
 from labeler.run.schemas import FeatureRecord, Judgment, Snippet
 
@@ -69,11 +70,26 @@ class JudgeOptions(BaseModel):
     scorers: tuple[Scorer, ...] = Field(
         DEFAULT_SCORERS, description="scorers every judgment carries (judges.scorers)"
     )
+    resamples: int = Field(
+        0,
+        ge=0,
+        le=MAX_RESAMPLES,
+        description="classifications more per feature, each on a seeded random half of "
+        "its examples: how stable the label is (judges.resampling); 0: none",
+    )
     explain_from: tuple[Literal["examples", "outputs"], ...] = Field(
         ("examples",),
         description="what the explainer sees: the top examples, and/or what the feature "
         "does to the output (logit lens, steering)",
     )
+
+    @property
+    def carried(self) -> tuple[str, ...]:
+        """What every judgment is to carry: the scorers, and the resamples if asked for
+        (the engine's and the store's ``scorers``, ``judges.stages.carried``)."""
+        from labeler.judges.stages import carried
+
+        return carried(self.scorers, self.resamples)
 
     @field_validator("scorers")
     @classmethod

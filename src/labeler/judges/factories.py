@@ -25,7 +25,8 @@ FLEX_MAX_DELAY_S = 300.0
 def _llm_judge(name: str, backend: object, options: JudgeOptions) -> LLMJudge:
     settings = JudgeSettings(n_examples=options.n_examples, logprobs=options.logprobs,
                              seed=options.seed, scorers=options.scorers,
-                             explain_from=options.explain_from)  # fmt: skip
+                             explain_from=options.explain_from,
+                             resamples=options.resamples)  # fmt: skip
     retry = RetryPolicy(max_attempts=options.max_attempts)
     if options.service_tier == "flex":
         retry = RetryPolicy(max_attempts=options.max_attempts, base_delay=FLEX_BASE_DELAY_S,
@@ -43,7 +44,11 @@ def heuristic_judge(name: str, options: JudgeOptions) -> Judge:
     if name != "heuristic":
         raise UnknownJudgeError(f"judge {name!r}: the heuristic judge takes no model")
     return HeuristicJudge(
-        name, scorers=options.scorers, seed=options.seed, explain_from=options.explain_from
+        name,
+        scorers=options.scorers,
+        seed=options.seed,
+        explain_from=options.explain_from,
+        resamples=options.resamples,
     )
 
 

@@ -32,6 +32,8 @@ Method (documented in docs/heuristic-judge.md):
    token and, where it is a cue word, its cue group. In a trial, a key found in all windows
    but one points at that window; of the keys that do, the one doing so in the most
    trials wins; a trial without such a key gets a seeded guess.
+7. **Resamples** (``label --resamples K``): step 4 again on ``K`` seeded random halves
+   of the examples (``judges.resampling``); the label stays step 4 on all of them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 from labeler.judges import metrics
 from labeler.judges.prompting import SNIPPET_AFTER, SNIPPET_BEFORE
+from labeler.judges.resampling import resampled_record, resampling
 from labeler.judges.scorers import (
     DEFAULT_SCORERS,
     FuzzItem,
@@ -58,6 +61,7 @@ from labeler.run.schemas import (
     FeatureRecord,
     IntruderScore,
     Judgment,
+    Resampling,
     Snippet,
 )
 from prompts import Taxonomy, load_taxonomy, normalize_token, taxonomy_hash
@@ -205,8 +209,10 @@ class HeuristicJudge:
         scorers: tuple[str, ...] = DEFAULT_SCORERS,
         seed: int = 0,
         explain_from: tuple[str, ...] = ("examples",),
+        resamples: int = 0,
     ) -> None:
         self.name = name
+        self.resamples = resamples
         self.explain_from = tuple(explain_from)
         self.scorers = tuple(scorers)
         self.seed = seed
@@ -252,8 +258,18 @@ class HeuristicJudge:
             intruder=self.intruder(feature, negatives.get("intruder", []))
             if "intruder" in self.scorers
             else None,
+            resamples=self.resample(feature, classification) if self.resamples else None,
             cost_usd=0.0,
         )
+
+    def resample(self, feature: FeatureRecord, label: Classification) -> Resampling:
+        """The classification on each of ``resamples`` seeded halves of the examples,
+        against the label (the classification on all of them)."""
+        categories: list[str] = []
+        for number in range(self.resamples):
+            part = resampled_record(feature, feature.examples, self.seed, number)
+            categories.append(self.classify(part, activating_votes(part)).category)
+        return resampling(categories, label.category)
 
     def intruder(self, feature: FeatureRecord, intruders: list[Snippet]) -> IntruderScore:
         trials = intruder_trials(feature, intruders, self.seed)

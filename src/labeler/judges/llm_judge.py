@@ -2,7 +2,9 @@
 
 Per feature: one explanation call, then, concurrently, two detection calls (top and
 random positives, each mixed with checked negatives), one call per scorer asked for
-beyond detection (fuzzing, intruder: ``judges.scorers``) and one classification call.
+beyond detection (fuzzing, intruder: ``judges.scorers``) and one classification call;
+with ``resamples`` K, K more classification calls on seeded halves of the examples
+(``judges.resampling``), made at once as one ``resample`` stage.
 A chat backend answers each with a validated JSON object; a likelihood backend (an
 open model in-process) detects, fuzzes, picks intruders and classifies by the
 likelihood of each allowed answer and generates only the explanation.
@@ -15,6 +17,7 @@ included, and priced.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -69,6 +72,7 @@ from labeler.judges.requests import (
     ReplyCache,
     served_by,
 )
+from labeler.judges.resampling import resampled_record
 from labeler.judges.retry import RetryPolicy, with_retries
 from labeler.judges.scorers import (
     DEFAULT_SCORERS,
@@ -96,7 +100,7 @@ from labeler.run.schemas import (
     Snippet,
     Usage,
 )
-from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, prompt_hash
+from prompts import CATEGORIES, DOMAIN_TYPES, MECHANISMS, SUBCATEGORIES, Category, prompt_hash
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ class JudgeSettings:
     """Seeds the detection sets' order, the fuzzing sets and the intruder trials."""
     scorers: tuple[Scorer, ...] = DEFAULT_SCORERS
     """Scorers every judgment carries: each beyond detection is one more call."""
+    resamples: int = 0
+    """Classifications more per feature, each on a seeded half of the examples the
+    classifier is shown (``judges.resampling``); 0: none."""
     explain_from: tuple[str, ...] = ("examples",)
     """What the explainer sees: the top examples and/or what the feature does to the
     output (``judges.prompting.render_outputs``)."""
@@ -174,9 +181,13 @@ class LLMJudge:
         self._likely = None if self._chat is not None else cast(LikelihoodBackend, backend)
         self.settings = settings or JudgeSettings()
         self.scorers: tuple[Scorer, ...] = self.settings.scorers
-        self.calls_per_feature = CALLS_PER_FEATURE + sum(s in SCORER_STAGES for s in self.scorers)
-        """Model calls per feature: explain, two detection sets, classify, and one per
-        scorer beyond detection (a likelihood backend's calls are batches of prompts)."""
+        self.resamples = self.settings.resamples
+        self.calls_per_feature = (
+            CALLS_PER_FEATURE + sum(s in SCORER_STAGES for s in self.scorers) + self.resamples
+        )
+        """Model calls per feature: explain, two detection sets, classify, one per scorer
+        beyond detection and one per resample (a likelihood backend's calls are batches
+        of prompts)."""
         self.retry = retry or RetryPolicy()
         self.prices = prices
         self.prompt_hash = explained_hash(prompt_hash(), self.settings.explain_from)
@@ -237,7 +248,8 @@ class LLMJudge:
         sets = [kind for kind in DETECTION_SETS if feature.of_kind(kind)]
         detect: list[StageName] = [f"detect_{kind}" for kind in sets]  # type: ignore[misc]
         more = [SCORER_STAGES[s] for s in self.scorers if s in SCORER_STAGES]
-        return ["explain", *detect, *more, "classify"]
+        resample: list[StageName] = ["resample"] if self.resamples else []
+        return ["explain", *detect, *more, *resample, "classify"]
 
     async def run_stage(
         self,
@@ -269,6 +281,8 @@ class LLMJudge:
                 out.intrusion = await self._intruder(feature, negatives.get("intruder", []), ledger)
             elif stage == "classify":
                 out.classification = await self._classify(feature, ledger)
+            elif stage == "resample":
+                out.resampled = await self._resample(feature, ledger)
             else:
                 raise ValueError(f"an LLM judge has no stage {stage!r}")
         except Reschedule as exc:  # from a rate limiter: what the stage used so far goes too
@@ -287,7 +301,7 @@ class LLMJudge:
             out.ok, out.reason = False, f"{exc.kind}: {exc.stage}: {exc.reason}"
         out.usage = ledger.usage
         out.cost_usd = ledger.cost
-        out.kept = ledger.kept if out.ok else []
+        out.kept = ledger.kept  # accepted replies, kept even when another call failed
         out.hold(ledger.tickets)
         return out
 
@@ -603,18 +617,54 @@ class LLMJudge:
                 picked[i] = row.index(max(row))
         return [picked[i] for i in range(len(trials))]
 
-    async def _classify(self, feature: FeatureRecord, ledger: Ledger) -> Classification:
+    async def _classify(
+        self, feature: FeatureRecord, ledger: Ledger, stage: Stage = "classify"
+    ) -> Classification:
+        """The classification; ``stage``: what its calls count under (``resample`` for a
+        resample's)."""
         if self._likely is not None:
-            return await self._classify_by_likelihood(feature, ledger)
+            return await self._classify_by_likelihood(feature, ledger, stage)
         prompt = classify_prompt(feature, self.settings.n_examples, self.settings.n_logits)
+        prompt = dataclasses.replace(prompt, stage=stage)
 
         def check(reply: Reply[ClassificationReply]) -> Classification:
             return Classification.model_validate(reply.parsed.model_dump())
 
         return await self._ask(prompt, ClassificationReply, ledger, check)
 
+    async def _resample(self, feature: FeatureRecord, ledger: Ledger) -> list[Category]:
+        """The category of each resample's classification, asked all at once (each its
+        own request: a reply kept earlier answers it at no cost). Every call is waited
+        for, so that what each used is counted; then the first failure is raised. In the
+        batch transport, the requests not answered yet go out together: the first
+        ``AwaitingReply`` carries the others."""
+        if not self.resamples:
+            raise ValueError("stage resample asked of a judge built without resamples")
+        shown = feature.of_kind("top")[: self.settings.n_examples]
+        parts = [
+            resampled_record(feature, shown, self.settings.seed, number)
+            for number in range(self.resamples)
+        ]
+        answers = await asyncio.gather(
+            *(self._classify(part, ledger, "resample") for part in parts), return_exceptions=True
+        )
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        waits = [a for a in failures if isinstance(a, AwaitingReply)]
+        others = [a for a in failures if not isinstance(a, AwaitingReply)]
+        if others:
+            raise others[0]
+        if waits:
+            waits[0].others = waits[1:]
+            raise waits[0]
+        return [a.category for a in answers if isinstance(a, Classification)]
+
     async def _choose(
-        self, feature: FeatureRecord, question: str, options: tuple[str, ...], ledger: Ledger
+        self,
+        feature: FeatureRecord,
+        question: str,
+        options: tuple[str, ...],
+        ledger: Ledger,
+        stage: Stage = "classify",
     ) -> list[tuple[str, float]]:
         """The options by probability (softmax of each option's mean token log-probability)."""
         backend = self._likely
@@ -623,19 +673,17 @@ class LLMJudge:
             feature, self.settings.n_examples, self.settings.n_logits, question
         )
         spoken = [" " + o.replace("_", " ") for o in options]
-        scores = await self._call(
-            "classify", ledger, lambda: backend.score_options([prompt], spoken)
-        )
-        ledger.add("classify", scores.usage)
+        scores = await self._call(stage, ledger, lambda: backend.score_options([prompt], spoken))
+        ledger.add(stage, scores.usage)
         probs = _softmax(scores.logprobs[0])
         return sorted(zip(options, probs, strict=True), key=lambda kv: -kv[1])
 
     async def _classify_by_likelihood(
-        self, feature: FeatureRecord, ledger: Ledger
+        self, feature: FeatureRecord, ledger: Ledger, stage: Stage = "classify"
     ) -> Classification:
         ranked = await self._choose(
             feature, f"Which category fits this feature best: {', '.join(CATEGORIES)}?",
-            CATEGORIES, ledger,
+            CATEGORIES, ledger, stage,
         )  # fmt: skip
         (category, p), (runner_up, p2) = ranked[0], ranked[1]
         confidence = "high" if p >= 0.8 else "medium" if p >= 0.5 else "low"
@@ -646,14 +694,14 @@ class LLMJudge:
         if category == "reasoning":
             subcategory = (await self._choose(
                 feature, f"Which kind of reasoning: {', '.join(SUBCATEGORIES)}?",
-                SUBCATEGORIES, ledger,
+                SUBCATEGORIES, ledger, stage,
             ))[0][0]  # fmt: skip
             mechanism = (await self._choose(
-                feature, f"Which mechanism: {', '.join(MECHANISMS)}?", MECHANISMS, ledger
+                feature, f"Which mechanism: {', '.join(MECHANISMS)}?", MECHANISMS, ledger, stage
             ))[0][0]  # fmt: skip
         elif category == "domain":
             domain_type = (await self._choose(
-                feature, f"Which domain: {', '.join(DOMAIN_TYPES)}?", DOMAIN_TYPES, ledger
+                feature, f"Which domain: {', '.join(DOMAIN_TYPES)}?", DOMAIN_TYPES, ledger, stage
             ))[0][0]  # fmt: skip
         return Classification.model_validate(
             {

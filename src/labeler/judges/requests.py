@@ -103,6 +103,9 @@ class AwaitingReply(Exception):
         self.usage: dict[str, Usage] = {}
         """What the stage's replies in so far used (an invalid reply before a re-ask)."""
         self.cost_usd: float | None = 0.0
+        self.others: list[AwaitingReply] = []
+        """Other requests of the same stage not answered yet (its calls made at once):
+        sent in the same round."""
 
 
 class BatchReplies(Protocol):

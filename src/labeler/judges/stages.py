@@ -3,7 +3,9 @@
 An LLM judge's work on one feature is four model calls: the explanation, detection on
 the top and on the random positives (both need the explanation), and the
 classification; the scorers asked for beyond detection add theirs (``fuzz`` needs the
-explanation, ``intruder`` does not). Each is a *stage* with its own result;
+explanation, ``intruder`` does not), and so do the classifier's resamples
+(``resample``: ``label --resamples K``, K more classifications on halves of the
+examples, ``judges.resampling``). Each is a *stage* with its own result;
 :func:`assemble` turns the results into the judgment. The local executor runs the
 stages in one process; the Celery executor runs each as a task on a queue named by
 stage group and provider (``explain.openai``, ``score.local``, ...), so that a paid
@@ -16,17 +18,34 @@ Judges that are not staged (the heuristic judge, third-party backends) run as on
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from labeler.judges.metrics import detection_score
 from labeler.judges.requests import KeptReply
-from labeler.judges.scorers import intruder_score
-from labeler.run.schemas import Classification, DetectionScore, IntruderScore, Judgment, Usage
+from labeler.judges.resampling import resampling
+from labeler.judges.scorers import intruder_score, scorers_of
+from labeler.run.schemas import (
+    Classification,
+    DetectionScore,
+    IntruderScore,
+    Judgment,
+    Resampling,
+    Usage,
+)
+from prompts import Category
 
 StageName = Literal[
-    "explain", "detect_top", "detect_random", "fuzz", "intruder", "classify", "label"
+    "explain",
+    "detect_top",
+    "detect_random",
+    "fuzz",
+    "intruder",
+    "classify",
+    "resample",
+    "label",
 ]
 STAGE_GROUPS: dict[StageName, str] = {
     "explain": "explain",
@@ -35,6 +54,7 @@ STAGE_GROUPS: dict[StageName, str] = {
     "fuzz": "score",
     "intruder": "score",
     "classify": "classify",
+    "resample": "classify",
     "label": "label",
 }
 STAGED_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "hf": "local"}
@@ -46,8 +66,18 @@ DEPENDS_ON: dict[StageName, tuple[StageName, ...]] = {
     "detect_random": ("explain",),
     "fuzz": ("explain",),
     "classify": ("explain",),
+    "resample": ("explain",),
 }
-SCORER_STAGES: dict[str, StageName] = {"fuzz": "fuzz", "intruder": "intruder"}
+SCORER_STAGES: dict[str, StageName] = {
+    "fuzz": "fuzz",
+    "intruder": "intruder",
+    "resamples": "resample",
+}
+"""The judgment fields that stages beyond a label's own add, and their stages: a field
+asked for on a feature labeled without it runs only its stage (``resamples`` is asked
+for by ``label --resamples``, see :func:`carried`)."""
+FIELD_OF_STAGE: dict[StageName, str] = {stage: name for name, stage in SCORER_STAGES.items()}
+Scores = DetectionScore | IntruderScore | Resampling
 STAGE_SCHEMA_VERSION = 1
 
 
@@ -97,6 +127,9 @@ class StageOutcome(BaseModel):
     detection: Detection | None = Field(None, description="detect_* and fuzz stages")
     intrusion: Intrusion | None = None
     classification: Classification | None = None
+    resampled: list[Category] | None = Field(
+        None, description="resample stage: the category of each resampled classification"
+    )
     judgment: Judgment | None = Field(None, description="the whole judgment ('label' stage)")
     kept: list[KeptReply] = Field(
         default_factory=list,
@@ -123,12 +156,26 @@ def is_staged(judge: str) -> bool:
     return judge.split(":", 1)[0] in STAGED_PROVIDERS
 
 
+def carried(scorers: tuple[str, ...], resamples: int = 0) -> tuple[str, ...]:
+    """What every judgment of a labeling is to carry, as the engine and the store take
+    it: the scorers asked for, and ``resamples`` when the classifier is resampled."""
+    return (*scorers, "resamples") if resamples > 0 else tuple(scorers)
+
+
+def carried_by(judges: Iterable[object]) -> tuple[str, ...]:
+    """What the judges were built to give every judgment: their scorers
+    (``scorers_of``), and ``resamples`` if any resamples its classifier."""
+    judges = list(judges)
+    asked = max((int(getattr(j, "resamples", 0)) for j in judges), default=0)
+    return carried(scorers_of(judges), asked)
+
+
 def stages_for(
     judge: str, detection_sets: list[str], scorers: tuple[str, ...] = ("detection",)
 ) -> list[StageName]:
     """The stages of one (feature, judge); ``detection_sets`` are the example kinds the
-    feature has positives of ('top', 'random'); ``scorers`` those asked for (detection
-    is always part of a judgment)."""
+    feature has positives of ('top', 'random'); ``scorers`` what is asked for beyond a
+    label (:func:`carried`: detection is always part of a judgment)."""
     if not is_staged(judge):
         return ["label"]
     detect: list[StageName] = [
@@ -139,7 +186,8 @@ def stages_for(
 
 
 def has_scorers(judgment: Judgment, scorers: tuple[str, ...]) -> bool:
-    """Whether a judgment carries every scorer's result asked for."""
+    """Whether a judgment carries every scorer's result asked for (and its resamples,
+    where ``scorers`` names them)."""
     return all(getattr(judgment, s) is not None for s in scorers if s in SCORER_STAGES)
 
 
@@ -165,20 +213,25 @@ def add_costs(costs: list[float | None]) -> float | None:
     return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
 
 
-def scorer_results(outcomes: list[StageOutcome]) -> dict[str, DetectionScore | IntruderScore]:
-    """The scores of the fuzz and intruder stages among ``outcomes`` (those present)."""
-    out: dict[str, DetectionScore | IntruderScore] = {}
+def scorer_results(outcomes: list[StageOutcome], category: str) -> dict[str, Scores]:
+    """The results of the fuzz, intruder and resample stages among ``outcomes`` (those
+    present), by judgment field; ``category`` is the label's (what the resampled answers
+    are compared with)."""
+    out: dict[str, Scores] = {}
     for outcome in outcomes:
         if outcome.stage == "fuzz" and outcome.detection is not None:
             out["fuzz"] = outcome.detection.score()
         elif outcome.stage == "intruder" and outcome.intrusion is not None:
             out["intruder"] = outcome.intrusion.score()
+        elif outcome.stage == "resample" and outcome.resampled is not None:
+            out["resamples"] = resampling(list(outcome.resampled), category)
     return out
 
 
 def extend(judgment: Judgment, outcomes: list[StageOutcome]) -> Judgment:
-    """A stored judgment with the scores of scorer stages run for it later."""
-    return judgment.model_copy(update=scorer_results(outcomes))
+    """A stored judgment with the results of stages run for it later (a scorer, the
+    resamples), compared with the label it has."""
+    return judgment.model_copy(update=scorer_results(outcomes, judgment.classification.category))
 
 
 def assemble(outcomes: list[StageOutcome]) -> Judgment:
@@ -206,7 +259,7 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
             if pooled.probs is None or part.detection.probs is None
             else pooled.probs + part.detection.probs
         )
-    scores = scorer_results(outcomes)
+    scores = scorer_results(outcomes, classification.category)
     return Judgment(
         feature_id=first.feature_id,
         judge=first.judge,
@@ -217,6 +270,7 @@ def assemble(outcomes: list[StageOutcome]) -> Judgment:
         classification=classification,
         fuzz=cast("DetectionScore | None", scores.get("fuzz")),
         intruder=cast("IntruderScore | None", scores.get("intruder")),
+        resamples=cast("Resampling | None", scores.get("resamples")),
         usage=add_usage(*(o.usage for o in outcomes)),
         cost_usd=add_costs([o.cost_usd for o in outcomes]),
     )

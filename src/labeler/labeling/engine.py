@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from labeler.errors import UserError
 from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
-    SCORER_STAGES,
+    FIELD_OF_STAGE,
     StageName,
     StageOutcome,
     add_costs,
@@ -156,7 +156,8 @@ class Engine:
         scorers: tuple[str, ...] = ("detection",),
     ) -> None:
         """``judges`` maps each judge's name to the prompt hash its stages report;
-        ``scorers`` are those every judgment is to carry (``judges.scorers``)."""
+        ``scorers`` are those every judgment is to carry (``judges.scorers``), and
+        ``resamples`` where the classifier is resampled (``judges.stages.carried``)."""
         self.run = run
         self.store = store
         self.hashes = dict(judges)
@@ -280,15 +281,16 @@ class Engine:
         return unit
 
     def _only_missing_scorers(self, unit: Unit) -> None:
-        """A feature this judge labeled already, asked for scorers it lacks, runs only
-        those: nothing it was labeled with is asked again (whatever prompts it was made
-        under), and the scorers see the explanation it was labeled with."""
+        """A feature this judge labeled already, asked for scorers (or resamples) it
+        lacks, runs only those: nothing it was labeled with is asked again (whatever
+        prompts it was made under), and the scorers see the explanation it was labeled
+        with; resamples are compared with the label it has."""
         stored = self.store.ok_judgment(unit.feature_id, unit.judge)
         if stored is None:
             return
         unit.extends = stored
-        unit.stages = [s for s in unit.stages if s in SCORER_STAGES.values()
-                       and getattr(stored, s) is None]  # fmt: skip
+        unit.stages = [s for s in unit.stages if s in FIELD_OF_STAGE
+                       and getattr(stored, FIELD_OF_STAGE[s]) is None]  # fmt: skip
         unit.outcomes["explain"] = StageOutcome(
             feature_id=unit.feature_id, judge=unit.judge, prompt_hash=unit.prompt_hash,
             stage="explain", ok=True, explanation=stored.explanation, cost_usd=0.0,
@@ -358,6 +360,10 @@ class Engine:
             if outcome.ok or _kind(outcome) not in UNREACHABLE_KINDS | {"timeout"}:
                 self._reached_judge(outcome.judge)  # it answered, if only with an error
             if not outcome.ok:
+                # replies a failed stage accepted (a resample stage's other calls) are
+                # kept: a rerun does not pay for them again
+                self.store.put_replies(outcome.kept)
+                self._share(outcome)
                 return self._apply_failure(unit, outcome)
             self.store.put_stage(outcome, task_id)
             self._share(outcome)

@@ -34,8 +34,7 @@ from labeler.judges.batch_api import BatchApi, LineResult, batch_api
 from labeler.judges.halting import Halted
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.requests import AwaitingReply
-from labeler.judges.scorers import scorers_of
-from labeler.judges.stages import StageName, StageOutcome
+from labeler.judges.stages import StageName, StageOutcome, carried_by
 from labeler.labeling.batch_records import (
     Awaiting,
     BatchRecords,
@@ -115,7 +114,7 @@ def label_in_batches(
     with RunLock(store.path, "labeler label (batch)", wait=wait, cancelled=cancelled) as lock:
         engine = Engine(run, store, {j.name: j.prompt_hash for j in judges}, sample_per_layer,
                         seed, budget_usd, executor="batch",
-                        scorers=scorers or scorers_of(judges))  # fmt: skip
+                        scorers=scorers or carried_by(judges))  # fmt: skip
         labeling = _Batches(engine, judges, apis, settings or BatchSettings(), on_start,
                             on_result, interrupts, lock)  # fmt: skip
         asyncio.run(labeling.run())
@@ -273,9 +272,13 @@ class _Batches:
                         usage=wait.usage, cost_usd=wait.cost_usd,
                     ))  # fmt: skip
                 return
+            # the stage runs again once this request's batch ended; requests it made at
+            # once with it (a resample stage's) go out in the same round
             self.waiting.setdefault(wait.custom_id, []).append((unit, stage))
-            if not self.records.has(wait.custom_id):
-                self.queued[unit.judge][wait.custom_id] = wait.waiting
+            for each in [wait, *wait.others]:
+                assert isinstance(each, Awaiting)
+                if not self.records.has(each.custom_id):
+                    self.queued[unit.judge][each.custom_id] = each.waiting
             return
         if not outcome.ok:  # asked afresh by a later labeling, once this round is done
             self.spent |= self.replies.consulted

@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from labeler.judges import Judge
-from labeler.judges.scorers import scorers_of
-from labeler.judges.stages import StageName, StageOutcome
+from labeler.judges.stages import StageName, StageOutcome, carried_by
 from labeler.labeling.accounting import count_unanswered
 from labeler.labeling.call_journal import CallJournal
 from labeler.labeling.engine import Engine, LabelReport, Unit
@@ -71,7 +70,7 @@ def label_judges(
     with RunLock(store.path, "labeler label (local)", wait=wait, cancelled=cancelled) as lock:
         engine = Engine(run, store, {j.name: j.prompt_hash for j in judges}, sample_per_layer,
                         seed, budget_usd, executor="local",
-                        scorers=scorers or scorers_of(judges))  # fmt: skip
+                        scorers=scorers or carried_by(judges))  # fmt: skip
         labeling = _Local(engine, judges, concurrency, on_start, on_result, interrupts, lock)
         asyncio.run(labeling.run())
         lock.check()  # taken over meanwhile: say so rather than report a partial labeling

@@ -84,7 +84,7 @@ class _Local:
             run, store, self.judges, sample_per_layer=r.sample_per_layer,
             concurrency=r.concurrency, seed=r.seed, budget_usd=r.budget_usd,
             on_start=hooks.on_start, on_result=hooks.on_result, interrupts=hooks.interrupts,
-            wait=r.wait, scorers=r.options.scorers,
+            wait=r.wait, scorers=r.options.carried,
         )  # fmt: skip
 
     def after(self) -> str | None:
@@ -117,7 +117,7 @@ class _Batch:
             run, store, self.judges, self.settings, sample_per_layer=r.sample_per_layer,
             seed=r.seed, budget_usd=r.budget_usd, on_start=hooks.on_start,
             on_result=hooks.on_result, interrupts=hooks.interrupts, wait=r.wait,
-            scorers=r.options.scorers,
+            scorers=r.options.carried,
         )  # fmt: skip
         self.in_flight = report.in_flight
         return reports
