@@ -395,7 +395,8 @@ def test_api_queue_headers_and_no_tracebacks(served: Served) -> None:
     assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
     assert {i["feature_id"] for i in items} == set(served.queue)
     assert set(items[0]) == {"feature_id", "reasons", "score", "categories", "min_detection",
-                             "decided_by", "explanation"}  # fmt: skip
+                             "decided_by", "explanation", "audit"}  # fmt: skip
+    assert all(i["audit"] is None for i in items)  # no audit drawn: the disputes alone
     assert http(f"{served.url}api/queue?include_decided=maybe")[0] == 400
     status, _, body = http(f"{served.url}api/session")
     assert status == 200 and json.loads(body)["reviewer"] == ""

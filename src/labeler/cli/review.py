@@ -208,7 +208,9 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
     subcategory, mechanism, domain type, layer, label source, detection accuracy and
     F1, fuzzing F1, intruder accuracy and activation frequency; sortable and paged. A
     feature's page is its review page (examples, logit lens, every judgment and review,
-    output score, the decision form).
+    output score, the decision form). When an audit was drawn (labeler audit), an
+    "Audit: K to decide" entry at the top lists its undecided features in draw order,
+    their judges' labels hidden until decided.
 
     \b
     The index is built once into RUN/browse-index.sqlite (a progress bar shows it) and
