@@ -30,6 +30,7 @@ from labeler.run.data import RunData
 from labeler.run.schemas import Judgment
 from tests.fake_llm import FakeLLMServer, biased_feature, biased_oracle
 from tests.fleet import BIN
+from tests.test_bad_input import labeler
 
 SECRET = "sk-resamples-test-5021"
 JUDGE = "openai:fake-model"
@@ -227,6 +228,14 @@ def test_resamples_added_later_ask_only_k_classifications_and_a_rerun_nothing(
     fake.reset()
     _label(_label_args(run_copy, fake, "--resamples", "3"))
     assert fake.requests == []  # every call was paid once
+    # the catalog carries each judgment's confidence
+    out = run_copy.parent / "catalog.jsonl"
+    done = subprocess.run([str(BIN / "labeler"), "export", str(run_copy), "--out", str(out)],
+                          env=_cli_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(t) for t in out.read_text(encoding="utf-8").splitlines()]
+    shown = {line["feature_id"]: line["judgments"][0]["resample_confidence"] for line in lines}
+    assert shown == {f: j.resamples.confidence for f, j in after.items() if j and j.resamples}
 
 
 # -- other transports -------------------------------------------------------------------------
@@ -281,15 +290,24 @@ def test_a_fleet_runs_the_resamples_on_the_classify_queue(
 def test_a_resample_count_out_of_range_is_refused_naming_the_option(
     value: str, run_copy: Path
 ) -> None:
-    result = CliRunner().invoke(cli, ["label", str(run_copy), "--resamples", value])
-    assert result.exit_code == 2, result.output
-    assert "--resamples" in result.output and "0 (none) to 20" in result.output
+    result = labeler("label", run_copy, "--resamples", value)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--resamples: {value} is out of range: 0 (none) to 20" in result.stderr
     assert not (run_copy / "labels.sqlite").exists()
 
 
-def test_the_python_api_refuses_a_resample_count_out_of_range(run_copy: Path) -> None:
+def test_the_python_api_takes_resamples_and_refuses_a_count_out_of_range(
+    run_copy: Path,
+) -> None:
     import labeler
     from labeler.errors import UserError
 
     with pytest.raises(UserError, match="resamples"):
         labeler.label(run_copy, judges=["heuristic"], options={"resamples": 21})
+    with pytest.raises(UserError, match="resamples"):
+        labeler.label(run_copy, judges=["heuristic"], resamples=-1)
+    reports = labeler.label(run_copy, judges=["heuristic"], sample_per_layer=1, resamples=2)
+    assert reports["heuristic"].labeled == 4
+    run = labeler.open_run(run_copy)
+    fid = run.labels()["feature_id"][0]
+    assert run.feature(fid).judgments["resample_confidence"].to_list() in ([0.0], [0.5], [1.0])

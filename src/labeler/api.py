@@ -193,13 +193,16 @@ def label(
     limits: Mapping[str, RateLimits] | None = None,
     wait: bool = False,
     options: JudgeOptions | Mapping[str, Any] | None = None,
+    resamples: int | None = None,
     progress: bool = False,
 ) -> dict[str, LabelReport]:
     """Label ``run`` as ``labeler label`` does: the same request, the same transports
     (``local``, ``celery``, ``batch``); a re-run labels only what is missing or failed.
 
     ``options``: a :class:`~labeler.judges.base.JudgeOptions` or its fields as a dict
-    (``base_url``, ``timeout_s``, ``n_examples``, ...). Returns each judge's report
+    (``base_url``, ``timeout_s``, ``n_examples``, ...). ``resamples``: classify each
+    feature that many more times on seeded halves of its examples (``labeler label
+    --resamples``; the options' ``resamples`` otherwise). Returns each judge's report
     (planned, skipped, labeled, failed, spent_usd). Raises ``UserError`` when a judge
     cannot work or the run is busy; features that failed are counted in the reports
     (rerun to retry them), not raised.
@@ -217,9 +220,15 @@ def label(
         raise UserError("judges: name at least one judge (heuristic, openai:MODEL, ...)")
     if executor not in TRANSPORTS:
         raise UserError(f"executor {executor!r}: choose one of {', '.join(TRANSPORTS)}")
-    if not isinstance(options, JudgeOptions):
+    fields = (
+        options.model_dump(exclude_unset=True) if isinstance(options, JudgeOptions)
+        else {"seed": seed} | dict(options or {})
+    )  # fmt: skip
+    if resamples is not None:
+        fields["resamples"] = resamples
+    if not isinstance(options, JudgeOptions) or resamples is not None:
         try:
-            options = JudgeOptions(**({"seed": seed} | dict(options or {})))
+            options = JudgeOptions(**fields)
         except ValidationError as exc:
             field, message = first_error(exc)
             raise UserError(f"options: {field}: {message}") from exc

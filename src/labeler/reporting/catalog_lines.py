@@ -42,6 +42,11 @@ def _judgment_lists(judgments: pl.DataFrame) -> pl.DataFrame:
         pl.when(pl.col("status") == "ok").then(pl.col("scores")).alias("detection"),
         pl.when(pl.col("status") == "ok").then(pl.col("fuzz")).alias("fuzz"),
         pl.when(pl.col("status") == "ok").then(pl.col("intruder")).alias("intruder"),
+        # the share of the classifier's resampled answers agreeing with the label
+        # (``label --resamples``); null when not asked
+        pl.when(pl.col("status") == "ok")
+        .then(pl.col("resample_confidence"))
+        .alias("resample_confidence"),
         "prompt_hash",
         "attempts",
         "created_at",
