@@ -383,16 +383,16 @@ def biased_classify(user: str) -> FakeAnswer:
     """The oracle's classification, but a reasoning feature chosen by
     :func:`biased_feature` is called ``language``: always on a full view, and on a
     subset of its examples (a resample) for about ``BIASED_SUBSET_SHARE`` of subsets,
-    chosen by a hash of the examples shown."""
+    chosen by a hash of the prompt (the feature and the examples shown)."""
     answer = classify(user)
     feature = feature_shown(user)
     if answer.content["category"] != "reasoning" or not biased_feature(feature):
         return answer
     shown = marked_tokens(user)
-    if len(shown) < FULL_VIEW:
-        examples = "\n".join(line for line in user.split("\n") if line.startswith("Example "))
-        if _stable(f"{feature}\n{examples}") % 100 >= round(100 * BIASED_SUBSET_SHARE):
-            return answer
+    # the examples shown (their windows, not only their activations, which a planted
+    # feature may share) decide a subset's answer
+    if len(shown) < FULL_VIEW and _stable(user) % 100 >= round(100 * BIASED_SUBSET_SHARE):
+        return answer
     return FakeAnswer(
         _classification("language", "medium", "its activating tokens are ordinary words")
     )
