@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 
 from labeler.audit.design import Weighting, draw_audit
-from labeler.audit.report import AuditSummary, audit_summary
 from labeler.labeling.store import LabelStore
+from labeler.reporting.audit_summary import AuditSummary, audit_summary
 from labeler.reporting.label_table import judgment_frame, planned_frame, review_frame
 from labeler.run.schemas import ReviewDecision
 

@@ -1,5 +1,6 @@
 """The package tree keeps its shape: inside ``labeler``, subpackages import only the
-ones below them (cli → formats, review, causal → reporting → labeling → judges → run)."""
+ones below them (cli → formats, review, causal → reporting → audit → labeling → judges
+→ run)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import labeler
 
-RANK = {"run": 0, "judges": 1, "labeling": 2, "reporting": 3, "causal": 4, "review": 4,
-        "formats": 4, "cli": 5}  # fmt: skip
+RANK = {"run": 0, "judges": 1, "labeling": 2, "audit": 3, "reporting": 4, "causal": 5,
+        "review": 5, "formats": 5, "cli": 6}  # fmt: skip
 
 
 def test_labeler_subpackages_import_only_downward() -> None:

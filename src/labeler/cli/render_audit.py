@@ -1,4 +1,4 @@
-"""The audit's part of ``labeler summarize``'s printout (``labeler.audit.report``)."""
+"""The audit's part of ``labeler summarize``'s printout (``labeler.reporting.audit_summary``)."""
 
 from __future__ import annotations
 

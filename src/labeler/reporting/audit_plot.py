@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labeler.audit.report import AuditSummary
+from labeler.reporting.audit_summary import AuditSummary
 from labeler.reporting.plots import COLORS
 
 if TYPE_CHECKING:

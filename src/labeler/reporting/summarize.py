@@ -26,10 +26,10 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from collectors.run_format import RunInfo, package_versions
-from labeler.audit.report import NO_AUDIT_NOTE, AuditSummary, audit_summary
 from labeler.errors import UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
+from labeler.reporting.audit_summary import NO_AUDIT_NOTE, AuditSummary, audit_summary
 from labeler.reporting.baseline_compare import BaselineComparison
 from labeler.reporting.disputes import DisputeRules, find_disputes
 from labeler.reporting.final_labels import SOURCES, final_labels, human_labels
