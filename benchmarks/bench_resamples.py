@@ -1,0 +1,140 @@
+"""What the classifier's resamples (``labeler label --resamples K``) cost per feature.
+
+Labels a sample of the planted demo run through the loopback fake (its oracle answers
+every task; a fixed latency per request) with the real SDKs, once without resamples and
+once with ``--resamples K`` (5 by default), and reports for each:
+
+- calls, input tokens (of them cached) and output tokens per feature, by stage, as the
+  fake reported them (about four characters a token);
+- dollars per feature at batch prices for openai:gpt-5-mini and
+  anthropic:claude-haiku-4-5 (the packaged price table), the resamples' share, and the
+  paper adapter's 229,376 features projected;
+- features per second at concurrency 8 against the ideal that latency allows.
+
+.venv/bin/python benchmarks/bench_resamples.py [--run demo-run/run] [--per-layer 24] [--resamples 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_judges import build_run, free_port, start_server
+
+PAPER_FEATURES = 229_376
+JUDGES = {"chat": "openai:gpt-5-mini", "anthropic": "anthropic:claude-haiku-4-5"}
+
+
+def label_once(
+    run: Path, judge_name: str, base_url: str, resamples: int, per_layer: int, concurrency: int
+) -> tuple[float, int, dict[str, dict[str, float]], float | None, float | None]:
+    """Label afresh; seconds, features, per-stage means per feature, and dollars per
+    feature at batch prices, all stages and the resample stage alone."""
+    from labeler.judges import make_judge
+    from labeler.judges.base import JudgeOptions
+    from labeler.judges.pricing import load_prices
+    from labeler.labeling import label_run
+    from labeler.labeling.store import LabelStore
+    from labeler.run.data import RunData
+    from labeler.run.schemas import Usage
+
+    (run / "labels.sqlite").unlink(missing_ok=True)
+    anthropic = judge_name.startswith("anthropic:")
+    options = JudgeOptions(
+        base_url=None if anthropic else f"{base_url}/v1", openai_api="chat", resamples=resamples
+    )
+    judge = make_judge(judge_name, options)
+    store = LabelStore(run / "labels.sqlite")
+    start = time.perf_counter()
+    report = label_run(RunData.open(run), store, judge, sample_per_layer=per_layer,
+                       concurrency=concurrency)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert report.failed == 0, report
+    rows = [s.judgment for s in store.judgments(judge_name).values() if s.judgment is not None]
+    store.close()
+    tokens: dict[str, dict[str, float]] = {}
+    for stage in sorted({k for j in rows for k in j.usage}):
+        usages = [j.usage.get(stage, Usage()) for j in rows]
+        tokens[stage] = {
+            "calls": statistics.fmean(u.calls for u in usages),
+            "input": statistics.fmean(u.total_input for u in usages),
+            "cached": statistics.fmean(u.cached_tokens for u in usages),
+            "output": statistics.fmean(u.output_tokens for u in usages),
+        }
+    prices = load_prices(None)
+    total = sum((sum(j.usage.values(), Usage()) for j in rows), Usage())
+    resampled = sum((j.usage.get("resample", Usage()) for j in rows), Usage())
+    batch = prices.cost(judge_name, total, "batch")
+    batch_resample = prices.cost(judge_name, resampled, "batch")
+    per_feature = None if batch is None else batch / len(rows)
+    per_resample = None if batch_resample is None else batch_resample / len(rows)
+    return elapsed, report.labeled, tokens, per_feature, per_resample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--run", type=Path, default=None, help="A collected run to copy (default: the demo's)."
+    )
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--per-layer", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--resamples", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("ANTHROPIC_API_KEY", "bench")
+    os.environ.setdefault("OPENAI_API_KEY", "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        if args.run is not None:
+            shutil.copytree(args.run, run)
+            (run / "labels.sqlite").unlink(missing_ok=True)
+        else:
+            run = build_run(Path(tmp))
+        port = free_port()
+        server = start_server(port, args.latency)
+        base_url = f"http://127.0.0.1:{port}"
+        os.environ["ANTHROPIC_BASE_URL"] = base_url
+        try:
+            for judge_name in JUDGES.values():
+                plain: float | None = None
+                for k in (0, args.resamples):
+                    elapsed, n, tokens, dollars, resample_dollars = label_once(
+                        run, judge_name, base_url, k, args.per_layer, args.concurrency
+                    )
+                    calls = sum(t["calls"] for t in tokens.values())
+                    ideal = args.concurrency / (args.latency * calls)
+                    print(f"\n{judge_name}, --resamples {k}: {n} features")
+                    for stage, t in tokens.items():
+                        print(f"  {stage:9s} {t['calls']:.2f} calls, {t['input']:,.0f} in "
+                              f"({t['cached']:,.0f} cached), {t['output']:,.0f} out")  # fmt: skip
+                    in_all = sum(t["input"] for t in tokens.values())
+                    out_all = sum(t["output"] for t in tokens.values())
+                    print(f"  per feature: {calls:.2f} calls, {in_all:,.0f} in, {out_all:,.0f} out")
+                    if dollars is not None:
+                        paper = dollars * PAPER_FEATURES
+                        print(f"  batch price: ${dollars:.6f}/feature; "
+                              f"{PAPER_FEATURES:,} features: ${paper:,.0f}")  # fmt: skip
+                        if k == 0:
+                            plain = dollars
+                        elif plain is not None and resample_dollars is not None:
+                            print(f"  the resamples alone (added to a labeled run): "
+                                  f"${resample_dollars:.6f}/feature, "
+                                  f"${resample_dollars * PAPER_FEATURES:,.0f} for "
+                                  f"{PAPER_FEATURES:,}; {dollars / plain:.2f}x the labeling "
+                                  "without them")  # fmt: skip
+                    print(f"  concurrency {args.concurrency}: {n / elapsed:.2f} features/s "
+                          f"(ideal {ideal:.2f})", flush=True)  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
