@@ -106,6 +106,10 @@ def cli(ctx: click.Context, verbose: int, threads: int | None) -> None:
       labeler summarize RUN [--json] [--compare OTHER_RUN]
       labeler export RUN [--with-examples] [--out catalog.jsonl.gz]
       labeler export RUN --format delphi       (delphi's explanations and scores)
+    The headline number with the judges' error in its interval:
+      labeler audit RUN --n 100                (people decide these first, blind)
+      labeler export RUN --format gold         (their decisions, for another run)
+      labeler import-gold OTHER_RUN RUN/gold.jsonl
     Publish on Neuronpedia:
       labeler export RUN --format neuronpedia --model-id ID --source-set NAME
       labeler push-neuronpedia RUN/neuronpedia          (key in NEURONPEDIA_API_KEY)

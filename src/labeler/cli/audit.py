@@ -18,8 +18,8 @@ from labeler.errors import UserError
               help="Features to draw for people to decide. Without it: how far the run's "
                    "audits are.")  # fmt: skip
 @click.option("--seed", type=int, default=None,
-              help="Seed of the draw (default: the number of audits drawn before, so each "
-                   "new audit draws anew and the same command reproduces it).")  # fmt: skip
+              help="Seed of the draw (default: the number of audits the run has, so each "
+                   "new audit draws anew, and a copy of the run draws the same).")  # fmt: skip
 @click.option("--weighting", type=click.Choice(["uncertainty", "uniform"]),
               default="uncertainty", show_default=True,
               help="uncertainty: features whose labels look less sure (judges disagree, the "
