@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from labeler.labeling.transports.batch import BatchSettings as Polling
 from labeler.labeling.transports.batch import label_in_batches
 from labeler.run.data import RunData
 from labeler.run.schemas import Judgment
-from tests.fake_llm import FakeLLMServer, biased_feature, biased_oracle
+from tests.fake_llm import FakeLLMServer, Hang, biased_feature, biased_oracle
 from tests.fleet import BIN
 from tests.test_bad_input import labeler
 
@@ -238,6 +240,35 @@ def test_resamples_added_later_ask_only_k_classifications_and_a_rerun_nothing(
     lines = [json.loads(t) for t in out.read_text(encoding="utf-8").splitlines()]
     shown = {line["feature_id"]: line["judgments"][0]["resample_confidence"] for line in lines}
     assert shown == {f: j.resamples.confidence for f, j in after.items() if j and j.resamples}
+
+
+def test_a_labeler_killed_during_the_resamples_pays_each_answered_call_once(
+    run_copy: Path, fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    # one call at a time, seven per feature (explain, two detection sets, classify, three
+    # resamples): the second feature's sixth call hangs, after some of its resamples
+    # were answered
+    fake.script(*[Hang(0.0)] * 12, Hang(60.0))
+    args = _label_args(run_copy, fake, "--resamples", "3", "--concurrency", "1")
+    with (tmp_path / "first.log").open("ab") as out:
+        process = subprocess.Popen(args, env=_cli_env(), stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while len(fake.requests) < 13:
+        assert process.poll() is None and time.monotonic() < deadline, len(fake.requests)
+        time.sleep(0.05)
+    time.sleep(1.0)  # what was answered is stored by now
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    _label(args)
+    # every call answered once, but the one in flight at the kill (billed by the
+    # provider, never answered)
+    bodies = Counter(json.dumps(r.body, sort_keys=True) for r in fake.requests if r.status == 200)
+    assert sum(n - 1 for n in bodies.values()) <= 1, bodies.most_common(3)
+    assert sum(_tasks(fake).values()) <= 4 * 7 + 1
+    store = LabelStore(run_copy / "labels.sqlite")
+    rows = store.judgments(JUDGE)
+    store.close()
+    assert len(rows) == 4 and all(r.judgment and r.judgment.resamples for r in rows.values())
 
 
 # -- other transports -------------------------------------------------------------------------

@@ -162,6 +162,14 @@ class Ledger:
         part = self.price(usage, tier)
         self.cost = None if self.cost is None or part is None else self.cost + part
 
+    def take(self, other: Ledger) -> None:
+        """Add what ``other`` (one call's own ledger) holds."""
+        for stage, usage in other.usage.items():
+            self.usage[stage] = self.usage.get(stage, Usage()) + usage
+        self.cost = None if self.cost is None or other.cost is None else self.cost + other.cost
+        self.kept += other.kept
+        self.tickets += other.tickets
+
 
 class LLMJudge:
     """A judge backed by a chat model or an in-process open model."""
@@ -196,6 +204,10 @@ class LLMJudge:
         """Shared requests- and tokens-per-minute limits (set by the executor)."""
         self.replies: ReplyCache | None = None
         """Replies kept earlier, answering a request at no cost (set by the transport)."""
+        self.keep_now: Callable[[list[KeptReply]], None] | None = None
+        """Keeps replies in the reply cache at once (set by the local transport): a
+        resample stage's answered calls, so that a labeler killed before the stage ends
+        does not pay for them again."""
         self.batch: BatchReplies | None = None
         """Set by the batch transport: requests are answered from provider batches."""
         self.calls: CallLog | None = None
@@ -645,9 +657,22 @@ class LLMJudge:
             resampled_record(feature, shown, self.settings.seed, number)
             for number in range(self.resamples)
         ]
-        answers = await asyncio.gather(
-            *(self._classify(part, ledger, "resample") for part in parts), return_exceptions=True
-        )
+        ledgers = [Ledger(ledger.price) for _ in parts]
+
+        async def one(part: FeatureRecord, own: Ledger) -> Classification:
+            answer = await self._classify(part, own, "resample")
+            if self.keep_now is not None and own.kept:
+                self.keep_now(own.kept)
+            return answer
+
+        try:
+            answers = await asyncio.gather(
+                *(one(part, own) for part, own in zip(parts, ledgers, strict=True)),
+                return_exceptions=True,
+            )
+        finally:
+            for own in ledgers:
+                ledger.take(own)
         failures = [a for a in answers if isinstance(a, BaseException)]
         waits = [a for a in failures if isinstance(a, AwaitingReply)]
         others = [a for a in failures if not isinstance(a, AwaitingReply)]

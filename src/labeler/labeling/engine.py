@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from labeler.errors import UserError
-from labeler.judges.requests import Layered, ReplyCache, folder_cache_from_env
+from labeler.judges.requests import KeptReply, Layered, ReplyCache, folder_cache_from_env
 from labeler.judges.stages import (
     FIELD_OF_STAGE,
     StageName,
@@ -438,6 +438,14 @@ class Engine:
             self.finished.add((fid, judge))
             self.tally[judge].failed += 1
             self._charge(judge, outcome.cost_usd)
+
+    def keep_replies(self, kept: list[KeptReply]) -> None:
+        """Keep accepted replies in the reply cache before their stage ends (a stage of
+        several calls), so that no reply is paid for twice."""
+        self.store.put_replies(kept)
+        if self.shared is not None:
+            for reply in kept:
+                self.shared.put(reply)
 
     def _share(self, outcome: StageOutcome) -> None:
         """Put the replies a stage accepted in the shared cache folder, if one is set

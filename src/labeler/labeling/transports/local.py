@@ -122,6 +122,8 @@ class _Local:
             judge.limit_requests(self.concurrency)
             if hasattr(judge, "replies"):
                 judge.replies = self.engine.reply_cache()
+            if hasattr(judge, "keep_now"):
+                judge.keep_now = self.engine.keep_replies
             if hasattr(judge, "guard"):
                 judge.guard = LabelingGuard(self.lock, self.interrupts)
         # as many features as requests per judge: a feature has up to three calls in flight
