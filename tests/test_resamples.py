@@ -33,6 +33,7 @@ from labeler.run.schemas import Judgment
 from tests.fake_llm import FakeLLMServer, Hang, biased_feature, biased_oracle
 from tests.fleet import BIN
 from tests.test_bad_input import labeler
+from tests.test_hf_judge import tiny_judge_model  # noqa: F401  (a fixture)
 
 SECRET = "sk-resamples-test-5021"
 JUDGE = "openai:fake-model"
@@ -344,3 +345,28 @@ def test_the_python_api_takes_resamples_and_refuses_a_count_out_of_range(
     run = labeler.open_run(run_copy)
     fid = run.labels()["feature_id"][0]
     assert run.feature(fid).judgments["resample_confidence"].to_list() in ([0.0], [0.5], [1.0])
+
+
+# -- an in-process model ----------------------------------------------------------------------
+
+
+def test_an_in_process_model_resamples_by_answer_likelihood(
+    run_copy: Path,
+    tiny_judge_model: Path,  # noqa: F811  (the fixture)
+) -> None:
+    """The resample stage of an hf: judge on one feature: each subset classified by the
+    likelihood of each category, as the classification is."""
+    import asyncio
+
+    from labeler.judges.hf_backend import HFBackend
+    from labeler.judges.llm_judge import JudgeSettings, LLMJudge
+
+    name = f"hf:{tiny_judge_model}"
+    backend = HFBackend(name, str(tiny_judge_model), "cpu", "float32", batch_size=8)
+    judge = LLMJudge(name, backend, JudgeSettings(n_examples=4, resamples=2))
+    record = RunData.open(run_copy).records(["L1F11"])[0]
+    assert judge.stages(record)[-2:] == ["resample", "classify"]
+    outcome = asyncio.run(judge.run_stage("resample", record, {}))
+    assert outcome.ok, outcome.reason
+    assert outcome.resampled is not None and len(outcome.resampled) == 2
+    assert outcome.usage["resample"].calls >= 2 and "classify" not in outcome.usage
