@@ -187,7 +187,7 @@ def _dry_run(run: Any, judges: list[Any], sample: int | None, seed: int, prices:
                    "See docs/labeling.md.")  # fmt: skip
 @click.option("--resamples", default=0, show_default=True, metavar="K",
               help="Classify each feature K more times (0 to 20), each on a seeded random "
-                   "half of its examples, for a calibrated confidence: the share of those "
+                   "half of its examples, for a confidence in its label: the share of those "
                    "answers agreeing with the label (which stays the classification of all "
                    "examples). K more classifier calls per feature; on a labeled run, only "
                    "those calls. See docs/labeling.md.")  # fmt: skip
