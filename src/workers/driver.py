@@ -108,7 +108,7 @@ class Driver:
         self.key = store.store_id()
         hashes = {judge: _prompt_hash(judge) for judge in job.judges}
         self.engine = Engine(run, store, hashes, job.sample_per_layer, job.seed, job.budget_usd,
-                             executor="celery", scorers=job.options.scorers)  # fmt: skip
+                             executor="celery", scorers=job.options.carried)  # fmt: skip
 
     @property
     def active(self) -> dict[tuple[str, str], Unit]:

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from labeler.judges.base import JudgeOptions
 from labeler.judges.llm_judge import LLMJudge
 from labeler.judges.openai_backend import OpenAIBackend
 from labeler.judges.ratelimit import RateLimits, RedisRateLimiter, jittered, limiter_key
-from labeler.judges.requests import folder_cache_from_env
+from labeler.judges.requests import FolderCache, KeptReply, folder_cache_from_env
 from workers import keys
 from workers.leases import Leases
 from workers.redis_retry import UNREACHABLE, retrying_async
@@ -93,6 +93,10 @@ class WorkerRuntime:
             judge.retry = dataclasses.replace(judge.retry, reschedule_rate_limits=True)
             # a worker cannot read the run's store; a shared cache folder it can
             judge.replies = folder_cache_from_env()
+            if judge.replies is not None:
+                # a resample stage's answered calls are kept as they come, so that a
+                # rescheduled stage asks only the others again
+                judge.keep_now = _keeper(judge.replies)
             # a flex call may wait 15 minutes: it must end well inside the stage's time
             # limit, which has room for a re-ask and a retry
             backend = judge.backend
@@ -192,3 +196,11 @@ def runtime(settings: FleetSettings) -> WorkerRuntime:
         if _runtime is None or _runtime.pid != os.getpid():
             _runtime = WorkerRuntime(settings)
         return _runtime
+
+
+def _keeper(cache: FolderCache) -> Callable[[list[KeptReply]], None]:
+    def keep(kept: list[KeptReply]) -> None:
+        for reply in kept:
+            cache.put(reply)
+
+    return keep

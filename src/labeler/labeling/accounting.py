@@ -25,6 +25,7 @@ from labeler.judges.prompting import (
     intruder_prompt,
     system_prompt,
 )
+from labeler.judges.resampling import resampled_record
 from labeler.judges.scorers import INTRUDER_TRIALS, fuzz_items, intruder_trials
 from labeler.labeling.call_journal import forget, unanswered
 from labeler.labeling.store import LabelStore
@@ -38,7 +39,8 @@ ESTIMATE_SAMPLE = 20
 MEASURED_MIN = 5
 # Output tokens per call when nothing has been measured yet (a non-reasoning model): a
 # fuzzing reply holds ten booleans as a detection reply does, an intruder reply five numbers.
-DEFAULT_OUTPUT_TOKENS = {"explain": 30, "detect": 40, "classify": 80, "fuzz": 40, "intruder": 20}
+DEFAULT_OUTPUT_TOKENS = {"explain": 30, "detect": 40, "classify": 80, "fuzz": 40, "intruder": 20,
+                         "resample": 80}  # fmt: skip
 PLACEHOLDER_EXPLANATION = " ".join(["word"] * 15)
 
 
@@ -189,7 +191,8 @@ def estimate(
                         input_tokens=0, cached_tokens=0, output_tokens=0, cost_usd=0.0,
                         output_measured=False)  # fmt: skip
     scorers = [s for s in ("fuzz", "intruder") if s in judge.scorers]
-    full = ["explain", "detect_top", "detect_random", "classify", *scorers]
+    resample = ["resample"] if judge.resamples else []  # K calls a feature
+    full = ["explain", "detect_top", "detect_random", "classify", *scorers, *resample]
     user_tokens = {stage: 0.0 for stage in full}
     for stage in full:
         ids = feature_ids if stage not in rescore else feature_ids + rescore[stage]
@@ -203,7 +206,8 @@ def estimate(
     per_stage = {k: float(v) for k, v in DEFAULT_OUTPUT_TOKENS.items()} | (measured or {})
     input_tokens = output_tokens = 0.0
     for stage in full:
-        n_calls = n + len(rescore.get(stage, []))
+        per_feature = judge.resamples if stage == "resample" else 1
+        n_calls = n * per_feature + len(rescore.get(stage, []))
         input_tokens += user_tokens[stage] * n_calls
         output_tokens += per_stage[stage.removesuffix("_top").removesuffix("_random")] * n_calls
     usage = Usage(
@@ -238,6 +242,10 @@ def _sample_prompts(
             prompts.append(explain_prompt(record, settings.n_examples, settings.explain_from))
         elif stage == "classify":
             prompts.append(classify_prompt(record, settings.n_examples, settings.n_logits))
+        elif stage == "resample":  # the first resample's half stands for every one's
+            shown = record.of_kind("top")[: settings.n_examples]
+            half = resampled_record(record, shown, settings.seed, 0)
+            prompts.append(classify_prompt(half, settings.n_examples, settings.n_logits))
         elif stage == "fuzz":
             prompts.append(fuzz_prompt(PLACEHOLDER_EXPLANATION, fuzz_items(record, settings.seed)))
         elif stage == "intruder":
