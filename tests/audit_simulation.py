@@ -12,9 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
-from labeler.audit.design import Weighting, draw_audit
+from labeler.audit.design import Weighting, draw_audit, signals_of
 from labeler.labeling.store import LabelStore
-from labeler.reporting.audit_summary import AuditSummary, audit_summary
+from labeler.reporting.audit_summary import AuditSummary, audit_summary, judges_side
 from labeler.reporting.label_table import judgment_frame, planned_frame, review_frame
 from labeler.run.schemas import ReviewDecision
 
@@ -62,6 +62,9 @@ class AuditSimulator:
             self.planned.select("feature_id", "layer"), on="feature_id"
         )
         self._judges_interval: tuple[float, float] | None = None
+        # the judges' side is read once: audits and decisions do not change it
+        self.signals = signals_of(store)
+        self.judges = judges_side(store, self.planned, self.judgments)
 
     def decide(self, feature_ids: list[str]) -> None:
         with self.store.transaction():
@@ -73,7 +76,9 @@ class AuditSimulator:
 
     def summary(self) -> AuditSummary:
         reviews = review_frame(self.store)
-        audited = audit_summary(self.store, self.planned, self.judgments, reviews, self.alive)
+        audited = audit_summary(
+            self.store, self.planned, self.judgments, reviews, self.alive, self.judges
+        )
         assert audited is not None
         return audited
 
@@ -84,7 +89,9 @@ class AuditSimulator:
         drawn feature decided; the store is left as it was."""
         try:
             for k in range(audits):
-                drawn = draw_audit(self.store, n, seed + 100_000 * k, weighting)
+                drawn = draw_audit(
+                    self.store, n, seed + 100_000 * k, weighting, signals=self.signals
+                )
                 self.decide(drawn.feature_ids)
             audited = self.summary()
         finally:

@@ -167,7 +167,7 @@ N_SIMULATIONS = 200
 def biased(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The demo run labeled by the heuristic judge and by an OpenAI judge (the real SDK,
     the loopback fake) whose classifier calls a third of the planted reasoning features
-    "language" (``tests.fake_llm.biased_oracle``), asked 3 times more on resampled
+    "language" (``tests.fake_llm.biased_oracle``), asked twice more on resampled
     examples. The judges' label is the model judge's: a reasoning share a third low."""
     from labeler.judges import make_judge
     from labeler.judges.base import JudgeOptions
@@ -180,10 +180,10 @@ def biased(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -> 
     with pytest.MonkeyPatch.context() as env, FakeLLMServer(biased_oracle) as fake:
         env.setenv("OPENAI_API_KEY", "sk-test-audit")
         env.delenv("OPENAI_BASE_URL", raising=False)
-        options = JudgeOptions(base_url=f"{fake.base_url}/v1", openai_api="chat", resamples=3)
+        options = JudgeOptions(base_url=f"{fake.base_url}/v1", openai_api="chat", resamples=2)
         store = LabelStore(run / "labels.sqlite")
         report = label_run(RunData.open(run), store, make_judge("openai:gpt-5-mini", options),
-                           concurrency=16)  # fmt: skip
+                           concurrency=32)  # fmt: skip
         store.close()
     assert (report.labeled, report.failed) == (960, 0)
     yield run
@@ -206,9 +206,9 @@ def test_the_audited_interval_covers_the_planted_share_where_the_judges_do_not(
 ) -> None:
     """200 seeded audits of 50 features, each decided by a reviewer who answers the
     planted category: the audited 95% interval holds the planted reasoning share (8.3%)
-    in at least 90% of them (measured: 100%); the judges' own interval (6.1%, from the
+    in at least 90% of them (measured: 100%); the judges' own interval (6.4%, from the
     biased model judge) in none. Weighted selection gives a narrower interval than
-    uniform selection of the same size (median half-width measured: 6.1 against 8.0
+    uniform selection of the same size (median half-width measured: 6.2 against 8.0
     points)."""
     planted = _planted(simulator)
     weighted = [simulator.run(50, seed) for seed in range(N_SIMULATIONS)]

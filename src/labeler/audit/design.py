@@ -160,10 +160,12 @@ def draw_audit(
     seed: int,
     weighting: Weighting = "uncertainty",
     decided: set[str] | None = None,
+    signals: dict[str, Signals] | None = None,
 ) -> Drawn:
     """Draw ``n`` judge-labeled features for people to decide, and store the audit with
-    every frame feature's size (a later audit adds to it: ``labeler.audit.estimate``)."""
-    signals = signals_of(store)
+    every frame feature's size (a later audit adds to it: ``labeler.audit.estimate``).
+    ``signals``: :func:`signals_of` the store, read once by a caller drawing many."""
+    signals = signals if signals is not None else signals_of(store)
     if not signals:
         raise ValueError("no feature has a judge's label to audit")
     size_of = sizes(signals, weighting)

@@ -4,7 +4,10 @@ calibrated (``labeler.audit.estimate`` has the statistics and their sources)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 from pydantic import BaseModel, Field
 
@@ -18,6 +21,7 @@ from labeler.audit.estimate import (
     audited_share,
     calibration,
     labeled_population,
+    plan_weights,
     ratio,
 )
 from labeler.labeling.store import LabelStore
@@ -63,37 +67,60 @@ class AuditSummary(BaseModel):
     )
 
 
+@dataclass(frozen=True)
+class JudgesSide:
+    """What the estimate reads of the judges (it does not change with the audits): the
+    labeled features in order, their layers, the judges' label, each judge's category
+    and resampled confidence."""
+
+    population: list[str]
+    layers: npt.NDArray[np.int64]
+    judged: list[str | None]
+    per_judge: dict[str, list[str | None]]
+    confidence: dict[str, npt.NDArray[np.float64]]
+
+
+def judges_side(store: LabelStore, planned: pl.DataFrame, judgments: pl.DataFrame) -> JudgesSide:
+    """``judgments``: the brief judgment frame."""
+    population = labeled_population(store)
+    frame = (
+        pl.DataFrame({"feature_id": population}, schema={"feature_id": pl.String})
+        .join(planned.select("feature_id", "layer"), on="feature_id", how="left")
+        .join(judge_labels(judgments).select("feature_id", "category"), on="feature_id", how="left")
+    )
+    return JudgesSide(
+        population=population,
+        layers=frame["layer"].to_numpy().astype(np.int64),
+        judged=frame["category"].to_list(),
+        per_judge=_judge_categories(judgments, population),
+        confidence=_resample_confidence(store, population),
+    )
+
+
 def audit_summary(
     store: LabelStore,
     planned: pl.DataFrame,
     judgments: pl.DataFrame,
     reviews: pl.DataFrame,
     alive: dict[int, int],
+    judges: JudgesSide | None = None,
 ) -> AuditSummary | None:
-    """None when the run has no audit. ``judgments`` is the brief judgment frame."""
+    """None when the run has no audit. ``judgments`` is the brief judgment frame;
+    ``judges``, read from it once, for a caller that summarizes many audits of the same
+    labels (a simulation)."""
     audits = store.audits.all()
     if not audits:
         return None
-    population = labeled_population(store)
+    side = judges or judges_side(store, planned, judgments)
+    population, layers, judged = side.population, side.layers, side.judged
     human = dict(human_labels(reviews).select("feature_id", "category").iter_rows())
     sample, uses = audit_sample(store, population, set(human))
     drawn = {fid for _, fid, _ in store.audits.drawn()}
     for audit in audits:  # an imported audit keeps only its drawn features' rows
         if audit.source != "drawn":
             drawn |= {f for f, _, _, q in store.audits.frame(audit.audit_id) if q is not None}
-    frame = (
-        pl.DataFrame({"feature_id": population}, schema={"feature_id": pl.String})
-        .join(planned.select("feature_id", "layer"), on="feature_id", how="left")
-        .join(judge_labels(judgments).select("feature_id", "category"), on="feature_id", how="left")
-    )
-    layers = frame["layer"].to_numpy().astype(np.int64)
-    judged = frame["category"].to_list()
     truth = [human.get(f) for f in population]
-    counts = {int(h): n for h, n in frame.group_by("layer").len().iter_rows()}
-    total = sum(alive.get(h, 0) for h in counts)
-    plan_weight = np.array(
-        [alive.get(int(h), 0) / total / counts[int(h)] if total else 0.0 for h in layers]
-    )
+    plan_weight = plan_weights(layers, alive)
 
     def share(value: str) -> AuditedShare | None:
         if not len(sample.index):
@@ -103,10 +130,9 @@ def audit_summary(
         return audited_share(yhat, y, sample, layers, alive)
 
     shares: dict[str, AuditedShare | None] = {c: share(c) for c in CATEGORIES}
-    per_judge = _judge_categories(judgments, population)
+    per_judge, confidence = side.per_judge, side.confidence
     accuracy = [_accuracy(JUDGES, judged, truth, sample, plan_weight)]
     accuracy += [_accuracy(j, cats, truth, sample, plan_weight) for j, cats in per_judge.items()]
-    confidence = _resample_confidence(store, population)
     calibrations = [
         calibration(
             judge,
@@ -165,7 +191,9 @@ def _accuracy(
     )
 
 
-def _resample_confidence(store: LabelStore, population: list[str]) -> dict[str, np.ndarray]:
+def _resample_confidence(
+    store: LabelStore, population: list[str]
+) -> dict[str, npt.NDArray[np.float64]]:
     """Each judge's resampled confidence per population feature (NaN where none), for the
     judges that have any."""
     position = {fid: i for i, fid in enumerate(population)}
@@ -173,7 +201,7 @@ def _resample_confidence(store: LabelStore, population: list[str]) -> dict[str, 
         "SELECT feature_id, judge, payload ->> '$.resamples.confidence' FROM judgments "
         "WHERE status = 'ok'"
     )
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, npt.NDArray[np.float64]] = {}
     for fid, judge, value in rows:
         if fid in position and value is not None:
             array = out.setdefault(str(judge), np.full(len(population), np.nan))
