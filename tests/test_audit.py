@@ -256,3 +256,24 @@ def test_people_measure_the_biased_judge_and_its_calibration(
     assert calibrated.judge == "openai:gpt-5-mini" and calibrated.n == 100
     assert calibrated.ece is not None and 0.0 <= calibrated.ece < 0.2
     assert sum(b.n for b in calibrated.bins) == 100
+
+
+def test_a_notebook_draws_an_audit_and_reads_the_audited_share(
+    labeled_copy: Path, truth: dict[str, str]
+) -> None:
+    import labeler
+    from labeler.errors import UserError
+
+    run = labeler.open_run(labeled_copy)
+    assert run.summary().audit is None
+    first = run.audit(8)
+    second = run.audit(8)
+    assert len(first) == 8 and second != first  # the second draws anew
+    with pytest.raises(UserError, match="weighting 'sideways'"):
+        run.audit(8, weighting="sideways")
+    store = LabelStore(labeled_copy / "labels.sqlite")
+    AuditSimulator(store, truth, _alive(labeled_copy)).decide(first)
+    store.close()
+    audited = run.summary().audit
+    assert audited is not None and audited.reasoning is not None
+    assert audited.n_drawn == len(set(first) | set(second)) and audited.n_used >= 8

@@ -118,6 +118,15 @@ class Run:
         with self._store() as store:
             return summarize(store, self.info, str(self.path), rules)
 
+    def audit(self, n: int, seed: int | None = None, weighting: str = "uncertainty") -> list[str]:
+        """Draw ``n`` labeled features for people to decide, as ``labeler audit`` does
+        (docs/audit.md); the feature ids in draw order, the order to decide them in.
+        Their decisions correct :meth:`summary`'s shares (its ``audit``)."""
+        from labeler.audit.design import new_audit
+
+        with self._store() as store:
+            return new_audit(store, n, seed, weighting).drawn.feature_ids  # type: ignore[arg-type]
+
     def feature(self, feature_id: str | tuple[int, int]) -> Feature:
         """One feature by id (``"L3F17"``) or (layer, index)."""
         import polars as pl

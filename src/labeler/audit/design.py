@@ -181,3 +181,44 @@ def draw_audit(
     audit_id = store.audits.add(audit, ((f, size_of[f], position.get(f), None) for f in fids))
     chosen = [fids[i] for i in order]
     return Drawn(audit_id, chosen, len(fids), sum(f in (decided or set()) for f in chosen))
+
+
+@dataclass(frozen=True)
+class NewAudit:
+    drawn: Drawn
+    seed: int
+    unlabeled: int
+    """planned features no judge has labeled yet (outside the audit's frame)"""
+
+
+def new_audit(
+    store: LabelStore, n: int, seed: int | None = None, weighting: Weighting = "uncertainty"
+) -> NewAudit:
+    """:func:`draw_audit` as ``labeler audit`` draws: the seed by default the number of
+    audits the run has (each new audit draws anew; a copy of the run draws the same);
+    an audit that would repeat an earlier one, or of a run without labels, refused."""
+    from labeler.audit.estimate import labeled_population
+    from labeler.errors import UserError
+
+    folder = store.path.parent
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+    if n < 1:
+        raise UserError(f"n: {n}: draw at least one feature")
+    earlier = store.audits.all()
+    chosen = len(earlier) if seed is None else seed
+    population = labeled_population(store)
+    if not population:
+        raise UserError(f"{folder}: no feature has a judge's label yet; run `labeler label "
+                        f"{folder}` first")  # fmt: skip
+    current = frame_hash(population)
+    for a in earlier:
+        if (a.source, a.seed, a.weighting, a.frame_hash) == ("drawn", chosen, weighting, current):
+            raise UserError(
+                f"audit {a.audit_id} was drawn with --seed {chosen} and --weighting "
+                f"{weighting} from these same features: it would draw the same ones again; "
+                "choose another --seed"
+            )
+    decided = {r.feature_id for r in store.reviews() if r.action == "decide"}
+    drawn = draw_audit(store, n, chosen, weighting, decided)
+    return NewAudit(drawn, chosen, len(store.planned()) - len(population))

@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from labeler.cli.app import _open_labels, cli, console, err_console
-from labeler.errors import UserError
 
 
 @cli.command()
@@ -48,41 +47,20 @@ def audit(run_path: Path, n: int | None, seed: int | None, weighting: str) -> No
 
 
 def _draw(store: Any, run_path: Path, n: int, seed: int | None, weighting: str) -> None:
-    from labeler.audit.design import draw_audit
-    from labeler.audit.estimate import labeled_population
-    from labeler.reporting.final_labels import human_labels
-    from labeler.reporting.label_table import review_frame
+    from labeler.audit.design import new_audit
 
-    earlier = store.audits.all()
-    chosen_seed = len(earlier) if seed is None else seed
-    population = labeled_population(store)
-    if not population:
-        raise UserError(f"{run_path}: no feature has a judge's label yet; run `labeler label "
-                        f"{run_path}` first")  # fmt: skip
-    from labeler.audit.design import frame_hash
-
-    current = frame_hash(population)
-    for a in earlier:
-        if (a.source, a.seed, a.weighting, a.frame_hash) == ("drawn", chosen_seed, weighting,
-                                                            current):  # fmt: skip
-            raise UserError(
-                f"audit {a.audit_id} was drawn with --seed {chosen_seed} and --weighting "
-                f"{weighting} from these same features: it would draw the same ones again; "
-                "choose another --seed"
-            )
-    unlabeled = len(store.planned()) - len(population)
-    if unlabeled:
+    made = new_audit(store, n, seed, weighting)  # type: ignore[arg-type]
+    if made.unlabeled:
         err_console.print(
-            f"[yellow]warning:[/] {unlabeled:,} planned features have no judge's label yet; "
-            "an audit covers the features labeled now, and once more are labeled it no "
+            f"[yellow]warning:[/] {made.unlabeled:,} planned features have no judge's label "
+            "yet; an audit covers the features labeled now, and once more are labeled it no "
             "longer counts (summarize names it): finish labeling first, or audit again then"
         )
-    decided = set(human_labels(review_frame(store))["feature_id"].to_list())
-    drawn = draw_audit(store, n, chosen_seed, weighting, decided)  # type: ignore[arg-type]
+    drawn = made.drawn
     how = "weighted toward uncertain labels" if weighting == "uncertainty" else "uniformly"
     console.print(
         f"audit {drawn.audit_id}: drew {len(drawn.feature_ids):,} of {drawn.n_frame:,} labeled "
-        f"features {how} (seed {chosen_seed}); {drawn.already_decided} already decided"
+        f"features {how} (seed {made.seed}); {drawn.already_decided} already decided"
     )
     shown = ", ".join(drawn.feature_ids[:8]) + (" ..." if len(drawn.feature_ids) > 8 else "")
     console.print(f"in draw order: {shown}")
