@@ -26,9 +26,10 @@ def python_blocks(text: str) -> list[str]:
 
 def test_every_python_block_of_the_doc_runs(labeled_copy: Path, tmp_path: Path) -> None:
     blocks = python_blocks(DOC.read_text(encoding="utf-8"))
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     script = "\n\n".join(blocks)
-    for name in ("open_run(", "labels()", "summary()", "feature(", "label(", "study(", "effects("):
+    for name in ("open_run(", "labels()", "summary()", "audit(", "feature(", "label(", "study(",
+                 "effects("):  # fmt: skip
         assert name in script, name
     assert script.count(DOC_RUN) == 1
     (tmp_path / "doc.py").write_text(script.replace(DOC_RUN, str(labeled_copy)), encoding="utf-8")
