@@ -10,15 +10,18 @@ feature for each stage. The fake server runs in its own process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,3 +157,37 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def fake_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark against the loopback fake takes."""
+    parser.add_argument(
+        "--run", type=Path, default=None, help="A collected run to copy (default: the demo's)."
+    )
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--per-layer", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=8)
+
+
+@contextlib.contextmanager
+def served_run(given: Path | None, latency: float) -> Iterator[tuple[Path, str]]:
+    """A private copy of ``given`` without labels (or the demo, built), and the base URL
+    of a fake server answering with ``latency``, stopped afterwards."""
+    os.environ.setdefault("ANTHROPIC_API_KEY", "bench")
+    os.environ.setdefault("OPENAI_API_KEY", "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        if given is not None:
+            shutil.copytree(given, run)
+            (run / "labels.sqlite").unlink(missing_ok=True)
+        else:
+            run = build_run(Path(tmp))
+        port = free_port()
+        server = start_server(port, latency)
+        base_url = f"http://127.0.0.1:{port}"
+        os.environ["ANTHROPIC_BASE_URL"] = base_url
+        try:
+            yield run, base_url
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

@@ -17,16 +17,13 @@ once with ``--resamples K`` (5 by default), and reports for each:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_judges import build_run, free_port, start_server
+from bench_judges import fake_arguments, served_run
 
 PAPER_FEATURES = 229_376
 JUDGES = {"chat": "openai:gpt-5-mini", "anthropic": "anthropic:claude-haiku-4-5"}
@@ -80,60 +77,39 @@ def label_once(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--run", type=Path, default=None, help="A collected run to copy (default: the demo's)."
-    )
-    parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--per-layer", type=int, default=24)
-    parser.add_argument("--concurrency", type=int, default=8)
+    fake_arguments(parser)
     parser.add_argument("--resamples", type=int, default=5)
     args = parser.parse_args()
-    os.environ.setdefault("ANTHROPIC_API_KEY", "bench")
-    os.environ.setdefault("OPENAI_API_KEY", "bench")
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        if args.run is not None:
-            shutil.copytree(args.run, run)
-            (run / "labels.sqlite").unlink(missing_ok=True)
-        else:
-            run = build_run(Path(tmp))
-        port = free_port()
-        server = start_server(port, args.latency)
-        base_url = f"http://127.0.0.1:{port}"
-        os.environ["ANTHROPIC_BASE_URL"] = base_url
-        try:
-            for judge_name in JUDGES.values():
-                plain: float | None = None
-                for k in (0, args.resamples):
-                    elapsed, n, tokens, dollars, resample_dollars = label_once(
-                        run, judge_name, base_url, k, args.per_layer, args.concurrency
-                    )
-                    calls = sum(t["calls"] for t in tokens.values())
-                    ideal = args.concurrency / (args.latency * calls)
-                    print(f"\n{judge_name}, --resamples {k}: {n} features")
-                    for stage, t in tokens.items():
-                        print(f"  {stage:9s} {t['calls']:.2f} calls, {t['input']:,.0f} in "
-                              f"({t['cached']:,.0f} cached), {t['output']:,.0f} out")  # fmt: skip
-                    in_all = sum(t["input"] for t in tokens.values())
-                    out_all = sum(t["output"] for t in tokens.values())
-                    print(f"  per feature: {calls:.2f} calls, {in_all:,.0f} in, {out_all:,.0f} out")
-                    if dollars is not None:
-                        paper = dollars * PAPER_FEATURES
-                        print(f"  batch price: ${dollars:.6f}/feature; "
-                              f"{PAPER_FEATURES:,} features: ${paper:,.0f}")  # fmt: skip
-                        if k == 0:
-                            plain = dollars
-                        elif plain is not None and resample_dollars is not None:
-                            print(f"  the resamples alone (added to a labeled run): "
-                                  f"${resample_dollars:.6f}/feature, "
-                                  f"${resample_dollars * PAPER_FEATURES:,.0f} for "
-                                  f"{PAPER_FEATURES:,}; {dollars / plain:.2f}x the labeling "
-                                  "without them")  # fmt: skip
-                    print(f"  concurrency {args.concurrency}: {n / elapsed:.2f} features/s "
-                          f"(ideal {ideal:.2f})", flush=True)  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+    with served_run(args.run, args.latency) as (run, base_url):
+        for judge_name in JUDGES.values():
+            plain: float | None = None
+            for k in (0, args.resamples):
+                elapsed, n, tokens, dollars, resample_dollars = label_once(
+                    run, judge_name, base_url, k, args.per_layer, args.concurrency
+                )
+                calls = sum(t["calls"] for t in tokens.values())
+                ideal = args.concurrency / (args.latency * calls)
+                print(f"\n{judge_name}, --resamples {k}: {n} features")
+                for stage, t in tokens.items():
+                    print(f"  {stage:9s} {t['calls']:.2f} calls, {t['input']:,.0f} in "
+                          f"({t['cached']:,.0f} cached), {t['output']:,.0f} out")  # fmt: skip
+                in_all = sum(t["input"] for t in tokens.values())
+                out_all = sum(t["output"] for t in tokens.values())
+                print(f"  per feature: {calls:.2f} calls, {in_all:,.0f} in, {out_all:,.0f} out")
+                if dollars is not None:
+                    paper = dollars * PAPER_FEATURES
+                    print(f"  batch price: ${dollars:.6f}/feature; "
+                          f"{PAPER_FEATURES:,} features: ${paper:,.0f}")  # fmt: skip
+                    if k == 0:
+                        plain = dollars
+                    elif plain is not None and resample_dollars is not None:
+                        print(f"  the resamples alone (added to a labeled run): "
+                              f"${resample_dollars:.6f}/feature, "
+                              f"${resample_dollars * PAPER_FEATURES:,.0f} for "
+                              f"{PAPER_FEATURES:,}; {dollars / plain:.2f}x the labeling "
+                              "without them")  # fmt: skip
+                print(f"  concurrency {args.concurrency}: {n / elapsed:.2f} features/s "
+                      f"(ideal {ideal:.2f})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

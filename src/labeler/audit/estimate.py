@@ -41,9 +41,9 @@ import numpy.typing as npt
 from pydantic import BaseModel, Field
 
 from labeler.audit.design import frame_hash, inclusion_probabilities
+from labeler.judges.scorers import wilson_bounds
 from labeler.labeling.store import AuditRow, LabelStore
 
-Z95 = 1.959963984540054
 N_BINS = 10
 FloatArray = npt.NDArray[np.float64]
 
@@ -297,13 +297,6 @@ def ratio(
     effective = r * (1 - r) / variance if variance > 0 and 0 < r < 1 else float(n)
     low, high = wilson_bounds(r, max(effective, 1.0))
     return Ratio(value=r, ci_low=low, ci_high=high, n=n)
-
-
-def wilson_bounds(p: float, n: float, z: float = Z95) -> tuple[float, float]:
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 class ReliabilityBin(BaseModel):

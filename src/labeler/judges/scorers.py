@@ -182,11 +182,16 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     coverage at small n where the normal approximation does not."""
     if n == 0:
         return (0.0, 1.0)
-    phat = k / n
+    return wilson_bounds(k / n, n, z)
+
+
+def wilson_bounds(p: float, n: float, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's interval around a share ``p`` at a (possibly effective, not whole)
+    sample size ``n``; clamped so that rounding never leaves ``p`` outside it."""
     denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def intruder_score(truth: list[int], picks: list[int], size: int = INTRUDER_SIZE) -> IntruderScore:

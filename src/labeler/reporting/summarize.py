@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from collectors.run_format import RunInfo, package_versions
 from labeler.errors import UserError
+from labeler.judges.scorers import wilson_bounds
 from labeler.labeling.store import LabelStore
 from labeler.reporting.agreement import AgreementReport, PairAgreement, agreement
 from labeler.reporting.audit_summary import NO_AUDIT_NOTE, AuditSummary, audit_summary
@@ -64,16 +65,8 @@ def wilson(count: int, n: int, z: float = Z95) -> Share:
     """A share with its Wilson score interval (95% by default)."""
     if n == 0:
         return Share(count=0, n=0, share=0.0, ci_low=0.0, ci_high=1.0)
-    low, high = _wilson_bounds(count / n, n, z)
+    low, high = wilson_bounds(count / n, n, z)
     return Share(count=count, n=n, share=count / n, ci_low=low, ci_high=high)
-
-
-def _wilson_bounds(p: float, n: float, z: float = Z95) -> tuple[float, float]:
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    # Clamped so that rounding never puts p itself outside its interval.
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 class Estimate(BaseModel):
@@ -108,7 +101,7 @@ def stratified(counts: dict[int, int], labeled: dict[int, int], alive: dict[int,
         variance += weight * weight * spread / max(n_h - 1, 1)
     has_spread = variance > 0 and 0.0 < share < 1.0
     effective = share * (1 - share) / variance if has_spread else float(n)
-    low, high = _wilson_bounds(share, effective)
+    low, high = wilson_bounds(share, effective)
     return Estimate(
         count=count,
         n=n,
