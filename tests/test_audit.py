@@ -55,9 +55,7 @@ def _alive(run: Path) -> dict[int, int]:
     return {int(k): v for k, v in info["n_alive"].items()}
 
 
-def test_audit_command_draws_anew_each_time_and_refuses_a_repeat(
-    labeled_copy: Path, truth: dict[str, str]
-) -> None:
+def test_audit_command_draws_anew_each_time_and_refuses_a_repeat(labeled_copy: Path) -> None:
     first = labeler("audit", labeled_copy, "--n", "20")
     assert first.returncode == 0, first.stderr
     assert "drew 20 of 960 labeled features weighted toward uncertain labels" in first.stdout
