@@ -114,7 +114,11 @@ def summarize(run_path: Path, as_json: bool, plot: Path | None, compare_with: Pa
 
     \b
     Final labels: a person's decision, else the judges' consensus, else one judge.
-    Writes RUN/summary.json and PNG plots (shares by layer; agreement; comparison).
+    These intervals take the judges' labels as right; after `labeler audit` and
+    people's decisions, the audited shares beside them include the judges' error,
+    with the judges' precision and recall (docs/audit.md).
+    Writes RUN/summary.json and PNG plots (shares by layer; agreement; audit;
+    comparison).
     """
     _summarize(run_path, as_json, plot, compare_with, rules_path, baseline)
 
