@@ -312,6 +312,12 @@ def _output_score(store: LabelStore, feature_id: str) -> OutputScoreView | None:
     return None if payload is None else OutputScoreView.model_validate_json(payload)
 
 
+def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
+    """Whether the reviewers' latest decisions on a feature name different categories."""
+    latest = {r.reviewer: r.category for r in reviews if r.action == "decide"}
+    return len(set(latest.values())) > 1
+
+
 def record_decision(store: LabelStore, fields: dict[str, object]) -> ReviewDecision:
     """Validate and append a decision; UserError naming the field when it is not valid,
     UnknownFeature when the feature is not planned."""

@@ -10,7 +10,8 @@ over :mod:`labeler.review.queue`:
   ones, most informative first, each with its preferred judge's explanation (the page
   hides an undecided audited one's);
 - ``GET /api/feature/ID``: everything about one feature, each judge's scores of every
-  scorer (``scores``: detection, ``fuzz``, ``intruder``; :func:`judge_scores`), with
+  scorer (``scores``: detection, ``fuzz``, ``intruder``;
+  :func:`labeler.review.feature_page.judge_scores`), with
   ``disagreement`` and its
   output score's promoted tokens as shown (``promoted_shown``, :mod:`labeler.review.tokens`),
   its place in an audit (``audit``) and whether it is ``blind`` (audited, undecided: the
@@ -52,9 +53,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from labeler.errors import USER_ERRORS, UserError
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
-from labeler.reporting.label_table import judgment_frame
-from labeler.review.queue import UnknownFeature, feature_view, record_decision_once, review_queue
-from labeler.review.tokens import shown_tokens
+from labeler.review.feature_page import feature_payload
+from labeler.review.queue import (
+    UnknownFeature,
+    record_decision_once,
+    review_queue,
+    reviewers_disagree,
+)
 from labeler.run.data import RunData
 from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, load_taxonomy
@@ -131,26 +136,6 @@ def security_headers(nonce: str | None) -> list[tuple[str, str]]:
         ("Cross-Origin-Resource-Policy", "same-origin"),
         ("Cache-Control", "no-store"),
     ]
-
-
-def reviewers_disagree(reviews: list[ReviewDecision]) -> bool:
-    """Whether the reviewers' latest decisions on a feature name different categories."""
-    latest = {r.reviewer: r.category for r in reviews if r.action == "decide"}
-    return len(set(latest.values())) > 1
-
-
-def judge_scores(store: LabelStore, feature_id: str) -> dict[str, dict[str, object]]:
-    """Each judge's scores of one feature, as the page shows them: ``scores`` (detection,
-    pooled: accuracy, precision, recall, F1, balanced accuracy, AUROC, AUPRC, counts),
-    ``fuzz`` (the same metrics) and ``intruder`` (accuracy, chance, 95% interval,
-    p-value, trials), each null where the judge was not asked for it or failed. The
-    page's one ``detection`` number (accuracy) predates the other scorers."""
-    frame = judgment_frame(store, full=True, feature_id=feature_id)
-    fields = ("scores", "fuzz", "intruder")
-    return {
-        row["judge"]: {f: row[f] if row["status"] == "ok" else None for f in fields}
-        for row in frame.select("judge", "status", *fields).iter_rows(named=True)
-    }
 
 
 def read_page(name: str = PAGE) -> str:
@@ -275,16 +260,9 @@ class ReviewApp:
 
     def _feature(self, request: Request, feature_id: str) -> Response:
         try:
-            view = feature_view(self.run, self.store, feature_id, self.rules)
+            data = feature_payload(self.run, self.store, self.rules, feature_id)
         except UnknownFeature as exc:
             return error_response(404, str(exc), feature_id=feature_id)
-        data = view.model_dump(mode="json")
-        data["disagreement"] = reviewers_disagree(view.reviews)
-        scores = judge_scores(self.store, feature_id)
-        for judge in data["judges"]:
-            judge.update(scores.get(judge["judge"], {}))
-        if view.output_score is not None:
-            data["output_score"]["promoted_shown"] = shown_tokens(view.output_score.promoted)
         return json_response(200, data)
 
     def _decide(self, request: Request, feature_id: str) -> Response:
