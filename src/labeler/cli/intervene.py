@@ -9,58 +9,14 @@ from typing import Any
 import click
 from rich.console import Console
 
-from labeler.cli.app import _open_labels, cli, console, err_console
+from labeler.cli.app import cli, console, err_console
+from labeler.cli.selection import selected_features as _selected
 from labeler.errors import UserError
 
 DEFAULT_WORDS = "wait,hmm,alternatively"
 DEFAULT_CONTROLS = 19  # the fewest whose smallest p-value, 1 / (1 + K), is 0.05
 _NAMED_DAMAGED = 5  # damaged log lines named one by one; the rest are counted
 _NO_LIMIT = 10**8  # a tokenizer's model_max_length at or above this means "not set"
-
-
-def _selected(run: Path, groups: tuple[str, ...], ids_file: Path | None) -> list[tuple[int, int]]:
-    """The features a study acts on: by final label, from a file of ids, or both."""
-    from collectors.run_format import parse_feature_id
-
-    if not groups and ids_file is None:
-        raise UserError("choose the features: --select FIELD=VALUE[,...] (repeatable) "
-                        "or --features FILE (one feature id a line)")  # fmt: skip
-    chosen: set[tuple[int, int]] = set()
-    if groups:
-        from labeler.causal.selection import parse_group, select
-        from labeler.reporting.final_labels import final_labels
-        from labeler.reporting.label_table import judgment_frame, planned_frame, review_frame
-
-        parsed = [parse_group(g) for g in groups]  # errors before the store is read
-        store = _open_labels(run)
-        try:
-            planned = planned_frame(store)
-            judgments = judgment_frame(store).join(
-                planned.select("feature_id", "layer"), on="feature_id"
-            )
-            final = final_labels(planned, judgments, review_frame(store))
-        finally:
-            store.close()
-        picked = select(final, parsed)
-        chosen |= {
-            (int(la), int(i)) for la, i in zip(picked["layer"], picked["index"], strict=True)
-        }
-    if ids_file is not None:
-        if not ids_file.is_file():
-            raise UserError(f"{ids_file}: no such file of feature ids")
-        for number, line in enumerate(ids_file.read_text(encoding="utf-8").splitlines(), 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            try:
-                chosen.add(parse_feature_id(text))
-            except ValueError as exc:
-                raise UserError(f"{ids_file}:{number}: {exc}") from exc
-    if not chosen:
-        what = " or ".join(filter(None, [", ".join(groups) if groups else "",
-                                         str(ids_file) if ids_file else ""]))  # fmt: skip
-        raise UserError(f"{run}: no feature matches {what}")
-    return sorted(chosen)
 
 
 def _words(value: str) -> list[str]:
