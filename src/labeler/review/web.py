@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from labeler.errors import USER_ERRORS, UserError
@@ -63,6 +63,9 @@ from labeler.review.queue import (
 from labeler.run.data import RunData
 from labeler.run.schemas import ReviewDecision
 from prompts import CATEGORIES, load_taxonomy
+
+if TYPE_CHECKING:
+    from labeler.review.neighbours import NeighbourIndex
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,7 @@ class ReviewApp:
         self.reviewer = reviewer.strip()
         self.include_decided = include_decided
         self.catalog = False  # whether "/" is the catalog (labeler browse) or the queue
+        self.neighbours: NeighbourIndex | None = None  # each feature's nearest (browse builds it)
         self.page = read_page()
         self.hosts: frozenset[str] = frozenset()
         self.routes: list[Route] = [
@@ -260,7 +264,7 @@ class ReviewApp:
 
     def _feature(self, request: Request, feature_id: str) -> Response:
         try:
-            data = feature_payload(self.run, self.store, self.rules, feature_id)
+            data = feature_payload(self.run, self.store, self.rules, feature_id, self.neighbours)
         except UnknownFeature as exc:
             return error_response(404, str(exc), feature_id=feature_id)
         return json_response(200, data)
