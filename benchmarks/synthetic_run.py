@@ -36,6 +36,7 @@ import polars as pl
 
 from collectors.example_order import sort_examples
 from collectors.run_format import (
+    EXAMPLE_ROW_GROUP,
     EXAMPLES,
     FEATURES,
     LABELS,
@@ -765,7 +766,7 @@ def make_synthetic_run(
     pl.concat(features).write_parquet(staging / FEATURES)
     del features
     t0 = time.perf_counter()
-    pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES)
+    pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES, row_group_size=EXAMPLE_ROW_GROUP)
     for part in parts:
         part.unlink()
     log.info("examples.parquet concatenated in %.1f s", time.perf_counter() - t0)

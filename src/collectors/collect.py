@@ -35,6 +35,7 @@ from collectors.batching import WHOLE, Batch, Shard, make_batch, plan_batches
 from collectors.corpus import TokenizedCorpus
 from collectors.errors import CollectError
 from collectors.run_format import (
+    EXAMPLE_ROW_GROUP,
     EXAMPLES,
     FEATURES,
     NEGATIVES,
@@ -233,7 +234,7 @@ def write_run(
         part = staging / f".examples-{la}.parquet"
         examples_frame(accs[la], corpus, vocab, params).write_parquet(part)
         parts.append(part)
-    pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES)
+    pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES, row_group_size=EXAMPLE_ROW_GROUP)
     for part in parts:
         part.unlink()
     windows = negative_windows(corpus, params)

@@ -37,6 +37,12 @@ NEGATIVES = "negatives.parquet"
 LABELS = "labels.sqlite"
 STATE_DIR = "collect-state"
 REQUIRED_FILES = (RUN_JSON, FEATURES, EXAMPLES, NEGATIVES)
+EXAMPLE_ROW_GROUP = 4096
+"""Rows per row group of examples.parquet (about 100 features' examples). The file is in
+(layer, index) order and a reader skips row groups by their statistics, so one feature's
+examples cost one small row group: 20-30 ms on the demo, against 80 ms for its single
+row group of 28,800 rows (about 0.8 s a feature at the paper's scale); the file grows by
+about a quarter."""
 
 REGIONS = (
     "bos",

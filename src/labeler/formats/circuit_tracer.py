@@ -100,6 +100,7 @@ from pydantic import ValidationError as PydanticValidationError
 from collectors.errors import RunFolderError
 from collectors.run_format import (
     EXAMPLE_KINDS,
+    EXAMPLE_ROW_GROUP,
     EXAMPLES,
     FEATURES,
     NEGATIVES,
@@ -626,7 +627,9 @@ def import_circuit_tracer(src: Path, out: Path, overwrite: bool = False) -> RunI
         parts = _import_examples(files, imported, staging)
         layers, n_features = _layout(meta, meta_path, imported)
         if parts:
-            pl.scan_parquet(parts).sink_parquet(staging / EXAMPLES)
+            pl.scan_parquet(parts).sink_parquet(
+                staging / EXAMPLES, row_group_size=EXAMPLE_ROW_GROUP
+            )
         else:
             pl.DataFrame(schema=EXAMPLES_SCHEMA).write_parquet(staging / EXAMPLES)
         shutil.rmtree(staging / ".parts", ignore_errors=True)
