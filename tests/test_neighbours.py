@@ -26,6 +26,7 @@ from collectors.run_format import (
     feature_id,
     write_run_info,
 )
+from labeler.errors import UserError
 from labeler.review.neighbours import (
     INDEX_DIR,
     NEIGHBOUR_KINDS,
@@ -353,3 +354,40 @@ def test_browse_builds_the_index_and_review_opens_it(labeled_copy: Path, tmp_pat
     process, _url = _start(labeled_copy, "--port", "0", stderr=tmp_path / "review.log")
     assert _stop(process) == 0
     assert (labeled_copy / INDEX_DIR / "meta.json").stat().st_mtime_ns == built
+
+
+def test_without_torch_co_activation_is_still_built(
+    planted: Planted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labeler.review import neighbours
+
+    monkeypatch.setattr(neighbours, "_has_torch", lambda: False)
+    index = ensure_neighbours(RunData.open(planted.run))
+    try:
+        layer, a, b = CO_PAIR
+        top = index.of(layer, a)["coactivation"][0]
+        assert (top.feature_id, top.value, top.shared) == (feature_id(layer, b), 1.0, CO_WINDOWS)
+        assert "torch" in index.notes["decoder"] and "torch" in index.notes["encoder"]
+    finally:
+        index.close()
+    with pytest.raises(UserError, match="--device cuda"):
+        ensure_neighbours(RunData.open(planted.run), device="cuda", rebuild=True)
+
+
+def test_co_activation_agrees_with_and_without_torch(
+    planted: Planted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labeler.review import neighbours
+
+    with_torch = ensure_neighbours(RunData.open(planted.run), device="cpu")
+    expected = {(la, i): with_torch.of(la, i)["coactivation"] for la in range(N_LAYERS)
+                for i in range(N_FEATURES)}  # fmt: skip
+    with_torch.close()
+    monkeypatch.setattr(neighbours, "_has_torch", lambda: False)
+    without = ensure_neighbours(RunData.open(planted.run), rebuild=True)
+    try:
+        for (la, i), listed in expected.items():
+            got = without.of(la, i)["coactivation"]
+            assert [(n.value, n.shared) for n in got] == [(n.value, n.shared) for n in listed]
+    finally:
+        without.close()

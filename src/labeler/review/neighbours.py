@@ -43,6 +43,7 @@ place: a killed build leaves the old index or none.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -210,12 +211,23 @@ def _open_checked(run_folder: Path, k: int | None = None) -> tuple[NeighbourInde
         return None, f"damaged ({exc})"
 
 
+def _has_torch() -> bool:
+    """Whether torch is installed (the ``model`` extra); without it co-activation is
+    computed in numpy and the cosines are left out."""
+    return importlib.util.find_spec("torch") is not None
+
+
 def resolve_device(device: str) -> str:
     """``auto``: cuda when torch sees a GPU, else cpu; ``cuda`` without one is an error."""
-    import torch
-
     if device not in DEVICES:
         raise UserError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if not _has_torch():
+        if device == "cuda":
+            raise UserError("--device cuda: torch is not installed here (pip install "
+                            "'transcoder-labeler[model]'); use --device cpu")  # fmt: skip
+        return "cpu"
+    import torch
+
     available = torch.cuda.is_available()
     if device == "cuda" and not available:
         raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu")
@@ -379,9 +391,11 @@ def _alive(pid: int) -> bool:
 
 
 def _device_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
     import torch
 
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return torch.cuda.get_device_name()
 
 
 def _checkpoint_folder(run: RunData) -> Path:
@@ -390,6 +404,9 @@ def _checkpoint_folder(run: RunData) -> Path:
     from adapters.errors import AdapterError
 
     info = run.info
+    if not _has_torch():
+        raise _NoCosines("torch is not installed (pip install 'transcoder-labeler[model]'), "
+                         "and the checkpoint's tensors are read with it")  # fmt: skip
     if info.unit != "feature":
         raise _NoCosines(f"a {info.unit} run: plain MLP neurons have no dictionary of "
                          "encoder rows and decoder columns to compare")  # fmt: skip
@@ -547,8 +564,6 @@ def _coactivation(
     advance: Callable[[int], object],
 ) -> tuple[_Kind, str]:
     """Jaccard of the windows two features of a layer fire in (see the module's text)."""
-    import torch
-
     per_layer = run.info.n_features_per_layer
     kind = _new_kind(rows, k, with_shared=True)
     negatives = pl.read_parquet(run.folder / NEGATIVES, columns=["active_features"])
@@ -574,10 +589,9 @@ def _coactivation(
             column = np.full(per_layer, -1, dtype=np.int64)
             column[candidates] = np.arange(m)
             keep = column[local] >= 0
-            fires = torch.zeros((n_windows, m), dtype=torch.float32, device=device)
-            fires[torch.from_numpy(windows[mine][keep]).to(device),
-                  torch.from_numpy(column[local[keep]]).to(device)] = 1.0  # fmt: skip
-            positions, values, shared = _top_jaccard(fires, k)
+            fires = np.zeros((n_windows, m), dtype=np.float32)
+            fires[windows[mine][keep], column[local[keep]]] = 1.0
+            positions, values, shared = _top_jaccard(fires, k, device if _has_torch() else None)
             _store(kind, offset, candidates, positions, values, shared, valid=shared >= MIN_SHARED)
             n_listed += int((shared[:, :1] >= MIN_SHARED).sum()) if shared.size else 0
         advance(alive.size)
@@ -595,30 +609,52 @@ def _coactivation(
 
 
 def _top_jaccard(
-    fires: torch.Tensor, k: int
+    fires: npt.NDArray[np.float32], k: int, device: str | None
 ) -> tuple[npt.NDArray[np.int64], FloatArray, npt.NDArray[np.int64]]:
-    """Each column's k columns of highest Jaccard (blockwise): positions, values and the
-    windows shared; pairs under ``MIN_SHARED`` shared windows score -1 (and are dropped
-    by the caller)."""
-    import torch
-
-    m = fires.shape[1]
+    """Each column's k columns of highest Jaccard (blockwise, in torch on ``device``, or
+    in numpy when it is None): positions, values and the windows shared. Equal Jaccard
+    goes to the pair sharing more windows; pairs under ``MIN_SHARED`` shared windows
+    score below 0 (the caller drops them)."""
+    n_windows, m = fires.shape
     width = min(k, m - 1)
-    counts = fires.sum(0)
-    block = max(1, BLOCK_BYTES // (4 * m))
+    # ranks by Jaccard, then by shared: distinct Jaccard values differ by at least
+    # 1 / n_windows², more than the shared term's whole range
+    tie = 1.0 / (2.0 * (n_windows + 1) ** 3)
+    block = max(1, BLOCK_BYTES // (8 * m))
     ids = np.empty((m, width), dtype=np.int64)
-    values = np.empty((m, width), dtype=np.float32)
     shared_out = np.empty((m, width), dtype=np.int64)
+    counts = fires.sum(0, dtype=np.float64)
+    if device is not None:
+        import torch
+
+        on = torch.from_numpy(fires).to(device)
+        counted = torch.from_numpy(counts).to(device)
     for start in range(0, m, block):
         stop = min(start + block, m)
-        shared = fires[:, start:stop].T @ fires  # [block, m] windows both fire in
-        union = counts[start:stop, None] + counts[None, :] - shared
-        score = shared / union.clamp_min(1.0)
-        score[shared < MIN_SHARED] = -1.0
-        own = torch.arange(start, stop, device=fires.device)
-        score[own - start, own] = -2.0
-        top = score.topk(width, dim=1)
-        ids[start:stop] = top.indices.cpu().numpy()
-        values[start:stop] = top.values.cpu().numpy()
-        shared_out[start:stop] = shared.gather(1, top.indices).round().long().cpu().numpy()
+        rows = np.arange(stop - start)
+        if device is None:
+            shared = (fires[:, start:stop].T @ fires).astype(np.float64)  # [block, m]
+            score = shared / np.maximum(counts[start:stop, None] + counts - shared, 1.0)
+            score += shared * tie
+            score[shared < MIN_SHARED] = -1.0
+            score[rows, rows + start] = -2.0
+            part = np.argpartition(-score, width - 1, axis=1)[:, :width]
+            order = np.argsort(-np.take_along_axis(score, part, 1), axis=1, kind="stable")
+            top = np.take_along_axis(part, order, 1)
+            ids[start:stop] = top
+            shared_out[start:stop] = np.take_along_axis(shared, top, 1).round()
+        else:
+            both = (on[:, start:stop].T @ on).double()
+            ranked = both / (counted[start:stop, None] + counted[None, :] - both).clamp_min(1.0)
+            ranked += both * tie
+            ranked[both < MIN_SHARED] = -1.0
+            own = torch.from_numpy(rows).to(device)
+            ranked[own, own + start] = -2.0
+            chosen = ranked.topk(width, dim=1).indices
+            ids[start:stop] = chosen.cpu().numpy()
+            shared_out[start:stop] = both.gather(1, chosen).round().long().cpu().numpy()
+    picked = counts[ids]
+    own_counts = counts[:, None]
+    union = np.maximum(own_counts + picked - shared_out, 1.0)
+    values = (shared_out / union).astype(np.float32)
     return ids, values, shared_out
