@@ -227,10 +227,65 @@ def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
                   f"{', '.join(judges)}")  # fmt: skip
 
 
+def _size(n: float) -> str:
+    """Bytes as KiB, MiB or GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def _export_html(run_path: Path, out: Path | None, groups: tuple[str, ...],
+                 ids_file: Path | None, rules_path: Path | None,
+                 overwrite: bool, jobs: int | None) -> None:  # fmt: skip
+    """``--format html``: the catalog and a page per selected feature, as files."""
+    from collectors.run_format import feature_id
+    from labeler.cli.render import progress_bar
+    from labeler.cli.selection import read_feature_ids, selected_features
+    from labeler.reporting.disputes import DisputeRules
+    from labeler.review.static_site import export_html
+    from labeler.run.data import RunData
+
+    rules = DisputeRules.load(rules_path)
+    target = out or run_path / "html"
+    store = _open_labels(run_path)
+    try:
+        planned = {r[0] for r in store.conn.execute("SELECT feature_id FROM planned")}
+        if not planned:
+            raise UserError(f"{run_path}: no planned features to export; run `labeler label "
+                            f"{run_path}` first")  # fmt: skip
+        if ids_file is not None:
+            for line, pair in read_feature_ids(ids_file):
+                if feature_id(*pair) not in planned:
+                    raise UserError(f"{ids_file}:{line}: {feature_id(*pair)} is not planned in "
+                                    f"{run_path}")  # fmt: skip
+        if groups or ids_file is not None:
+            ids = [feature_id(*pair) for pair in selected_features(run_path, groups, ids_file)]
+        else:
+            ids = sorted(planned)
+        check_output(target, overwrite)
+        run = RunData.open(run_path)
+        with progress_bar(console, "writing pages", "pages") as progress:
+            task = progress.add_task("writing pages", total=len(ids))
+            done = export_html(run, store, rules, ids, target,
+                               progress=lambda k: progress.advance(task, k),
+                               overwrite=overwrite, announce=console.print,
+                               jobs=jobs or len(os.sched_getaffinity(0)))  # fmt: skip
+    finally:
+        store.close()
+    console.print(
+        f"wrote {target}: {done.pages:,} feature pages and the catalog (index.html); "
+        f"{_size(done.total_bytes)} total, catalog {_size(done.catalog_bytes)}, feature pages "
+        f"{_size(done.mean_page_bytes)} mean, {_size(done.largest_page_bytes)} largest "
+        f"({done.largest_page}); open {target / 'index.html'} in a browser"
+    )
+
+
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--format", "fmt",
-              type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia", "delphi", "gold"]),
+              type=click.Choice(["jsonl", "circuit-tracer", "neuronpedia", "delphi", "gold",
+                                 "html"]),
               default="jsonl", show_default=True,
               help="jsonl: the labeled catalog; circuit-tracer: the paper's per-feature JSON "
                    "folder (features/{cantor_id}.json and feature_metadata.json); "
@@ -239,12 +294,16 @@ def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
                    "scores/detection/ as EleutherAI's delphi writes them, one folder per "
                    "judge (docs/delphi.md); gold: people's review decisions, one JSON line "
                    "each with the audits they belong to, for `labeler import-gold` into "
-                   "another run of the adapter (docs/gold.md).")  # fmt: skip
+                   "another run of the adapter (docs/gold.md); html: a folder of pages opened "
+                   "from disk with no server or network, the catalog (index.html) and a page "
+                   "per feature (features/ID.html), of every planned feature or those of "
+                   "--select/--features (docs/feature-pages.md).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output: a .jsonl or .jsonl.gz file (default RUN/catalog.jsonl), or for "
                    "circuit-tracer, neuronpedia and delphi a folder (default "
                    "RUN/circuit-tracer, RUN/neuronpedia, RUN/delphi); for gold a .jsonl "
-                   "file (default RUN/gold.jsonl).")  # fmt: skip
+                   "file (default RUN/gold.jsonl); for html a folder (default "
+                   "RUN/html).")  # fmt: skip
 @click.option(
     "--model-id",
     default=None,
@@ -263,6 +322,16 @@ def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
               help="delphi: the --seed the run was labeled with; each judge's detection "
                    "snippets are rebuilt from it (scores that do not rebuild are left out, "
                    "with a warning).")  # fmt: skip
+@click.option("--select", "groups", multiple=True, metavar="FIELD=VALUE[,...]",
+              help="html: the features whose final label meets every condition; repeat for "
+                   "more groups. Fields: category, subcategory, mechanism, "
+                   "domain_type.")  # fmt: skip
+@click.option("--features", "ids_file", type=click.Path(path_type=Path), default=None,
+              help="html: a file of feature ids (L{layer}F{index}, one a line, # comments), "
+                   "added to the selection.")  # fmt: skip
+@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="html: processes writing the pages (each opens the run; default: one "
+                   "per core this process may use).")  # fmt: skip
 @click.option("--with-examples", is_flag=True, help="Include each feature's examples.")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
@@ -271,12 +340,19 @@ def _export_delphi(run_path: Path, out: Path | None, rules_path: Path | None,
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output (else an existing one is refused).")  # fmt: skip
 def export(run_path: Path, fmt: str, out: Path | None, model_id: str | None,
-           source_set: str | None, layout: str, seed: int, with_examples: bool,
-           rules_path: Path | None, gzip_level: int, overwrite: bool) -> None:  # fmt: skip
+           source_set: str | None, layout: str, seed: int, groups: tuple[str, ...],
+           ids_file: Path | None, jobs: int | None, with_examples: bool, rules_path: Path | None,
+           gzip_level: int, overwrite: bool) -> None:  # fmt: skip
     """Write the labeled feature catalog: per feature its final label and where it came
     from, every judgment, every review decision, scores and provenance
     (docs/catalog-schema.md); or the run's features in the circuit-tracer viewer format, for
-    Neuronpedia, or as delphi results; or people's decisions as a gold file."""
+    Neuronpedia, or as delphi results; or people's decisions as a gold file; or pages
+    to read offline (html)."""
+    if fmt != "html" and (groups or ids_file is not None or jobs is not None):
+        raise UserError("--select, --features and --jobs are for --format html")
+    if fmt == "html":
+        _export_html(run_path, out, groups, ids_file, rules_path, overwrite, jobs)
+        return
     if fmt == "neuronpedia":
         _export_neuronpedia(run_path, out, model_id, source_set, rules_path, overwrite, layout)
         return
