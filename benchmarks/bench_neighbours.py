@@ -41,7 +41,7 @@ def write_checkpoint(folder: Path, layers: int, n: int, d: int, seed: int = 0) -
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for layer in range(layers):
         prefix = f"model.layers.{layer}.mlp.transcoder_"
         name = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
@@ -70,8 +70,9 @@ def bench_run(source: Path, checkpoint: Path, out: Path) -> None:
     out.mkdir(parents=True)
     for name in (FEATURES, NEGATIVES, EXAMPLES):
         (out / name).symlink_to(source / name)
+    digest = checkpoint_hash(checkpoint) if checkpoint.exists() else "no checkpoint"
     info = read_run_info(source).model_copy(
-        update={"adapter_path": str(checkpoint), "adapter_hash": checkpoint_hash(checkpoint)}
+        update={"adapter_path": str(checkpoint), "adapter_hash": digest}
     )
     (out / RUN_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
@@ -82,6 +83,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-neighbours"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    parser.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="time co-activation and of() only (run.json names no checkpoint)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -94,11 +100,15 @@ def main() -> None:
     print(subprocess.run(["df", "-h", str(args.work.parent)], capture_output=True,
                          text=True).stdout.strip())  # fmt: skip
     checkpoint = args.work / "checkpoint"
-    if not (checkpoint / "config.json").is_file():
-        seconds = write_checkpoint(checkpoint, LAYERS, FEATURES_PER_LAYER, D_MODEL)
-        print(f"checkpoint written in {seconds:.1f} s")
-    size = sum(p.stat().st_size for p in checkpoint.iterdir())
-    print(f"checkpoint: {size / 1e9:.2f} GB, {LAYERS} x {FEATURES_PER_LAYER} x {D_MODEL} bf16")
+    if args.no_checkpoint:
+        checkpoint = args.work / "absent"
+    else:
+        if not (checkpoint / "config.json").is_file():
+            seconds = write_checkpoint(checkpoint, LAYERS, FEATURES_PER_LAYER, D_MODEL)
+            print(f"checkpoint written in {seconds:.1f} s")
+        size = sum(p.stat().st_size for p in checkpoint.iterdir())
+        print(f"checkpoint: {size / 1e9:.2f} GB ({LAYERS} x {FEATURES_PER_LAYER} x "
+              f"{D_MODEL} bf16)")  # fmt: skip
     run_folder = args.work / "run"
     t0 = time.perf_counter()
     bench_run(args.run, checkpoint, run_folder)
@@ -143,7 +153,7 @@ def main() -> None:
         f"of(): median {statistics.median(times):.3f} ms, p95 {times[949]:.3f} ms, "
         f"max {times[-1]:.3f} ms over 1000 random alive features (first read of each page)"
     )
-    if not args.keep:
+    if not args.keep and checkpoint.exists():
         shutil.rmtree(checkpoint)
         print(f"removed {checkpoint}")
 

@@ -295,10 +295,13 @@ def _build(
     started = time.perf_counter()
     info = run.info
     per_layer = info.n_features_per_layer
+    # what the index is built from, taken before reading it
+    fingerprint = _fingerprint(run.folder, info.adapter_hash, info.unit, per_layer, k)
     features = pl.read_parquet(run.folder / FEATURES, columns=["layer", "index", "alive"])
+    usable = pl.col("alive") & (pl.col("layer") >= 0) & pl.col("index").is_between(0, per_layer - 1)
     alive_by_layer = {
         int(layer): np.sort(group["index"].to_numpy().astype(np.int64))
-        for (layer,), group in features.filter(pl.col("alive")).group_by("layer")
+        for (layer,), group in features.filter(usable).group_by("layer")
     }
     layers = sorted(set(info.layers) | set(alive_by_layer))
     rows = (max(layers) + 1) * per_layer if layers else 0
@@ -315,8 +318,8 @@ def _build(
     kinds: dict[str, _Kind] = {}
     notes: dict[str, str] = {}
     probe: str | None = None
-    cosine_steps = 2 * n_alive  # seconds: finding and hashing the checkpoint, then per kind
-    checked = 0.0
+    cosine_steps = 2 * n_alive
+    checked = 0.0  # seconds finding the checkpoint and checking its hash
     t0 = time.perf_counter()
     try:
         folder = _checkpoint_folder(run)
@@ -343,8 +346,8 @@ def _build(
     staging = run.folder / f".{INDEX_DIR}.partial-{os.getpid()}"
     _remove_abandoned(run.folder)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()
         for kind, arrays in kinds.items():
             np.save(staging / f"{kind}_ids.npy", arrays.ids)
             np.save(staging / f"{kind}_values.npy", arrays.values)
@@ -352,7 +355,7 @@ def _build(
                 np.save(staging / f"{kind}_shared.npy", arrays.shared)
         meta = {
             "version": VERSION,
-            "fingerprint": _fingerprint(run.folder, info.adapter_hash, info.unit, per_layer, k),
+            "fingerprint": fingerprint,
             "k": k,
             "device": device,
             "device_name": _device_name(device),
@@ -367,6 +370,10 @@ def _build(
         }
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         publish(staging, run.folder / INDEX_DIR)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{run.folder / INDEX_DIR}: cannot write the neighbour index "
+                        f"({exc.strerror or exc})") from exc  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
