@@ -652,9 +652,10 @@ def _top_jaccard(
             shared_out[start:stop] = np.take_along_axis(shared, top, 1).round()
         else:
             both = (on[:, start:stop].T @ on).double()
-            ranked = both / (counted[start:stop, None] + counted[None, :] - both).clamp_min(1.0)
-            ranked += both * tie
-            ranked[both < MIN_SHARED] = -1.0
+            # in place: Jaccard, plus the tie-break, -1 under MIN_SHARED shared windows
+            ranked = counted[start:stop, None] + counted[None, :]
+            ranked.sub_(both).clamp_min_(1.0).reciprocal_().mul_(both).add_(both, alpha=tie)
+            ranked.masked_fill_(both < MIN_SHARED, -1.0)
             own = torch.from_numpy(rows).to(device)
             ranked[own, own + start] = -2.0
             chosen = ranked.topk(width, dim=1).indices
