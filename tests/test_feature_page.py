@@ -84,6 +84,23 @@ def test_logit_lens_values_on_both_sides(paged: Paged) -> None:
         assert data["bottom_logit_values"] == sorted(data["bottom_logit_values"])
 
 
+def test_every_tokens_logit_is_counted_once(paged: Paged) -> None:
+    """The collector's logit histogram counts every row of the unembedding, from the
+    lowest logit (the lens's most demoted token) to the highest (its most promoted)."""
+    info = RunData.open(paged.run).info
+    config = json.loads((Path(info.adapter_path) / "config.json").read_text())
+    vocab_rows = config["vocab_size"]  # the unembedding's rows
+    for row in _alive(paged.run, 8):
+        data = paged.feature(row["feature_id"])
+        spread = data["logit_histogram"]
+        assert spread is not None and len(spread["bins"]) == 32
+        assert sum(spread["bins"]) == vocab_rows
+        assert spread["lo"] == data["bottom_logit_values"][0]
+        assert spread["hi"] == data["top_logit_values"][0]
+        # the lowest and the highest logit fall in the end bins
+        assert spread["bins"][0] >= 1 and spread["bins"][-1] >= 1
+
+
 def test_the_page_draws_histogram_lens_and_example_groups(paged: Paged, tab: Tab) -> None:
     row = _alive(paged.run, 3)[1]
     data = paged.feature(row["feature_id"])
@@ -101,6 +118,7 @@ def test_the_page_draws_histogram_lens_and_example_groups(paged: Paged, tab: Tab
     assert "of tokens" in page.inner_text("#density")
     # the lens as a table of tokens and values: a header row and one row per promoted token
     assert page.locator("#lens-values tr").count() == 1 + len(data["top_logits"])
+    assert page.locator("#logit-histogram .bar").count() == len(data["logit_histogram"]["bins"])
     shown = page.locator("#lens-values td.num").all_inner_texts()
     assert shown[0] == f"{data['top_logit_values'][0]:.3f}"
     assert shown[1] == f"{data['bottom_logit_values'][0]:.3f}"
@@ -111,4 +129,54 @@ def test_the_page_draws_histogram_lens_and_example_groups(paged: Paged, tab: Tab
     assert groups[0].startswith("Top activations")
     assert [g.split(":")[0] for g in groups[1:-1]] == [f"Quantile {q}" for q in quantiles]
     assert groups[-1].startswith("Random activating samples")
+    assert tab.errors == []
+
+
+def _planted_pairs(labeled: CollectedDemo) -> list[tuple[str, str]]:
+    """Output features planted in one layer to promote the same words: their decoder
+    columns are one reserved direction plus small noise, so nearly parallel."""
+    truth = json.loads(labeled.paths.ground_truth.read_text())
+    groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+    for feature in truth:
+        if feature.get("promotes"):
+            key = (feature["layer"], tuple(feature["promotes"]))
+            groups.setdefault(key, []).append(feature["feature_id"])
+    return [(a, b) for ids in groups.values() if len(ids) == 2 for a, b in [ids]]
+
+
+def test_planted_close_decoders_are_each_others_neighbours(
+    paged: Paged, labeled: CollectedDemo
+) -> None:
+    pairs = _planted_pairs(labeled)
+    assert len(pairs) >= 2
+    others: list[float] = []
+    for a, b in pairs:
+        for one, other in ((a, b), (b, a)):
+            data = paged.feature(one)
+            decoder = data["neighbours"]["decoder"]
+            assert decoder[0]["feature_id"] == other and decoder[0]["value"] > 0.9
+            others += [n["value"] for n in decoder[1:]]
+            # planted on the same trigger words, they fire in the same corpus windows
+            assert other in [n["feature_id"] for n in data["neighbours"]["coactivation"]]
+            assert data["neighbours"]["encoder"], data["neighbour_notes"]["encoder"]
+            # the page names what each kind rests on
+            assert "adapter_hash" in data["neighbour_notes"]["decoder"]
+    assert max(others) < 0.5  # the rest of the layer points elsewhere
+
+
+def test_neighbours_are_links_on_the_page(paged: Paged, labeled: CollectedDemo, tab: Tab) -> None:
+    a, b = _planted_pairs(labeled)[0]
+    tab.open(f"{paged.url}feature/{a}")
+    page = tab.page
+    page.wait_for_selector(f'#feature-panel[data-loaded="{a}"]')
+    first = page.locator('#neighbours [data-kind="decoder"] li').first
+    assert first.get_attribute("data-feature") == b
+    link = first.locator("a.neighbour")
+    assert link.inner_text() == b and link.get_attribute("href") == f"/feature/{b}"
+    assert page.locator('#neighbours [data-kind="coactivation"] li').count() > 0
+    link.click()
+    page.wait_for_selector(f'#feature-panel[data-loaded="{b}"]')
+    assert page.url == f"{paged.url}feature/{b}"
+    back = page.locator('#neighbours [data-kind="decoder"] li').first
+    assert back.get_attribute("data-feature") == a
     assert tab.errors == []

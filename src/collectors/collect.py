@@ -38,6 +38,7 @@ from collectors.run_format import (
     EXAMPLE_ROW_GROUP,
     EXAMPLES,
     FEATURES,
+    LOGIT_BINS,
     NEGATIVES,
     RUN_SCHEMA_VERSION,
     STATE_DIR,
@@ -155,7 +156,7 @@ def logit_lens(source: FeatureSource, layer: int, k: int, through_norm: bool) ->
     norm = source.final_norm() if through_norm else None
     if through_norm and norm is None:
         raise CollectError("--lens-through-norm: the model has no final norm to apply")
-    outs: list[list[torch.Tensor]] = [[], [], [], []]
+    outs: list[list[torch.Tensor]] = [[], [], [], [], []]
     with torch.no_grad():
         for start in range(0, columns.shape[0], 1024):
             chunk = columns[start : start + 1024]
@@ -164,10 +165,26 @@ def logit_lens(source: FeatureSource, layer: int, k: int, through_norm: bool) ->
             logits = unembed @ chunk.float().T  # [V, c]
             top = logits.topk(k, dim=0)
             bottom = (-logits).topk(k, dim=0)
-            for slot, t in enumerate((top.indices, top.values, bottom.indices, -bottom.values)):
+            counts = logit_histogram(logits, bottom.values[0].neg(), top.values[0])
+            found = (top.indices, top.values, bottom.indices, -bottom.values, counts.T)
+            for slot, t in enumerate(found):
                 outs[slot].append(t.T.cpu())
-    top_ids, top_vals, bottom_ids, bottom_vals = (torch.cat(o).numpy() for o in outs)
-    return LogitLens(top_ids, top_vals.astype(np.float32), bottom_ids, bottom_vals)
+    top_ids, top_vals, bottom_ids, bottom_vals, spread = (torch.cat(o).numpy() for o in outs)
+    return LogitLens(top_ids, top_vals.astype(np.float32), bottom_ids, bottom_vals, spread)
+
+
+def logit_histogram(logits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """[c, LOGIT_BINS]: for each column of ``logits`` [V, c], how many of its V values fall
+    in each of LOGIT_BINS equal bins from ``lo`` to ``hi`` (its lowest and highest),
+    counted a slice of columns at a time (the bin indices are int64: V x 128 of them)."""
+    counts = torch.zeros(logits.shape[1], LOGIT_BINS, dtype=torch.float32, device=logits.device)
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    for start in range(0, logits.shape[1], 128):
+        part = slice(start, start + 128)
+        scaled = (logits[:, part] - lo[part]) / span[part] * LOGIT_BINS
+        bins = scaled.long().clamp_(0, LOGIT_BINS - 1)
+        counts[part].scatter_add_(1, bins.T, torch.ones_like(bins.T, dtype=torch.float32))
+    return counts
 
 
 def vocabulary(tokenizer: Any, size: int | None = None) -> pl.Series:

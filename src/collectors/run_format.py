@@ -37,6 +37,9 @@ NEGATIVES = "negatives.parquet"
 LABELS = "labels.sqlite"
 STATE_DIR = "collect-state"
 REQUIRED_FILES = (RUN_JSON, FEATURES, EXAMPLES, NEGATIVES)
+LOGIT_HISTOGRAM = "logit_histogram"  # features.parquet's column of the logit lens's spread
+LOGIT_BINS = 32
+"""Bins of a unit's logit histogram: equal ones from its lowest logit to its highest."""
 EXAMPLE_ROW_GROUP = 4096
 """Rows per row group of examples.parquet (about 100 features' examples). The file is in
 (layer, index) order and a reader skips row groups by their statistics, so one feature's

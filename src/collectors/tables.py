@@ -16,17 +16,22 @@ from collectors.accumulator import FIXED_POINT_SCALE, LayerAccumulator
 from collectors.corpus import TokenizedCorpus
 from collectors.example_order import sort_examples
 from collectors.reservoirs import EMPTY_POS
-from collectors.run_format import REGIONS, THINK_BINS, CollectParams
+from collectors.run_format import LOGIT_HISTOGRAM, REGIONS, THINK_BINS, CollectParams
 
 
 @dataclass(frozen=True)
 class LogitLens:
-    """Per unit, the ``k`` tokens its decoder column promotes (top) and demotes (bottom)."""
+    """Per unit, the ``k`` tokens its decoder column promotes (top) and demotes (bottom),
+    and how all the vocabulary's logits are spread: ``histogram`` [F, LOGIT_BINS], the
+    number of tokens in each of equal bins from the lowest logit (``bottom_values[:, 0]``)
+    to the highest (``top_values[:, 0]``); None where it was not computed (a run written
+    before it, an import)."""
 
     top_ids: np.ndarray  # [F, k]
     top_values: np.ndarray
     bottom_ids: np.ndarray
     bottom_values: np.ndarray
+    histogram: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, frame: pl.DataFrame) -> LogitLens:
@@ -40,6 +45,7 @@ class LogitLens:
             matrix("top_logit_values", np.float32),
             matrix("bottom_logit_ids", np.int64),
             matrix("bottom_logit_values", np.float32),
+            matrix(LOGIT_HISTOGRAM, np.float32) if LOGIT_HISTOGRAM in frame.columns else None,
         )
 
 
@@ -123,6 +129,9 @@ def features_frame(
         data[f"{name}_logits"] = pl.Series(strings.tolist(), dtype=pl.List(pl.String))
         data[f"{name}_logit_ids"] = pl.Series(ids).cast(pl.List(pl.Int64))
         data[f"{name}_logit_values"] = pl.Series(vals.astype(np.float32)).cast(pl.List(pl.Float32))
+    if lens.histogram is not None:
+        counts = lens.histogram.astype(np.float32)
+        data[LOGIT_HISTOGRAM] = pl.Series(counts).cast(pl.List(pl.Float32))
     return pl.DataFrame(data)
 
 

@@ -21,23 +21,22 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import polars as pl
 
+from collectors.run_format import LOGIT_HISTOGRAM
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.reporting.label_table import HEURISTIC, judgment_frame
+from labeler.review.neighbours import NEIGHBOUR_KINDS, NeighbourIndex
 from labeler.review.queue import feature_view, reviewers_disagree
 from labeler.review.tokens import shown_tokens
 from labeler.run.data import RunData
 from labeler.run.schemas import Example
 from labeler.run.spread import HISTOGRAM_BINS, activation_spread
 
-if TYPE_CHECKING:
-    from labeler.review.neighbours import NeighbourIndex
-
-NEIGHBOUR_KINDS = ("decoder", "encoder", "coactivation")  # as labeler.review.neighbours
 NO_NEIGHBOURS = "not built: labeler browse builds the neighbour index when it starts"
 
 
@@ -76,19 +75,21 @@ def feature_payload(
     data["density"] = view.frequency
     data["log10_density"] = math.log10(view.frequency) if view.frequency > 0 else None
     data["bottom_logit_values"] = [float(v) for v in row.get("bottom_logit_values") or []]
+    data["logit_histogram"] = logit_spread(row)
     data |= neighbour_lists(store, neighbours, view.layer, view.index)
     return data
 
 
 def _feature_row(run: RunData, feature_id: str) -> dict[str, Any]:
     """The feature's row of features.parquet (the columns the page adds)."""
-    wanted = [c for c in ("act_min", "act_max", "bottom_logit_values") if c in run.features.columns]
+    columns = ("act_min", "act_max", "top_logit_values", "bottom_logit_values", LOGIT_HISTOGRAM)
+    wanted = [c for c in columns if c in run.features.columns]
     rows = run.features.filter(pl.col("feature_id") == feature_id).select(wanted)
     return rows.row(0, named=True) if rows.height else {}
 
 
 def activation_histogram(
-    examples: list[Example], row: dict[str, Any], count: int
+    examples: Sequence[Example], row: dict[str, Any], count: int
 ) -> dict[str, Any] | None:
     """The histogram of the feature's activations on the tokens where it fires, estimated
     from its uniform sample of those tokens: the quantile examples, which partition the
@@ -118,6 +119,17 @@ def activation_histogram(
         "n_sample": len(sample),
         "median": spread.quantile_values[49] if spread.quantile_values else None,
     }
+
+
+def logit_spread(row: dict[str, Any]) -> dict[str, Any] | None:
+    """How the logits of the whole vocabulary are spread (the collector's histogram: equal
+    bins from the lowest logit to the highest, each the number of tokens in it); None for
+    a run collected without it."""
+    counts = row.get(LOGIT_HISTOGRAM)
+    top, bottom = row.get("top_logit_values"), row.get("bottom_logit_values")
+    if counts is None or not top or not bottom:
+        return None
+    return {"lo": float(bottom[0]), "hi": float(top[0]), "bins": [float(c) for c in counts]}
 
 
 def neighbour_lists(
