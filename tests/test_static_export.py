@@ -65,6 +65,10 @@ def exported(labeled: CollectedDemo, tmp_path_factory: pytest.TempPathFactory) -
         catalog[line["feature_id"]] = line
     reasoning = {f for f, line in catalog.items() if line["final_label"]["category"] == "reasoning"}
     assert planted in reasoning and 10 < len(reasoning) < len(catalog)
+    from labeler.review.neighbours import ensure_neighbours
+    from labeler.run.data import RunData
+
+    ensure_neighbours(RunData.open(run), device="cpu").close()  # as labeler browse builds it
     site = folder / "site"
     done = labeler("export", run, "--format", "html", "--select", "category=reasoning",
                    "--out", site, "--jobs", "1")  # fmt: skip
@@ -189,6 +193,12 @@ def test_opened_from_disk_nothing_leaves_the_folder(exported: Exported, tab: Tab
         == len(json.loads(_embedded(exported.site, exported.planted))["feature"]["examples"])
         > 0
     )
+    # a neighbour with a page in the copy is a link to it, any other plain text
+    neighbours = page.locator("#neighbours li[data-feature]").all()
+    assert neighbours
+    linked = {str(n.get_attribute("data-feature")) for n in neighbours if n.locator("a").count()}
+    listed = {str(n.get_attribute("data-feature")) for n in neighbours}
+    assert linked == listed & exported.reasoning and listed - exported.reasoning
     page.click("#toggle-judges")
     assert XSS in page.locator("#judges .judge-explanation").all_text_contents()[0]
     # read-only: no decision form, no queue; a decision key does nothing
@@ -247,6 +257,8 @@ def test_the_category_filter_and_the_whole_run(labeled: CollectedDemo, exported:
     assert _files(site) == {"index.html", *(f"features/{f}.html" for f in planned)}
     for feature in sorted(exported.reasoning - {exported.planted})[-3:]:
         one, two = (json.loads(_embedded(folder, feature)) for folder in (exported.site, site))
+        for data in (one, two):  # (neighbours were built in the first run only)
+            del data["feature"]["neighbours"], data["feature"]["neighbour_notes"]
         assert (one["feature"], one["final"]) == (two["feature"], two["final"])
     recorder = Recorder(tab.page, site)
     tab.open((site / "index.html").as_uri())

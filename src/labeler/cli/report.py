@@ -279,6 +279,8 @@ def _export_html(run_path: Path, out: Path | None, groups: tuple[str, ...],
         f"{_size(done.mean_page_bytes)} mean, {_size(done.largest_page_bytes)} largest "
         f"({done.largest_page}); open {target / 'index.html'} in a browser"
     )
+    if not done.neighbours:
+        console.print(f"(no neighbours on the pages: `labeler browse {run_path}` builds them)")
 
 
 @cli.command()

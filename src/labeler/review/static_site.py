@@ -8,7 +8,8 @@ feature in its static mode. Nothing else: no script, style or font is fetched.
 
 Each page carries its data in ``<script type="application/json" id="static-data">``: a
 feature page the server's ``/api/session`` answer (``static: true``, the run's folder
-name only), the feature's :func:`labeler.review.feature_page.feature_payload`, its final
+name only), the feature's :func:`labeler.review.feature_page.feature_payload` (with
+its neighbours when ``labeler browse`` has built the run's index of them), its final
 label as the catalog shows it, and which of the feature ids the payload names are
 exported too (the pages it may link to); the catalog its rows, as ``labeler browse``'s
 index computes them (:func:`labeler.review.catalog_index.index_rows`). The JSON is
@@ -47,6 +48,7 @@ from labeler.reporting.catalog_lines import LayerReader
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.catalog_index import AUDIT_COLUMNS, SHOWN, index_rows
 from labeler.review.feature_page import feature_payload
+from labeler.review.neighbours import NeighbourIndex
 from labeler.review.queue import audit_places
 from labeler.review.web import NONCE_MARK, Request, ReviewApp, read_page
 from labeler.run.data import RunData
@@ -74,6 +76,7 @@ class StaticExport:
     pages_bytes: int
     largest_page_bytes: int
     largest_page: str | None
+    neighbours: bool  # whether the run's neighbour index (labeler browse) was there to show
 
     @property
     def total_bytes(self) -> int:
@@ -202,10 +205,11 @@ class _PageWriter:
         self.run, self.store, self.rules = run, store, rules
         self.session, self.exported, self.folder = session, exported, folder
         self.template = _Template("review_page.html")
+        self.neighbours = NeighbourIndex.open(run.folder)  # None: not built (labeler browse)
 
     def write(self, feature_id: str, final: dict[str, Any]) -> int:
         """Write one feature's page; its size in bytes."""
-        payload = feature_payload(self.run, self.store, self.rules, feature_id)
+        payload = feature_payload(self.run, self.store, self.rules, feature_id, self.neighbours)
         body = self.template.fill({
             "session": self.session,
             "feature": payload,
@@ -283,7 +287,7 @@ def _write(
     progress: Callable[[int], None] | None,
     announce: Callable[[str], object] | None,
     jobs: int,
-) -> tuple[int, int, int, int, str | None]:
+) -> tuple[int, int, int, int, str | None, bool]:
     rows = catalog_rows(run, store, rules, feature_ids)
     exported = frozenset(rows["feature_id"].to_list())
     missing = [f for f in feature_ids if f not in exported]
@@ -337,4 +341,5 @@ def _write(
     })  # fmt: skip
     (folder / INDEX).write_bytes(catalog)
     largest = max(sizes, key=lambda f: sizes[f])
-    return len(sizes), len(catalog), sum(sizes.values()), sizes[largest], largest
+    found = writer.neighbours is not None
+    return len(sizes), len(catalog), sum(sizes.values()), sizes[largest], largest, found
