@@ -496,10 +496,11 @@ def _cosines(
             prefix = f"model.layers.{layer}.mlp.transcoder_"
             for kind in COSINE_KINDS:
                 t0 = time.perf_counter()
-                raw = weights.tensor(prefix + ("dec.weight" if kind == "decoder" else "enc.weight"))
+                name = prefix + ("dec.weight" if kind == "decoder" else "enc.weight")
+                raw = weights.tensor(name)
                 matrix = raw.T if kind == "decoder" else raw  # [n_features, d_model]
                 if matrix.shape[0] != per_layer:
-                    raise _NoCosines(f"the checkpoint {folder}: tensor '{prefix}' has "
+                    raise _NoCosines(f"the checkpoint {folder}: tensor '{name}' has "
                                      f"{matrix.shape[0]} features, the run "
                                      f"{per_layer}")  # fmt: skip
                 chosen = torch.from_numpy(alive).to(device)
