@@ -385,7 +385,9 @@ def test_api_queue_headers_and_no_tracebacks(served: Served) -> None:
     nonce = re.search(r"script-src 'nonce-([^']+)'", policy)
     assert nonce is not None
     page = body.decode()
-    assert page.count(f'nonce="{nonce.group(1)}"') == 2  # the one script and the one style
+    # every script and style element carries the answer's nonce, and nothing else does
+    tags = page.count("<script") + page.count("<style")
+    assert tags >= 2 and page.count(f'nonce="{nonce.group(1)}"') == tags
     assert "__CSP_NONCE__" not in page
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page
     assert headers["X-Content-Type-Options"] == "nosniff"
@@ -517,7 +519,7 @@ def test_special_and_byte_tokens_read_as_names_and_bytes(served: Served, tab: Ta
     assert not any("｜" in t or "▁" in t or raw_bytes.search(t) for t in texts)
     bos = page.locator(".tok.special", has_text="‹bos›").first
     assert 'stored as "<｜begin▁of▁sentence｜>"' in (bos.get_attribute("title") or "")
-    chips = page.locator(".lens .logit").all_text_contents()
+    chips = page.locator("#top-logits .logit, #bottom-logits .logit").all_text_contents()
     assert chips == shown_lens
     assert not any(raw_bytes.search(t) for t in chips)
     assert page.locator(".lens .logit.bytes").count() >= 1

@@ -178,7 +178,17 @@ def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_d
                 console.print(f"from another machine: ssh -L {port}:127.0.0.1:{port} THIS_HOST, "
                               "then open the same address there", markup=False)  # fmt: skip
 
-            serve(run, store, rules, reviewer or "", port, include_decided, on_ready=ready)
+            from labeler.review.neighbours import NeighbourIndex
+            from labeler.review.web import ReviewApp
+
+            app = ReviewApp(run, store, rules, reviewer or "", include_decided)
+            app.neighbours = NeighbourIndex.open(run_path)  # built by labeler browse, if at all
+            try:
+                serve(run, store, rules, reviewer or "", port, include_decided, on_ready=ready,
+                      app=app)  # fmt: skip
+            finally:
+                if app.neighbours is not None:
+                    app.neighbours.close()
             return
         if not reviewer:
             raise UserError("--reviewer NAME is needed to review in the terminal")
@@ -198,11 +208,18 @@ def review(run_path: Path, reviewer: str | None, web: bool, port: int, include_d
               help="Who reviews, for decisions made from a feature's page (else the page "
                    "asks).")  # fmt: skip
 @click.option("--rebuild", is_flag=True,
-              help="Rebuild RUN/browse-index.sqlite even if it is current.")  # fmt: skip
+              help="Rebuild RUN/browse-index.sqlite and RUN/neighbours/ even if they are "
+                   "current.")  # fmt: skip
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default=None,
               help=_RULES_HELP)  # fmt: skip
+@click.option("--model", "with_model", is_flag=True,
+              help="Load the adapter model on first use, for the prompt box.")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True,
+              help="Where the model runs and the feature neighbours are computed (auto: "
+                   "cuda if torch sees a GPU).")  # fmt: skip
 def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
-           rules_path: Path | None) -> None:  # fmt: skip
+           rules_path: Path | None, with_model: bool, device: str) -> None:  # fmt: skip
     """Browse every feature of a labeled run in the browser, on 127.0.0.1: full-text
     search over the judges' explanations and rationales; filters by category,
     subcategory, mechanism, domain type, layer, label source, detection accuracy and
@@ -216,6 +233,15 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
     The index is built once into RUN/browse-index.sqlite (a progress bar shows it) and
     reused while the run's judgments stay the same (it is checked, and rebuilt if
     damaged); decisions, made here or anywhere else, show in it at once.
+    Each feature's nearest features (by decoder and encoder cosine, from the run's
+    checkpoint, and by co-activation in the corpus windows of negatives.parquet) are
+    computed once into RUN/neighbours/ (on --device) and reused while the run and its
+    adapter stay the same; without the checkpoint, co-activation only.
+    --model: a "Try a prompt" box on the catalog and on each feature's page reads a
+    text (at most 2,000 characters, 256 tokens) with the run's adapter model (run.json's
+    adapter_path, loaded on the first prompt, on --device) and shows, per token, the
+    features that fire most relative to their largest activation on the corpus, or the
+    feature's own activation on each token; one prompt at a time.
     On a remote machine, forward the port first: ssh -L 8765:127.0.0.1:8765 HOST.
     """
     from labeler.cli.render import progress_bar
@@ -223,6 +249,7 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
     from labeler.reporting.summarize import no_labels
     from labeler.review.browse_web import CatalogApp
     from labeler.review.catalog_index import open_index
+    from labeler.review.neighbours import ensure_neighbours
     from labeler.review.web import serve
     from labeler.run.data import RunData
 
@@ -243,7 +270,27 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
                                progress=lambda k: progress.advance(task, k),
                                on_build=building)  # fmt: skip
         try:
-            app = CatalogApp(run, store, rules, reviewer or "", index)
+            with progress_bar(console, "neighbours", "steps") as progress:
+                steps = progress.add_task("neighbours", total=None, visible=False)
+
+                def finding(why: str, total: int) -> None:
+                    progress.update(steps, visible=True, total=total,
+                                    description=f"neighbours ({why})")  # fmt: skip
+
+                neighbours = ensure_neighbours(run, device, rebuild,
+                                               progress=lambda k: progress.advance(steps, k),
+                                               on_build=finding)  # fmt: skip
+        except BaseException:
+            index.close()
+            raise
+        try:
+            from labeler.review.prompt_box import PromptBox
+
+            prompt = PromptBox.for_run(
+                run, with_model, device, on_load=lambda say: console.print(say, markup=False)
+            )
+            app = CatalogApp(run, store, rules, reviewer or "", index, prompt)
+            app.neighbours = neighbours
 
             def ready(url: str) -> None:
                 console.print(f"catalog: {url} (Ctrl-C to stop)")
@@ -253,6 +300,7 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
 
             serve(run, store, rules, reviewer or "", port, False, on_ready=ready, app=app)
         finally:
+            neighbours.close()
             index.close()
     finally:
         store.close()

@@ -23,15 +23,21 @@ page). A decision only writes the label store: the index catches up with every r
 in the store, whoever made it, before its next answer, recomputing the rows of the
 features reviewed since. Whatever happens to the index file, a decision is stored once
 and answered as stored.
+
+``POST /api/prompt`` (``labeler browse --model``): a text read by the run's model, the
+features that fire most on each token (:mod:`labeler.review.prompt_box`), answered on the
+``model`` lane, one at a time (another gets 429 at once, on a lane that only refuses).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from labeler.labeling.store import LabelStore
 from labeler.reporting.disputes import DisputeRules
 from labeler.review.catalog_index import BadQuery, CatalogIndex, CatalogQuery
+from labeler.review.prompt_box import PROMPT_PATH, PromptBox
 from labeler.review.web import (
     Request,
     Response,
@@ -45,13 +51,14 @@ from labeler.run.data import RunData
 BROWSE_PAGE = "browse_page.html"
 INDEX_LANE = "index"
 _INDEXED = frozenset({"/api/catalog", "/api/facets"})
+MODEL_LANE, BUSY_LANE = "model", "model-busy"  # a prompt; a prompt refused while one runs
 
 
 class CatalogApp(ReviewApp):
     """The review app with the catalog in front; catalog requests go to the ``index``
     lane, the rest to the thread that opened ``store``."""
 
-    lanes = (INDEX_LANE,)
+    lanes = (INDEX_LANE, MODEL_LANE, BUSY_LANE)
 
     def __init__(
         self,
@@ -60,21 +67,36 @@ class CatalogApp(ReviewApp):
         rules: DisputeRules,
         reviewer: str,
         index: CatalogIndex,
+        prompt: PromptBox | None = None,
     ) -> None:
         super().__init__(run, store, rules, reviewer, include_decided=False)
         self.index = index
         self.catalog = True
         self.browse_page = read_page(BROWSE_PAGE)
+        self.prompt = prompt or PromptBox.for_run(run, model=False)
         self.routes = [
             (re.compile(r"/"), {"GET": self._catalog_page}),
             (re.compile(r"/review"), {"GET": self._index}),
             (re.compile(r"/api/catalog"), {"GET": self._catalog}),
             (re.compile(r"/api/facets"), {"GET": self._facets}),
+            (re.compile(PROMPT_PATH), {"POST": self.prompt.answer}),
             *self.routes[1:],
         ]
 
     def lane(self, request: Request) -> str | None:
+        if request.path == PROMPT_PATH and request.method == "POST":
+            return MODEL_LANE if self.prompt.admit(request) else BUSY_LANE
         return INDEX_LANE if request.path in _INDEXED else None
+
+    def handle(self, request: Request) -> Response:
+        try:
+            return super().handle(request)
+        finally:
+            self.prompt.done(request)  # a prompt admitted by lane() lets the next one in
+
+    def _session(self, request: Request) -> Response:
+        answer = super()._session(request)
+        return json_response(answer.status, json.loads(answer.body) | self.prompt.session())
 
     def _catalog_page(self, request: Request) -> Response:
         return self._page(200, self.browse_page)
