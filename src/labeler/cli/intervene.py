@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 
 from labeler.cli.app import cli, console, err_console
-from labeler.cli.selection import selected_features as _selected
+from labeler.cli.selection import selected_features
 from labeler.errors import UserError
 
 DEFAULT_WORDS = "wait,hmm,alternatively"
@@ -150,7 +150,7 @@ def intervene(
     if not teacher_forced and prompts_path is None:
         raise UserError("--prompts FILE is needed to sample responses (or pass --teacher-forced)")
     info = read_run_info(run)
-    selected = _selected(run, groups, ids_file)
+    selected = selected_features(run, groups, ids_file)
     from labeler.causal.conditions import conditions as study_conditions
     from labeler.causal.selection import draw_controls
     from labeler.run.data import RunData

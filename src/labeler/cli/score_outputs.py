@@ -120,8 +120,8 @@ def score_outputs(
 
     from collectors.run_format import read_run_info
     from labeler.causal.output_score import OutputScore, ScoreSettings, score_features, windows
-    from labeler.cli.intervene import _selected
     from labeler.cli.render import progress_bar
+    from labeler.cli.selection import selected_features
     from labeler.reporting.label_table import judgment_frame
     from labeler.run.data import RunData
 
@@ -142,7 +142,7 @@ def score_outputs(
     data = RunData.open(run)
     alive = features = data.alive()
     if groups or ids_file is not None:
-        chosen = set(_selected(run, groups, ids_file))
+        chosen = set(selected_features(run, groups, ids_file))
         keys = pl.DataFrame({"layer": [f[0] for f in chosen], "index": [f[1] for f in chosen]},
                             schema={"layer": features["layer"].dtype,
                                     "index": features["index"].dtype})  # fmt: skip
