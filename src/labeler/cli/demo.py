@@ -110,7 +110,10 @@ def next_steps(run: Path) -> str:
         (f"open {run}/summary.png", "the shares by layer, as a plot"),
         (f"{labeler} disputes {run}", "the labels worth a second look"),
         (f"{labeler} review {run} --reviewer YOU", "review them here (--web: in a browser)"),
-        (f"{labeler} browse {run}", "every feature in the browser: search, filter, open"),
+        (
+            f"{labeler} browse {run} --model",
+            "every feature in the browser: search, filter, open; try a prompt",
+        ),
         (f"{labeler} export {run} --out my.jsonl", "a catalog of your own"),
         (
             f"{labeler} intervene {run} --teacher-forced --select mechanism=output",

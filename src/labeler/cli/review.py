@@ -224,8 +224,10 @@ def browse(run_path: Path, port: int, reviewer: str | None, rebuild: bool,
     search over the judges' explanations and rationales; filters by category,
     subcategory, mechanism, domain type, layer, label source, detection accuracy and
     F1, fuzzing F1, intruder accuracy and activation frequency; sortable and paged. A
-    feature's page is its review page (examples, logit lens, every judgment and review,
-    output score, the decision form). When an audit was drawn (labeler audit), an
+    feature's page shows the histogram of its activations and its density, the logit
+    lens with values, its neighbours (links), the example groups, every judgment and
+    review, the output score and the decision form (docs/feature-pages.md). When an
+    audit was drawn (labeler audit), an
     "Audit: K to decide" entry at the top lists its undecided features in draw order,
     their judges' labels hidden until decided.
 

@@ -52,7 +52,7 @@ class Holder:
         """Renewed within ``ttl_s``, and on this machine its process still exists."""
         if now - self.beat >= ttl_s:
             return False
-        return self.host != socket.gethostname() or _process_exists(self.pid)
+        return self.host != socket.gethostname() or process_exists(self.pid)
 
 
 class RunLocked(UserError):
@@ -224,7 +224,8 @@ def read_holder(conn: sqlite3.Connection) -> Holder | None:
                   float(row[5]))  # fmt: skip
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process of this machine has this id (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -60,6 +60,7 @@ import polars as pl
 
 from collectors.run_format import FEATURES, NEGATIVES, publish, read_run_info
 from labeler.errors import UserError
+from labeler.labeling.lock import process_exists
 from labeler.run.data import RunData
 
 if TYPE_CHECKING:
@@ -383,18 +384,8 @@ def _remove_abandoned(run_folder: Path) -> None:
     """Temporary folders of builds that were killed (their process is gone)."""
     for path in run_folder.glob(f".{INDEX_DIR}.partial-*"):
         pid = path.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _device_name(device: str) -> str:
