@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from collectors.run_format import read_run_info
 from tests.conftest import CollectedDemo, Tab
 from tests.test_bad_input import labeler
 from tests.test_first_hour import one_line_error
@@ -204,6 +205,11 @@ def test_opened_from_disk_nothing_leaves_the_folder(exported: Exported, tab: Tab
     # read-only: no decision form, no queue; a decision key does nothing
     assert not page.locator("#decision").is_visible()
     assert not page.locator("#queue-panel").is_visible()
+    assert not page.locator("#change-reviewer").is_visible()
+    # the copy names no folder of this machine: the checkpoint by its folder's name only
+    notes = page.locator("#neighbours").inner_text()
+    adapter = read_run_info(exported.run).adapter_path
+    assert Path(adapter).name in notes and adapter not in notes
     page.keyboard.press("r")
     page.keyboard.press("Enter")
     # every link on the page leads to a file of the folder (the catalog, other pages)

@@ -210,6 +210,10 @@ class _PageWriter:
     def write(self, feature_id: str, final: dict[str, Any]) -> int:
         """Write one feature's page; its size in bytes."""
         payload = feature_payload(self.run, self.store, self.rules, feature_id, self.neighbours)
+        payload["neighbour_notes"] = {  # the checkpoint's folder by name, not where it lies
+            kind: note.replace(self.run.info.adapter_path, Path(self.run.info.adapter_path).name)
+            for kind, note in payload["neighbour_notes"].items()
+        }
         body = self.template.fill({
             "session": self.session,
             "feature": payload,
