@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from labeler.errors import USER_ERRORS, UserError
+from tests.conftest import CollectedDemo
 from tests.test_bad_input import labeler
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
@@ -92,10 +93,34 @@ def test_one_feature_holds_its_examples_judgments_and_label(labeled_copy: Path) 
     assert feature.judgments["judge"].to_list() == ["heuristic"]
     assert feature.label == labels.filter(pl.col("feature_id") == fid).row(0, named=True)
     assert feature.stats["feature_id"] == fid and feature.stats["alive"]
+    assert feature.neighbours is None  # until labeler browse builds them
     with pytest.raises(UserError, match="no feature L0F999999"):
         run.feature("L0F999999")
     with pytest.raises(UserError, match="bad-id"):
         run.feature("bad-id")
+
+
+def test_a_features_neighbours_once_built(labeled: CollectedDemo, labeled_copy: Path) -> None:
+    """The planted pair of output features promoting the same words in layer 2 (their
+    decoder columns one direction plus noise) are each other's first decoder neighbour."""
+    import labeler as api
+    from labeler.review.neighbours import ensure_neighbours
+    from labeler.run.data import RunData
+
+    ensure_neighbours(RunData.open(labeled_copy), device="cpu").close()
+    truth = json.loads(labeled.paths.ground_truth.read_text())
+    pairs: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+    for planted in truth:
+        if planted.get("promotes"):
+            pairs.setdefault((planted["layer"], tuple(planted["promotes"])), []).append(
+                planted["feature_id"]
+            )
+    a, b = next(ids for ids in pairs.values() if len(ids) == 2)
+    near = api.open_run(labeled_copy).feature(a).neighbours
+    assert near is not None
+    decoder = near.filter(pl.col("kind") == "decoder").sort("rank")
+    assert decoder["feature_id"][0] == b and decoder["value"][0] > 0.9
+    assert set(near["kind"]) == {"decoder", "encoder", "coactivation"}
 
 
 def test_label_from_python_plans_what_the_command_plans(

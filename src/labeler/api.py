@@ -60,6 +60,10 @@ class Feature:
     run has no labels or the feature was not planned)."""
     label: dict[str, Any] | None
     """Its final label (a row of ``Run.labels()``); None when it is not planned."""
+    neighbours: pl.DataFrame | None = None
+    """Its nearest features of its layer (kind: decoder, encoder or coactivation; rank,
+    feature_id, value, shared), as its page lists them (docs/feature-pages.md); None until
+    ``labeler browse`` has built the run's neighbour index."""
 
 
 class Run:
@@ -160,7 +164,30 @@ class Run:
                 judgments = judgment_frame(store, full=True, feature_id=fid).sort("judge")
             labeled = self.labels().filter(pl.col("feature_id") == fid)
             final = labeled.row(0, named=True) if labeled.height else None
-        return Feature(fid, layer, index, rows.row(0, named=True), examples, judgments, final)
+        return Feature(fid, layer, index, rows.row(0, named=True), examples, judgments, final,
+                       self._neighbours(layer, index))  # fmt: skip
+
+    def _neighbours(self, layer: int, index: int) -> pl.DataFrame | None:
+        import polars as pl
+
+        from labeler.review.neighbours import NeighbourIndex
+
+        found = NeighbourIndex.open(self.path)
+        if found is None:
+            return None
+        try:
+            lists = found.of(layer, index)
+        finally:
+            found.close()
+        rows = [
+            {"kind": kind, "rank": rank, "feature_id": n.feature_id, "value": n.value,
+             "shared": n.shared}
+            for kind, listed in lists.items()
+            for rank, n in enumerate(listed, 1)
+        ]  # fmt: skip
+        schema = {"kind": pl.String, "rank": pl.Int32, "feature_id": pl.String,
+                  "value": pl.Float64, "shared": pl.Int64}  # fmt: skip
+        return pl.DataFrame(rows, schema=schema)
 
     @contextlib.contextmanager
     def _store(self) -> Iterator[LabelStore]:
